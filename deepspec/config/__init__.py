@@ -1,0 +1,39 @@
+"""Typed configs, one module per stage, registered in Hydra's ConfigStore.
+
+The YAML tree in ``configs/`` picks presets (``target/``, ``cache/``); the dataclasses here give
+every key its type and docstring, and ``check`` validates a whole stage config at start-up.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from deepspec.config.base import ConfigError, check
+from deepspec.config.data import CacheConfig, DataStageConfig, InputConfig, RegenerateConfig, TargetConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+def register_configs() -> None:
+    """Register the schemas so that YAML files can name them in their defaults lists."""
+    cs = ConfigStore.instance()
+    cs.store(name="data_schema", node=DataStageConfig)
+    cs.store(group="target", name="target_schema", node=TargetConfig)
+    cs.store(group="cache", name="cache_schema", node=CacheConfig)
+
+
+def to_dataclass(cfg: DictConfig, schema: type):
+    """Merge a Hydra DictConfig onto ``schema``, convert to the dataclass and validate it."""
+    merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+    obj = OmegaConf.to_object(merged)
+    check(obj)
+    return obj
+
+
+__all__ = [
+    "CONFIG_DIR", "CacheConfig", "ConfigError", "DataStageConfig", "InputConfig", "RegenerateConfig",
+    "TargetConfig", "check", "register_configs", "to_dataclass",
+]

@@ -1,0 +1,125 @@
+"""TargetCacheDataset: stream a finished cache into training, sharded by rank and worker.
+
+The unit of work is a Parquet row group (or a whole tar shard for WebDataset). Each epoch the
+units are shuffled with ``seed + epoch`` and dealt round-robin to (rank, dataloader worker);
+records within a unit pass through a bounded shuffle buffer. Only the units in flight are in
+memory, and a background thread decodes ``prefetch`` samples ahead of the consumer.
+
+The manifest is checked against the configured target before anything is read: a cache built
+for another model (config, tokenizer, hidden size or layer ids) is refused with the differences.
+"""
+from __future__ import annotations
+
+import queue
+import random
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from deepspec.data.cache.manifest import check_target, load_manifest
+from deepspec.data.cache.shards import parquet_row_groups, read_parquet_shard, read_webdataset_shard
+from deepspec.data.cache.verify import codec_for
+from deepspec.target import TargetIdentity
+
+
+class TargetCacheDataset(IterableDataset):
+    """Yields dicts of tensors (see ``RecordCodec.decode``) from a cache directory."""
+
+    def __init__(self, cache_dir: str | Path, target: TargetIdentity | None = None, layer_ids: list[int] | None = None,
+                 seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 64, prefetch: int = 8,
+                 rank: int | None = None, world_size: int | None = None, out_dtype: torch.dtype = torch.float32,
+                 dense_final: bool = True):
+        self.cache_dir = Path(cache_dir)
+        self.manifest = load_manifest(self.cache_dir)
+        if target is not None:
+            check_target(self.manifest, target, layer_ids, self.cache_dir)
+        self.codec = codec_for(self.manifest)
+        self.seed, self.shuffle, self.shuffle_buffer, self.prefetch = seed, shuffle, shuffle_buffer, prefetch
+        self.out_dtype, self.dense_final, self.epoch = out_dtype, dense_final, 0
+        if rank is None or world_size is None:
+            from deepspec.distributed import rank_and_world
+
+            rank, world_size = rank_and_world()
+        self.rank, self.world_size = rank, world_size
+        fmt = self.manifest["format"]
+        self.units: list[tuple[str, int | None]] = []
+        for shard in self.manifest["shards"]:
+            if shard["samples"] == 0:
+                continue
+            if fmt == "parquet":
+                self.units += [(shard["file"], g) for g in range(parquet_row_groups(self.cache_dir / shard["file"]))]
+            else:
+                self.units.append((shard["file"], None))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        """Samples in the whole cache (all ranks together)."""
+        return self.manifest["counts"]["samples"]
+
+    def _my_units(self) -> list[tuple[str, int | None]]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        units = list(self.units)
+        if self.shuffle:
+            random.Random(self.seed + self.epoch).shuffle(units)
+        return units[self.rank * nw + wid :: self.world_size * nw]
+
+    def _records(self) -> Iterator:
+        for file, group in self._my_units():
+            path = self.cache_dir / file
+            if group is None:
+                yield from read_webdataset_shard(path)
+            else:
+                yield from read_parquet_shard(path, [group])
+
+    def _samples(self) -> Iterator[dict]:
+        info = get_worker_info()
+        rng = random.Random((self.seed + self.epoch) * 1_000_003 + self.rank * 1009 + (info.id if info else 0))
+        buffer: list = []
+        for rec in self._records():
+            sample = self.codec.decode(rec, self.out_dtype, self.dense_final)
+            if not self.shuffle:
+                yield sample
+                continue
+            buffer.append(sample)
+            if len(buffer) >= self.shuffle_buffer:
+                yield buffer.pop(rng.randrange(len(buffer)))
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.prefetch <= 0:
+            yield from self._samples()
+            return
+        yield from _prefetched(self._samples(), self.prefetch)
+
+
+def _prefetched(it: Iterator, depth: int) -> Iterator:
+    """Run ``it`` on a background thread, ``depth`` items ahead (decoding overlaps the consumer)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work():
+        try:
+            for item in it:
+                if stop.is_set():
+                    return
+                q.put(item)
+            q.put(done)
+        except BaseException as e:  # re-raised in the consumer
+            q.put(e)
+
+    threading.Thread(target=work, daemon=True).start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()

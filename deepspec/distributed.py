@@ -1,0 +1,45 @@
+"""Process-group setup shared by the stages: who am I, how many are we, wait for everyone.
+
+torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain ``python`` run is rank 0 of 1. The process
+group uses NCCL on CUDA and gloo on the CPU.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def rank_and_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init_process_group(timeout_minutes: float = 24 * 60) -> None:
+    """Join the torchrun job's process group (no-op for a single process)."""
+    _, world = rank_and_world()
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        # gloo barrier: fine on CPU and GPU jobs, and it needs no device
+        dist.barrier(group=_cpu_group())
+
+
+_CPU_GROUP = None
+
+
+def _cpu_group():
+    global _CPU_GROUP
+    if _CPU_GROUP is None:
+        _CPU_GROUP = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+    return _CPU_GROUP
+
+
+def destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

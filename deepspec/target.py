@@ -1,0 +1,170 @@
+"""TargetModel: any HF causal LM, frozen, with the features a drafter learns from.
+
+A forward pass returns the hidden states of the configured layers (captured with forward hooks,
+so no other layer's output is kept) and the final-norm hidden state, from which the frozen LM
+head recovers the logits. Layer id ``i`` is the output of decoder layer ``i`` (0-based);
+``-1`` is the embedding output, i.e. what enters decoder layer 0 (this includes any embedding
+scale such as Gemma's sqrt(d)).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from deepspec.config.data import TargetConfig
+
+TOY_TARGET_DIR = Path(__file__).resolve().parent / "assets" / "toy_target"
+# Fields of config.json that do not change what the model computes.
+_VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures", "use_cache")
+
+
+def resolve_target_path(name_or_path: str) -> str:
+    """``toy`` -> the embedded target folder; anything else is returned unchanged."""
+    return str(TOY_TARGET_DIR) if name_or_path == "toy" else name_or_path
+
+
+def config_sha256(config) -> str:
+    d = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def tokenizer_sha256(tokenizer: PreTrainedTokenizerBase) -> str:
+    backend = tokenizer.backend_tokenizer.to_str() if getattr(tokenizer, "is_fast", False) else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256((backend + (tokenizer.chat_template or "")).encode()).hexdigest()
+
+
+@dataclass
+class TargetIdentity:
+    """What a cache records about its target, and what the reader checks against."""
+
+    name_or_path: str
+    config_sha256: str
+    tokenizer_sha256: str
+    num_hidden_layers: int
+    hidden_size: int
+    vocab_size: int
+
+    def mismatches(self, other: "TargetIdentity") -> list[str]:
+        keys = ("config_sha256", "tokenizer_sha256", "num_hidden_layers", "hidden_size", "vocab_size")
+        return [f"{k}: cache has {getattr(other, k)!r}, target has {getattr(self, k)!r}"
+                for k in keys if getattr(self, k) != getattr(other, k)]
+
+
+def load_tokenizer(cfg: TargetConfig) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(resolve_target_path(cfg.name_or_path), trust_remote_code=cfg.trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def target_identity(cfg: TargetConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> TargetIdentity:
+    """Identity of the configured target from its config and tokenizer only (no weights loaded)."""
+    path = resolve_target_path(cfg.name_or_path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    text = getattr(config, "text_config", None) or config
+    tokenizer = tokenizer or load_tokenizer(cfg)
+    return TargetIdentity(cfg.name_or_path, config_sha256(config), tokenizer_sha256(tokenizer),
+                          text.num_hidden_layers, text.hidden_size, text.vocab_size)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def check_layer_ids(layer_ids: list[int], num_hidden_layers: int, where: str = "target.layer_ids") -> None:
+    bad = [i for i in layer_ids if not -1 <= i < num_hidden_layers]
+    if bad:
+        raise ValueError(f"{where}={list(layer_ids)}: ids {bad} are out of range for a target with "
+                         f"{num_hidden_layers} decoder layers (valid: -1 .. {num_hidden_layers - 1})")
+
+
+class TargetModel(nn.Module):
+    """A frozen HF causal LM that returns selected-layer and final-norm hidden states."""
+
+    def __init__(self, model: nn.Module, layer_ids: list[int]):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.decoder = model.get_decoder()
+        self.layers = self._find_layers()
+        check_layer_ids(layer_ids, len(self.layers))
+        self.layer_ids = list(layer_ids)
+        self.norm = getattr(self.decoder, "norm", None)
+        if self.norm is None:
+            raise ValueError(f"{type(model).__name__}: cannot find the final norm (expected `model.norm`)")
+        self._captured: dict[int, torch.Tensor] = {}
+        self._hooks = [self._hook(i) for i in sorted(set(self.layer_ids))]
+        self._hooks.append(self.norm.register_forward_hook(self._save("final")))
+
+    @classmethod
+    def from_config(cls, cfg: TargetConfig) -> "TargetModel":
+        path = resolve_target_path(cfg.name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=getattr(torch, cfg.dtype), attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+        return cls(model, cfg.layer_ids).to(resolve_device(cfg.device))
+
+    # ------------------------------------------------------------------ hooks
+    def _find_layers(self) -> nn.ModuleList:
+        layers = getattr(self.decoder, "layers", None)
+        if not isinstance(layers, nn.ModuleList):
+            raise ValueError(f"{type(self.model).__name__}: cannot find decoder layers (expected `model.layers`)")
+        return layers
+
+    def _save(self, key):
+        def hook(module, args, output):
+            self._captured[key] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    def _hook(self, layer_id: int):
+        if layer_id >= 0:
+            return self.layers[layer_id].register_forward_hook(self._save(layer_id))
+
+        def pre_hook(module, args, kwargs):  # the embedding output is the first layer's input
+            self._captured[-1] = args[0] if args else kwargs["hidden_states"]
+        return self.layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    # ------------------------------------------------------------------ api
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    @property
+    def embed_tokens(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the decoder (no LM head).
+
+        Args:
+            input_ids: (B, S) token ids; attention_mask: (B, S) 1 for real tokens (right padding).
+        Returns:
+            layer_hidden: (B, S, L*d) the configured layers' outputs concatenated in ``layer_ids`` order.
+            final_hidden: (B, S, d) the final-norm hidden state (logits = lm_head(final_hidden)).
+        """
+        self._captured.clear()
+        self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        layer_hidden = torch.cat([self._captured[i] for i in self.layer_ids], dim=-1)  # (B, S, L*d)
+        final_hidden = self._captured["final"]  # (B, S, d)
+        self._captured.clear()
+        return layer_hidden, final_hidden
