@@ -40,6 +40,32 @@ def tokenizer_sha256(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256((backend + (tokenizer.chat_template or "")).encode()).hexdigest()
 
 
+def weights_fingerprint(name_or_path: str) -> str:
+    """Cheap fingerprint of the weights: each safetensors file's size, header and first/last MiB.
+
+    Hashing every byte of a 16-140 GB checkpoint would take minutes; the header (names, shapes,
+    offsets) plus two MiB of values per file tells a fine-tuned variant from its base.
+    """
+    path = Path(name_or_path)
+    if not path.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(name_or_path, local_files_only=True, allow_patterns=["*.safetensors"]))
+        except Exception:
+            return "unavailable"
+    h = hashlib.sha256()
+    files = sorted(path.glob("*.safetensors"))
+    for f in files:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(1 << 20)
+            fh.seek(max(size - (1 << 20), 0))
+            tail = fh.read()
+        h.update(f"{f.name}:{size}".encode() + head + tail)
+    return h.hexdigest() if files else "unavailable"
+
+
 @dataclass
 class TargetIdentity:
     """What a cache records about its target, and what the reader checks against."""
@@ -47,12 +73,13 @@ class TargetIdentity:
     name_or_path: str
     config_sha256: str
     tokenizer_sha256: str
+    weights_fingerprint: str
     num_hidden_layers: int
     hidden_size: int
     vocab_size: int
 
     def mismatches(self, other: "TargetIdentity") -> list[str]:
-        keys = ("config_sha256", "tokenizer_sha256", "num_hidden_layers", "hidden_size", "vocab_size")
+        keys = ("config_sha256", "tokenizer_sha256", "weights_fingerprint", "num_hidden_layers", "hidden_size", "vocab_size")
         return [f"{k}: cache has {getattr(other, k)!r}, target has {getattr(self, k)!r}"
                 for k in keys if getattr(self, k) != getattr(other, k)]
 
@@ -70,7 +97,7 @@ def target_identity(cfg: TargetConfig, tokenizer: PreTrainedTokenizerBase | None
     config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     text = getattr(config, "text_config", None) or config
     tokenizer = tokenizer or load_tokenizer(cfg)
-    return TargetIdentity(cfg.name_or_path, config_sha256(config), tokenizer_sha256(tokenizer),
+    return TargetIdentity(cfg.name_or_path, config_sha256(config), tokenizer_sha256(tokenizer), weights_fingerprint(path),
                           text.num_hidden_layers, text.hidden_size, text.vocab_size)
 
 

@@ -125,6 +125,12 @@ class ShardWriterThread:
             raise self.error
         self.queue.put(batch)
 
+    def abort(self) -> None:
+        """Stop the thread after a failure upstream; the unpublished temporary shard is left to be overwritten."""
+        self.error = self.error or RuntimeError("aborted")
+        self.queue.put(None)
+        self.thread.join()
+
     def close(self) -> dict:
         self.queue.put(None)
         self.thread.join()
@@ -181,15 +187,19 @@ def build_shard(cfg: DataStageConfig, plan: dict, index: int, samples: list[Samp
     writer = WRITERS[plan["format"]](path, {k: plan[k] for k in ("format_version", "storage_dtype", "num_layers", "hidden_size", "topk_logprobs", "layer_ids")},
                                      rows_per_row_group=cfg.cache.rows_per_row_group, compression=cfg.cache.compression)
     thread = ShardWriterThread(writer, codec, cfg.cache.write_queue_batches)
-    for items in forward_batches(target, rendered, cfg.batch_size, plan["topk_logprobs"]):
-        thread.put(items)
-        if bar is not None:
-            bar.tokens = getattr(bar, "tokens", 0) + sum(len(i[1]) for i in items)
-            bar.update(len(items))
-            bar.set_postfix(tok_s=f"{bar.tokens / max(time.time() - bar.start_t, 1e-9):.0f}", refresh=False)
+    try:
+        for items in forward_batches(target, rendered, cfg.batch_size, plan["topk_logprobs"]):
+            thread.put(items)
+            if bar is not None:
+                bar.tokens = getattr(bar, "tokens", 0) + sum(len(i[1]) for i in items)
+                bar.update(len(items))
+                bar.set_postfix(tok_s=f"{bar.tokens / max(bar.format_dict['elapsed'], 1e-9):.0f}", refresh=False)
+        stats = thread.close()
+    except BaseException:
+        thread.abort()
+        raise
     if bar is not None:
         bar.update(dropped + len(malformed) + regen_failed)  # rows that made no record still count as done
-    stats = thread.close()
     # Stats go to disk before the shard is published: a shard under its final name always has them.
     stats.update(index=index, file=path.name, rows=len(samples) + len(malformed) + regen_failed, dropped_short=dropped,
                  regenerate_failed=regen_failed, malformed=[asdict(m) for m in malformed],
@@ -227,10 +237,11 @@ def build_cache(cfg: DataStageConfig) -> dict | None:
         target = TargetModel.from_config(cfg.target)
         n = cfg.cache.samples_per_shard
         my_rows = sum(min(n, plan["num_rows"] - k * n) for k in todo)
-        bar = tqdm(total=my_rows, unit="row", desc=f"cache rank {rank}", disable=not cfg.progress or rank != 0)
+        bar = tqdm(total=my_rows, unit="row", desc=f"cache rank {rank}") if cfg.progress and rank == 0 else None
         for index, samples, bad in _shard_rows(cfg, todo):
             build_shard(cfg, plan, index, samples, bad, target, tokenizer, out_dir, bar)
-        bar.close()
+        if bar is not None:
+            bar.close()
     distributed.barrier()
     manifest = finalize(out_dir) if rank == 0 else None
     distributed.destroy_process_group()

@@ -8,8 +8,9 @@ Two backends answer a batch of conversations (each ending with a user turn):
 
 Multi-turn rows are answered turn by turn: answer t is generated after the model's own answers
 1..t-1. ``regenerate_samples`` is resumable: finished rows are appended to a JSONL file keyed by
-sample id, written a whole batch at a time; a resumed run regenerates only batches with a missing
-id, with the same batch composition and seed, so it reproduces an uninterrupted run.
+sample id, written a whole batch at a time. A resumed run asks again only for missing ids; with the
+HF backend, whose answers depend on the batch (padding, one RNG stream), it regenerates the whole
+batch of a missing id with the same composition and seed, so it reproduces an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -30,12 +31,16 @@ from deepspec.data.sources import Sample
 
 
 class AnswerGenerator(Protocol):
+    batch_independent: bool  # True when one row's answer does not depend on the rows batched with it
+
     def answer(self, conversations: list[list[dict]]) -> list[str | None]:
         """One answer per conversation (None where it failed)."""
 
 
 class HFAnswerGenerator:
     """Batched sampling from an HF causal LM."""
+
+    batch_independent = False  # padding and the shared RNG stream tie a row to its batch
 
     def __init__(self, model, tokenizer, cfg: RegenerateConfig):
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
@@ -61,6 +66,8 @@ class HFAnswerGenerator:
 
 class OpenAIAnswerGenerator:
     """Chat completions from an OpenAI-compatible server, ``batch_size`` requests at a time."""
+
+    batch_independent = True
 
     def __init__(self, cfg: RegenerateConfig, model_name: str):
         self.cfg, self.model_name = cfg, model_name
@@ -123,6 +130,8 @@ def regenerate_samples(samples: list[Sample], generator: AnswerGenerator, done_p
     with open(done_path, "a", encoding="utf-8") as f:
         for b in range(0, len(samples), batch_size):
             batch = [s for s in samples[b : b + batch_size] if s.messages is not None]
+            if generator.batch_independent:
+                batch = [s for s in batch if s.sample_id not in done]
             if not batch or all(s.sample_id in done for s in batch):
                 continue
             torch.manual_seed(seed + b)  # same batch, same seed: a resumed batch reproduces itself

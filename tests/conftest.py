@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny real Qwen3 targets (random weights, the toy tokenizer) and prompt files."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TOY_DIR = REPO / "deepspec" / "assets" / "toy_target"
+TOY_PROMPTS = REPO / "deepspec" / "assets" / "toy_prompts"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+def make_tiny_target(path: Path, hidden_size: int = 64, layers: int = 4, seed: int = 0) -> Path:
+    """Save a randomly initialised Qwen3 with the toy tokenizer to ``path`` (an HF folder)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    path.mkdir(parents=True, exist_ok=True)
+    for f in TOKENIZER_FILES:
+        shutil.copy(TOY_DIR / f, path / f)
+    torch.manual_seed(seed)
+    config = Qwen3Config(vocab_size=4096, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                         max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=0, eos_token_id=2,
+                         pad_token_id=0)
+    Qwen3ForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_target(tmp_path_factory) -> Path:
+    """A 4-layer, hidden-64 Qwen3 folder (random weights, toy tokenizer)."""
+    return make_tiny_target(tmp_path_factory.mktemp("tiny_target"))
+
+
+@pytest.fixture(scope="session")
+def other_tiny_target(tmp_path_factory) -> Path:
+    """Same shape as ``tiny_target`` but other weights: a cache of one must not feed the other."""
+    return make_tiny_target(tmp_path_factory.mktemp("other_tiny_target"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def chat_jsonl(tmp_path_factory) -> Path:
+    """40 conversation rows from the toy training prompt set."""
+    path = tmp_path_factory.mktemp("inputs") / "chat.jsonl"
+    with open(TOY_PROMPTS / "train.jsonl") as src, open(path, "w") as dst:
+        for i, line in zip(range(40), src):
+            dst.write(line)
+    return path
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(r if isinstance(r, str) else json.dumps(r))
+            f.write("\n")
+    return path
+
+
+def data_config(target: Path, inputs: list[Path], out_dir: Path, **overrides):
+    """A validated DataStageConfig for tests (small shards, small batches, no progress bar)."""
+    from deepspec.config import DataStageConfig, check
+    from deepspec.config.data import CacheConfig, InputConfig, TargetConfig
+
+    cache = CacheConfig(**{"samples_per_shard": 8, "rows_per_row_group": 4, **overrides.pop("cache", {})})
+    stage = {"max_length": 256, "min_loss_tokens": 4, "batch_size": 4, "progress": False, **overrides}
+    cfg = DataStageConfig(out_dir=str(out_dir),
+                          target=TargetConfig(**{"name_or_path": str(target), "layer_ids": [-1, 1, 3], **stage.pop("target", {})}),
+                          input=InputConfig(**{"paths": [str(p) for p in inputs], **stage.pop("input", {})}),
+                          cache=cache, **stage)
+    check(cfg)
+    return cfg
