@@ -16,9 +16,22 @@ def rank_and_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def init_process_group(timeout_minutes: float = 24 * 60) -> None:
-    """Join the torchrun job's process group (no-op for a single process)."""
+def init_process_group(timeout_minutes: float = 24 * 60, single_process: bool = False) -> None:
+    """Join the torchrun job's process group.
+
+    A plain single process gets none unless ``single_process`` (DeepSpeed wants a process group
+    and would otherwise look for MPI): then a 1-rank group on a free local port.
+    """
     _, world = rank_and_world()
+    if world == 1 and single_process and not dist.is_initialized():
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+            os.environ.setdefault(key, value)
+        world = 2  # fall through to the common path
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))

@@ -80,6 +80,8 @@ class TargetIdentity:
 
     def mismatches(self, other: "TargetIdentity") -> list[str]:
         keys = ("config_sha256", "tokenizer_sha256", "weights_fingerprint", "num_hidden_layers", "hidden_size", "vocab_size")
+        if "unavailable" in (self.weights_fingerprint, other.weights_fingerprint):  # weights not on local disk: cannot compare
+            keys = tuple(k for k in keys if k != "weights_fingerprint")
         return [f"{k}: cache has {getattr(other, k)!r}, target has {getattr(self, k)!r}"
                 for k in keys if getattr(self, k) != getattr(other, k)]
 
@@ -195,3 +197,44 @@ class TargetModel(nn.Module):
         final_hidden = self._captured["final"]  # (B, S, d)
         self._captured.clear()
         return layer_hidden, final_hidden
+
+
+def load_frozen_embeddings(cfg: TargetConfig, device: str | torch.device = "cpu",
+                           dtype: torch.dtype | None = None) -> tuple[nn.Embedding, nn.Linear]:
+    """The target's input embedding and LM head only, read tensor by tensor from its safetensors.
+
+    A drafter needs these two matrices, not the whole target: loading them alone keeps a second
+    copy of the target out of every training rank. Tied embeddings give one shared tensor.
+    Returns (embed_tokens (V, d), lm_head (V, d)), frozen.
+    """
+    from safetensors import safe_open
+
+    path = Path(resolve_target_path(cfg.name_or_path))
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(cfg.name_or_path, allow_patterns=["*.json", "*.safetensors"]))
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    text = getattr(config, "text_config", None) or config
+    index = path / "model.safetensors.index.json"
+    files = ({name: path / f for name, f in json.loads(index.read_text())["weight_map"].items()} if index.exists()
+             else {name: path / "model.safetensors" for name in safe_open(path / "model.safetensors", "pt").keys()})
+
+    def read(suffix: str) -> torch.Tensor | None:
+        names = [n for n in files if n.endswith(suffix)]
+        if not names:
+            return None
+        name = min(names, key=len)  # the text model's, when a vision tower has its own
+        with safe_open(files[name], "pt", device="cpu") as f:
+            return f.get_tensor(name)
+
+    embed_w = read("embed_tokens.weight")
+    if embed_w is None:
+        raise ValueError(f"{path}: no '*embed_tokens.weight' tensor found in its safetensors")
+    head_w = read("lm_head.weight")
+    tied = head_w is None or getattr(text, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False))
+    dtype = dtype or embed_w.dtype
+    embed = nn.Embedding(*embed_w.shape, _weight=embed_w.to(device, dtype), _freeze=True)
+    head = nn.Linear(embed_w.shape[1], embed_w.shape[0], bias=False, device="meta")
+    head.weight = embed.weight if tied else nn.Parameter(head_w.to(device, dtype), requires_grad=False)
+    return embed, head

@@ -154,9 +154,6 @@ def test_unknown_key_rejected_by_to_dataclass():
         to_dataclass(OmegaConf.create({"bogus": 1, "input": {"paths": ["a"]}}), DataStageConfig)
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: to_dataclass accepts keys appended with '+' on the command line "
-                                       "(merging onto Hydra's typed DictConfig keeps them; to_object sets them as "
-                                       "stray attributes), so a typo like +cache.storage_dtyp=fp8 is silently ignored")
 @pytest.mark.parametrize("override", ["+cache.storage_dtyp=fp8", "+foo=1"])
 def test_appended_unknown_key_rejected(override):
     with pytest.raises((ConfigKeyError, ConfigCompositionException, ConfigError)):

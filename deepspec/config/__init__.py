@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from deepspec.config.base import ConfigError, check
 from deepspec.config.data import CacheConfig, DataStageConfig, InputConfig, RegenerateConfig, TargetConfig
+from deepspec.config.train import TrainStageConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -21,13 +22,16 @@ def register_configs() -> None:
     """Register the schemas so that YAML files can name them in their defaults lists."""
     cs = ConfigStore.instance()
     cs.store(name="data_schema", node=DataStageConfig)
+    cs.store(name="train_schema", node=TrainStageConfig)
     cs.store(group="target", name="target_schema", node=TargetConfig)
     cs.store(group="cache", name="cache_schema", node=CacheConfig)
 
 
 def to_dataclass(cfg: DictConfig, schema: type):
     """Merge a Hydra DictConfig onto ``schema``, convert to the dataclass and validate it."""
-    merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+    # Through a plain container: keys appended with `+key=...` must meet the schema too.
+    plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    merged = OmegaConf.merge(OmegaConf.structured(schema), plain)
     obj = OmegaConf.to_object(merged)
     check(obj)
     return obj
@@ -35,5 +39,5 @@ def to_dataclass(cfg: DictConfig, schema: type):
 
 __all__ = [
     "CONFIG_DIR", "CacheConfig", "ConfigError", "DataStageConfig", "InputConfig", "RegenerateConfig",
-    "TargetConfig", "check", "register_configs", "to_dataclass",
+    "TargetConfig", "TrainStageConfig", "check", "register_configs", "to_dataclass",
 ]

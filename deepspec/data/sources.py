@@ -122,7 +122,8 @@ def parse_row(raw: RawRow) -> Sample | MalformedRow:
         return bad(f"expected a JSON object, got {type(obj).__name__}")
     source = f"{raw.file}:{raw.line}"
     messages: list[dict] | None = None
-    conv = obj.get("conversations", obj.get("messages"))
+    # Layouts are chosen by non-null values: a Parquet file mixing layouts has null columns.
+    conv = obj.get("conversations") if obj.get("conversations") is not None else obj.get("messages")
     if conv is not None:
         if not isinstance(conv, list) or not conv:
             return bad("'conversations' must be a non-empty list")
@@ -139,12 +140,12 @@ def parse_row(raw: RawRow) -> Sample | MalformedRow:
             messages.append({"role": ROLE_ALIASES[role], "content": content})
         if not any(m["role"] == "user" for m in messages):
             return bad("conversation has no user turn")
-    elif "turns" in obj:
+    elif obj.get("turns") is not None:
         turns = obj["turns"]
         if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t for t in turns):
             return bad("'turns' must be a non-empty list of non-empty strings")
         messages = [{"role": "user", "content": t} for t in turns]
-    elif "text" in obj:
+    elif obj.get("text") is not None:
         if not isinstance(obj["text"], str) or not obj["text"]:
             return bad("'text' must be a non-empty string")
         return Sample(_sample_id(obj, {"text": obj["text"]}), raw.index, source, text=obj["text"])

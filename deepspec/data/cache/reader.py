@@ -6,10 +6,17 @@ records within a unit pass through a bounded shuffle buffer. Only the units in f
 memory, and a background thread decodes ``prefetch`` samples ahead of the consumer.
 
 The manifest is checked against the configured target before anything is read: a cache built
-for another model (config, tokenizer, hidden size or layer ids) is refused with the differences.
+for another model (config, tokenizer, weights, hidden size or layer ids) is refused with the
+differences.
+
+``split`` keeps a stable subset: a sample is in "val" when the hash of its sample id falls under
+``val_fraction``, else in "train"; the split survives re-sharding and rebuilding. ``set_epoch(e,
+skip)`` resumes mid-epoch: the first ``skip`` samples of this rank/worker's stream are passed over
+without being decoded (the shuffle buffer holds undecoded records).
 """
 from __future__ import annotations
 
+import hashlib
 import queue
 import random
 import threading
@@ -31,14 +38,18 @@ class TargetCacheDataset(IterableDataset):
     def __init__(self, cache_dir: str | Path, target: TargetIdentity | None = None, layer_ids: list[int] | None = None,
                  seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 64, prefetch: int = 8,
                  rank: int | None = None, world_size: int | None = None, out_dtype: torch.dtype = torch.float32,
-                 dense_final: bool = True):
+                 dense_final: bool = True, split: str | None = None, val_fraction: float = 0.0):
         self.cache_dir = Path(cache_dir)
         self.manifest = load_manifest(self.cache_dir)
         if target is not None:
             check_target(self.manifest, target, layer_ids, self.cache_dir)
         self.codec = codec_for(self.manifest)
         self.seed, self.shuffle, self.shuffle_buffer, self.prefetch = seed, shuffle, shuffle_buffer, prefetch
-        self.out_dtype, self.dense_final, self.epoch = out_dtype, dense_final, 0
+        self.out_dtype, self.dense_final = out_dtype, dense_final
+        self.epoch, self.skip_batches, self.batch_size = 0, 0, 1
+        if split not in (None, "train", "val"):
+            raise ValueError(f"split={split!r} must be None, 'train' or 'val'")
+        self.split, self.val_fraction = split, val_fraction
         if rank is None or world_size is None:
             from deepspec.distributed import rank_and_world
 
@@ -54,8 +65,19 @@ class TargetCacheDataset(IterableDataset):
             else:
                 self.units.append((shard["file"], None))
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip_batches: int = 0, batch_size: int = 1) -> None:
+        """Next iteration is epoch ``epoch``, resuming after this rank consumed ``skip_batches`` batches.
+
+        A DataLoader with W workers takes batch i from worker i % W, so worker w skips the samples of
+        the batches it had produced (exact while no worker's stream has run out before the others).
+        """
+        self.epoch, self.skip_batches, self.batch_size = epoch, skip_batches, batch_size
+
+    def in_split(self, sample_id: str) -> bool:
+        if self.split is None:
+            return True
+        is_val = int(hashlib.sha1(sample_id.encode()).hexdigest()[:8], 16) < self.val_fraction * 2**32
+        return is_val == (self.split == "val")
 
     def __len__(self) -> int:
         """Samples in the whole cache (all ranks together)."""
@@ -66,31 +88,36 @@ class TargetCacheDataset(IterableDataset):
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         units = list(self.units)
         if self.shuffle:
-            random.Random(self.seed + self.epoch).shuffle(units)
+            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(units)
         return units[self.rank * nw + wid :: self.world_size * nw]
 
     def _records(self) -> Iterator:
         for file, group in self._my_units():
             path = self.cache_dir / file
-            if group is None:
-                yield from read_webdataset_shard(path)
-            else:
-                yield from read_parquet_shard(path, [group])
+            records = read_webdataset_shard(path) if group is None else read_parquet_shard(path, [group])
+            yield from (r for r in records if self.in_split(r.sample_id))
 
-    def _samples(self) -> Iterator[dict]:
+    def _shuffled_records(self) -> Iterator:
+        if not self.shuffle:
+            yield from self._records()
+            return
         info = get_worker_info()
-        rng = random.Random((self.seed + self.epoch) * 1_000_003 + self.rank * 1009 + (info.id if info else 0))
+        rng = random.Random(((self.seed * 1_000_003 + self.epoch) * 1009 + self.rank) * 131 + (info.id if info else 0))
         buffer: list = []
         for rec in self._records():
-            sample = self.codec.decode(rec, self.out_dtype, self.dense_final)
-            if not self.shuffle:
-                yield sample
-                continue
-            buffer.append(sample)
+            buffer.append(rec)
             if len(buffer) >= self.shuffle_buffer:
                 yield buffer.pop(rng.randrange(len(buffer)))
         rng.shuffle(buffer)
         yield from buffer
+
+    def _samples(self) -> Iterator[dict]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        skip = max(0, -(-(self.skip_batches - wid) // nw)) * self.batch_size
+        for i, rec in enumerate(self._shuffled_records()):
+            if i >= skip:  # records before the resume point are passed over undecoded
+                yield self.codec.decode(rec, self.out_dtype, self.dense_final)
 
     def __iter__(self) -> Iterator[dict]:
         if self.prefetch <= 0:
@@ -105,15 +132,23 @@ def _prefetched(it: Iterator, depth: int) -> Iterator:
     done = object()
     stop = threading.Event()
 
+    def put(item) -> bool:
+        while not stop.is_set():  # a consumer that stopped early must not leave this thread blocked
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def work():
         try:
             for item in it:
-                if stop.is_set():
+                if not put(item):
                     return
-                q.put(item)
-            q.put(done)
+            put(done)
         except BaseException as e:  # re-raised in the consumer
-            q.put(e)
+            put(e)
 
     threading.Thread(target=work, daemon=True).start()
     try:

@@ -113,8 +113,11 @@ class RecordCodec:
             k = self.topk
             if len(rec.topk_ids) != P * k * 4 or len(rec.topk_logprobs) != P * k * 4:
                 raise CorruptRecordError(f"sample {rec.sample_id}: top-k blobs do not hold {P}x{k} entries")
-            out["topk_ids"] = torch.frombuffer(bytearray(rec.topk_ids), dtype=torch.int32).view(P, k).long()
-            out["topk_logprobs"] = torch.frombuffer(bytearray(rec.topk_logprobs), dtype=torch.float32).view(P, k)
+            if P == 0:  # torch.frombuffer refuses an empty buffer
+                out["topk_ids"], out["topk_logprobs"] = torch.empty(0, k, dtype=torch.long), torch.empty(0, k)
+            else:
+                out["topk_ids"] = torch.frombuffer(bytearray(rec.topk_ids), dtype=torch.int32).view(P, k).long()
+                out["topk_logprobs"] = torch.frombuffer(bytearray(rec.topk_logprobs), dtype=torch.float32).view(P, k)
         return out
 
     def bytes_per_token(self, supervised_fraction: float) -> float:

@@ -140,7 +140,8 @@ def read_parquet_shard(path: Path, row_groups: list[int] | None = None) -> Itera
 
 def read_webdataset_shard(path: Path) -> Iterator[CacheRecord]:
     """Yield the records of a WebDataset tar shard, in file order."""
-    for sample in wds.WebDataset(str(path), shardshuffle=False, empty_check=False):
+    # No node/worker splitting here: the reader already gave this file to exactly one (rank, worker).
+    for sample in wds.WebDataset(str(path), shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None):
         missing = [f for f in ("json", "input_ids", "loss_mask", *BLOB_FIELDS) if f not in sample]
         if missing:
             raise ValueError(f"tar entry {sample.get('__key__')} lacks fields {missing}")

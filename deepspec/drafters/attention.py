@@ -1,0 +1,130 @@
+"""The hard pieces the drafters share: RMSNorm, RoPE, the Qwen3-shaped MLP, and attention with
+an explicit mask on every device (SDPA) or a flex-attention block mask on CUDA.
+
+Masks are boolean with True = may attend, shape (B, 1, Q, K). Every query row must allow at
+least one key (the drafters always allow a block to see itself), so SDPA never sees an empty
+row (which would give NaN).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTENTION_BACKENDS = ("sdpa", "flex")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU MLP with the target's names: gate_proj, up_proj, down_proj."""
+
+    def __init__(self, d: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d, hidden, bias=False)
+        self.up_proj = nn.Linear(d, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for any HF config's RoPE (default, llama3, yarn, ... via transformers)."""
+
+    def __init__(self, config):
+        super().__init__()
+        from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
+
+        # Qwen3RotaryEmbedding only reads the generic RoPE fields (rope_parameters, head_dim).
+        self.rope = Qwen3RotaryEmbedding(config)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids (B, T) -> cos, sin (B, T, head_dim) in x's dtype."""
+        return self.rope(x, position_ids)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, hd); cos/sin (B, T, hd)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, backend: str = "sdpa") -> torch.Tensor:
+    """Scaled dot-product attention.
+
+    q (B, H, Q, hd); k, v (B, Hkv, K, hd); mask: bool (B, 1, Q, K) for ``sdpa``, a flex
+    ``BlockMask`` for ``flex``. Returns (B, H, Q, hd).
+    """
+    if backend == "flex":
+        from torch.nn.attention.flex_attention import flex_attention
+
+        return flex_attention(q, k, v, block_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def flex_block_mask(mask_mod: Callable, batch: int, q_len: int, kv_len: int, device) -> object:
+    """Build a flex-attention BlockMask from ``mask_mod(b, h, q_idx, kv_idx) -> bool``."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(mask_mod, B=batch, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=device)
+
+
+class ContextAttention(nn.Module):
+    """Qwen3 attention whose keys/values are [projection of the context ; projection of the block].
+
+    The same k_proj/v_proj (and k_norm) serve both parts; queries come from the block only.
+    Context K/V are recomputed in every layer from the projected target features.
+    """
+
+    def __init__(self, d: int, num_heads: int, num_kv_heads: int, head_dim: int, eps: float):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_proj = nn.Linear(d, num_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(d, num_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(d, num_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(num_heads * head_dim, d, bias=False)
+        self.q_norm = RMSNorm(head_dim, eps)
+        self.k_norm = RMSNorm(head_dim, eps)
+
+    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, n, self.head_dim).transpose(1, 2)  # (B, n, T, hd)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, rope_q: tuple, rope_kv: tuple, mask, backend: str) -> torch.Tensor:
+        """x (B, Q, d) block tokens; ctx (B, C, d) context features; rope_q for Q positions, rope_kv for C+Q."""
+        kv_in = torch.cat([ctx, x], dim=1)  # (B, C+Q, d)
+        q = self.q_norm(self._heads(self.q_proj(x), self.num_heads))
+        k = self.k_norm(self._heads(self.k_proj(kv_in), self.num_kv_heads))
+        v = self._heads(self.v_proj(kv_in), self.num_kv_heads)
+        q, k = apply_rope(q, *rope_q), apply_rope(k, *rope_kv)
+        out = attend(q, k, v, mask, backend)  # (B, H, Q, hd)
+        return self.o_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+
+
+class ContextDecoderLayer(nn.Module):
+    """A target-shaped decoder layer (Qwen3 names) with the context injected into its attention."""
+
+    def __init__(self, d: int, intermediate: int, num_heads: int, num_kv_heads: int, head_dim: int, eps: float):
+        super().__init__()
+        self.input_layernorm = RMSNorm(d, eps)
+        self.self_attn = ContextAttention(d, num_heads, num_kv_heads, head_dim, eps)
+        self.post_attention_layernorm = RMSNorm(d, eps)
+        self.mlp = MLP(d, intermediate)
+
+    def forward(self, x, ctx, rope_q, rope_kv, mask, backend: str) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx, rope_q, rope_kv, mask, backend)
+        return x + self.mlp(self.post_attention_layernorm(x))

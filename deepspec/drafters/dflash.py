@@ -1,0 +1,52 @@
+"""DFlash: the block-parallel backbone alone; every draft token comes from one parallel pass.
+
+    h        = backbone(target features, [anchor, MASK, ...])         (B, A, g, d)
+    logits_k = lm_head(h_k)                                           trained with CE only
+
+It is DSpark without the sequential and confidence heads: the baseline that shows what they add.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from deepspec.drafters.block_backbone import BlockDraftBackbone, init_trainable
+
+
+@dataclass
+class DFlashConfig:
+    """Drafter hyper-parameters (the target's shape comes from its HF config)."""
+
+    block_size: int = 7
+    """Draft tokens per block (gamma); the anchor slot predicts too."""
+    num_hidden_layers: int = 2
+    """Backbone decoder layers."""
+    num_anchors: int = 512
+    """Blocks sampled per training sample."""
+    mask_token_id: int = 0
+    """Unused vocabulary id filling the non-anchor slots."""
+    target_layer_ids: list[int] = field(default_factory=lambda: [1, 9, 17, 25, 33])
+    """Target layers whose hidden states form the context."""
+    attention_backend: str = "sdpa"
+    """sdpa (explicit mask, any device) | flex (flex attention, CUDA)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class DFlashDrafter(BlockDraftBackbone):
+    architecture = "Qwen3DSparkModel"  # same layout as DSpark with markov_rank=0 and no confidence head
+
+    def __init__(self, cfg: DFlashConfig, target_config, embed_tokens: nn.Embedding, lm_head: nn.Linear):
+        super().__init__(cfg.num_hidden_layers, cfg.target_layer_ids, cfg.attention_backend, target_config, embed_tokens, lm_head)
+        self.cfg = cfg
+        self.apply(init_trainable)
+
+    def logits(self, h: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        """h (N, g, d) -> (N, g, V); prev is unused (no sequential head)."""
+        return self.lm_head(h)
+
+    def confidence_logits(self, h: torch.Tensor, prev: torch.Tensor) -> None:
+        return None

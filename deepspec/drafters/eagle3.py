@@ -1,0 +1,143 @@
+"""Eagle3: the autoregressive baseline, one decoder layer over [embedding; target features].
+
+At position t the drafter reads the target's fused features g_t = fc(concat of L layers at t)
+and the embedding of token t+1, and predicts token t+2:
+
+    x_t   = [input_layernorm(embed(token_{t+1})) ; hidden_norm(g_t)]        (B, T, 2d)
+    h_t   = midlayer(x_t)   (attention from 2d, causal)                      (B, T, d)
+    logits = lm_head(norm(h_t))
+
+Training-time test (TTT) unrolls ``ttt_steps`` steps: step k feeds its own h (instead of g) and
+token t+1+k at position t, and predicts token t+2+k. A query at step k sees the step-0 keys at
+positions <= t (causal) and, from steps 1..k, only the keys at its own position t: exactly what
+the drafter sees at inference when it drafts k tokens past the verified prefix.
+
+Parameter names follow the SpecForge / SGLang / vLLM Eagle3 layout (midlayer.*, fc, norm, lm_head),
+so the export loads in those engines when 3 target layers are used. The embedding and LM head are
+the target's, frozen and shared.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepspec.drafters.attention import MLP, RMSNorm, RotaryEmbedding, apply_rope, attend, flex_block_mask
+from deepspec.drafters.block_backbone import init_trainable
+
+
+@dataclass
+class Eagle3Config:
+    """Drafter hyper-parameters (the target's shape comes from its HF config)."""
+
+    ttt_steps: int = 7
+    """Training-time-test unrolling depth (= draft chain length it is trained for)."""
+    step_loss_decay: float = 0.8
+    """Step k's loss is weighted decay**k."""
+    target_layer_ids: list[int] = field(default_factory=lambda: [1, 17, 33])
+    """Target layers fused by fc (3 keeps the export loadable by SGLang/vLLM)."""
+    attention_backend: str = "sdpa"
+    """sdpa (explicit mask, any device) | flex (flex attention, CUDA)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Eagle3Attention(nn.Module):
+    """Llama-style attention whose q/k/v read the 2d-wide [embedding; hidden] input."""
+
+    def __init__(self, d: int, num_heads: int, num_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_proj = nn.Linear(2 * d, num_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(2 * d, num_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(2 * d, num_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(num_heads * head_dim, d, bias=False)
+
+    def qkv(self, x: torch.Tensor, rope: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, 2d) -> q (B, H, T, hd), k, v (B, Hkv, T, hd) with RoPE applied."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rope(q, *rope), apply_rope(k, *rope), v
+
+
+class Eagle3Midlayer(nn.Module):
+    def __init__(self, d: int, intermediate: int, num_heads: int, num_kv_heads: int, head_dim: int, eps: float):
+        super().__init__()
+        self.input_layernorm = RMSNorm(d, eps)
+        self.hidden_norm = RMSNorm(d, eps)
+        self.self_attn = Eagle3Attention(d, num_heads, num_kv_heads, head_dim)
+        self.post_attention_layernorm = RMSNorm(d, eps)
+        self.mlp = MLP(d, intermediate)
+
+
+def ttt_mask(T: int, step: int, valid: torch.Tensor) -> torch.Tensor:
+    """Bool mask (B, 1, T, (step+1)*T): causal over step-0 keys (real tokens only), diagonal over steps 1..step."""
+    idx = torch.arange(T, device=valid.device)
+    causal = (idx[None, :] <= idx[:, None])[None] & valid[:, None, :].bool()  # (B, T, T)
+    causal = causal | torch.eye(T, dtype=torch.bool, device=valid.device)[None]  # a padded row still sees itself
+    diag = torch.eye(T, dtype=torch.bool, device=valid.device)[None].expand(valid.shape[0], -1, -1)
+    return torch.cat([causal] + [diag] * step, dim=-1)[:, None]
+
+
+class Eagle3Drafter(nn.Module):
+    architecture = "LlamaForCausalLMEagle3"
+
+    def __init__(self, cfg: Eagle3Config, target_config, embed_tokens: nn.Embedding, lm_head: nn.Linear):
+        super().__init__()
+        tc = target_config
+        d, L = tc.hidden_size, len(cfg.target_layer_ids)
+        head_dim = getattr(tc, "head_dim", None) or d // tc.num_attention_heads
+        self.cfg, self.target_config = cfg, tc
+        self.embed_tokens, self.lm_head = embed_tokens.requires_grad_(False), lm_head.requires_grad_(False)
+        self.fc = nn.Linear(L * d, d, bias=False)
+        self.midlayer = Eagle3Midlayer(d, tc.intermediate_size, tc.num_attention_heads, tc.num_key_value_heads, head_dim, tc.rms_norm_eps)
+        self.norm = RMSNorm(d, tc.rms_norm_eps)
+        self.rotary = RotaryEmbedding(tc)
+        self.apply(init_trainable)
+
+    def _layer(self, tokens_emb, hidden, rope, past_kv: list, mask) -> torch.Tensor:
+        """One midlayer pass at one TTT step; appends this step's K/V to past_kv. Returns pre-norm h (B, T, d)."""
+        m = self.midlayer
+        x = torch.cat([m.input_layernorm(tokens_emb), m.hidden_norm(hidden)], dim=-1)  # (B, T, 2d)
+        q, k, v = m.self_attn.qkv(x, rope)
+        past_kv.append((k, v))
+        K = torch.cat([kv[0] for kv in past_kv], dim=2)  # (B, Hkv, (step+1)*T, hd)
+        V = torch.cat([kv[1] for kv in past_kv], dim=2)
+        out = attend(q, K, V, mask, self.cfg.attention_backend)
+        h = hidden + m.self_attn.o_proj(out.transpose(1, 2).reshape(hidden.shape))
+        return h + m.mlp(m.post_attention_layernorm(h))
+
+    def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """TTT unroll. hidden (B, S, L*d); input_ids, valid (B, S) -> post-norm h (B, K, S, d) for steps 0..K-1.
+
+        Step k at position t consumed token t+1+k (zero past the end) and predicts token t+2+k.
+        """
+        B, S = input_ids.shape
+        g = self.fc(hidden)  # (B, S, d)
+        pos = torch.arange(S, device=hidden.device).expand(B, S)
+        past_kv: list = []
+        outs, h = [], g
+        for k in range(self.cfg.ttt_steps):
+            shifted = F.pad(input_ids[:, 1 + k :], (0, 1 + k))  # token t+1+k, 0 past the end
+            emb = self.embed_tokens(shifted).to(g.dtype)
+            rope = self.rotary(emb, pos + k)
+            mask = self._mask(S, k, valid, hidden.device)
+            h = self._layer(emb, h, rope, past_kv, mask)
+            outs.append(self.norm(h))
+        return torch.stack(outs, dim=1)
+
+    def _mask(self, T: int, step: int, valid: torch.Tensor, device):
+        if self.cfg.attention_backend != "flex":
+            return ttt_mask(T, step, valid)
+        v = valid.bool()
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            same_step0 = (kv_idx < T) & (((kv_idx <= q_idx) & v[b, kv_idx.clamp(max=T - 1)]) | (kv_idx == q_idx))
+            return same_step0 | ((kv_idx >= T) & (kv_idx % T == q_idx))
+
+        return flex_block_mask(mask_mod, valid.shape[0], T, (step + 1) * T, device)

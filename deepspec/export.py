@@ -1,0 +1,122 @@
+"""Export drafters to HF folders (config.json + model.safetensors) in the layouts serving engines
+load, and load them back.
+
+* DSpark / DFlash: the DeepSpec reference layout (``Qwen3DSparkModel``): the target's config
+  fields plus block_size, mask_token_id, target_layer_ids, markov_* and confidence fields; tensors
+  ``embed_tokens``, ``layers.i.*``, ``norm``, ``fc``, ``hidden_norm``, ``lm_head``, ``markov_head.*``,
+  ``confidence_head.proj.*``. DFlash is the same layout with markov_rank 0 and no confidence head.
+* Eagle3: the SpecForge/SGLang/vLLM layout (``LlamaForCausalLMEagle3``): ``midlayer.*``, ``fc``,
+  ``norm``, ``lm_head`` (+ ``embed_tokens``), ``eagle_config.eagle_aux_hidden_state_layer_ids``.
+
+``include_frozen=False`` leaves out the frozen embedding and LM head (they are the target's); the
+config records it under ``deepspec.frozen_from_target`` and ``load_drafter`` restores them from
+the target. Our own loader reads both forms; ``deepspec`` in config.json holds the drafter config.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from deepspec.config.data import TargetConfig
+from deepspec.drafters import DRAFTERS
+
+FROZEN = ("embed_tokens.weight", "lm_head.weight")
+
+
+def gathered_state_dict(engine) -> dict:
+    """Full state dict of a DeepSpeed engine's module (ZeRO-3 shards gathered onto rank 0)."""
+    if engine.zero_optimization_partition_weights():
+        return engine._zero3_consolidated_16bit_state_dict() or {}
+    return engine.module.state_dict()
+
+
+def drafter_name(drafter) -> str:
+    return next(name for name, spec in DRAFTERS.items() if isinstance(drafter, spec.model_class))
+
+
+def serving_config(drafter, name: str, include_frozen: bool, target: TargetConfig | None) -> dict:
+    tc = drafter.target_config.to_dict()
+    c = drafter.cfg
+    cfg = {k: v for k, v in tc.items() if k not in ("architectures", "auto_map", "_name_or_path", "transformers_version")}
+    cfg["tie_word_embeddings"] = False
+    if name == "eagle3":
+        cfg.update(architectures=["LlamaForCausalLMEagle3"], model_type="llama", num_hidden_layers=1,
+                   draft_vocab_size=tc["vocab_size"], target_hidden_size=tc["hidden_size"],
+                   eagle_config={"eagle_aux_hidden_state_layer_ids": list(c.target_layer_ids)})
+    else:
+        dspark = name == "dspark"
+        rank = c.markov_rank if dspark else 0
+        conf = dspark and c.enable_confidence_head
+        cfg.update(architectures=["Qwen3DSparkModel"], num_target_layers=tc["num_hidden_layers"],
+                   num_hidden_layers=c.num_hidden_layers, block_size=c.block_size, mask_token_id=c.mask_token_id,
+                   target_layer_ids=list(c.target_layer_ids), num_anchors=c.num_anchors, enable_confidence_head=conf,
+                   markov_rank=rank, layer_types=["full_attention"] * c.num_hidden_layers)
+        if conf:
+            cfg["confidence_head_with_markov"] = c.confidence_head_with_markov and rank > 0
+        if rank:
+            cfg["markov_head_type"] = c.markov_head_type
+    cfg["deepspec"] = {"drafter": name, "config": c.to_dict(), "frozen_from_target": None if include_frozen else (target.name_or_path if target else True)}
+    return cfg
+
+
+def export_drafter(drafter, out_dir: str | Path, state_dict: dict | None = None, include_frozen: bool = True,
+                   target: TargetConfig | None = None) -> Path:
+    """Write ``out_dir/config.json`` and ``out_dir/model.safetensors``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = drafter_name(drafter)
+    state = state_dict if state_dict is not None else drafter.state_dict()
+    tensors = {}
+    for k, v in state.items():
+        if k.startswith("rotary.") or (not include_frozen and k in FROZEN):
+            continue
+        tensors[k] = v.detach().to("cpu").contiguous().clone()  # clone: tied embed/lm_head must not share storage
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(serving_config(drafter, name, include_frozen, target), indent=2, default=str))
+    return out
+
+
+def load_drafter(path: str | Path, target: TargetConfig | None = None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32):
+    """Load an export (ours, either form, or a reference-layout DSpark folder) as a drafter module."""
+    from transformers import AutoConfig
+
+    from deepspec.target import load_frozen_embeddings
+
+    path = Path(path)
+    raw = json.loads((path / "config.json").read_text())
+    meta = raw.get("deepspec")
+    if meta is not None:
+        name, fields = meta["drafter"], meta["config"]
+    elif raw.get("architectures") == ["Qwen3DSparkModel"]:  # a reference-layout folder not written by us
+        name = "dspark" if raw.get("markov_rank", 0) or raw.get("enable_confidence_head") else "dflash"
+        keys = DRAFTERS[name].config_class.__dataclass_fields__
+        fields = {k: raw[k] for k in keys if k in raw}
+        fields["num_hidden_layers"] = raw["num_hidden_layers"]
+    else:
+        raise ValueError(f"{path}: config.json is neither a deepspec export nor a Qwen3DSparkModel folder")
+    spec = DRAFTERS[name]
+    dcfg = spec.config_class(**fields)
+    tconf_dict = {k: v for k, v in raw.items() if k != "deepspec"}
+    if name != "eagle3":
+        tconf_dict["num_hidden_layers"] = raw.get("num_target_layers", tconf_dict["num_hidden_layers"])
+    tconf = AutoConfig.for_model(tconf_dict.pop("model_type", "qwen3"), **tconf_dict)
+    state = load_file(path / "model.safetensors")
+    if all(k in state for k in FROZEN):
+        V, d = state["embed_tokens.weight"].shape
+        embed = torch.nn.Embedding(V, d, _weight=state.pop("embed_tokens.weight").to(dtype), _freeze=True)
+        head = torch.nn.Linear(d, V, bias=False, device="meta")
+        head.weight = torch.nn.Parameter(state.pop("lm_head.weight").to(dtype), requires_grad=False)
+    else:
+        if target is None:
+            raise ValueError(f"{path} was exported without the frozen embedding/LM head: pass the target to restore them")
+        embed, head = load_frozen_embeddings(target, "cpu", dtype)
+    model = spec.model_class(dcfg, tconf, embed, head)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not m.startswith("rotary.") and m not in FROZEN]
+    if missing or unexpected:
+        raise ValueError(f"{path}: tensors missing {missing[:5]} / unexpected {unexpected[:5]}")
+    return model.to(device=device, dtype=dtype).eval()

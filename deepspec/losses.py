@@ -1,0 +1,151 @@
+"""Training losses, computed in vocabulary-sized chunks.
+
+Block drafters (DSpark, DFlash), per supervised block slot k (weights w_k = exp(-k / decay_gamma)):
+
+    CE   = -log p_d(label_k)                        (Markov-corrected draft logits)
+    L1   = sum_v |p_d(v) - p_t(v)|                  (fp32 softmax at T=1; 1 - L1/2 = acceptance)
+    BCE  = BCE(conf_k, stop_grad(1 - L1/2))         (confidence head)
+    loss = (a_ce CE + a_l1 L1 + a_conf BCE) summed with weights w_k, divided by sum w_k
+
+p_t at slot k comes from the target's final hidden state at position anchor+k through the frozen
+LM head. Memory: the (blocks, g, V) logits exist for ``chunk_blocks`` blocks at a time and are
+recomputed in backward (activation checkpointing per chunk), so peak memory does not grow with
+num_anchors x block_size x vocab.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class BlockLossConfig:
+    """Weights of the block-drafter loss terms."""
+
+    ce_weight: float = 0.1
+    """Weight of the cross-entropy against the ground-truth token."""
+    l1_weight: float = 0.9
+    """Weight of sum |p_d - p_t| (total variation x 2)."""
+    confidence_weight: float = 1.0
+    """Weight of the confidence BCE (ignored by drafters without a confidence head)."""
+    decay_gamma: float = 4.0
+    """Slot k is weighted exp(-k / decay_gamma)."""
+    chunk_blocks: int = 32
+    """Blocks whose full-vocabulary logits exist at once (the memory knob)."""
+
+
+def _chunk_terms(drafter, h, prev, labels, target_h):
+    """One chunk: h (n, g, d), prev/labels (n, g), target_h (n, g, d) -> per-slot ce, l1, bce, conf_prob (n, g)."""
+    logp_d = torch.log_softmax(drafter.logits(h, prev).float(), dim=-1)  # (n, g, V)
+    p_t = torch.softmax(drafter.lm_head(target_h).float(), dim=-1)  # (n, g, V)
+    ce = -logp_d.gather(-1, labels[..., None]).squeeze(-1)
+    l1 = (logp_d.exp() - p_t).abs().sum(-1)
+    acc = (1 - 0.5 * l1).clamp(0, 1).detach()
+    conf = drafter.confidence_logits(h, prev)
+    if conf is None:
+        return ce, l1, torch.zeros_like(ce), torch.full_like(ce, float("nan"))
+    bce = F.binary_cross_entropy_with_logits(conf.float(), acc, reduction="none")
+    return ce, l1, bce, torch.sigmoid(conf.float()).detach()
+
+
+def block_draft_loss(drafter, h: torch.Tensor, blocks, target_final: torch.Tensor, cfg: BlockLossConfig) -> dict:
+    """Loss and metrics of a block drafter.
+
+    Args:
+        h: (B, A, g, d) backbone output; blocks: ``drafters.blocks.Blocks``;
+        target_final: (B, S, d) target final-norm hidden states.
+    Returns: {"loss": scalar, "ce", "l1", "bce": weighted means (detached), "acc_sum"/"acc_count": (g,)
+        per-slot sums of analytic acceptance over supervised slots, "tau_sum"/"tau_count": expected tau
+        summed over blocks with a supervised slot, "conf_bias_sum"/"conf_abs_sum"}.
+    """
+    B, A, g, d = h.shape
+    S = target_final.shape[1]
+    valid = blocks.label_valid  # (B, A, g)
+    sel = valid.any(-1).flatten()  # blocks with at least one supervised slot
+    h_blocks = h.flatten(0, 1)[sel]  # (n, g, d)
+    prev = drafter.prev_tokens(blocks.input_ids, blocks.labels).flatten(0, 1)[sel]
+    labels = blocks.labels.flatten(0, 1)[sel]
+    pos = blocks.positions.clamp(max=S - 1)  # slot k's target distribution: hidden at anchor + k
+    tgt = torch.gather(target_final, 1, pos.flatten(1)[..., None].expand(-1, -1, d)).view(B, A, g, d).flatten(0, 1)[sel]
+    v = valid.flatten(0, 1)[sel].float()  # (n, g)
+    w = v * torch.exp(-torch.arange(g, device=h.device, dtype=torch.float32) / cfg.decay_gamma)
+
+    parts = []
+    for i in range(0, h_blocks.shape[0], cfg.chunk_blocks):
+        args = (h_blocks[i : i + cfg.chunk_blocks], prev[i : i + cfg.chunk_blocks], labels[i : i + cfg.chunk_blocks],
+                tgt[i : i + cfg.chunk_blocks])
+        parts.append(checkpoint(_chunk_terms, drafter, *args, use_reentrant=False) if torch.is_grad_enabled() else _chunk_terms(drafter, *args))
+    ce, l1, bce, conf = (torch.cat(t, 0) for t in zip(*parts)) if parts else (torch.zeros_like(w),) * 4
+    wsum = w.sum().clamp_min(1e-6)
+    ce_m, l1_m, bce_m = ((t * w).sum() / wsum for t in (ce, l1, bce))
+    has_conf = bool(conf.numel()) and not torch.isnan(conf).all()
+    loss = cfg.ce_weight * ce_m + cfg.l1_weight * l1_m + (cfg.confidence_weight * bce_m if has_conf else 0.0)
+
+    acc = (1 - 0.5 * l1.detach()).clamp(0, 1)  # analytic acceptance of each slot, given the previous accepted
+    survive = torch.cumprod(acc * v, dim=-1)  # P(slots 0..k all accepted)
+    metrics = {
+        "ce": ce_m.detach(), "l1": l1_m.detach(), "bce": bce_m.detach(),
+        "acc_sum": (acc * v).sum(0), "acc_count": v.sum(0),
+        "tau_sum": (1 + survive.sum(-1)).sum(), "tau_count": torch.tensor(float(v.shape[0]), device=h.device),
+    }
+    if has_conf:
+        metrics["conf_bias_sum"] = ((conf - acc) * v).sum()
+        metrics["conf_abs_sum"] = ((conf - acc).abs() * v).sum()
+    return {"loss": loss, **metrics}
+
+
+@dataclass
+class Eagle3LossConfig:
+    """Eagle3 training-time-test loss."""
+
+    step_loss_decay: float = 0.8
+    """Step k's soft cross-entropy is weighted decay**k."""
+    chunk_positions: int = 512
+    """Positions whose full-vocabulary logits exist at once."""
+
+
+def _soft_ce_terms(lm_head, h, target_h):
+    """h, target_h (n, d) -> soft CE -sum p_t log p_d, and L1 sum |p_d - p_t| (n,)."""
+    logp_d = torch.log_softmax(lm_head(h).float(), dim=-1)
+    p_t = torch.softmax(lm_head(target_h).float(), dim=-1)
+    return -(p_t * logp_d).sum(-1), (logp_d.exp() - p_t).abs().sum(-1)
+
+
+def eagle3_loss(drafter, h_steps: torch.Tensor, loss_mask: torch.Tensor, valid: torch.Tensor,
+                target_final: torch.Tensor, cfg: Eagle3LossConfig) -> dict:
+    """Soft CE against the target at every TTT step.
+
+    Args:
+        h_steps: (B, K, S, d) drafter output per step (step k at t predicts token t+2+k);
+        loss_mask, valid: (B, S); target_final: (B, S, d).
+    Returns {"loss", "ce" (step-0 soft CE), "acc_sum"/"acc_count" (K,), "tau_sum"/"tau_count"}.
+    """
+    B, K, S, d = h_steps.shape
+    t = torch.arange(S, device=h_steps.device)
+    total, acc_rows, ce0 = 0.0, [], None
+    base = valid.bool() & (t + 2 < S)[None]  # positions that are supervised at step 0 (before the label check)
+    for k in range(K):
+        label = t + 2 + k
+        ok = (label < S)[None] & torch.gather(loss_mask.bool(), 1, label.clamp(max=S - 1).expand(B, -1)) & valid.bool()
+        teacher_pos = (t + 1 + k).clamp(max=S - 1).expand(B, -1)
+        h, tgt = h_steps[:, k][ok], torch.gather(target_final, 1, teacher_pos[..., None].expand(-1, -1, d))[ok]  # (n, d)
+        parts = []
+        for i in range(0, h.shape[0], cfg.chunk_positions):
+            args = (drafter.lm_head, h[i : i + cfg.chunk_positions], tgt[i : i + cfg.chunk_positions])
+            parts.append(checkpoint(_soft_ce_terms, *args, use_reentrant=False) if torch.is_grad_enabled() else _soft_ce_terms(*args))
+        ce, l1 = (torch.cat(x) for x in zip(*parts)) if parts else (h.new_zeros(0), h.new_zeros(0))
+        mean_ce = ce.sum() / max(ce.numel(), 1)
+        total = total + cfg.step_loss_decay**k * mean_ce
+        ce0 = mean_ce.detach() if k == 0 else ce0
+        acc = torch.zeros(B, S, device=h_steps.device)
+        acc[ok] = (1 - 0.5 * l1.detach()).clamp(0, 1)
+        acc_rows.append((acc, ok))
+    acc = torch.stack([a for a, _ in acc_rows], -1)  # (B, S, K)
+    ok = torch.stack([o for _, o in acc_rows], -1).float()
+    rows = ok[..., 0].bool()  # positions supervised at step 0
+    survive = torch.cumprod(acc * ok, dim=-1)[rows]  # (n0, K)
+    return {"loss": total, "ce": ce0, "acc_sum": (acc * ok).sum((0, 1)), "acc_count": ok.sum((0, 1)),
+            "tau_sum": (1 + survive.sum(-1)).sum(), "tau_count": torch.tensor(float(survive.shape[0]), device=h_steps.device)}

@@ -1,0 +1,61 @@
+"""DeepSpeed wiring, in one place: the DeepSpeed config, AdamW over the trainable parameters, the
+warmup + cosine schedule, and ``deepspeed.initialize``. Model code never sees DeepSpeed.
+
+The optimizer is a torch AdamW handed to DeepSpeed (fused on CUDA), so the same code trains on the
+CPU (gloo, no DeepSpeed CUDA ops to build) and on GPUs.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from deepspec.config.train import TrainStageConfig
+
+
+def gradient_accumulation(cfg: TrainStageConfig, world: int) -> int:
+    per_step = cfg.micro_batch_size * world
+    if cfg.global_batch_size % per_step:
+        raise ValueError(f"global_batch_size={cfg.global_batch_size} is not a multiple of micro_batch_size x ranks = {per_step}")
+    return cfg.global_batch_size // per_step
+
+
+def deepspeed_config(cfg: TrainStageConfig, world: int) -> dict:
+    ds = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation(cfg, world),
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "bf16": {"enabled": cfg.deepspeed.precision == "bf16"},
+        "steps_per_print": 10**9,  # our logger prints
+        "wall_clock_breakdown": False,
+    }
+    for key, value in cfg.deepspeed.extra.items():
+        ds[key] = {**ds[key], **value} if isinstance(ds.get(key), dict) and isinstance(value, dict) else value
+    return ds
+
+
+def warmup_cosine(total_steps: int, warmup_ratio: float, min_ratio: float):
+    warmup = max(1, int(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_engine(model: torch.nn.Module, cfg: TrainStageConfig, total_steps: int, world: int):
+    """-> (DeepSpeed engine, lr scheduler). The scheduler steps with every optimizer step."""
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = torch.cuda.is_available()
+    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
+                            fused=fused or None)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total_steps, cfg.optim.warmup_ratio, cfg.optim.min_lr_ratio))
+    engine, _, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                               config=deepspeed_config(cfg, world))
+    return engine, sched

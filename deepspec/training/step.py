@@ -1,0 +1,41 @@
+"""One micro-batch: sample anchors (block drafters), run the drafter, compute its loss.
+
+``DrafterWithLoss`` is the module DeepSpeed wraps: its forward takes a padded batch and returns
+the loss with its metric sums, so the engine's hooks (ZeRO-3 gathering, bf16 casting) see every
+parameter use.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from deepspec.config.train import LossConfig
+from deepspec.drafters.blocks import make_blocks, sample_anchors
+from deepspec.losses import BlockLossConfig, Eagle3LossConfig, block_draft_loss, eagle3_loss
+
+
+class DrafterWithLoss(nn.Module):
+    def __init__(self, drafter: nn.Module, kind: str, loss: LossConfig):
+        super().__init__()
+        self.drafter, self.kind = drafter, kind
+        self.block_loss = BlockLossConfig(loss.ce_weight, loss.l1_weight, loss.confidence_weight, loss.decay_gamma, loss.chunk_blocks)
+        self.chain_loss = Eagle3LossConfig(getattr(drafter.cfg, "step_loss_decay", 0.8), loss.chunk_positions)
+
+    def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict:
+        """batch from ``training.data.collate`` (on the engine's device) -> {"loss", metric sums...}."""
+        d = self.drafter
+        dtype = d.fc.weight.dtype
+        hidden, final = batch["hidden"].to(dtype), batch["final_hidden"].to(dtype)
+        loss_mask = batch["loss_mask"] * batch["valid"]
+        if self.kind == "chain":
+            h = d(hidden, batch["input_ids"], batch["valid"])
+            return eagle3_loss(d, h, loss_mask, batch["valid"], final, self.chain_loss)
+        anchors, keep = sample_anchors(loss_mask, d.cfg.num_anchors, generator)
+        blocks = make_blocks(batch["input_ids"], loss_mask, anchors, keep, d.cfg.block_size, d.cfg.mask_token_id)
+        h = d(hidden, batch["valid"], blocks)
+        return block_draft_loss(d, h, blocks, final, self.block_loss)
+
+
+def anchor_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    """Anchor sampling depends only on (seed, step, micro-batch, rank): a resumed run samples the same anchors."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + micro) * 131 + rank)

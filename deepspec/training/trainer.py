@@ -1,0 +1,145 @@
+"""The trainer: builds the drafter, data, DeepSpeed engine, checkpoints and logger, then runs the
+loop. Each piece lives in its own module; this file only wires them and holds the loop.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from deepspec import distributed
+from deepspec.config.train import TrainStageConfig, drafter_config
+from deepspec.drafters import DRAFTERS
+from deepspec.target import load_frozen_embeddings, target_identity
+from deepspec.training.checkpoint import CheckpointManager
+from deepspec.training.data import DataPosition, EpochBatches, build_datasets, collate
+from deepspec.training.engine import build_engine, gradient_accumulation
+from deepspec.training.metrics_log import MetricSums, MetricsLogger
+from deepspec.training.step import DrafterWithLoss, anchor_generator
+
+log = logging.getLogger(__name__)
+
+
+def build_drafter(cfg: TrainStageConfig, device: torch.device) -> tuple[torch.nn.Module, str]:
+    """The drafter named by ``cfg.drafter`` over the target's frozen embedding and LM head."""
+    from transformers import AutoConfig
+
+    from deepspec.target import resolve_target_path
+
+    dcfg = drafter_config(dict(cfg.drafter))
+    dcfg.target_layer_ids = list(cfg.target.layer_ids)
+    if hasattr(dcfg, "mask_token_id"):
+        if cfg.target.mask_token_id is None:
+            raise ValueError("target.mask_token_id must be set for block drafters (an unused vocabulary id)")
+        dcfg.mask_token_id = cfg.target.mask_token_id
+    tc = AutoConfig.from_pretrained(resolve_target_path(cfg.target.name_or_path))
+    tc = getattr(tc, "text_config", None) or tc
+    embed, head = load_frozen_embeddings(cfg.target, device, torch.float32)
+    spec = DRAFTERS[cfg.drafter["name"]]
+    torch.manual_seed(cfg.seed)
+    return spec.model_class(dcfg, tc, embed, head).to(device), spec.kind
+
+
+class Trainer:
+    def __init__(self, cfg: TrainStageConfig):
+        distributed.init_process_group(single_process=True)
+        self.cfg = cfg
+        self.rank, self.world = distributed.rank_and_world()
+        self.run_dir = Path(cfg.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.identity = target_identity(cfg.target)
+        drafter, kind = build_drafter(cfg, device)
+        self.model = DrafterWithLoss(drafter, kind, cfg.loss)
+        self.train_set, self.val_set = build_datasets(cfg, self.identity, self.rank, self.world)
+        self.accum = gradient_accumulation(cfg, self.world)
+        self.total_steps = cfg.max_steps or max(1, math.floor(cfg.epochs * self._train_samples() / cfg.global_batch_size))
+        self.engine, self.scheduler = build_engine(self.model, cfg, self.total_steps, self.world)
+        self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, self.rank)
+        self.step, self.position, self.best_tau = 0, DataPosition(), -1.0
+        resume = self.ckpt.resolve(cfg.checkpoint.resume)
+        if resume is not None:
+            state = self.ckpt.load(self.engine, resume)
+            self.step, self.best_tau = state["step"], state["best_tau"]
+            self.position = DataPosition(**state["position"])
+        self.batches = EpochBatches(self.train_set, cfg.micro_batch_size, cfg.num_workers, self.position)
+        self.logger = MetricsLogger(cfg.logging, self.run_dir, self.rank, self.total_steps, self.step, asdict(cfg))
+        if self.rank == 0:
+            log.info("drafter %s: %.2fM trainable parameters; %d optimizer steps of %d samples (%d ranks x %d micro x %d accumulation)",
+                     cfg.drafter["name"], sum(p.numel() for p in drafter.parameters() if p.requires_grad) / 1e6,
+                     self.total_steps, cfg.global_batch_size, self.world, cfg.micro_batch_size, self.accum)
+
+    def _train_samples(self) -> int:
+        n = len(self.train_set)
+        return int(n * (1 - self.cfg.eval.val_fraction)) if not self.cfg.online else n
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.engine.device, non_blocking=True) for k, v in batch.items()}
+
+    def train_step(self) -> dict | None:
+        """One optimizer step = ``accum`` micro-batches. Returns reduced metrics on logging steps."""
+        sums = MetricSums()
+        tokens = 0
+        for micro in range(self.accum):
+            batch = self._to_device(next(self.batches))
+            out = self.engine(batch, anchor_generator(self.cfg.seed, self.step, micro, self.rank))
+            self.engine.backward(out["loss"])
+            self.engine.step()
+            sums.add(out)
+            tokens += int(batch["valid"].sum())
+        self.step += 1
+        logging_step = self.step % self.cfg.logging.every_steps == 0 or self.step == self.total_steps
+        metrics = None
+        if logging_step:
+            metrics = {**sums.reduce(), "lr": self.scheduler.get_last_lr()[0], "epoch": self.position.epoch}
+        self.logger.step(self.step, tokens * self.world, metrics)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Held-out metrics (expected tau from analytic acceptance) on the validation split."""
+        self.engine.eval()
+        sums, seen = MetricSums(), 0
+        for i, sample in enumerate(self.val_set):
+            if seen >= self.cfg.eval.max_samples // self.world:
+                break
+            out = self.engine(self._to_device(collate([sample])), anchor_generator(self.cfg.seed, -1, i, self.rank))
+            sums.add(out)
+            seen += 1
+        self.engine.train()
+        return sums.reduce() if seen or torch.distributed.is_initialized() else {}
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        last_eval: dict = {}
+        while self.step < self.total_steps:
+            self.train_step()
+            end = self.step == self.total_steps
+            if self.val_set is not None and ((cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0) or end):
+                last_eval = self.evaluate()
+                self.logger.eval(self.step, last_eval)
+                if last_eval.get("expected_tau", -1) > self.best_tau:
+                    self.best_tau = last_eval["expected_tau"]
+                    self.export(self.run_dir / "best")
+            if self.step % cfg.checkpoint.every_steps == 0 or end:
+                self.ckpt.save(self.engine, self.step, {"step": self.step, "best_tau": self.best_tau, "position": asdict(self.position)})
+        self.export(Path(cfg.export_dir) if cfg.export_dir else self.run_dir / "export")
+        self.logger.close()
+        result = {"step": self.step, "best_val_expected_tau": self.best_tau, "last_eval": last_eval}
+        if self.rank == 0:
+            (self.run_dir / "result.json").write_text(json.dumps(result, indent=1))
+        distributed.destroy_process_group()
+        return result
+
+    def export(self, out_dir: Path) -> None:
+        """Write the drafter in the serving layout (rank 0; ZeRO-3 weights gathered first)."""
+        from deepspec.export import export_drafter, gathered_state_dict
+
+        state = gathered_state_dict(self.engine)
+        if self.rank == 0:
+            export_drafter(self.model.drafter, out_dir, state_dict={k.removeprefix("drafter."): v for k, v in state.items()},
+                           target=self.cfg.target)
