@@ -43,7 +43,7 @@ def serving_config(drafter, name: str, include_frozen: bool, target: TargetConfi
     cfg = {k: v for k, v in tc.items() if k not in ("architectures", "auto_map", "_name_or_path", "transformers_version")}
     cfg["tie_word_embeddings"] = False
     if name == "eagle3":
-        cfg.update(architectures=["LlamaForCausalLMEagle3"], model_type="llama", num_hidden_layers=1,
+        cfg.update(architectures=["LlamaForCausalLMEagle3"], model_type="llama", num_hidden_layers=1, layer_types=["full_attention"],
                    draft_vocab_size=tc["vocab_size"], target_hidden_size=tc["hidden_size"],
                    eagle_config={"eagle_aux_hidden_state_layer_ids": list(c.target_layer_ids)})
     else:
@@ -101,8 +101,9 @@ def load_drafter(path: str | Path, target: TargetConfig | None = None, device: s
     spec = DRAFTERS[name]
     dcfg = spec.config_class(**fields)
     tconf_dict = {k: v for k, v in raw.items() if k != "deepspec"}
-    if name != "eagle3":
+    if name != "eagle3":  # the file's num_hidden_layers/layer_types are the drafter's; the target's shape is wanted here
         tconf_dict["num_hidden_layers"] = raw.get("num_target_layers", tconf_dict["num_hidden_layers"])
+    tconf_dict.pop("layer_types", None)
     tconf = AutoConfig.for_model(tconf_dict.pop("model_type", "qwen3"), **tconf_dict)
     state = load_file(path / "model.safetensors")
     if all(k in state for k in FROZEN):

@@ -30,7 +30,7 @@ def make_tiny_target(path: Path, hidden_size: int = 64, layers: int = 4, seed: i
     config = Qwen3Config(vocab_size=4096, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                          num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
                          max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=0, eos_token_id=2,
-                         pad_token_id=0)
+                         pad_token_id=0, initializer_range=0.1)  # peaked distributions, like a trained LM
     Qwen3ForCausalLM(config).save_pretrained(path)
     return path
 
@@ -65,7 +65,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-def data_config(target: Path, inputs: list[Path], out_dir: Path, **overrides):
+def data_config(target_dir: Path, inputs: list[Path], out_dir: Path, **overrides):
     """A validated DataStageConfig for tests (small shards, small batches, no progress bar)."""
     from deepspec.config import DataStageConfig, check
     from deepspec.config.data import CacheConfig, InputConfig, TargetConfig
@@ -73,7 +73,7 @@ def data_config(target: Path, inputs: list[Path], out_dir: Path, **overrides):
     cache = CacheConfig(**{"samples_per_shard": 8, "rows_per_row_group": 4, **overrides.pop("cache", {})})
     stage = {"max_length": 256, "min_loss_tokens": 4, "batch_size": 4, "progress": False, **overrides}
     cfg = DataStageConfig(out_dir=str(out_dir),
-                          target=TargetConfig(**{"name_or_path": str(target), "layer_ids": [-1, 1, 3], **stage.pop("target", {})}),
+                          target=TargetConfig(**{"name_or_path": str(target_dir), "layer_ids": [-1, 1, 3], **stage.pop("target", {})}),
                           input=InputConfig(**{"paths": [str(p) for p in inputs], **stage.pop("input", {})}),
                           cache=cache, **stage)
     check(cfg)

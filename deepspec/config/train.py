@@ -163,6 +163,8 @@ class TrainStageConfig:
     """Seed of weights init, data order and anchor sampling."""
     num_workers: int = 0
     """DataLoader workers per rank."""
+    shuffle_buffer: int = 64
+    """Samples mixed within a rank's stream (row groups are shuffled too); 1 = row-group order only."""
     export_dir: Optional[str] = None
     """Export the final drafter here (default: <run_dir>/export)."""
 

@@ -70,10 +70,20 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, backend: str
     ``BlockMask`` for ``flex``. Returns (B, H, Q, hd).
     """
     if backend == "flex":
+        return _flex(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+
+
+_FLEX = {}
+
+
+def _flex(compiled: bool):
+    """flex_attention, compiled into a fused kernel on CUDA; the eager (unfused) reference elsewhere."""
+    if compiled not in _FLEX:
         from torch.nn.attention.flex_attention import flex_attention
 
-        return flex_attention(q, k, v, block_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+        _FLEX[compiled] = torch.compile(flex_attention, dynamic=True) if compiled else flex_attention
+    return _FLEX[compiled]
 
 
 def flex_block_mask(mask_mod: Callable, batch: int, q_len: int, kv_len: int, device) -> object:

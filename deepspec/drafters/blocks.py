@@ -37,14 +37,20 @@ def anchor_candidates(loss_mask: torch.Tensor) -> torch.Tensor:
     return cand
 
 
-def sample_anchors(loss_mask: torch.Tensor, num_anchors: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_anchors(loss_mask: torch.Tensor, num_anchors: int, seeds: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Up to ``num_anchors`` candidates per sample, uniformly without replacement, sorted.
 
-    Returns anchors (B, A) and keep (B, A) with A = min(num_anchors, most candidates in a sample).
+    ``seeds`` (one per sample) make the draw a function of the sample alone, whatever batch,
+    rank or micro-step it lands in. Returns anchors (B, A) and keep (B, A) with
+    A = min(num_anchors, most candidates in a sample).
     """
     cand = anchor_candidates(loss_mask)
     B, S = cand.shape
-    keys = torch.rand(B, S, generator=generator, device="cpu").to(cand.device)
+    if seeds is None:
+        keys = torch.rand(B, S)
+    else:
+        keys = torch.stack([torch.rand(S, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    keys = keys.to(cand.device)
     keys = torch.where(cand, keys, torch.full_like(keys, 2.0))  # non-candidates sort last
     A = max(1, min(num_anchors, int(cand.sum(1).max())))
     picked = keys.topk(A, dim=1, largest=False).indices  # (B, A)

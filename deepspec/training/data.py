@@ -6,6 +6,7 @@ same padded batch (``collate``), so the train step cannot tell them apart.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -17,7 +18,8 @@ from deepspec.data.cache.reader import TargetCacheDataset
 
 
 def collate(samples: list[dict]) -> dict:
-    """Right-pad samples to the longest: input_ids/loss_mask/valid (B, S), hidden (B, S, L*d), final_hidden (B, S, d)."""
+    """Right-pad samples to the longest: input_ids/loss_mask/valid (B, S), hidden (B, S, L*d),
+    final_hidden (B, S, d), and sample_seed (B,) (a hash of the sample id, seeding its anchors)."""
     S = max(len(s["input_ids"]) for s in samples)
     B = len(samples)
     out = {
@@ -27,6 +29,7 @@ def collate(samples: list[dict]) -> dict:
         "hidden": torch.zeros(B, S, samples[0]["hidden"].shape[-1], dtype=samples[0]["hidden"].dtype),
         "final_hidden": torch.zeros(B, S, samples[0]["final_hidden"].shape[-1], dtype=samples[0]["final_hidden"].dtype),
     }
+    out["sample_seed"] = torch.tensor([int(hashlib.sha1(s["sample_id"].encode()).hexdigest()[:15], 16) for s in samples])
     for i, s in enumerate(samples):
         n = len(s["input_ids"])
         out["input_ids"][i, :n], out["loss_mask"][i, :n], out["valid"][i, :n] = s["input_ids"], s["loss_mask"], True
@@ -77,7 +80,8 @@ def build_datasets(cfg: TrainStageConfig, identity, rank: int, world: int) -> tu
 
         return OnlineTargetDataset(cfg, rank, world), None
     common = dict(target=identity, layer_ids=list(cfg.target.layer_ids), seed=cfg.seed, val_fraction=cfg.eval.val_fraction)
-    train = TargetCacheDataset(cfg.cache_dir, rank=rank, world_size=world, split="train" if cfg.eval.val_fraction else None, **common)
+    train = TargetCacheDataset(cfg.cache_dir, rank=rank, world_size=world, split="train" if cfg.eval.val_fraction else None,
+                               shuffle_buffer=cfg.shuffle_buffer, **common)
     val = None
     if cfg.eval.val_fraction > 0:
         val = TargetCacheDataset(cfg.cache_dir, rank=rank, world_size=world, split="val", shuffle=False, prefetch=0, **common)

@@ -21,8 +21,11 @@ class DrafterWithLoss(nn.Module):
         self.block_loss = BlockLossConfig(loss.ce_weight, loss.l1_weight, loss.confidence_weight, loss.decay_gamma, loss.chunk_blocks)
         self.chain_loss = Eagle3LossConfig(getattr(drafter.cfg, "step_loss_decay", 0.8), loss.chunk_positions)
 
-    def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict:
-        """batch from ``training.data.collate`` (on the engine's device) -> {"loss", metric sums...}."""
+    def forward(self, batch: dict, anchor_seed: int = 0) -> dict:
+        """batch from ``training.data.collate`` (on the engine's device) -> {"loss", metric sums...}.
+
+        Anchors of sample i are drawn with seed (anchor_seed, sample_seed[i]).
+        """
         d = self.drafter
         dtype = d.fc.weight.dtype
         hidden, final = batch["hidden"].to(dtype), batch["final_hidden"].to(dtype)
@@ -30,12 +33,14 @@ class DrafterWithLoss(nn.Module):
         if self.kind == "chain":
             h = d(hidden, batch["input_ids"], batch["valid"])
             return eagle3_loss(d, h, loss_mask, batch["valid"], final, self.chain_loss)
-        anchors, keep = sample_anchors(loss_mask, d.cfg.num_anchors, generator)
+        seeds = [(anchor_seed * 1_000_003 + int(s)) % 2**63 for s in batch["sample_seed"].tolist()]
+        anchors, keep = sample_anchors(loss_mask, d.cfg.num_anchors, seeds)
         blocks = make_blocks(batch["input_ids"], loss_mask, anchors, keep, d.cfg.block_size, d.cfg.mask_token_id)
         h = d(hidden, batch["valid"], blocks)
         return block_draft_loss(d, h, blocks, final, self.block_loss)
 
 
-def anchor_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
-    """Anchor sampling depends only on (seed, step, micro-batch, rank): a resumed run samples the same anchors."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + micro) * 131 + rank)
+def anchor_seed(seed: int, step: int) -> int:
+    """Anchors depend on (seed, optimizer step, sample): a resumed run, or one with another number of
+    ranks, samples the same anchors for the same sample at the same step."""
+    return seed * 1_000_003 + step

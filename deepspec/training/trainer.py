@@ -19,7 +19,7 @@ from deepspec.training.checkpoint import CheckpointManager
 from deepspec.training.data import DataPosition, EpochBatches, build_datasets, collate
 from deepspec.training.engine import build_engine, gradient_accumulation
 from deepspec.training.metrics_log import MetricSums, MetricsLogger
-from deepspec.training.step import DrafterWithLoss, anchor_generator
+from deepspec.training.step import DrafterWithLoss, anchor_seed
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class Trainer:
         tokens = 0
         for micro in range(self.accum):
             batch = self._to_device(next(self.batches))
-            out = self.engine(batch, anchor_generator(self.cfg.seed, self.step, micro, self.rank))
+            out = self.engine(batch, anchor_seed(self.cfg.seed, self.step))
             self.engine.backward(out["loss"])
             self.engine.step()
             sums.add(out)
@@ -107,7 +107,7 @@ class Trainer:
         for i, sample in enumerate(self.val_set):
             if seen >= self.cfg.eval.max_samples // self.world:
                 break
-            out = self.engine(self._to_device(collate([sample])), anchor_generator(self.cfg.seed, -1, i, self.rank))
+            out = self.engine(self._to_device(collate([sample])), anchor_seed(self.cfg.seed, -1))
             sums.add(out)
             seen += 1
         self.engine.train()
