@@ -17,7 +17,7 @@ Outputs (defaults):
                                      chat template, README.md (the model card), train_log.json
   deepspec/assets/toy_prompts/       train.jsonl (conversations) and heldout.jsonl (turns layout)
 
-Usage:  python scripts/make_toy_target.py [--steps 3000] [--threads 2]
+Usage:  python scripts/make_toy_target.py [--steps 1800] [--threads 2]
 """
 from __future__ import annotations
 
@@ -110,7 +110,10 @@ def render_chat(conversations: list[dict]) -> str:
 # ----------------------------------------------------------------------------- tokenizer
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Newlines are tokens of their own: otherwise "\n" merges with the next line's indentation, and a
+    # prompt ending in "<|im_start|>assistant\n" stops at a token boundary never seen in training.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
@@ -190,13 +193,13 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=1800)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--chat-repeats", type=int, default=3, help="chat samples are seen this many times per raw-text pass")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--eval-every", type=int, default=450)
     ap.add_argument("--bench", action="store_true", help="time 10 steps and exit")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

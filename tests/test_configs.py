@@ -158,3 +158,48 @@ def test_unknown_key_rejected_by_to_dataclass():
 def test_appended_unknown_key_rejected(override):
     with pytest.raises((ConfigKeyError, ConfigCompositionException, ConfigError)):
         to_dataclass(_compose([override, INPUT]), DataStageConfig)
+
+
+# ----------------------------------------------------------------------------- train stage
+DRAFTER_PRESETS = sorted(p.stem for p in (CONFIG_DIR / "drafter").glob("*.yaml"))
+
+
+def _compose_train(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return compose("train", overrides=overrides)
+
+
+def test_every_yaml_in_configs_is_covered_by_a_test():
+    covered = ({f"target/{n}" for n in TARGET_PRESETS} | {f"cache/{n}" for n in CACHE_PRESETS}
+               | {f"drafter/{n}" for n in DRAFTER_PRESETS} | {"data", "train"})
+    on_disk = {str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml")
+               if "hydra" not in p.parts}
+    assert on_disk <= covered, on_disk - covered
+
+
+@pytest.mark.parametrize("name", DRAFTER_PRESETS)
+def test_drafter_preset_composes_into_a_valid_drafter_config(name):
+    from deepspec.config import TrainStageConfig
+    from deepspec.config.train import drafter_config
+
+    obj = to_dataclass(_compose_train([f"drafter={name}", "cache_dir=somewhere"]), TrainStageConfig)
+    dcfg = drafter_config(obj.drafter)
+    values = yaml.safe_load((CONFIG_DIR / "drafter" / f"{name}.yaml").read_text())["drafter"]
+    assert obj.drafter["name"] == values["name"] == name.removesuffix("_debug")
+    for key, value in values.items():
+        if key != "name":
+            assert getattr(dcfg, key) == value, (name, key)
+
+
+def test_train_config_errors_name_the_key():
+    from deepspec.config import TrainStageConfig
+    from deepspec.config.train import drafter_config
+
+    with pytest.raises(ConfigError, match=r"cache_dir is required"):
+        to_dataclass(_compose_train([]), TrainStageConfig)
+    with pytest.raises(ConfigError, match=r"deepspeed\.zero_stage=5"):
+        to_dataclass(_compose_train(["cache_dir=x", "deepspeed.zero_stage=5"]), TrainStageConfig)
+    with pytest.raises(ConfigError, match=r"global_batch_size=3 is not a multiple of micro_batch_size=2"):
+        to_dataclass(_compose_train(["cache_dir=x", "global_batch_size=3", "micro_batch_size=2"]), TrainStageConfig)
+    with pytest.raises(ValueError, match=r"drafter\.markov_rnk"):
+        drafter_config({"name": "dspark", "markov_rnk": 3})

@@ -169,12 +169,16 @@ def build_shard(cfg: DataStageConfig, plan: dict, index: int, samples: list[Samp
                 target: TargetModel, tokenizer, out_dir: Path, bar: tqdm | None) -> None:
     regen_failed = 0
     if cfg.regenerate.enabled:
+        if bar is not None:
+            bar.set_description(f"shard {index}: regenerating answers")
         (out_dir / "regenerated").mkdir(exist_ok=True)
         gen = (HFAnswerGenerator(target.model, tokenizer, cfg.regenerate) if cfg.regenerate.backend == "hf"
                else OpenAIAnswerGenerator(cfg.regenerate, cfg.regenerate.server_model or cfg.target.name_or_path))
         samples, regen_failed = regenerate_samples(
             samples, gen, out_dir / "regenerated" / f"shard-{index:06d}.jsonl", cfg.regenerate.batch_size,
             seed=cfg.regenerate.seed * 1_000_003 + index * 10_007)
+    if bar is not None:
+        bar.set_description(f"shard {index}: target forward")
     rendered, dropped = [], 0
     for s in samples:
         r = render_sample(tokenizer, s, cfg.max_length)

@@ -44,6 +44,20 @@ def build_drafter(cfg: TrainStageConfig, device: torch.device) -> tuple[torch.nn
     return spec.model_class(dcfg, tc, embed, head).to(device), spec.kind
 
 
+def write_run_info(run_dir: Path, cfg: TrainStageConfig, world: int, resumed_from: Path | None) -> None:
+    """run_info.json: resolved config, git SHA, Slurm job id, world size, what was resumed."""
+    import os
+    import subprocess
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        sha = ""
+    info = {"config": asdict(cfg), "git_sha": sha or None, "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "world_size": world, "resumed_from": str(resumed_from) if resumed_from else None}
+    (run_dir / "run_info.json").write_text(json.dumps(info, indent=1, default=str))
+
+
 class Trainer:
     def __init__(self, cfg: TrainStageConfig):
         distributed.init_process_group(single_process=True)
@@ -69,6 +83,7 @@ class Trainer:
         self.batches = EpochBatches(self.train_set, cfg.micro_batch_size, cfg.num_workers, self.position)
         self.logger = MetricsLogger(cfg.logging, self.run_dir, self.rank, self.total_steps, self.step, asdict(cfg))
         if self.rank == 0:
+            write_run_info(self.run_dir, cfg, self.world, resume)
             log.info("drafter %s: %.2fM trainable parameters; %d optimizer steps of %d samples (%d ranks x %d micro x %d accumulation)",
                      cfg.drafter["name"], sum(p.numel() for p in drafter.parameters() if p.requires_grad) / 1e6,
                      self.total_steps, cfg.global_batch_size, self.world, cfg.micro_batch_size, self.accum)
