@@ -8,33 +8,17 @@ Block drafters (DSpark, DFlash), per supervised block slot k (weights w_k = exp(
     loss = (a_ce CE + a_l1 L1 + a_conf BCE) summed with weights w_k, divided by sum w_k
 
 p_t at slot k comes from the target's final hidden state at position anchor+k through the frozen
-LM head. Memory: the (blocks, g, V) logits exist for ``chunk_blocks`` blocks at a time and are
+LM head. Weights and chunk sizes: ``deepspec.config.train.LossConfig``. Memory: the (blocks, g, V) logits exist for ``chunk_blocks`` blocks at a time and are
 recomputed in backward (activation checkpointing per chunk), so peak memory does not grow with
 num_anchors x block_size x vocab.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-
-@dataclass
-class BlockLossConfig:
-    """Weights of the block-drafter loss terms."""
-
-    ce_weight: float = 0.1
-    """Weight of the cross-entropy against the ground-truth token."""
-    l1_weight: float = 0.9
-    """Weight of sum |p_d - p_t| (total variation x 2)."""
-    confidence_weight: float = 1.0
-    """Weight of the confidence BCE (ignored by drafters without a confidence head)."""
-    decay_gamma: float = 4.0
-    """Slot k is weighted exp(-k / decay_gamma)."""
-    chunk_blocks: int = 32
-    """Blocks whose full-vocabulary logits exist at once (the memory knob)."""
+from deepspec.config.train import LossConfig
 
 
 def _chunk_terms(drafter, h, prev, labels, target_h):
@@ -51,7 +35,7 @@ def _chunk_terms(drafter, h, prev, labels, target_h):
     return ce, l1, bce, torch.sigmoid(conf.float()).detach()
 
 
-def block_draft_loss(drafter, h: torch.Tensor, blocks, target_final: torch.Tensor, cfg: BlockLossConfig) -> dict:
+def block_draft_loss(drafter, h: torch.Tensor, blocks, target_final: torch.Tensor, cfg: LossConfig) -> dict:
     """Loss and metrics of a block drafter.
 
     Args:
@@ -97,16 +81,6 @@ def block_draft_loss(drafter, h: torch.Tensor, blocks, target_final: torch.Tenso
     return {"loss": loss, **metrics}
 
 
-@dataclass
-class Eagle3LossConfig:
-    """Eagle3 training-time-test loss."""
-
-    step_loss_decay: float = 0.8
-    """Step k's soft cross-entropy is weighted decay**k."""
-    chunk_positions: int = 512
-    """Positions whose full-vocabulary logits exist at once."""
-
-
 def _soft_ce_terms(lm_head, h, target_h):
     """h, target_h (n, d) -> soft CE -sum p_t log p_d, and L1 sum |p_d - p_t| (n,)."""
     logp_d = torch.log_softmax(lm_head(h).float(), dim=-1)
@@ -115,8 +89,8 @@ def _soft_ce_terms(lm_head, h, target_h):
 
 
 def eagle3_loss(drafter, h_steps: torch.Tensor, loss_mask: torch.Tensor, valid: torch.Tensor,
-                target_final: torch.Tensor, cfg: Eagle3LossConfig) -> dict:
-    """Soft CE against the target at every TTT step.
+                target_final: torch.Tensor, cfg: LossConfig, step_decay: float = 0.8) -> dict:
+    """Soft CE against the target at every TTT step, step k weighted ``step_decay**k``.
 
     Args:
         h_steps: (B, K, S, d) drafter output per step (step k at t predicts token t+2+k);
@@ -138,7 +112,7 @@ def eagle3_loss(drafter, h_steps: torch.Tensor, loss_mask: torch.Tensor, valid: 
             parts.append(checkpoint(_soft_ce_terms, *args, use_reentrant=False) if torch.is_grad_enabled() else _soft_ce_terms(*args))
         ce, l1 = (torch.cat(x) for x in zip(*parts)) if parts else (h.new_zeros(0), h.new_zeros(0))
         mean_ce = ce.sum() / max(ce.numel(), 1)
-        total = total + cfg.step_loss_decay**k * mean_ce
+        total = total + step_decay**k * mean_ce
         ce0 = mean_ce.detach() if k == 0 else ce0
         acc = torch.zeros(B, S, device=h_steps.device)
         acc[ok] = (1 - 0.5 * l1.detach()).clamp(0, 1)

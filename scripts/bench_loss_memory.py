@@ -28,7 +28,8 @@ def one(naive: bool, anchors: int, hidden: int, block: int, chunk: int) -> dict:
 
     from deepspec.drafters.blocks import make_blocks, sample_anchors
     from deepspec.drafters.dspark import DSparkConfig, DSparkDrafter
-    from deepspec.losses import BlockLossConfig, block_draft_loss
+    from deepspec.config.train import LossConfig
+    from deepspec.losses import block_draft_loss
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -52,7 +53,7 @@ def one(naive: bool, anchors: int, hidden: int, block: int, chunk: int) -> dict:
         base = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()  # resident now
     t = time.perf_counter()
     h = model(hidden_in, torch.ones(1, S, dtype=torch.bool, device=dev), blocks)
-    cfg = BlockLossConfig(chunk_blocks=10**9 if naive else chunk)
+    cfg = LossConfig(chunk_blocks=10**9 if naive else chunk)
     out = block_draft_loss(model, h, blocks, final, cfg)
     out["loss"].backward()
     if dev.type == "cuda":

@@ -7,12 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deepspec.losses import BlockLossConfig, Eagle3LossConfig, block_draft_loss, eagle3_loss
+from deepspec.config.train import LossConfig
+from deepspec.losses import block_draft_loss, eagle3_loss
 from test_drafters import MASK_ID, batch, make, parts  # noqa: F401  (fixture re-used)
 from deepspec.drafters.blocks import make_blocks, sample_anchors
 
 
-def reference_block_loss(model, h, blocks, target_final, cfg: BlockLossConfig):
+def reference_block_loss(model, h, blocks, target_final, cfg: LossConfig):
     """Slot by slot, straight from the definitions in dspark.md."""
     B, A, g, _ = h.shape
     num = {"ce": 0.0, "l1": 0.0, "bce": 0.0}
@@ -49,7 +50,7 @@ def test_block_loss_matches_direct_computation_and_its_gradients(parts, kind, ch
     target_final = torch.randn(2, 30, 64, generator=torch.Generator().manual_seed(5)) * 0.3
     anchors, keep = sample_anchors(loss_mask, model.cfg.num_anchors, [1, 2])
     blocks = make_blocks(ids, loss_mask, anchors, keep, model.cfg.block_size, MASK_ID)
-    cfg = BlockLossConfig(chunk_blocks=chunk)
+    cfg = LossConfig(chunk_blocks=chunk)
     h = model(hidden, valid, blocks)
     out = block_draft_loss(model, h, blocks, target_final, cfg)
     grads = torch.autograd.grad(out["loss"], [p for p in model.parameters() if p.requires_grad], allow_unused=True)
@@ -71,7 +72,7 @@ def test_block_metrics_are_analytic_acceptance(parts):
     anchors, keep = sample_anchors(loss_mask, 6, [1, 2])
     blocks = make_blocks(ids, loss_mask, anchors, keep, 4, MASK_ID)
     with torch.no_grad():
-        out = block_draft_loss(model, model(hidden, valid, blocks), blocks, target_final, BlockLossConfig())
+        out = block_draft_loss(model, model(hidden, valid, blocks), blocks, target_final, LossConfig())
     v = blocks.label_valid.flatten(0, 1)
     assert torch.equal(out["acc_count"], v.sum(0).float())
     rows = v.any(-1)
@@ -84,8 +85,8 @@ def test_eagle3_loss_matches_direct_computation(parts):
     ids, loss_mask, valid, hidden = batch()
     target_final = torch.randn(2, 30, 64) * 0.3
     h = model(hidden, ids, valid)
-    cfg = Eagle3LossConfig(chunk_positions=7)
-    out = eagle3_loss(model, h, loss_mask * valid, valid, target_final, cfg)
+    cfg = LossConfig(chunk_positions=7)
+    out = eagle3_loss(model, h, loss_mask * valid, valid, target_final, cfg, step_decay=0.8)
     total = 0.0
     B, K, S, _ = h.shape
     for k in range(K):

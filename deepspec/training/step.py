@@ -11,15 +11,13 @@ from torch import nn
 
 from deepspec.config.train import LossConfig
 from deepspec.drafters.blocks import make_blocks, sample_anchors
-from deepspec.losses import BlockLossConfig, Eagle3LossConfig, block_draft_loss, eagle3_loss
+from deepspec.losses import block_draft_loss, eagle3_loss
 
 
 class DrafterWithLoss(nn.Module):
     def __init__(self, drafter: nn.Module, kind: str, loss: LossConfig):
         super().__init__()
-        self.drafter, self.kind = drafter, kind
-        self.block_loss = BlockLossConfig(loss.ce_weight, loss.l1_weight, loss.confidence_weight, loss.decay_gamma, loss.chunk_blocks)
-        self.chain_loss = Eagle3LossConfig(getattr(drafter.cfg, "step_loss_decay", 0.8), loss.chunk_positions)
+        self.drafter, self.kind, self.loss_cfg = drafter, kind, loss
 
     def forward(self, batch: dict, anchor_seed: int = 0) -> dict:
         """batch from ``training.data.collate`` (on the engine's device) -> {"loss", metric sums...}.
@@ -32,12 +30,12 @@ class DrafterWithLoss(nn.Module):
         loss_mask = batch["loss_mask"] * batch["valid"]
         if self.kind == "chain":
             h = d(hidden, batch["input_ids"], batch["valid"])
-            return eagle3_loss(d, h, loss_mask, batch["valid"], final, self.chain_loss)
+            return eagle3_loss(d, h, loss_mask, batch["valid"], final, self.loss_cfg, d.cfg.step_loss_decay)
         seeds = [(anchor_seed * 1_000_003 + int(s)) % 2**63 for s in batch["sample_seed"].tolist()]
         anchors, keep = sample_anchors(loss_mask, d.cfg.num_anchors, seeds)
         blocks = make_blocks(batch["input_ids"], loss_mask, anchors, keep, d.cfg.block_size, d.cfg.mask_token_id)
         h = d(hidden, batch["valid"], blocks)
-        return block_draft_loss(d, h, blocks, final, self.block_loss)
+        return block_draft_loss(d, h, blocks, final, self.loss_cfg)
 
 
 def anchor_seed(seed: int, step: int) -> int:
