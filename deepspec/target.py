@@ -182,17 +182,20 @@ class TargetModel(nn.Module):
         return self.model.get_input_embeddings()
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the decoder (no LM head).
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                past_key_values=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the decoder (no LM head), optionally continuing an HF KV cache.
 
         Args:
-            input_ids: (B, S) token ids; attention_mask: (B, S) 1 for real tokens (right padding).
+            input_ids: (B, S) token ids; attention_mask: (B, S) 1 for real tokens (right padding);
+            past_key_values: an HF ``Cache`` holding the earlier positions (extended in place).
         Returns:
             layer_hidden: (B, S, L*d) the configured layers' outputs concatenated in ``layer_ids`` order.
             final_hidden: (B, S, d) the final-norm hidden state (logits = lm_head(final_hidden)).
         """
         self._captured.clear()
-        self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        self.decoder(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
+                     use_cache=past_key_values is not None)
         layer_hidden = torch.cat([self._captured[i] for i in self.layer_ids], dim=-1)  # (B, S, L*d)
         final_hidden = self._captured["final"]  # (B, S, d)
         self._captured.clear()

@@ -1,0 +1,83 @@
+"""Sampling transforms and the verification rule of speculative decoding (PyTorch reference).
+
+Both sides of the acceptance ratio go through the same ``SamplingConfig.probs`` (temperature,
+top-k, top-p) in fp32. ``verify_block`` is the lossless rule of Leviathan et al. / Chen et al.:
+
+    for k = 1..g:  accept d_k with probability min(1, p_k(d_k) / q_k(d_k))
+                   on rejection: emit a token from norm(max(0, p_k - q_k)) and stop
+    all accepted:  emit a bonus token from p_{g+1}
+
+Greedy (temperature 0) reduces to: accept while d_k = argmax p_k, then emit argmax p at the
+first mismatch (or the bonus position). Either way the emitted sequence is distributed exactly
+like the target's own sampling.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0
+    """0 = greedy."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0 = off)."""
+    top_p: float = 1.0
+    """Keep the smallest set with this much probability (1 = off)."""
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """(..., V) logits -> fp32 probabilities after temperature, top-k and top-p."""
+        logits = logits.float()
+        if self.greedy:
+            return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+        logits = logits / self.temperature
+        if self.top_k:
+            kth = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if self.top_p < 1.0:
+            sorted_p, idx = probs.sort(dim=-1, descending=True)
+            drop = sorted_p.cumsum(-1) - sorted_p >= self.top_p  # keep the first token that crosses top_p
+            probs = probs.scatter(-1, idx, sorted_p.masked_fill(drop, 0.0))
+            probs = probs / probs.sum(-1, keepdim=True)
+        return probs
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """(..., V) -> (...) token ids."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+
+
+def verify_block(draft: torch.Tensor, q: torch.Tensor | None, p: torch.Tensor, generator: torch.Generator | None,
+                 greedy: bool) -> tuple[int, int]:
+    """Accept a prefix of the drafts and pick the next token.
+
+    Args:
+        draft: (g,) drafted tokens; q: (g, V) their draft probabilities (None when greedy);
+        p: (g+1, V) target probabilities at [anchor, d_1, ..., d_g].
+    Returns: (number of drafts accepted m, the token emitted after them).
+    """
+    g = draft.shape[0]
+    if greedy:
+        target = p.argmax(-1)  # (g+1,)
+        match = (target[:g] == draft).int().cumprod(0)
+        m = int(match.sum())  # host sync: the round's length decides what comes next
+        return m, int(target[m])
+    u = torch.rand(g, generator=generator, device="cpu").to(p.device)
+    ratio = p[torch.arange(g), draft] / q[torch.arange(g), draft].clamp_min(1e-30)
+    accepted = (u < ratio.clamp(max=1.0)).int().cumprod(0)
+    m = int(accepted.sum())
+    if m == g:
+        return m, int(sample(p[g], generator))
+    residual = (p[m] - q[m]).clamp_min(0)
+    total = residual.sum()
+    # p == q makes the residual empty; then rejection had probability 0, but guard the rounding.
+    residual = residual / total if total > 0 else p[m]
+    return m, int(sample(residual, generator))

@@ -1,0 +1,150 @@
+"""Speculative decoding is lossless: greedy output = plain greedy output, sampled output is
+distributed like the target's (chi-square, with a mutated acceptance rule that must fail)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from conftest import TOY_PROMPTS
+from deepspec.config.data import TargetConfig
+from deepspec.config.train import TrainStageConfig
+from deepspec.decoding.speculative import autoregressive_generate, make_session, speculative_generate
+from deepspec.decoding.verify import SamplingConfig, sample, verify_block
+from deepspec.target import TargetModel, load_tokenizer
+from deepspec.training.trainer import build_drafter
+
+TOY = TargetConfig(name_or_path="toy", layer_ids=[0, 2, 4], mask_token_id=3)
+DRAFTERS = {"dspark": {"name": "dspark", "block_size": 5, "num_hidden_layers": 1, "markov_rank": 16},
+            "dflash": {"name": "dflash", "block_size": 5, "num_hidden_layers": 1},
+            "eagle3": {"name": "eagle3", "ttt_steps": 4}}
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return TargetModel.from_config(TOY), load_tokenizer(TOY)
+
+
+def prompts(tok, n: int) -> list[torch.Tensor]:
+    rows = [json.loads(l) for l in (TOY_PROMPTS / "heldout.jsonl").read_text().splitlines()[:n]]
+    return [tok(tok.apply_chat_template([{"role": "user", "content": r["turns"][0]}], tokenize=False, add_generation_prompt=True),
+                add_special_tokens=False, return_tensors="pt").input_ids[0] for r in rows]
+
+
+@pytest.mark.parametrize("name", ["dspark", "dflash", "eagle3"])
+def test_greedy_speculative_equals_plain_greedy(toy, name):
+    target, tok = toy
+    drafter, _ = build_drafter(TrainStageConfig(target=TOY, drafter=DRAFTERS[name], cache_dir="x"), torch.device("cpu"))
+    greedy = SamplingConfig(temperature=0)
+    for ids in prompts(tok, 4):
+        ref = autoregressive_generate(target, ids, 48, greedy, eos_token_id=tok.eos_token_id)
+        got = speculative_generate(target, make_session(drafter.eval()), ids, 48, greedy, eos_token_id=tok.eos_token_id)
+        assert got.tokens == ref.tokens
+
+
+class ReplaySession:
+    """A drafter that proposes a fixed continuation (the target's own), corrupted at chosen offsets:
+    exercises always-accept, never-accept and sometimes-accept rounds of the real loop."""
+
+    def __init__(self, continuation: list[int], g: int, corrupt: set[int]):
+        self.cont, self.g, self.corrupt, self.emitted = continuation, g, corrupt, 0
+
+    def extend(self, features, tokens):
+        self.emitted += len(tokens)
+
+    def draft(self, anchor, sampling, generator):
+        start = self.emitted - self.prompt_len + 1  # index of the token after the anchor
+        out = []
+        for i in range(start, start + self.g):
+            tok = self.cont[i] if i < len(self.cont) else 0
+            out.append((tok + 1) % 4096 if i in self.corrupt else tok)
+        return torch.tensor(out), None
+
+
+@pytest.mark.parametrize("corrupt,expected_tau", [(set(), 5.0), (set(range(100)), 1.0), ({3, 11, 12, 25}, None)])
+def test_greedy_loop_with_always_never_sometimes_accepting_drafters(toy, corrupt, expected_tau):
+    target, tok = toy
+    greedy = SamplingConfig(temperature=0)
+    ids = prompts(tok, 1)[0]
+    ref = autoregressive_generate(target, ids, 40, greedy).tokens
+    session = ReplaySession(ref, g=4, corrupt=corrupt)
+    session.prompt_len = len(ids)
+    got = speculative_generate(target, session, ids, 40, greedy)
+    assert got.tokens == ref
+    if expected_tau is not None:
+        full_rounds = got.accepted_per_round[:-1]  # the last round may be cut by max_new_tokens
+        assert sum(m + 1 for m in full_rounds) / len(full_rounds) == expected_tau
+    else:
+        assert 1.0 < got.tau < 5.0
+
+
+# ----------------------------------------------------------------------------- sampling
+def _first_token_counts(rule, p, q, trials: int, seed: int = 0) -> torch.Tensor:
+    """Emit the first token of a round ``trials`` times with ``rule``; count tokens."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.zeros(p.shape[-1])
+    for _ in range(trials):
+        drafts = sample(q, g)  # (g,)
+        m, nxt = rule(drafts, q, p, g, False)
+        counts[int(drafts[0]) if m >= 1 else nxt] += 1
+    return counts
+
+
+def _mutated_rule(draft, q, p, generator, greedy):
+    """verify_block with one line altered: the correction is drawn from p instead of the residual."""
+    gl = draft.shape[0]
+    u = torch.rand(gl, generator=generator)
+    ratio = p[torch.arange(gl), draft] / q[torch.arange(gl), draft]
+    m = int((u < ratio.clamp(max=1)).int().cumprod(0).sum())
+    if m == gl:
+        return m, int(sample(p[gl], generator))
+    return m, int(sample(p[m], generator))
+
+
+def test_rejection_sampling_emits_the_target_distribution():
+    torch.manual_seed(0)
+    V, g = 6, 3
+    p = torch.softmax(torch.randn(g + 1, V) * 1.5, -1)
+    q = torch.softmax(torch.randn(g, V) * 1.5, -1)
+    n = 6000
+    expected = (p[0] * n).numpy()
+    good = _first_token_counts(verify_block, p, q, n).numpy()
+    assert chisquare(good, expected).pvalue > 1e-3
+    bad = _first_token_counts(_mutated_rule, p, q, n).numpy()
+    assert chisquare(bad, expected).pvalue < 1e-6  # the test has the power to see a one-line change
+
+
+@pytest.mark.slow
+def test_sampled_speculative_output_matches_target_on_a_tiny_vocabulary(tmp_path):
+    """End to end through the real loop: joint law of the first two tokens, speculative vs plain."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    V = 6
+    cfg = Qwen3Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=16, initializer_range=0.5, tie_word_embeddings=True)
+    Qwen3ForCausalLM(cfg).save_pretrained(tmp_path)
+    tcfg = TargetConfig(name_or_path=str(tmp_path), layer_ids=[0, 1], mask_token_id=5)
+    target = TargetModel.from_config(tcfg)
+    drafter, _ = build_drafter(TrainStageConfig(target=tcfg, drafter={"name": "dspark", "block_size": 3, "num_hidden_layers": 1,
+                                                                      "markov_rank": 4}, cache_dir="x"), torch.device("cpu"))
+    for p_ in drafter.parameters():  # a drafter that is neither uniform nor the target
+        if p_.requires_grad:
+            p_.data.normal_(0, 0.5)
+    sampling = SamplingConfig(temperature=1.0)
+    prompt = torch.tensor([1, 2, 3])
+    n = 1500
+    g = torch.Generator().manual_seed(1)
+    plain, spec = torch.zeros(V * V), torch.zeros(V * V)
+    for _ in range(n):
+        a = autoregressive_generate(target, prompt, 2, sampling, generator=g).tokens
+        b = speculative_generate(target, make_session(drafter.eval()), prompt, 2, sampling, generator=g).tokens
+        plain[a[0] * V + a[1]] += 1
+        spec[b[0] * V + b[1]] += 1
+    keep = (plain + spec) >= 10  # pool rare cells
+    table = torch.stack([plain[keep], spec[keep]])
+    from scipy.stats import chi2_contingency
+
+    assert chi2_contingency(table.numpy()).pvalue > 1e-3
