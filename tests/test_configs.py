@@ -171,7 +171,7 @@ def _compose_train(overrides: list[str]):
 
 def test_every_yaml_in_configs_is_covered_by_a_test():
     covered = ({f"target/{n}" for n in TARGET_PRESETS} | {f"cache/{n}" for n in CACHE_PRESETS}
-               | {f"drafter/{n}" for n in DRAFTER_PRESETS} | {"data", "train"})
+               | {f"drafter/{n}" for n in DRAFTER_PRESETS} | {"data", "train", "eval"})
     on_disk = {str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml")
                if "hydra" not in p.parts}
     assert on_disk <= covered, on_disk - covered
@@ -203,3 +203,15 @@ def test_train_config_errors_name_the_key():
         to_dataclass(_compose_train(["cache_dir=x", "global_batch_size=3", "micro_batch_size=2"]), TrainStageConfig)
     with pytest.raises(ValueError, match=r"drafter\.markov_rnk"):
         drafter_config({"name": "dspark", "markov_rnk": 3})
+
+
+def test_eval_config_composes_and_requires_a_drafter():
+    from deepspec.config import EvalStageConfig
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = compose("eval", overrides=["drafter_path=some/export"])
+        bad = compose("eval", overrides=["temperature=-1"])
+    obj = to_dataclass(cfg, EvalStageConfig)
+    assert obj.temperature == 1.0 and [d.name for d in obj.datasets] == ["toy_heldout", "humaneval"]
+    with pytest.raises(ConfigError, match=r"drafter_path is required[\s\S]*temperature=-1"):
+        to_dataclass(bad, EvalStageConfig)

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from deepspec.config.base import ConfigError, check
 from deepspec.config.data import CacheConfig, DataStageConfig, InputConfig, RegenerateConfig, TargetConfig
+from deepspec.config.eval import EvalStageConfig
 from deepspec.config.train import TrainStageConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -23,6 +24,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="data_schema", node=DataStageConfig)
     cs.store(name="train_schema", node=TrainStageConfig)
+    cs.store(name="eval_schema", node=EvalStageConfig)
     cs.store(group="target", name="target_schema", node=TargetConfig)
     cs.store(group="cache", name="cache_schema", node=CacheConfig)
 
@@ -38,6 +40,6 @@ def to_dataclass(cfg: DictConfig, schema: type):
 
 
 __all__ = [
-    "CONFIG_DIR", "CacheConfig", "ConfigError", "DataStageConfig", "InputConfig", "RegenerateConfig",
+    "CONFIG_DIR", "CacheConfig", "EvalStageConfig", "ConfigError", "DataStageConfig", "InputConfig", "RegenerateConfig",
     "TargetConfig", "TrainStageConfig", "check", "register_configs", "to_dataclass",
 ]

@@ -27,6 +27,7 @@ from deepspec.target import TargetModel
 class GenerationResult:
     tokens: list[int]
     accepted_per_round: list[int] = field(default_factory=list)  # m per round (tokens per round = m + 1)
+    confidences: list[list[float]] = field(default_factory=list)  # DSpark: c_1..c_g of every round
     seconds: dict = field(default_factory=lambda: {"draft": 0.0, "verify": 0.0, "other": 0.0})
 
     @property
@@ -82,6 +83,8 @@ def speculative_generate(target: TargetModel, session, prompt: torch.Tensor, max
             cache.crop(m - len(drafts))
         session.extend(layer_hidden[0, : m + 1], block[: m + 1])
         res.accepted_per_round.append(m)
+        if getattr(session, "last_confidence", None) is not None:
+            res.confidences.append(session.last_confidence.float().tolist())
         stop = False
         for tok in drafts[:m].tolist() + [nxt]:
             res.tokens.append(tok)

@@ -1,0 +1,34 @@
+"""``deepspec-eval [hydra overrides]``: the eval stage's command line (also ``python eval/eval.py``)."""
+from __future__ import annotations
+
+import logging
+
+import hydra
+from omegaconf import DictConfig
+
+from deepspec.config import CONFIG_DIR, EvalStageConfig, register_configs, to_dataclass
+
+log = logging.getLogger("deepspec.eval")
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="eval", version_base=None)
+def _hydra_main(cfg: DictConfig) -> None:
+    stage = to_dataclass(cfg, EvalStageConfig)
+    from deepspec.evaluation.harness import EvalHarness
+    from deepspec.evaluation.report import write_report
+
+    results = EvalHarness(stage).run()
+    summary = write_report(results, stage.run_dir)
+    for name, entry in results["datasets"].items():
+        r = entry["sampled"]
+        print(f"{name}: tau {r['tau']:.2f} (T={stage.temperature}), wall-clock speedup {r['speedup']:.2f}x vs plain decoding")
+    print(f"report: {summary}")
+
+
+def main() -> None:
+    register_configs()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""The eval harness: for each prompt set, plain decoding and speculative decoding of the same target
+on the same prompts, timed side by side, plus the peers a user would reach for.
+
+Per turn: the conversation so far (earlier turns answered by the target's plain decoding, so both
+methods see identical prompts) is rendered with the chat template; plain decoding runs, then
+speculative decoding with the drafter, each from the same seed. A warm-up turn runs first.
+Reports: tau, prefix survival and conditional acceptance per position, the acceptance-length
+histogram, tokens/s, wall-clock speedup with the time split into draft / verify / other, and for
+DSpark the confidence calibration before/after Sequential Temperature Scaling.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from deepspec.config.eval import EvalDatasetConfig, EvalStageConfig
+from deepspec.decoding.speculative import autoregressive_generate, make_session, speculative_generate
+from deepspec.decoding.verify import SamplingConfig
+from deepspec.evaluation import metrics
+from deepspec.export import load_drafter
+from deepspec.target import TargetModel, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def load_prompts(ds: EvalDatasetConfig, seed: int) -> list[list[str]]:
+    rows = [json.loads(line) for line in Path(ds.path).read_text().splitlines() if line.strip()]
+    bad = [i + 1 for i, r in enumerate(rows) if not (isinstance(r.get("turns"), list) and r["turns"])]
+    if bad:
+        raise ValueError(f"{ds.path}: rows {bad[:10]} have no non-empty 'turns' list")
+    if ds.shuffle:
+        random.Random(seed).shuffle(rows)
+    return [r["turns"] for r in rows[: ds.max_prompts]]
+
+
+class EvalHarness:
+    def __init__(self, cfg: EvalStageConfig):
+        self.cfg = cfg
+        self.target = TargetModel.from_config(cfg.target)
+        self.tok = load_tokenizer(cfg.target)
+        self.drafter = load_drafter(cfg.drafter_path, target=cfg.target, device=self.target.device,
+                                    dtype=next(self.target.model.parameters()).dtype)
+        self.sampling = SamplingConfig(cfg.temperature, cfg.top_k, cfg.top_p)
+
+    def _ids(self, messages: list[dict]) -> torch.Tensor:
+        text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tok(text, add_special_tokens=False, return_tensors="pt").input_ids[0].to(self.target.device)
+
+    def _turns(self, prompts: list[list[str]]):
+        """Yield (prompt_index, input ids) per turn; later turns carry the plain decoding's answers."""
+        greedy = SamplingConfig(temperature=0)
+        for i, turns in enumerate(prompts):
+            messages: list[dict] = []
+            for turn in turns:
+                messages.append({"role": "user", "content": turn})
+                ids = self._ids(messages)
+                yield i, ids
+                if len(turns) > 1:
+                    answer = autoregressive_generate(self.target, ids, self.cfg.max_new_tokens, greedy, self.tok.eos_token_id)
+                    messages.append({"role": "assistant", "content": self.tok.decode(answer.tokens, skip_special_tokens=True)})
+
+    def run_dataset(self, ds: EvalDatasetConfig, sampling: SamplingConfig) -> dict:
+        cfg, eos = self.cfg, self.tok.eos_token_id
+        turns = list(self._turns(load_prompts(ds, cfg.seed)))
+        g = torch.Generator().manual_seed(cfg.seed)
+        speculative_generate(self.target, make_session(self.drafter), turns[0][1], 8, sampling, eos, g)  # warm-up
+        autoregressive_generate(self.target, turns[0][1], 8, sampling, eos, g)
+        plain_s = spec_s = 0.0
+        plain_tokens = spec_tokens = 0
+        split = {"draft": 0.0, "verify": 0.0, "other": 0.0}
+        accepted, conf_rows, conf_prompt = [], [], []
+        for i, ids in turns:
+            t = time.perf_counter()
+            plain = autoregressive_generate(self.target, ids, cfg.max_new_tokens, sampling, eos, torch.Generator().manual_seed(cfg.seed + i))
+            plain_s += time.perf_counter() - t
+            t = time.perf_counter()
+            spec = speculative_generate(self.target, make_session(self.drafter), ids, cfg.max_new_tokens, sampling, eos,
+                                        torch.Generator().manual_seed(cfg.seed + i))
+            spec_s += time.perf_counter() - t
+            plain_tokens, spec_tokens = plain_tokens + len(plain.tokens), spec_tokens + len(spec.tokens)
+            for k in split:
+                split[k] += spec.seconds[k]
+            accepted += spec.accepted_per_round
+            conf_rows += spec.confidences
+            conf_prompt += [i] * len(spec.confidences)
+        g_len = getattr(self.drafter.cfg, "block_size", getattr(self.drafter.cfg, "ttt_steps", 1))
+        out = {"turns": len(turns), **metrics.acceptance_stats(accepted, g_len),
+               "draft_tokens_proposed": len(accepted) * g_len,
+               "verify_rate": sum(accepted) / max(len(accepted) * g_len, 1),
+               "plain": {"tokens": plain_tokens, "seconds": plain_s, "tokens_per_s": plain_tokens / max(plain_s, 1e-9)},
+               "speculative": {"tokens": spec_tokens, "seconds": spec_s, "tokens_per_s": spec_tokens / max(spec_s, 1e-9),
+                               "time_split": split},
+               "speedup": (spec_tokens / max(spec_s, 1e-9)) / (plain_tokens / max(plain_s, 1e-9))}
+        if conf_rows:
+            out["calibration"] = self._calibration(torch.tensor(conf_rows), torch.tensor(accepted[: len(conf_rows)]), conf_prompt)
+        return out
+
+    def _calibration(self, conf: torch.Tensor, accepted: torch.Tensor, prompt_of_round: list[int]) -> dict:
+        """Fit STS on the rounds of the first prompts, report before/after on the rest."""
+        prompts = sorted(set(prompt_of_round))
+        fit_prompts = set(prompts[: int(len(prompts) * self.cfg.calibration_fraction)])
+        fit = torch.tensor([p in fit_prompts for p in prompt_of_round])
+        if fit.all() or not fit.any():
+            fit = torch.arange(len(prompt_of_round)) % 2 == 0
+        temps = metrics.fit_sequential_temperatures(conf[fit], accepted[fit])
+        held_conf, held_acc = conf[~fit], accepted[~fit]
+        return {"sts_temperatures": temps, "before": metrics.calibration(held_conf, held_acc),
+                "after": metrics.calibration(metrics.apply_temperatures(held_conf, temps), held_acc),
+                "fit_rounds": int(fit.sum()), "report_rounds": int((~fit).sum())}
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        results = {"config": asdict(cfg), "device": str(self.target.device), "datasets": {}}
+        for ds in cfg.datasets:
+            entry = {"sampled": self.run_dataset(ds, self.sampling)}
+            if cfg.also_greedy and not self.sampling.greedy:
+                entry["greedy"] = self.run_dataset(ds, SamplingConfig(temperature=0))
+            if cfg.peers:
+                entry["peers"] = self.time_peers(ds)
+            results["datasets"][ds.name] = entry
+            log.info("%s: tau %.2f, speedup %.2fx (T=%s)", ds.name, entry["sampled"]["tau"], entry["sampled"]["speedup"], cfg.temperature)
+        return results
+
+    @torch.no_grad()
+    def time_peers(self, ds: EvalDatasetConfig) -> dict:
+        """transformers' own greedy generate and prompt-lookup decoding on the same first turns."""
+        prompts = [self._ids([{"role": "user", "content": t[0]}]) for t in load_prompts(ds, self.cfg.seed)]
+        out = {}
+        for name, extra in (("hf_generate", {}), ("hf_prompt_lookup", {"prompt_lookup_num_tokens": 10})):
+            self.target.model.generate(prompts[0][None], max_new_tokens=4, do_sample=False, pad_token_id=self.tok.pad_token_id, **extra)
+            tokens, t = 0, time.perf_counter()
+            for ids in prompts:
+                gen = self.target.model.generate(ids[None], max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
+                                                 pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id, **extra)
+                tokens += gen.shape[1] - ids.shape[0]
+            sec = time.perf_counter() - t
+            out[name] = {"tokens": tokens, "seconds": sec, "tokens_per_s": tokens / max(sec, 1e-9)}
+        return out

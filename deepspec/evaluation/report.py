@@ -1,0 +1,39 @@
+"""Write an eval run folder: results.json and a markdown summary table."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _row(name: str, mode: str, r: dict) -> str:
+    split = r["speculative"]["time_split"]
+    total = sum(split.values()) or 1.0
+    return (f"| {name} | {mode} | {r['tau']:.2f} | {r['speedup']:.2f}x | {r['speculative']['tokens_per_s']:.1f} | "
+            f"{r['plain']['tokens_per_s']:.1f} | {' / '.join(f'{v:.2f}' for v in r['conditional_acceptance'])} | "
+            f"{100 * split['draft'] / total:.0f}/{100 * split['verify'] / total:.0f}/{100 * split['other'] / total:.0f} |")
+
+
+def write_report(results: dict, run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    lines = ["# deepspec eval", "", f"device: {results['device']}", "",
+             "| dataset | decoding | tau | speedup | spec tok/s | plain tok/s | conditional acceptance by position | draft/verify/other % |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, entry in results["datasets"].items():
+        for mode in ("sampled", "greedy"):
+            if mode in entry:
+                lines.append(_row(name, mode, entry[mode]))
+    for name, entry in results["datasets"].items():
+        if "peers" in entry:
+            lines += ["", f"Peers on {name} (greedy, same prompts): " + ", ".join(
+                f"{k} {v['tokens_per_s']:.1f} tok/s" for k, v in entry["peers"].items())]
+        cal = entry["sampled"].get("calibration")
+        if cal:
+            lines += ["", f"Calibration on {name} (cumulative confidence vs prefix acceptance, held-out rounds):",
+                      "", "| position | ECE before | ECE after STS | AUROC | Brier before | Brier after |", "|---|---|---|---|---|---|"]
+            for k in range(len(cal["before"]["ece"])):
+                lines.append(f"| {k + 1} | {cal['before']['ece'][k]:.3f} | {cal['after']['ece'][k]:.3f} | "
+                             f"{cal['before']['auroc'][k]:.3f} | {cal['before']['brier'][k]:.3f} | {cal['after']['brier'][k]:.3f} |")
+    (run_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    return run_dir / "summary.md"
