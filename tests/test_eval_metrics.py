@@ -1,0 +1,47 @@
+"""Acceptance and calibration metrics on hand-made inputs with known answers."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from deepspec.evaluation import metrics
+
+
+def test_acceptance_stats_by_hand():
+    s = metrics.acceptance_stats([0, 2, 4, 4], g=4)
+    assert s["tau"] == (1 + 3 + 5 + 5) / 4
+    assert s["prefix_survival"] == [0.75, 0.75, 0.5, 0.5]
+    assert s["conditional_acceptance"] == pytest.approx([0.75, 1.0, 2 / 3, 1.0])
+    assert s["accept_length_histogram"] == {"1": 1, "2": 0, "3": 1, "4": 0, "5": 2}
+
+
+def test_auroc_and_ece_extremes():
+    label = torch.tensor([0, 0, 1, 1])
+    assert metrics.auroc(torch.tensor([0.1, 0.2, 0.8, 0.9]), label) == 1.0
+    assert metrics.auroc(torch.tensor([0.9, 0.8, 0.2, 0.1]), label) == 0.0
+    assert metrics.auroc(torch.tensor([0.5, 0.5, 0.5, 0.5]), label) == 0.5
+    assert math.isnan(metrics.auroc(torch.tensor([0.3, 0.4]), torch.tensor([1, 1])))
+    # predictions equal to the empirical frequency in every bin: zero calibration error
+    pred = torch.tensor([0.25] * 4 + [0.75] * 4)
+    lab = torch.tensor([1, 0, 0, 0, 1, 1, 1, 0])
+    assert metrics.ece(pred, lab) < 1e-12
+    assert metrics.ece(torch.full((4,), 0.9), torch.tensor([1, 0, 0, 0])) == pytest.approx(0.65)
+
+
+def test_sequential_temperature_scaling_repairs_overconfidence():
+    g, R = 4, 4000
+    gen = torch.Generator().manual_seed(0)
+    true_c = torch.rand(R, g, generator=gen) * 0.6 + 0.3  # true conditional acceptance per slot
+    survive = torch.bernoulli(true_c, generator=gen).cumprod(1)
+    accepted = survive.sum(1)  # m = accepted prefix length
+    overconfident = torch.sigmoid(torch.logit(true_c) * 3)  # too sharp
+    temps = metrics.fit_sequential_temperatures(overconfident, accepted)
+    before = metrics.calibration(overconfident, accepted)
+    after = metrics.calibration(metrics.apply_temperatures(overconfident, temps), accepted)
+    assert all(t > 1.5 for t in temps), temps  # it softens, as the truth is 3x less sharp
+    assert all(a < b for a, b in zip(after["ece"], before["ece"]))
+    assert after["ece"][0] < 0.03
+    assert all(0.5 < x <= 1 for x in before["auroc"])  # the ranking carries signal; scaling keeps ranking
+    assert after["auroc"][0] == before["auroc"][0]
