@@ -148,3 +148,24 @@ def test_sampled_speculative_output_matches_target_on_a_tiny_vocabulary(tmp_path
     from scipy.stats import chi2_contingency
 
     assert chi2_contingency(table.numpy()).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("name", ["dspark"])
+def test_scheduled_prefix_verification_stays_lossless(toy, name):
+    from deepspec.evaluation.scheduler import prefix_schedule
+
+    target, tok = toy
+    drafter, _ = build_drafter(TrainStageConfig(target=TOY, drafter=DRAFTERS[name], cache_dir="x"), torch.device("cpu"))
+    greedy = SamplingConfig(temperature=0)
+    lengths = []
+
+    def verify_len(conf):
+        L = prefix_schedule(conf[None], lambda b: 1.0 / (1 + 0.3 * b))[0]  # costly verification: short prefixes
+        lengths.append(L)
+        return L
+
+    for ids in prompts(tok, 2):
+        ref = autoregressive_generate(target, ids, 40, greedy, eos_token_id=tok.eos_token_id)
+        got = speculative_generate(target, make_session(drafter.eval()), ids, 40, greedy, tok.eos_token_id, verify_len=verify_len)
+        assert got.tokens == ref.tokens
+    assert min(lengths) < 5  # the schedule really shortened rounds

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from transformers import DynamicCache
@@ -59,8 +60,13 @@ def autoregressive_generate(target: TargetModel, prompt: torch.Tensor, max_new_t
 
 @torch.no_grad()
 def speculative_generate(target: TargetModel, session, prompt: torch.Tensor, max_new_tokens: int, sampling: SamplingConfig,
-                         eos_token_id: int | None = None, generator: torch.Generator | None = None) -> GenerationResult:
-    """Speculative decoding of one prompt (``prompt`` (P,) token ids) with a drafter session."""
+                         eos_token_id: int | None = None, generator: torch.Generator | None = None,
+                         verify_len: Callable[[torch.Tensor | None], int] | None = None) -> GenerationResult:
+    """Speculative decoding of one prompt (``prompt`` (P,) token ids) with a drafter session.
+
+    ``verify_len(confidences)`` may shorten a round to a prefix of the drafts (a scheduler's choice,
+    e.g. ``evaluation.scheduler.prefix_schedule``); verifying a prefix keeps decoding exact.
+    """
     sync = torch.cuda.synchronize if target.device.type == "cuda" else (lambda: None)
     res = GenerationResult([])
     cache = DynamicCache()
@@ -71,6 +77,9 @@ def speculative_generate(target: TargetModel, session, prompt: torch.Tensor, max
     while len(res.tokens) < max_new_tokens and anchor != eos_token_id:  # the prefill's token may end it
         t0 = time.perf_counter()
         drafts, q = session.draft(anchor, sampling, generator)  # 1. draft (g,), (g, V)
+        if verify_len is not None:
+            L = verify_len(getattr(session, "last_confidence", None))
+            drafts, q = drafts[:L], None if q is None else q[:L]
         sync()
         t1 = time.perf_counter()
         block = torch.cat([torch.tensor([anchor], device=target.device), drafts.to(target.device)])
