@@ -17,6 +17,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# Triton kernels run in the interpreter on CPU tensors; read when a kernel is decorated, so it is
+# set here, before any test module imports deepspec.decoding.kernels.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def make_tiny_target(path: Path, hidden_size: int = 64, layers: int = 4, seed: int = 0) -> Path:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from deepspec.decoding import kernels
 from deepspec.decoding.verify import SamplingConfig, sample
 from deepspec.drafters.attention import apply_rope, attend
 from deepspec.drafters.blocks import Blocks
@@ -47,11 +48,19 @@ class BlockDrafterSession:
             return sample(q, generator), (None if sampling.greedy else q)
         tokens, probs, conf, state = [], [], [], None
         prev = torch.tensor([anchor], device=dev)
+        fused = markov.kind == "vanilla" and not sampling.top_k and sampling.top_p >= 1.0
         for k in range(g):  # sequential Markov sampling: x_k depends on x_{k-1}
             e = markov.embed_prev(prev)  # (1, r)
-            z, state = markov.step(e, h[k : k + 1], state)
-            qk = sampling.probs(base[k : k + 1] + markov.markov_w2(z))  # (1, V)
-            prev = sample(qk, generator)
+            if fused:  # gather W1[x], project by W2, add to U_k, sample, in one kernel on CUDA
+                u = None if sampling.greedy else torch.rand(base.shape[-1], generator=generator).to(dev)
+                tok, _, logits = kernels.markov_step(base[k], markov.markov_w1.weight, markov.markov_w2.weight,
+                                                     int(prev), sampling.temperature, u)
+                qk = sampling.probs(logits[None])
+                prev = torch.tensor([tok], device=dev)
+            else:
+                z, state = markov.step(e, h[k : k + 1], state)
+                qk = sampling.probs(base[k : k + 1] + markov.markov_w2(z))  # (1, V)
+                prev = sample(qk, generator)
             tokens.append(prev)
             probs.append(qk)
             if d.confidence_head is not None:

@@ -62,22 +62,12 @@ def verify_block(draft: torch.Tensor, q: torch.Tensor | None, p: torch.Tensor, g
     Args:
         draft: (g,) drafted tokens; q: (g, V) their draft probabilities (None when greedy);
         p: (g+1, V) target probabilities at [anchor, d_1, ..., d_g].
-    Returns: (number of drafts accepted m, the token emitted after them).
+    Returns: (number of drafts accepted m, the token emitted after them). The fused kernel runs on
+    CUDA, the PyTorch reference elsewhere; both draw from the same uniforms.
     """
-    g = draft.shape[0]
+    from deepspec.decoding import kernels
+
     if greedy:
-        target = p.argmax(-1)  # (g+1,)
-        match = (target[:g] == draft).int().cumprod(0)
-        m = int(match.sum())  # host sync: the round's length decides what comes next
-        return m, int(target[m])
-    u = torch.rand(g, generator=generator, device="cpu").to(p.device)
-    ratio = p[torch.arange(g), draft] / q[torch.arange(g), draft].clamp_min(1e-30)
-    accepted = (u < ratio.clamp(max=1.0)).int().cumprod(0)
-    m = int(accepted.sum())
-    if m == g:
-        return m, int(sample(p[g], generator))
-    residual = (p[m] - q[m]).clamp_min(0)
-    total = residual.sum()
-    # p == q makes the residual empty; then rejection had probability 0, but guard the rounding.
-    residual = residual / total if total > 0 else p[m]
-    return m, int(sample(residual, generator))
+        return kernels.verify(draft, None, p, None, None, True)
+    u = torch.rand(draft.shape[0] + p.shape[1], generator=generator).to(p.device)
+    return kernels.verify(draft, q, p, u[: draft.shape[0]], u[draft.shape[0]:], False)

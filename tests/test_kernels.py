@@ -1,0 +1,50 @@
+"""Triton kernels against the PyTorch reference on random inputs, in the Triton interpreter on the CPU."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+assert os.environ.get("TRITON_INTERPRET") == "1"  # set in conftest.py, before any kernel is decorated
+triton = pytest.importorskip("triton")
+
+from deepspec.decoding.kernels import reference, triton_kernels  # noqa: E402
+
+pytestmark = pytest.mark.skipif(triton_kernels is None, reason="triton not installed")
+
+
+@pytest.mark.parametrize("V,R,temperature", [(300, 16, 0.0), (300, 16, 1.0), (1000, 24, 0.7), (64, 8, 1.3)])
+def test_markov_step_matches_reference(V, R, temperature):
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        base, w1, w2 = torch.randn(V, generator=g), torch.randn(V, R, generator=g) * 0.3, torch.randn(V, R, generator=g) * 0.3
+        x, u = int(torch.randint(V, (1,), generator=g)), torch.rand(V, generator=g)
+        tok, prob, logits = triton_kernels.markov_step(base, w1, w2, x, temperature, u, block=128)
+        rtok, rprob, rlogits = reference.markov_step(base, w1, w2, x, temperature, u)
+        assert tok == rtok
+        assert prob == pytest.approx(rprob, rel=1e-4)
+        assert torch.allclose(logits, rlogits, atol=1e-4)
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_verify_matches_reference(greedy):
+    V, G = 200, 5
+    ms = set()
+    for seed in range(12):
+        g = torch.Generator().manual_seed(seed)
+        p = torch.softmax(torch.randn(G + 1, V, generator=g) * 3, -1)
+        q = torch.softmax(torch.randn(G, V, generator=g) * 3, -1)
+        # drafts: mostly the target's argmax (so greedy accepts some), sometimes not
+        draft = p[:G].argmax(-1)
+        flip = torch.rand(G, generator=g) < 0.3
+        draft = torch.where(flip, torch.randint(V, (G,), generator=g), draft)
+        if not greedy:
+            q[torch.arange(G), draft] *= 0.5  # ratio > 1 for some, < 1 for others
+            q = q / q.sum(-1, keepdim=True)
+        ua, u = torch.rand(G, generator=g), torch.rand(V, generator=g)
+        got = triton_kernels.verify(draft, None if greedy else q, p, ua, u, greedy, block=64)
+        ref = reference.verify(draft, None if greedy else q, p, ua, u, greedy)
+        assert got == ref, (seed, got, ref)
+        ms.add(ref[0])
+    assert len(ms) >= 3  # several acceptance lengths were exercised
