@@ -48,6 +48,10 @@ class EvalStageConfig:
     """Also report greedy acceptance beside the sampled figures."""
     peers: bool = True
     """Time transformers' generate and its prompt-lookup decoding on the same prompts."""
+    serving_loads: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
+    """Concurrent requests simulated for the scheduler comparison (DSpark)."""
+    sps_max_tokens: int = 64
+    """Largest verify batch (tokens) profiled for SPS(B); beyond it the cost is extrapolated linearly."""
     calibration_fraction: float = 0.5
     """DSpark: fraction of rounds (by prompt) used to fit Sequential Temperature Scaling; the rest report it."""
 

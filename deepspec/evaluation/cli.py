@@ -19,6 +19,9 @@ def _hydra_main(cfg: DictConfig) -> None:
 
     results = EvalHarness(stage).run()
     summary = write_report(results, stage.run_dir)
+    from deepspec.evaluation.plots import write_plots
+
+    write_plots(results, stage.run_dir)
     for name, entry in results["datasets"].items():
         r = entry["sampled"]
         print(f"{name}: tau {r['tau']:.2f} (T={stage.temperature}), wall-clock speedup {r['speedup']:.2f}x vs plain decoding")

@@ -23,6 +23,7 @@ from deepspec.config.eval import EvalDatasetConfig, EvalStageConfig
 from deepspec.decoding.speculative import autoregressive_generate, make_session, speculative_generate
 from deepspec.decoding.verify import SamplingConfig
 from deepspec.evaluation import metrics
+from deepspec.evaluation.scheduler import profile_sps, simulate_serving
 from deepspec.export import load_drafter
 from deepspec.target import TargetModel, load_tokenizer
 
@@ -110,9 +111,11 @@ class EvalHarness:
             fit = torch.arange(len(prompt_of_round)) % 2 == 0
         temps = metrics.fit_sequential_temperatures(conf[fit], accepted[fit])
         held_conf, held_acc = conf[~fit], accepted[~fit]
+        scaled = metrics.apply_temperatures(held_conf, temps)
         return {"sts_temperatures": temps, "before": metrics.calibration(held_conf, held_acc),
-                "after": metrics.calibration(metrics.apply_temperatures(held_conf, temps), held_acc),
-                "fit_rounds": int(fit.sum()), "report_rounds": int((~fit).sum())}
+                "after": metrics.calibration(scaled, held_acc), "fit_rounds": int(fit.sum()), "report_rounds": int((~fit).sum()),
+                "threshold_sweep": metrics.threshold_sweep(scaled, held_acc),
+                "_rounds": list(zip(conf.tolist(), accepted.tolist()))}  # for the serving simulation
 
     def run(self) -> dict:
         cfg = self.cfg
@@ -123,9 +126,22 @@ class EvalHarness:
                 entry["greedy"] = self.run_dataset(ds, SamplingConfig(temperature=0))
             if cfg.peers:
                 entry["peers"] = self.time_peers(ds)
+            cal = entry["sampled"].get("calibration")
+            if cal:  # DSpark: replay its recorded rounds in the serving simulation (Algorithm 1 vs fixed length)
+                rounds = cal.pop("_rounds")
+                entry["serving_simulation"] = simulate_serving(rounds, self.sps_table(), cfg.serving_loads,
+                                                               g=len(rounds[0][0]), seed=cfg.seed)
+            if "greedy" in entry and entry["greedy"].get("calibration"):
+                entry["greedy"]["calibration"].pop("_rounds", None)
             results["datasets"][ds.name] = entry
             log.info("%s: tau %.2f, speedup %.2fx (T=%s)", ds.name, entry["sampled"]["tau"], entry["sampled"]["speedup"], cfg.temperature)
         return results
+
+    def sps_table(self) -> list[float]:
+        """SPS(B) of this target on this machine (profiled once per run)."""
+        if not hasattr(self, "_sps"):
+            self._sps = profile_sps(self.target, max_tokens=self.cfg.sps_max_tokens)
+        return self._sps
 
     @torch.no_grad()
     def time_peers(self, ds: EvalDatasetConfig) -> dict:

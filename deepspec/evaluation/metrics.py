@@ -89,3 +89,20 @@ def fit_sequential_temperatures(conf: torch.Tensor, accepted: torch.Tensor, grid
             best = min(best, (ece(surv, label, bins), t))
         temps[k] = best[1]
     return temps
+
+
+def threshold_sweep(conf: torch.Tensor, accepted: torch.Tensor, thresholds: list[float] | None = None) -> list[dict]:
+    """Static threshold: verify the leading drafts whose cumulative confidence is >= t.
+
+    Per threshold: verified drafts per round, acceptance rate (accepted / verified) and tokens per
+    target step (min(m, L) + 1), from recorded rounds (conf (R, g), accepted (R,)).
+    """
+    thresholds = thresholds or [i / 20 for i in range(20)]
+    survival = torch.cumprod(conf.double(), dim=1)
+    out = []
+    for t in thresholds:
+        L = (survival >= t).int().cumprod(1).sum(1)  # leading slots above the threshold
+        got = torch.minimum(accepted, L)
+        out.append({"threshold": t, "verified_per_round": float(L.float().mean()),
+                    "acceptance_rate": float(got.sum() / L.sum().clamp_min(1)), "tokens_per_step": float((got + 1).float().mean())})
+    return out
