@@ -24,6 +24,7 @@ from deepspec.config.data import TargetConfig
 from deepspec.drafters import DRAFTERS
 
 FROZEN = ("embed_tokens.weight", "lm_head.weight")
+STS_FILE = "confidence_temperatures.json"
 
 
 def gathered_state_dict(engine) -> dict:
@@ -120,4 +121,7 @@ def load_drafter(path: str | Path, target: TargetConfig | None = None, device: s
     missing = [m for m in missing if not m.startswith("rotary.") and m not in FROZEN]
     if missing or unexpected:
         raise ValueError(f"{path}: tensors missing {missing[:5]} / unexpected {unexpected[:5]}")
+    sts = path / STS_FILE
+    if sts.exists():  # Sequential Temperature Scaling fitted by an eval run: applied to the confidences
+        model.confidence_temperatures = json.loads(sts.read_text())["temperatures"]
     return model.to(device=device, dtype=dtype).eval()

@@ -25,7 +25,17 @@ class BlockDrafterSession:
         self.d = drafter
         self.g = block_size or drafter.cfg.block_size
         self.ctx: torch.Tensor | None = None  # (1, n, L*d) target features of the tokens before the anchor
-        self.last_confidence: torch.Tensor | None = None  # (g,) sigmoid confidences of the last draft (DSpark)
+        self.last_confidence: torch.Tensor | None = None  # (g,) raw sigmoid confidences of the last draft (DSpark)
+
+    @property
+    def scheduled_confidence(self) -> torch.Tensor | None:
+        """The last draft's confidences after the drafter's Sequential Temperature Scaling (if fitted)."""
+        temps = getattr(self.d, "confidence_temperatures", None)
+        if self.last_confidence is None or not temps:
+            return self.last_confidence
+        from deepspec.evaluation.metrics import apply_temperatures
+
+        return apply_temperatures(self.last_confidence[None], temps[: self.g])[0]
 
     def extend(self, features: torch.Tensor, tokens: torch.Tensor) -> None:
         """features (m, L*d) of m newly verified tokens (tokens unused: the anchor enters by embedding)."""

@@ -78,7 +78,7 @@ def speculative_generate(target: TargetModel, session, prompt: torch.Tensor, max
         t0 = time.perf_counter()
         drafts, q = session.draft(anchor, sampling, generator)  # 1. draft (g,), (g, V)
         if verify_len is not None:
-            L = verify_len(getattr(session, "last_confidence", None))
+            L = verify_len(getattr(session, "scheduled_confidence", None))
             drafts, q = drafts[:L], None if q is None else q[:L]
         sync()
         t1 = time.perf_counter()

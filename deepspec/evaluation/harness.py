@@ -127,6 +127,11 @@ class EvalHarness:
             if cfg.peers:
                 entry["peers"] = self.time_peers(ds)
             cal = entry["sampled"].get("calibration")
+            if cal and ds is cfg.datasets[0]:  # the first dataset's fit is saved next to the drafter, applied at load
+                from deepspec.export import STS_FILE
+
+                (Path(cfg.drafter_path) / STS_FILE).write_text(json.dumps(
+                    {"temperatures": cal["sts_temperatures"], "fitted_on": ds.name, "temperature": cfg.temperature}, indent=1))
             if cal:  # DSpark: replay its recorded rounds in the serving simulation (Algorithm 1 vs fixed length)
                 rounds = cal.pop("_rounds")
                 entry["serving_simulation"] = simulate_serving(rounds, self.sps_table(), cfg.serving_loads,
