@@ -182,6 +182,19 @@ class TargetModel(nn.Module):
         return self.model.get_input_embeddings()
 
     @torch.no_grad()
+    def decoder_with_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                               past_key_values) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like ``forward`` on a KV cache, with an attention mask over past + new positions (holes allowed)
+        and explicit position ids (B, S_new). Used by batched speculative decoding."""
+        self._captured.clear()
+        self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     past_key_values=past_key_values, use_cache=True)
+        layer_hidden = torch.cat([self._captured[i] for i in self.layer_ids], dim=-1)
+        final_hidden = self._captured["final"]
+        self._captured.clear()
+        return layer_hidden, final_hidden
+
+    @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past_key_values=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the decoder (no LM head), optionally continuing an HF KV cache.

@@ -169,3 +169,27 @@ def test_scheduled_prefix_verification_stays_lossless(toy, name):
         got = speculative_generate(target, make_session(drafter.eval()), ids, 40, greedy, tok.eos_token_id, verify_len=verify_len)
         assert got.tokens == ref.tokens
     assert min(lengths) < 5  # the schedule really shortened rounds
+
+
+@pytest.mark.parametrize("name", ["dspark", "dflash", "eagle3", "replay"])
+def test_batched_greedy_with_ragged_acceptance_equals_plain_greedy(toy, name):
+    from deepspec.decoding.speculative import speculative_generate_batch
+
+    target, tok = toy
+    greedy = SamplingConfig(temperature=0)
+    ids = prompts(tok, 4)  # different prompt lengths: left padding
+    refs = [autoregressive_generate(target, p, 32, greedy, eos_token_id=tok.eos_token_id).tokens for p in ids]
+    if name == "replay":  # rows accept different amounts every round: all, none, some
+        sessions = []
+        for ref, p, corrupt in zip(refs, ids, [set(), set(range(99)), {2, 7, 8}, {5}]):
+            s = ReplaySession(ref, g=4, corrupt=corrupt)
+            s.prompt_len = len(p)
+            sessions.append(s)
+    else:
+        drafter, _ = build_drafter(TrainStageConfig(target=TOY, drafter=DRAFTERS[name], cache_dir="x"), torch.device("cpu"))
+        sessions = [make_session(drafter.eval()) for _ in ids]
+    got = speculative_generate_batch(target, sessions, ids, 32, greedy, eos_token_id=tok.eos_token_id)
+    assert [r.tokens for r in got] == refs
+    if name == "replay":
+        taus = [r.tau for r in got]
+        assert taus[1] == 1.0 and taus[0] > 1.5 and taus[2] > 1.0 and taus[3] > 1.0, taus

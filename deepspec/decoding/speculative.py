@@ -116,3 +116,61 @@ def make_session(drafter):
     from deepspec.drafters import Eagle3Drafter
 
     return Eagle3Session(drafter) if isinstance(drafter, Eagle3Drafter) else BlockDrafterSession(drafter)
+
+
+@torch.no_grad()
+def speculative_generate_batch(target: TargetModel, sessions: list, prompts: list[torch.Tensor], max_new_tokens: int,
+                               sampling: SamplingConfig, eos_token_id: int | None = None,
+                               generator: torch.Generator | None = None) -> list[GenerationResult]:
+    """Several prompts at once: one batched target forward verifies every row's block per round.
+
+    Rows accept different numbers of drafts (ragged). The batched KV cache grows by g+1 positions
+    per round for every row; the positions a row rejected stay in the cache as holes that the
+    attention mask hides, and explicit position ids count only a row's real tokens, so each row
+    computes exactly what it would alone. Finished rows ride along with their mask at zero.
+    Drafting runs per row (each session has its own context).
+    """
+    dev, B = target.device, len(prompts)
+    P = max(len(p) for p in prompts)
+    ids = torch.zeros(B, P, dtype=torch.long, device=dev)
+    mask = torch.zeros(B, P, dtype=torch.long, device=dev)
+    for i, p in enumerate(prompts):  # left padding: every row's last prompt token at column P-1
+        ids[i, P - len(p):], mask[i, P - len(p):] = p.to(dev), 1
+    pos = (mask.cumsum(1) - 1).clamp_min(0)
+    cache = DynamicCache()
+    layer_hidden, final = target.decoder_with_positions(ids, mask, pos, cache)
+    probs = sampling.probs(target.lm_head(final[:, -1]))  # (B, V)
+    results = [GenerationResult([int(sample(probs[i], generator))]) for i in range(B)]
+    anchors = [r.tokens[0] for r in results]
+    lengths = [len(p) for p in prompts]  # real tokens per row (= position of the anchor)
+    for i, s in enumerate(sessions):
+        s.extend(layer_hidden[i, P - len(prompts[i]):], prompts[i])
+    active = [anchors[i] != eos_token_id and max_new_tokens > 1 for i in range(B)]
+    while any(active):
+        drafts, qs = [], []
+        for i, s in enumerate(sessions):  # 1. draft (inactive rows re-draft harmlessly; their mask hides them)
+            d, q = s.draft(anchors[i], sampling, generator) if active[i] else (torch.zeros(sessions[0].g, dtype=torch.long), None)
+            drafts.append(d.to(dev))
+            qs.append(q)
+        g = len(drafts[0])
+        block = torch.stack([torch.cat([torch.tensor([anchors[i]], device=dev), drafts[i]]) for i in range(B)])  # (B, g+1)
+        block_mask = torch.tensor(active, device=dev, dtype=torch.long)[:, None].expand(B, g + 1)
+        mask = torch.cat([mask, block_mask], dim=1)
+        block_pos = torch.tensor(lengths, device=dev)[:, None] + torch.arange(g + 1, device=dev)
+        layer_hidden, final = target.decoder_with_positions(block, mask, block_pos, cache)  # 2. verify all rows
+        p_all = sampling.probs(target.lm_head(final))  # (B, g+1, V)
+        for i in range(B):
+            if not active[i]:
+                continue
+            m, nxt = verify_block(drafts[i], qs[i], p_all[i], generator, sampling.greedy)  # 3. accept per row
+            mask[i, -(g + 1) + m + 1:] = 0  # 4. commit: the rejected positions become holes
+            sessions[i].extend(layer_hidden[i, : m + 1], block[i, : m + 1])
+            lengths[i] += m + 1
+            results[i].accepted_per_round.append(m)
+            for tok in drafts[i][:m].tolist() + [nxt]:
+                results[i].tokens.append(tok)
+                if tok == eos_token_id or len(results[i].tokens) >= max_new_tokens:
+                    active[i] = False
+                    break
+            anchors[i] = nxt
+    return results
