@@ -32,6 +32,8 @@ def init_process_group(timeout_minutes: float = 24 * 60, single_process: bool = 
         for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
             os.environ.setdefault(key, value)
         world = 2  # fall through to the common path
+    if torch.cuda.is_available():  # before anything allocates: otherwise every rank starts on GPU 0
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
@@ -40,13 +42,14 @@ def init_process_group(timeout_minutes: float = 24 * 60, single_process: bool = 
 def barrier() -> None:
     if dist.is_initialized():
         # gloo barrier: fine on CPU and GPU jobs, and it needs no device
-        dist.barrier(group=_cpu_group())
+        dist.barrier(group=cpu_group())
 
 
 _CPU_GROUP = None
 
 
-def _cpu_group():
+def cpu_group():
+    """A gloo group over all ranks, for collectives on CPU tensors (NCCL rejects them)."""
     global _CPU_GROUP
     if _CPU_GROUP is None:
         _CPU_GROUP = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD

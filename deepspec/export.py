@@ -55,10 +55,8 @@ def serving_config(drafter, name: str, include_frozen: bool, target: TargetConfi
                    num_hidden_layers=c.num_hidden_layers, block_size=c.block_size, mask_token_id=c.mask_token_id,
                    target_layer_ids=list(c.target_layer_ids), num_anchors=c.num_anchors, enable_confidence_head=conf,
                    markov_rank=rank, layer_types=["full_attention"] * c.num_hidden_layers)
-        if conf:
-            cfg["confidence_head_with_markov"] = c.confidence_head_with_markov and rank > 0
-        if rank:
-            cfg["markov_head_type"] = c.markov_head_type
+        cfg["confidence_head_with_markov"] = bool(conf and c.confidence_head_with_markov and rank > 0)
+        cfg["markov_head_type"] = c.markov_head_type if dspark else "vanilla"
     cfg["deepspec"] = {"drafter": name, "config": c.to_dict(), "frozen_from_target": None if include_frozen else (target.name_or_path if target else True)}
     return cfg
 

@@ -65,8 +65,10 @@ def block_draft_loss(drafter, h: torch.Tensor, blocks, target_final: torch.Tenso
     ce, l1, bce, conf = (torch.cat(t, 0) for t in zip(*parts)) if parts else (torch.zeros_like(w),) * 4
     wsum = w.sum().clamp_min(1e-6)
     ce_m, l1_m, bce_m = ((t * w).sum() / wsum for t in (ce, l1, bce))
-    has_conf = bool(conf.numel()) and not torch.isnan(conf).all()
+    has_conf = getattr(drafter, "confidence_head", None) is not None
     loss = cfg.ce_weight * ce_m + cfg.l1_weight * l1_m + (cfg.confidence_weight * bce_m if has_conf else 0.0)
+    if not parts:  # no supervised slot in this micro-batch: a zero loss that still reaches every parameter
+        loss = h.sum() * 0.0
 
     acc = (1 - 0.5 * l1.detach()).clamp(0, 1)  # analytic acceptance of each slot, given the previous accepted
     survive = torch.cumprod(acc * v, dim=-1)  # P(slots 0..k all accepted)
@@ -75,9 +77,9 @@ def block_draft_loss(drafter, h: torch.Tensor, blocks, target_final: torch.Tenso
         "acc_sum": (acc * v).sum(0), "acc_count": v.sum(0),
         "tau_sum": (1 + survive.sum(-1)).sum(), "tau_count": torch.tensor(float(v.shape[0]), device=h.device),
     }
-    if has_conf:
-        metrics["conf_bias_sum"] = ((conf - acc) * v).sum()
-        metrics["conf_abs_sum"] = ((conf - acc).abs() * v).sum()
+    if has_conf:  # always present with the head, so every rank all-reduces the same keys
+        metrics["conf_bias_sum"] = torch.nan_to_num((conf - acc) * v).sum()
+        metrics["conf_abs_sum"] = torch.nan_to_num((conf - acc).abs() * v).sum()
     return {"loss": loss, **metrics}
 
 
@@ -121,5 +123,7 @@ def eagle3_loss(drafter, h_steps: torch.Tensor, loss_mask: torch.Tensor, valid: 
     ok = torch.stack([o for _, o in acc_rows], -1).float()
     rows = ok[..., 0].bool()  # positions supervised at step 0
     survive = torch.cumprod(acc * ok, dim=-1)[rows]  # (n0, K)
+    if torch.is_grad_enabled() and not total.requires_grad:  # nothing supervised: zero loss, every parameter in the graph
+        total = total + h_steps.sum() * 0.0
     return {"loss": total, "ce": ce0, "acc_sum": (acc * ok).sum((0, 1)), "acc_count": ok.sum((0, 1)),
             "tau_sum": (1 + survive.sum(-1)).sum(), "tau_count": torch.tensor(float(survive.shape[0]), device=h_steps.device)}

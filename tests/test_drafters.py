@@ -137,3 +137,14 @@ def test_sdpa_and_flex_attention_agree(parts, kind):
             a, _ = run_block(sdpa, ids, loss_mask, valid, hidden)
             b, _ = run_block(flex, ids, loss_mask, valid, hidden)
     assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+def test_rope_frequencies_stay_fp32_when_the_drafter_is_cast_to_bf16(parts):
+    model = make("vanilla", parts)
+    x = torch.zeros(1, 1, 8)
+    pos = torch.tensor([[4000]])
+    ref_cos, _ = model.rotary(x, pos)
+    model = model.to(torch.bfloat16)
+    cos, _ = model.rotary(x, pos)  # computed in fp32 from fp32 frequencies, then cast
+    assert torch.allclose(cos.float(), ref_cos.float(), atol=1e-6)
+    assert model.rotary.inv_freq_fp32.dtype == torch.float32

@@ -48,3 +48,15 @@ def test_verify_matches_reference(greedy):
         assert got == ref, (seed, got, ref)
         ms.add(ref[0])
     assert len(ms) >= 3  # several acceptance lengths were exercised
+
+
+def test_verify_empty_residual_falls_back_to_p_like_the_reference():
+    V, G = 50, 2
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(G + 1, V, generator=g), -1)
+    q = p[:G].clone()  # p == q: the residual is empty everywhere
+    draft = torch.tensor([3, 4])
+    ua = torch.tensor([0.999999, 0.5])  # force a rejection at position 0 despite ratio 1 (u < 1 fails only at rounding)
+    ua[0] = 1.0
+    u = torch.rand(V, generator=g)
+    assert triton_kernels.verify(draft, q, p, ua, u, False, block=16) == reference.verify(draft, q, p, ua, u, False)

@@ -193,3 +193,4 @@ def test_batched_greedy_with_ragged_acceptance_equals_plain_greedy(toy, name):
     if name == "replay":
         taus = [r.tau for r in got]
         assert taus[1] == 1.0 and taus[0] > 1.5 and taus[2] > 1.0 and taus[3] > 1.0, taus
+        assert len(got[0].accepted_per_round) > 2 and all(m == 4 for m in got[0].accepted_per_round[:-1])

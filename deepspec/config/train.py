@@ -174,6 +174,9 @@ class TrainStageConfig:
             out.append(f"{prefix}cache_dir is required unless {prefix}online=true")
         if self.online:
             out += self.input.problems(prefix + "input.")
+            if self.num_workers:
+                out.append(f"{prefix}num_workers={self.num_workers} with online=true: the target runs in the training "
+                           "process; set num_workers=0")
         out += one_of(prefix, "drafter.name", self.drafter.get("name"), DRAFTER_NAMES)
         out += at_least(prefix, "micro_batch_size", self.micro_batch_size, 1)
         out += at_least(prefix, "global_batch_size", self.global_batch_size, 1)

@@ -163,7 +163,8 @@ def speculative_generate_batch(target: TargetModel, sessions: list, prompts: lis
             if not active[i]:
                 continue
             m, nxt = verify_block(drafts[i], qs[i], p_all[i], generator, sampling.greedy)  # 3. accept per row
-            mask[i, -(g + 1) + m + 1:] = 0  # 4. commit: the rejected positions become holes
+            if m < g:  # 4. commit: the rejected positions become holes
+                mask[i, m - g:] = 0
             sessions[i].extend(layer_hidden[i, : m + 1], block[i, : m + 1])
             lengths[i] += m + 1
             results[i].accepted_per_round.append(m)

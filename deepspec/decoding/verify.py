@@ -52,6 +52,8 @@ class SamplingConfig:
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """(..., V) -> (...) token ids."""
     flat = probs.reshape(-1, probs.shape[-1])
+    if generator is not None and generator.device != flat.device:  # a CPU generator drives CUDA decoding too
+        return torch.multinomial(flat.float().cpu(), 1, generator=generator).to(probs.device).view(probs.shape[:-1])
     return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
 
 

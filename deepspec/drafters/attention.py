@@ -42,18 +42,29 @@ class MLP(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for any HF config's RoPE (default, llama3, yarn, ... via transformers)."""
+    """cos/sin tables for any HF config's RoPE (default, llama3, yarn, ... via transformers' init).
+
+    The inverse frequencies stay fp32 whatever the module is cast to (DeepSpeed bf16, ``.to(bf16)``):
+    rounded to bf16 they shift cos/sin by up to ~0.75 at position 4000, and serving engines, which
+    compute RoPE in fp32, would then disagree with the trained drafter.
+    """
 
     def __init__(self, config):
         super().__init__()
         from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
         # Qwen3RotaryEmbedding only reads the generic RoPE fields (rope_parameters, head_dim).
-        self.rope = Qwen3RotaryEmbedding(config)
+        rope = Qwen3RotaryEmbedding(config)
+        self.inv_freq_fp32 = rope.inv_freq.detach().float().clone()  # a plain attribute: never cast, never saved
+        self.attention_scaling = rope.attention_scaling
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids (B, T) -> cos, sin (B, T, head_dim) in x's dtype."""
-        return self.rope(x, position_ids)
+        if self.inv_freq_fp32.device != x.device:
+            self.inv_freq_fp32 = self.inv_freq_fp32.to(x.device)
+        freqs = position_ids[..., None].float() * self.inv_freq_fp32  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

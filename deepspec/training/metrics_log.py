@@ -16,6 +16,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from deepspec.config.train import LoggingConfig
+from deepspec.distributed import cpu_group
 
 SUM_KEYS = ("acc_sum", "acc_count", "tau_sum", "tau_count", "conf_bias_sum", "conf_abs_sum")
 
@@ -42,9 +43,9 @@ class MetricSums:
         if keys:
             flat = torch.cat([self.sums[k].reshape(-1).cpu() for k in keys])
             means = torch.tensor([sum(v) / len(v) for v in self.means.values()])
-            if dist.is_initialized():
-                dist.all_reduce(flat)
-                dist.all_reduce(means)
+            if dist.is_initialized():  # CPU tensors: reduce on the gloo group (NCCL takes only CUDA tensors)
+                dist.all_reduce(flat, group=cpu_group())
+                dist.all_reduce(means, group=cpu_group())
                 means /= dist.get_world_size()
             sizes = [self.sums[k].numel() for k in keys]
             parts = dict(zip(keys, flat.split(sizes)))

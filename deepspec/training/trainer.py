@@ -116,17 +116,29 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Held-out metrics (expected tau from analytic acceptance) on the validation split."""
+        """Held-out metrics (expected tau from analytic acceptance) on the validation split.
+
+        Every rank runs the same number of forwards (the smallest share over ranks): under ZeRO-3 a
+        forward is a collective, and the metric reduction must see the same keys everywhere.
+        """
+        import itertools
+
+        import torch.distributed as dist
+
+        from deepspec.distributed import cpu_group
+
+        samples = list(itertools.islice(iter(self.val_set), max(1, self.cfg.eval.max_samples // self.world)))
+        n = torch.tensor([len(samples)])
+        if dist.is_initialized():
+            dist.all_reduce(n, op=dist.ReduceOp.MIN, group=cpu_group())
+        if int(n) == 0:
+            return {}
         self.engine.eval()
-        sums, seen = MetricSums(), 0
-        for i, sample in enumerate(self.val_set):
-            if seen >= self.cfg.eval.max_samples // self.world:
-                break
-            out = self.engine(self._to_device(collate([sample])), anchor_seed(self.cfg.seed, -1))
-            sums.add(out)
-            seen += 1
+        sums = MetricSums()
+        for sample in samples[: int(n)]:
+            sums.add(self.engine(self._to_device(collate([sample])), anchor_seed(self.cfg.seed, -1)))
         self.engine.train()
-        return sums.reduce() if seen or torch.distributed.is_initialized() else {}
+        return sums.reduce()
 
     def fit(self) -> dict:
         cfg = self.cfg

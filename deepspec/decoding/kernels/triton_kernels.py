@@ -59,8 +59,8 @@ def _markov_step_kernel(base_ptr, w1_ptr, w2_ptr, u_ptr, logits_ptr, out_ptr, x,
 
 
 def markov_step(base: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, x: int, temperature: float,
-                noise_u: torch.Tensor | None, block: int = 1024) -> tuple[int, float, torch.Tensor]:
-    """Same contract as ``reference.markov_step``."""
+                noise_u: torch.Tensor | None, block: int = 64) -> tuple[int, float, torch.Tensor]:
+    """Same contract as ``reference.markov_step``. A (block x rank) tile of W2 per iteration: keep it small."""
     V, R = w2.shape
     logits = torch.empty(V, dtype=torch.float32, device=base.device)
     out = torch.empty(2, dtype=torch.float32, device=base.device)
@@ -108,6 +108,15 @@ def _verify_kernel(p_ptr, q_ptr, d_ptr, ua_ptr, u_ptr, out_ptr, G, V, GREEDY: tl
         bm = tl.max(key, 0)
         best_idx = tl.where(bm > best_key, start + tl.argmax(key, 0), best_idx)
         best_key = tl.maximum(best_key, bm)
+    if best_key == -float("inf"):  # p == q up to rounding: empty residual, sample p[m] (as the reference does)
+        for start in range(0, V, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < V
+            pm = tl.load(p_ptr + m * V + offs, mask=mask, other=0.0)
+            key = tl.where(mask & (pm > 0), tl.log(pm) + _gumbel(tl.load(u_ptr + offs, mask=mask, other=0.5)), -float("inf"))
+            bm = tl.max(key, 0)
+            best_idx = tl.where(bm > best_key, start + tl.argmax(key, 0), best_idx)
+            best_key = tl.maximum(best_key, bm)
     tl.store(out_ptr, m)
     tl.store(out_ptr + 1, best_idx)
 
