@@ -75,7 +75,7 @@ class EvalHarness:
         plain_s = spec_s = 0.0
         plain_tokens = spec_tokens = 0
         split = {"draft": 0.0, "verify": 0.0, "other": 0.0}
-        accepted, conf_rows, conf_prompt = [], [], []
+        accepted, conf_rows, conf_prompt, mismatches = [], [], [], []
         for i, ids in turns:
             t = time.perf_counter()
             plain = autoregressive_generate(self.target, ids, cfg.max_new_tokens, sampling, eos, torch.Generator().manual_seed(cfg.seed + i))
@@ -85,6 +85,8 @@ class EvalHarness:
                                         torch.Generator().manual_seed(cfg.seed + i))
             spec_s += time.perf_counter() - t
             plain_tokens, spec_tokens = plain_tokens + len(plain.tokens), spec_tokens + len(spec.tokens)
+            if sampling.greedy and spec.tokens != plain.tokens:  # lossless check on every evaluated prompt
+                mismatches.append(i)
             for k in split:
                 split[k] += spec.seconds[k]
             accepted += spec.accepted_per_round
@@ -98,6 +100,11 @@ class EvalHarness:
                "speculative": {"tokens": spec_tokens, "seconds": spec_s, "tokens_per_s": spec_tokens / max(spec_s, 1e-9),
                                "time_split": split},
                "speedup": (spec_tokens / max(spec_s, 1e-9)) / (plain_tokens / max(plain_s, 1e-9))}
+        if sampling.greedy:
+            out["greedy_identical_to_plain"] = not mismatches
+            out["greedy_mismatched_prompts"] = mismatches
+            if mismatches:
+                log.error("%s: greedy speculative output differs from plain greedy on prompts %s", ds.name, mismatches)
         if conf_rows:
             out["calibration"] = self._calibration(torch.tensor(conf_rows), torch.tensor(accepted[: len(conf_rows)]), conf_prompt)
         return out

@@ -56,9 +56,12 @@ def calibration(conf: torch.Tensor, accepted: torch.Tensor, bins: int = 20) -> d
     """conf (R, g) per-position confidences, accepted (R,) m per round -> per-position ECE/AUROC/Brier."""
     R, g = conf.shape
     survival = torch.cumprod(conf.double(), dim=1)  # a_{r,k}
-    out = {"ece": [], "auroc": [], "brier": [], "mean_predicted": [], "mean_observed": []}
+    out = {"ece": [], "auroc": [], "brier": [], "mean_predicted": [], "mean_observed": [], "reliability": []}
     for k in range(g):
         label = (accepted >= k + 1).double()
+        idx = (survival[:, k] * bins).long().clamp(max=bins - 1)
+        out["reliability"].append([{"bin": b, "predicted": float(survival[idx == b, k].mean()), "observed": float(label[idx == b].mean()),
+                                    "count": int((idx == b).sum())} for b in range(bins) if (idx == b).any()])
         out["ece"].append(ece(survival[:, k], label, bins))
         out["auroc"].append(auroc(survival[:, k], label))
         out["brier"].append(float(((survival[:, k] - label) ** 2).mean()))

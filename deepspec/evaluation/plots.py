@@ -38,9 +38,12 @@ def write_plots(results: dict, run_dir: str | Path) -> list[Path]:
         fig, axes = plt.subplots(1, 2, figsize=(9, 4))
         ax = axes[0]
         for key, style in (("before", "-o"), ("after", "-s")):
-            ax.plot(cal[key]["mean_predicted"], cal[key]["mean_observed"], style, label=f"{key} STS (ECE@1 {cal[key]['ece'][0]:.3f})")
+            for k in (0, len(cal[key]["reliability"]) - 1):  # first and last draft position, 20 bins
+                pts = cal[key]["reliability"][k]
+                ax.plot([p["predicted"] for p in pts], [p["observed"] for p in pts], style,
+                        label=f"pos {k + 1} {key} STS (ECE {cal[key]['ece'][k]:.3f})", alpha=0.8)
         ax.plot([0, 1], [0, 1], ":k", lw=1)
-        ax.set(xlabel="mean predicted survival (per position)", ylabel="observed prefix acceptance", title=f"Reliability: {name}")
+        ax.set(xlabel="predicted survival prod c_i (binned)", ylabel="observed prefix acceptance", title=f"Reliability: {name}")
         ax.legend(fontsize=7)
         ax = axes[1]
         sweep = cal["threshold_sweep"]
