@@ -25,6 +25,11 @@ def write_report(results: dict, run_dir: str | Path) -> Path:
             if mode in entry:
                 lines.append(_row(name, mode, entry[mode]))
     for name, entry in results["datasets"].items():
+        for mode in ("sampled", "greedy"):
+            if "greedy_identical_to_plain" in entry.get(mode, {}):
+                ok = entry[mode]["greedy_identical_to_plain"]
+                lines += ["", f"Greedy speculative output identical to plain greedy decoding on {name}: "
+                              f"{'yes, every prompt' if ok else 'NO: prompts ' + str(entry[mode]['greedy_mismatched_prompts'])}"]
         if "peers" in entry:
             lines += ["", f"Peers on {name} (greedy, same prompts): " + ", ".join(
                 f"{k} {v['tokens_per_s']:.1f} tok/s" for k, v in entry["peers"].items())]
