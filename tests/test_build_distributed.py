@@ -114,3 +114,18 @@ def test_sigkill_and_resume_equals_uninterrupted(tiny_target, chat_jsonl, tmp_pa
             got_rows = {json.loads(l)["id"]: json.loads(l)["messages"] for l in got_lines}
             assert got_rows == ref_rows
             assert len(got_lines) == len(got_rows)
+
+
+def test_independent_parts_like_a_slurm_job_array_equal_one_build(tiny_target, chat_jsonl, tmp_path, reference):
+    """Two uncoordinated parts (SLURM_ARRAY_TASK_ID 0 and 1 of 2) fill one cache; the last one writes the manifest."""
+    ref_dir, ref = reference["plain"]
+    cmd = build_cmd(tiny_target, chat_jsonl, tmp_path)
+    for task in (1, 0):  # out of order on purpose
+        env = {**child_env(), "SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "0"}
+        proc = subprocess.run([sys.executable] + cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        if task == 1:
+            assert not (tmp_path / "manifest.json").exists()  # part 0's shards are still missing
+            assert sorted(p.name for p in tmp_path.glob("shard-*.parquet")) == [f"shard-{k:06d}.parquet" for k in (1, 3, 5)]
+    got = cache_fingerprint(tmp_path)
+    assert got["manifest"] == ref["manifest"] and got["shards"] == ref["shards"]

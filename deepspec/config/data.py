@@ -143,7 +143,7 @@ class DataStageConfig:
     """The data stage: rows -> (regeneration) -> target forward -> cache shards + manifest."""
 
     command: str = "build"
-    """``build``, ``verify``, ``stats`` or ``estimate``."""
+    """``build``, ``verify``, ``stats``, ``estimate`` or ``finalize`` (write manifest.json once all shards exist)."""
     out_dir: str = "runs/cache"
     """Cache directory (manifest.json, shards, regenerated answers)."""
     max_length: int = 1024
@@ -160,7 +160,7 @@ class DataStageConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
 
     def problems(self, prefix: str = "") -> list[str]:
-        out = one_of(prefix, "command", self.command, ("build", "verify", "stats", "estimate"))
+        out = one_of(prefix, "command", self.command, ("build", "verify", "stats", "estimate", "finalize"))
         out += at_least(prefix, "max_length", self.max_length, 2)
         out += at_least(prefix, "min_loss_tokens", self.min_loss_tokens, 1)
         out += at_least(prefix, "batch_size", self.batch_size, 1)

@@ -221,16 +221,39 @@ def _shard_rows(cfg: DataStageConfig, wanted: set[int]):
         yield (index, [p for p in parsed if isinstance(p, Sample)], [p for p in parsed if isinstance(p, MalformedRow)])
 
 
+def independent_part() -> tuple[int, int] | None:
+    """(part, parts) when this process is one of several *uncoordinated* workers on one cache:
+    a Slurm job array task, or DEEPSPEC_PART/DEEPSPEC_PARTS set by hand. None under torchrun."""
+    import os
+
+    if "DEEPSPEC_PARTS" in os.environ:
+        return int(os.environ["DEEPSPEC_PART"]), int(os.environ["DEEPSPEC_PARTS"])
+    if "SLURM_ARRAY_TASK_ID" in os.environ and "RANK" not in os.environ:
+        first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
+        return int(os.environ["SLURM_ARRAY_TASK_ID"]) - first, int(os.environ["SLURM_ARRAY_TASK_COUNT"])
+    return None
+
+
 def build_cache(cfg: DataStageConfig) -> dict | None:
-    """Build (or resume) the cache in ``cfg.out_dir``. Returns the manifest on rank 0, None elsewhere."""
-    distributed.init_process_group()
-    rank, world = distributed.rank_and_world()
+    """Build (or resume) the cache in ``cfg.out_dir``. Returns the manifest where it was written, else None.
+
+    torchrun ranks coordinate through a process group and rank 0 writes the manifest. Independent
+    parts (a Slurm job array; see ``independent_part``) share nothing but the directory: each writes
+    the same plan atomically, builds its shards, and whichever part finds every shard present
+    writes the (identical, atomically replaced) manifest.
+    """
+    part = independent_part()
+    if part is None:
+        distributed.init_process_group()
+        rank, world = distributed.rank_and_world()
+    else:
+        rank, world = part
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(cfg.target)
     plan, malformed = make_plan(cfg, tokenizer)
     check_malformed(cfg, out_dir, malformed, plan["num_rows"], rank)
-    check_or_write_plan(out_dir, plan, write=rank == 0)
+    check_or_write_plan(out_dir, plan, write=rank == 0 or part is not None)
     distributed.barrier()
     check_or_write_plan(out_dir, plan, write=False)  # every rank agrees with what rank 0 wrote
     mine = [k for k in range(plan["num_shards"]) if k % world == rank]
@@ -246,6 +269,12 @@ def build_cache(cfg: DataStageConfig) -> dict | None:
             build_shard(cfg, plan, index, samples, bad, target, tokenizer, out_dir, bar)
         if bar is not None:
             bar.close()
+    if part is not None:
+        done = all((out_dir / shard_name(k, plan["format"])).exists() for k in range(plan["num_shards"]))
+        if not done:
+            log.warning("part %d of %d done; the manifest is written by the part that finishes last "
+                        "(or run `deepspec-data finalize out_dir=%s`)", rank, world, out_dir)
+        return finalize(out_dir) if done else None
     distributed.barrier()
     manifest = finalize(out_dir) if rank == 0 else None
     distributed.destroy_process_group()

@@ -17,7 +17,7 @@ from deepspec.data.cache.manifest import check_target, load_manifest
 from deepspec.data.cache.verify import cache_stats, verify_cache
 
 log = logging.getLogger("deepspec.data")
-COMMANDS = ("build", "verify", "stats", "estimate")
+COMMANDS = ("build", "verify", "stats", "estimate", "finalize")
 
 
 def run(cfg: DataStageConfig) -> int:
@@ -36,6 +36,12 @@ def run(cfg: DataStageConfig) -> int:
         from deepspec.data.estimate import estimate_cache
 
         print(json.dumps(estimate_cache(cfg), indent=1))
+        return 0
+    if cfg.command == "finalize":
+        from deepspec.data.cache.manifest import finalize
+
+        manifest = finalize(Path(cfg.out_dir))
+        log.info("manifest written: %d shards, %d samples", len(manifest["shards"]), manifest["counts"]["samples"])
         return 0
     if cfg.command == "verify":
         report = verify_cache(cfg.out_dir)
