@@ -286,3 +286,17 @@ def test_build_drops_prompt_only_rows_as_short(tiny_target, tmp_path):
     assert manifest["counts"]["samples"] == 3 and manifest["counts"]["malformed"] == 0
     ids = sorted(s["sample_id"] for s in TargetCacheDataset(out, shuffle=False, prefetch=0))
     assert ids == ["row0", "row1", "row2"]
+
+
+def test_datasets_source_streams_a_local_folder(tmp_path):
+    """input.dataset: a `datasets` name or path, streamed (here a local folder of JSONL files)."""
+    from deepspec.config.data import InputConfig
+    from deepspec.data.sources import Sample, iter_raw_rows, parse_row
+
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    rows = [{"conversations": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]} for i in range(5)]
+    (folder / "part.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    parsed = [parse_row(r) for r in iter_raw_rows(InputConfig(dataset=str(folder), max_rows=4))]
+    assert [p.messages[1]["content"] for p in parsed if isinstance(p, Sample)] == ["a0", "a1", "a2", "a3"]
+    assert parsed[0].source.endswith("[train]:1")
