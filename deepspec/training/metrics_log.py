@@ -34,7 +34,7 @@ class MetricSums:
                 self.sums[k] = self.sums.get(k, 0) + v.detach().float()
             elif k != "loss":
                 self.means.setdefault(k, []).append(float(v))
-        self.means.setdefault("loss", []).append(float(out["loss"]))
+        self.means.setdefault("loss", []).append(float(out["loss"].detach()))
 
     def reduce(self) -> dict:
         """-> flat dict of floats (averaged over micro-batches and ranks)."""
