@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from deepspec.config.train import TrainStageConfig
+from deepspec.data.cache.reader import buffered_shuffle
 from deepspec.data.chat import render_sample
 from deepspec.data.sources import Sample, iter_raw_rows, parse_row
 from deepspec.target import TargetModel, load_tokenizer
@@ -47,13 +48,7 @@ class OnlineTargetDataset(IterableDataset):
 
     def _shuffled(self) -> Iterator:
         rng = random.Random((self.cfg.seed * 1_000_003 + self.epoch) * 1009 + self.rank)
-        buffer = []
-        for r in self._rendered():
-            buffer.append(r)
-            if len(buffer) >= self.shuffle_buffer:
-                yield buffer.pop(rng.randrange(len(buffer)))
-        rng.shuffle(buffer)
-        yield from buffer
+        yield from buffered_shuffle(self._rendered(), self.shuffle_buffer, rng)
 
     @torch.no_grad()
     def featurize(self, rendered: list) -> list[dict]:

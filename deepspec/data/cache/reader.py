@@ -103,13 +103,7 @@ class TargetCacheDataset(IterableDataset):
             return
         info = get_worker_info()
         rng = random.Random(((self.seed * 1_000_003 + self.epoch) * 1009 + self.rank) * 131 + (info.id if info else 0))
-        buffer: list = []
-        for rec in self._records():
-            buffer.append(rec)
-            if len(buffer) >= self.shuffle_buffer:
-                yield buffer.pop(rng.randrange(len(buffer)))
-        rng.shuffle(buffer)
-        yield from buffer
+        yield from buffered_shuffle(self._records(), self.shuffle_buffer, rng)
 
     def _samples(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -124,6 +118,17 @@ class TargetCacheDataset(IterableDataset):
             yield from self._samples()
             return
         yield from _prefetched(self._samples(), self.prefetch)
+
+
+def buffered_shuffle(items: Iterator, size: int, rng: random.Random) -> Iterator:
+    """Stream ``items`` through a buffer of ``size``, emitting a random buffered item each time it fills."""
+    buffer: list = []
+    for item in items:
+        buffer.append(item)
+        if len(buffer) >= size:
+            yield buffer.pop(rng.randrange(len(buffer)))
+    rng.shuffle(buffer)
+    yield from buffer
 
 
 def _prefetched(it: Iterator, depth: int) -> Iterator:
