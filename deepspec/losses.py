@@ -102,7 +102,6 @@ def eagle3_loss(drafter, h_steps: torch.Tensor, loss_mask: torch.Tensor, valid: 
     B, K, S, d = h_steps.shape
     t = torch.arange(S, device=h_steps.device)
     total, acc_rows, ce0 = 0.0, [], None
-    base = valid.bool() & (t + 2 < S)[None]  # positions that are supervised at step 0 (before the label check)
     for k in range(K):
         label = t + 2 + k
         ok = (label < S)[None] & torch.gather(loss_mask.bool(), 1, label.clamp(max=S - 1).expand(B, -1)) & valid.bool()

@@ -16,7 +16,7 @@ import torch
 
 from deepspec.decoding import kernels
 from deepspec.decoding.verify import SamplingConfig, sample
-from deepspec.drafters.attention import apply_rope, attend
+from deepspec.drafters.attention import attend
 from deepspec.drafters.blocks import Blocks
 
 

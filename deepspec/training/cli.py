@@ -8,7 +8,7 @@ import logging
 import os
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from deepspec.config import CONFIG_DIR, TrainStageConfig, register_configs, to_dataclass
 

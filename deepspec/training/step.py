@@ -6,7 +6,6 @@ parameter use.
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from deepspec.config.train import LossConfig
