@@ -13,7 +13,18 @@ import torch.distributed as dist
 
 
 def rank_and_world() -> tuple[int, int]:
+    _export_submitit_environment()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _export_submitit_environment() -> None:
+    """Under the Hydra submitit launcher with several tasks (``hydra.launcher.tasks_per_node``), each
+    Slurm task is one rank: set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from the Slurm job, as torchrun would."""
+    if "RANK" in os.environ or os.environ.get("SUBMITIT_EXECUTOR") != "slurm" or int(os.environ.get("SLURM_NTASKS", 1)) < 2:
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export()
 
 
 def init_process_group(timeout_minutes: float = 24 * 60, single_process: bool = False) -> None:

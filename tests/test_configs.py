@@ -171,7 +171,7 @@ def _compose_train(overrides: list[str]):
 
 def test_every_yaml_in_configs_is_covered_by_a_test():
     covered = ({f"target/{n}" for n in TARGET_PRESETS} | {f"cache/{n}" for n in CACHE_PRESETS}
-               | {f"drafter/{n}" for n in DRAFTER_PRESETS} | {"data", "train", "eval"})
+               | {f"drafter/{n}" for n in DRAFTER_PRESETS} | {"data", "train", "eval", "wandb/default"})
     on_disk = {str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml")
                if "hydra" not in p.parts}
     assert on_disk <= covered, on_disk - covered
@@ -215,3 +215,29 @@ def test_eval_config_composes_and_requires_a_drafter():
     assert obj.temperature == 1.0 and [d.name for d in obj.datasets] == ["toy_heldout", "humaneval"]
     with pytest.raises(ConfigError, match=r"drafter_path is required[\s\S]*temperature=-1"):
         to_dataclass(bad, EvalStageConfig)
+
+
+# ----------------------------------------------------------------------------- W&B section (all stages)
+@pytest.mark.parametrize("stage", ["data", "train", "eval"])
+def test_wandb_section_takes_its_defaults_from_the_environment(stage, monkeypatch):
+    from deepspec.config import EvalStageConfig, TrainStageConfig
+
+    schema, needed = {"data": (DataStageConfig, [INPUT]), "train": (TrainStageConfig, ["cache_dir=c"]),
+                      "eval": (EvalStageConfig, ["drafter_path=d"])}[stage]
+
+    def compose_stage():
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            return to_dataclass(compose(stage, overrides=needed), schema)
+
+    for var in ("WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY", "DEEPSPEC_RUN_GROUP"):
+        monkeypatch.delenv(var, raising=False)
+    plain = compose_stage().wandb
+    assert (plain.mode, plain.project, plain.entity, plain.group) == ("disabled", "deepspec", None, None)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_PROJECT", "drafters")
+    monkeypatch.setenv("DEEPSPEC_RUN_GROUP", "pipe-7")
+    env = compose_stage().wandb
+    assert (env.mode, env.project, env.group) == ("offline", "drafters", "pipe-7")
+    monkeypatch.setenv("WANDB_MODE", "sometimes")
+    with pytest.raises(ConfigError, match=r"wandb\.mode='sometimes'"):
+        compose_stage()

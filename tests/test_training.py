@@ -115,7 +115,7 @@ def test_overfitting_a_tiny_cache_drives_expected_tau_up(toy_cache, tmp_path):
     cmd = [str(REPO / "train" / "train.py"), "target=toy", f"cache_dir={toy_cache}", f"run_dir={tmp_path}",
            "drafter=dspark_debug", "deepspeed.precision=fp32", "deepspeed.zero_stage=0", "logging.progress=false",
            "eval.val_fraction=0", "max_steps=150", "global_batch_size=4", "micro_batch_size=2", "optim.lr=3e-3",
-           "logging.every_steps=10", "checkpoint.every_steps=1000", "logging.wandb_mode=offline"]
+           "logging.every_steps=10", "checkpoint.every_steps=1000", "wandb.mode=offline"]
     run(cmd)
     logs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     first = sum(r["expected_tau"] for r in logs[:2]) / 2

@@ -5,12 +5,13 @@ every key its type and docstring, and ``check`` validates a whole stage config a
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from deepspec.config.base import ConfigError, check
+from deepspec.config.base import ConfigError, WandbConfig, check
 from deepspec.config.data import CacheConfig, DataStageConfig, InputConfig, RegenerateConfig, TargetConfig
 from deepspec.config.eval import EvalStageConfig
 from deepspec.config.train import TrainStageConfig
@@ -27,6 +28,10 @@ def register_configs() -> None:
     cs.store(name="eval_schema", node=EvalStageConfig)
     cs.store(group="target", name="target_schema", node=TargetConfig)
     cs.store(group="cache", name="cache_schema", node=CacheConfig)
+    cs.store(group="wandb", name="wandb_schema", node=WandbConfig)
+    # configs/hydra/launcher/submitit_*.yaml take their schema from the plugin's ConfigStore entry of
+    # the same name (Hydra's "automatic schema matching"); it works in Hydra 1.3 but warns on every run.
+    warnings.filterwarnings("ignore", message=r"(?s).*hydra/launcher/submitit_\w+' is validated against ConfigStore schema")
 
 
 def to_dataclass(cfg: DictConfig, schema: type):
@@ -41,5 +46,5 @@ def to_dataclass(cfg: DictConfig, schema: type):
 
 __all__ = [
     "CONFIG_DIR", "CacheConfig", "EvalStageConfig", "ConfigError", "DataStageConfig", "InputConfig", "RegenerateConfig",
-    "TargetConfig", "TrainStageConfig", "check", "register_configs", "to_dataclass",
+    "TargetConfig", "TrainStageConfig", "WandbConfig", "check", "register_configs", "to_dataclass",
 ]

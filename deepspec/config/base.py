@@ -6,7 +6,8 @@ the full key to change (``cache.storage_dtype``). ``check(cfg)`` gathers them an
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
 
 
 class ConfigError(ValueError):
@@ -27,3 +28,27 @@ def check(cfg: Any, prefix: str = "") -> None:
     problems = cfg.problems(prefix)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases: one run per stage, the stages of one pipeline in one group.
+
+    ``configs/wandb/default.yaml`` fills these from the environment (WANDB_MODE, WANDB_PROJECT,
+    WANDB_ENTITY, DEEPSPEC_RUN_GROUP), so ``slurm/pipeline.sh`` groups its three jobs by exporting
+    one variable.
+    """
+
+    mode: str = "disabled"
+    """online | offline (files under <output dir>/wandb, ``wandb sync`` later) | disabled."""
+    project: str = "deepspec"
+    """W&B project."""
+    entity: Optional[str] = None
+    """W&B entity (team or user); None = the account's default."""
+    group: Optional[str] = None
+    """Run group: one pipeline's data, train and eval runs."""
+    name: Optional[str] = None
+    """Run name (default: <group>-<stage> in a group, else the output directory's name)."""
+
+    def problems(self, prefix: str) -> list[str]:
+        return one_of(prefix, "mode", self.mode, ("online", "offline", "disabled"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from deepspec.config.base import at_least, one_of
+from deepspec.config.base import WandbConfig, at_least, one_of
 
 STORAGE_DTYPES = ("bf16", "fp16", "fp8", "int8")
 CACHE_FORMATS = ("parquet", "webdataset")
@@ -158,6 +158,8 @@ class DataStageConfig:
     input: InputConfig = field(default_factory=InputConfig)
     regenerate: RegenerateConfig = field(default_factory=RegenerateConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """W&B run of the build: the manifest's counts and sizes."""
 
     def problems(self, prefix: str = "") -> list[str]:
         out = one_of(prefix, "command", self.command, ("build", "verify", "stats", "estimate", "finalize"))
@@ -168,6 +170,7 @@ class DataStageConfig:
             out.append(f"{prefix}min_loss_tokens={self.min_loss_tokens} must be < max_length={self.max_length}")
         out += self.target.problems(prefix + "target.")
         out += self.cache.problems(prefix + "cache.")
+        out += self.wandb.problems(prefix + "wandb.")
         if self.command in ("build", "estimate"):
             out += self.input.problems(prefix + "input.")
             out += self.regenerate.problems(prefix + "regenerate.")

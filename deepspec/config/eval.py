@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from deepspec.config.base import at_least
+from deepspec.config.base import WandbConfig, at_least
 from deepspec.config.data import TargetConfig
 
 
@@ -52,6 +52,8 @@ class EvalStageConfig:
     """Concurrent requests simulated for the scheduler comparison (DSpark)."""
     sps_max_tokens: int = 64
     """Largest verify batch (tokens) profiled for SPS(B); beyond it the cost is extrapolated linearly."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """W&B run of the eval: headline figures, the summary table and the plots."""
     calibration_fraction: float = 0.5
     """DSpark: fraction of rounds (by prompt) used to fit Sequential Temperature Scaling; the rest report it."""
 
@@ -64,4 +66,4 @@ class EvalStageConfig:
             out.append(f"{prefix}datasets is empty")
         if not 0.0 <= self.calibration_fraction < 1.0:
             out.append(f"{prefix}calibration_fraction={self.calibration_fraction} must be in [0, 1)")
-        return out + self.target.problems(prefix + "target.")
+        return out + self.target.problems(prefix + "target.") + self.wandb.problems(prefix + "wandb.")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from deepspec.config.base import at_least, one_of
+from deepspec.config.base import WandbConfig, at_least, one_of
 from deepspec.config.data import InputConfig, TargetConfig
 
 DRAFTER_NAMES = ("dspark", "dflash", "eagle3")
@@ -70,23 +70,15 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    """Console, JSONL and W&B logging."""
+    """Console and JSONL logging (W&B: the stage's ``wandb`` section)."""
 
     every_steps: int = 10
     """Log metrics every N optimizer steps."""
-    wandb_mode: str = "disabled"
-    """online | offline | disabled."""
-    wandb_project: str = "deepspec"
-    """W&B project."""
-    wandb_run_name: Optional[str] = None
-    """W&B run name (default: the run directory's name)."""
-    wandb_group: Optional[str] = None
-    """W&B group (e.g. one pipeline)."""
     progress: bool = True
     """Console progress bar on rank 0."""
 
     def problems(self, prefix: str) -> list[str]:
-        return one_of(prefix, "wandb_mode", self.wandb_mode, ("online", "offline", "disabled")) + at_least(prefix, "every_steps", self.every_steps, 1)
+        return at_least(prefix, "every_steps", self.every_steps, 1)
 
 
 @dataclass
@@ -150,6 +142,7 @@ class TrainStageConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     micro_batch_size: int = 1
     """Samples per rank per forward pass."""
@@ -184,7 +177,7 @@ class TrainStageConfig:
             out.append(f"{prefix}global_batch_size={self.global_batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}")
         out += at_least(prefix, "max_steps", self.max_steps, 0)
         out += self.target.problems(prefix + "target.")
-        for name in ("optim", "deepspeed", "checkpoint", "logging", "eval"):
+        for name in ("optim", "deepspeed", "checkpoint", "logging", "wandb", "eval"):
             out += getattr(self, name).problems(f"{prefix}{name}.")
         return out
 

@@ -222,15 +222,25 @@ def _shard_rows(cfg: DataStageConfig, wanted: set[int]):
 
 def independent_part() -> tuple[int, int] | None:
     """(part, parts) when this process is one of several *uncoordinated* workers on one cache:
-    a Slurm job array task, or DEEPSPEC_PART/DEEPSPEC_PARTS set by hand. None under torchrun."""
+    a Slurm job array task, one task of a multi-task ``srun`` step, or DEEPSPEC_PART/DEEPSPEC_PARTS
+    set by hand. None under torchrun (RANK set), which coordinates through a process group.
+
+    An array of multi-task jobs gives each (array task, srun task) pair its own part.
+    """
     import os
 
-    if "DEEPSPEC_PARTS" in os.environ:
-        return int(os.environ["DEEPSPEC_PART"]), int(os.environ["DEEPSPEC_PARTS"])
-    if "SLURM_ARRAY_TASK_ID" in os.environ and "RANK" not in os.environ:
-        first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
-        return int(os.environ["SLURM_ARRAY_TASK_ID"]) - first, int(os.environ["SLURM_ARRAY_TASK_COUNT"])
-    return None
+    env = os.environ
+    if "DEEPSPEC_PARTS" in env:
+        return int(env["DEEPSPEC_PART"]), int(env["DEEPSPEC_PARTS"])
+    if "RANK" in env:
+        return None
+    part, parts = 0, 1
+    if "SLURM_ARRAY_TASK_ID" in env:
+        part, parts = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0)), int(env["SLURM_ARRAY_TASK_COUNT"])
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS", 1))  # set inside an srun step only (not in the batch script)
+    if tasks > 1:
+        part, parts = part * tasks + int(env["SLURM_PROCID"]), parts * tasks
+    return (part, parts) if parts > 1 else None
 
 
 def build_cache(cfg: DataStageConfig) -> dict | None:

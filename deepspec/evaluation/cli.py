@@ -22,6 +22,9 @@ def _hydra_main(cfg: DictConfig) -> None:
     from deepspec.evaluation.plots import write_plots
 
     write_plots(results, stage.run_dir)
+    from deepspec.evaluation.report import log_report_to_wandb
+
+    log_report_to_wandb(results, stage.run_dir, stage.wandb)
     for name, entry in results["datasets"].items():
         r = entry["sampled"]
         print(f"{name}: tau {r['tau']:.2f} (T={stage.temperature}), wall-clock speedup {r['speedup']:.2f}x vs plain decoding")

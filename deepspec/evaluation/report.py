@@ -42,3 +42,32 @@ def write_report(results: dict, run_dir: str | Path) -> Path:
                              f"{cal['before']['auroc'][k]:.3f} | {cal['before']['brier'][k]:.3f} | {cal['after']['brier'][k]:.3f} |")
     (run_dir / "summary.md").write_text("\n".join(lines) + "\n")
     return run_dir / "summary.md"
+
+
+def log_report_to_wandb(results: dict, run_dir: str | Path, wandb_cfg) -> None:
+    """The eval stage's W&B run: headline figures as the summary, the report as tables, the plots as images."""
+    from deepspec.tracking import start_wandb_run
+
+    run_dir = Path(run_dir)
+    run = start_wandb_run(wandb_cfg, "eval", run_dir, results.get("config"))
+    if run is None:
+        return
+    import wandb
+
+    headline, rows, positions = {}, [], []
+    for name, entry in results["datasets"].items():
+        for mode in ("sampled", "greedy"):
+            if mode not in entry:
+                continue
+            r = entry[mode]
+            headline.update({f"{name}/{mode}/tau": r["tau"], f"{name}/{mode}/speedup": r["speedup"],
+                             f"{name}/{mode}/spec_tokens_per_s": r["speculative"]["tokens_per_s"],
+                             f"{name}/{mode}/plain_tokens_per_s": r["plain"]["tokens_per_s"]})
+            rows.append([name, mode, r["tau"], r["speedup"], r["speculative"]["tokens_per_s"], r["plain"]["tokens_per_s"]])
+            positions += [[name, mode, k + 1, a] for k, a in enumerate(r["conditional_acceptance"])]
+    run.log({"eval/summary": wandb.Table(columns=["dataset", "decoding", "tau", "speedup", "spec_tok_s", "plain_tok_s"], data=rows),
+             "eval/acceptance_by_position": wandb.Table(columns=["dataset", "decoding", "position", "conditional_acceptance"],
+                                                        data=positions),
+             **{f"plots/{p.stem}": wandb.Image(str(p)) for p in sorted(run_dir.glob("*.png"))}})
+    run.summary.update(headline)
+    run.finish()

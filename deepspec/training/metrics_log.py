@@ -7,7 +7,6 @@ bonus included), and the confidence head's bias and absolute error.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -15,8 +14,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from deepspec.config.base import WandbConfig
 from deepspec.config.train import LoggingConfig
 from deepspec.distributed import cpu_group
+from deepspec.tracking import start_wandb_run
 
 SUM_KEYS = ("acc_sum", "acc_count", "tau_sum", "tau_count", "conf_bias_sum", "conf_abs_sum")
 
@@ -61,18 +62,14 @@ class MetricSums:
 
 
 class MetricsLogger:
-    def __init__(self, cfg: LoggingConfig, run_dir: Path, rank: int, total_steps: int, start_step: int, config: dict):
+    """Rank 0 writes each logged step to metrics.jsonl and, when enabled, to W&B (same values)."""
+
+    def __init__(self, cfg: LoggingConfig, wandb_cfg: WandbConfig, run_dir: Path, rank: int, total_steps: int,
+                 start_step: int, config: dict):
         self.cfg, self.rank = cfg, rank
         self.file = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step") if rank == 0 and cfg.progress else None
-        self.wandb = None
-        if rank == 0 and cfg.wandb_mode != "disabled":
-            import wandb
-
-            os.environ.setdefault("WANDB_DIR", str(run_dir))
-            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or run_dir.name, group=cfg.wandb_group,
-                                    mode=cfg.wandb_mode, dir=str(run_dir), config=config, resume="allow",
-                                    id=(cfg.wandb_run_name or run_dir.name).replace("/", "-"))
+        self.wandb = start_wandb_run(wandb_cfg, "train", run_dir, config) if rank == 0 else None
         self.t0, self.tokens = time.time(), 0
 
     def step(self, step: int, tokens: int, metrics: dict | None) -> None:

@@ -19,6 +19,7 @@ from deepspec.training.checkpoint import CheckpointManager
 from deepspec.training.data import DataPosition, EpochBatches, build_datasets, collate
 from deepspec.training.engine import build_engine, gradient_accumulation
 from deepspec.training.metrics_log import MetricSums, MetricsLogger
+from deepspec.training.preemption import StopRequest
 from deepspec.training.step import DrafterWithLoss, anchor_seed
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,8 @@ class Trainer:
             self.step, self.best_tau = state["step"], state["best_tau"]
             self.position = DataPosition(**state["position"])
         self.batches = EpochBatches(self.train_set, cfg.micro_batch_size, cfg.num_workers, self.position)
-        self.logger = MetricsLogger(cfg.logging, self.run_dir, self.rank, self.total_steps, self.step, asdict(cfg))
+        self.logger = MetricsLogger(cfg.logging, cfg.wandb, self.run_dir, self.rank, self.total_steps, self.step, asdict(cfg))
+        self.stop = StopRequest()
         if self.rank == 0:
             write_run_info(self.run_dir, cfg, self.world, resume)
             log.info("drafter %s: %.2fM trainable parameters; %d optimizer steps of %d samples (%d ranks x %d micro x %d accumulation)",
@@ -152,8 +154,16 @@ class Trainer:
                 if last_eval.get("expected_tau", -1) > self.best_tau:
                     self.best_tau = last_eval["expected_tau"]
                     self.export(self.run_dir / "best")
-            if self.step % cfg.checkpoint.every_steps == 0 or end:
+            stop = self.stop.requested()  # a collective: every rank decides together
+            if self.step % cfg.checkpoint.every_steps == 0 or end or stop:
                 self.ckpt.save(self.engine, self.step, {"step": self.step, "best_tau": self.best_tau, "position": asdict(self.position)})
+            if stop and not end:
+                log.warning("PREEMPT: stop requested (%s); checkpoint saved at step %d of %d, exiting for a requeue",
+                            self.stop.reason(), self.step, self.total_steps)
+                self.logger.close()
+                distributed.destroy_process_group()
+                self.stop.after_checkpoint()
+                return {"step": self.step, "preempted": True}
         self.export(Path(cfg.export_dir) if cfg.export_dir else self.run_dir / "export")
         self.logger.close()
         result = {"step": self.step, "best_val_expected_tau": self.best_tau, "last_eval": last_eval}
