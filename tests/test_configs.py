@@ -241,3 +241,43 @@ def test_wandb_section_takes_its_defaults_from_the_environment(stage, monkeypatc
     monkeypatch.setenv("WANDB_MODE", "sometimes")
     with pytest.raises(ConfigError, match=r"wandb\.mode='sometimes'"):
         compose_stage()
+
+
+# ----------------------------------------------------------------------------- Hydra launchers (cluster)
+@pytest.mark.parametrize("launcher,target_cls", [("submitit_slurm", "SlurmLauncher"), ("submitit_local", "LocalLauncher")])
+def test_submitit_launcher_configs_compose_with_the_plugin_schema(launcher, target_cls, monkeypatch):
+    monkeypatch.setenv("DEEPSPEC_SLURM_PARTITION", "gpu-long")
+    monkeypatch.setenv("DEEPSPEC_GPUS_PER_NODE", "8")
+    monkeypatch.setenv("DEEPSPEC_SLURM_TIME_MIN", "1440")
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = compose("train", overrides=[f"hydra/launcher={launcher}", "cache_dir=c"], return_hydra_config=True)
+    launcher_cfg = cfg.hydra.launcher
+    assert launcher_cfg._target_.endswith(target_cls)
+    assert launcher_cfg.timeout_min == 1440
+    if launcher == "submitit_slurm":
+        assert (launcher_cfg.partition, launcher_cfg.tasks_per_node, launcher_cfg.gpus_per_node) == ("gpu-long", 8, 8)
+        assert launcher_cfg.max_num_timeout > 0 and launcher_cfg.signal_delay_s >= 60  # requeue before the limit
+    with pytest.raises(Exception, match="timeout_min"):  # the plugin's schema types our YAML
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            compose("train", overrides=[f"hydra/launcher={launcher}", "hydra.launcher.timeout_min=soon"], return_hydra_config=True)
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({}, None),
+    ({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "4", "SLURM_ARRAY_TASK_COUNT": "3"}, (1, 3)),
+    ({"SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "2"}, (2, 4)),
+    ({"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_COUNT": "2",
+      "SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "3"}, (7, 8)),
+    ({"SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "2", "RANK": "2"}, None),  # torchrun coordinates instead
+    ({"SLURM_NTASKS": "2", "SLURM_PROCID": "0"}, None),  # the batch script itself is no part
+    ({"DEEPSPEC_PART": "0", "DEEPSPEC_PARTS": "2", "RANK": "0"}, (0, 2)),
+])
+def test_independent_part_from_the_slurm_environment(env, expected, monkeypatch):
+    from deepspec.data.build import independent_part
+
+    for var in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT", "SLURM_STEP_NUM_TASKS",
+                "SLURM_PROCID", "SLURM_NTASKS", "RANK", "DEEPSPEC_PART", "DEEPSPEC_PARTS"):
+        monkeypatch.delenv(var, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert independent_part() == expected

@@ -267,6 +267,8 @@ def build_cache(cfg: DataStageConfig) -> dict | None:
     check_or_write_plan(out_dir, plan, write=False)  # every rank agrees with what rank 0 wrote
     mine = [k for k in range(plan["num_shards"]) if k % world == rank]
     todo = {k for k in mine if not (out_dir / shard_name(k, plan["format"])).exists()}
+    if part is not None:
+        log.info("part %d of %d: shards %s of %d", rank, world, mine, plan["num_shards"])
     if len(todo) < len(mine):
         log.warning("rank %d: resuming, %d of my %d shards are already complete", rank, len(mine) - len(todo), len(mine))
     if todo:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -57,7 +58,9 @@ def commit_file(tmp: Path, final: Path) -> None:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    # A tmp name of this process's own: independent parts (Slurm array tasks) write plan.json and
+    # manifest.json concurrently; each publishes a complete, identical file.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
     commit_file(tmp, path)
 
