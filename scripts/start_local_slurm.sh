@@ -76,6 +76,9 @@ SlurmctldHost=$HOST(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# Credentials (and the revocation of a requeued job's old one) live 10 s instead of 120 s, so a
+# requeued job starts again after ~10 s: the preemption tests requeue jobs.
+AuthInfo=cred_expire=10
 CredType=cred/munge
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
