@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from deepspec.evaluation.scheduler import prefix_schedule, simulate_serving
+from deepspec.decoding.scheduler import prefix_schedule
+from deepspec.evaluation.scheduler import simulate_serving
 
 
 def test_free_verification_admits_everything():

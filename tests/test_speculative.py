@@ -11,7 +11,9 @@ from scipy.stats import chisquare
 from conftest import TOY_PROMPTS
 from deepspec.config.data import TargetConfig
 from deepspec.config.train import TrainStageConfig
-from deepspec.decoding.speculative import autoregressive_generate, make_session, speculative_generate
+from deepspec.decoding.scheduler import ScheduleConfig, VerifyCostModel, VerifyScheduler
+from deepspec.decoding.sessions import Draft, make_session
+from deepspec.decoding.speculative import autoregressive_generate, speculative_generate, speculative_generate_batch
 from deepspec.decoding.verify import SamplingConfig, sample, verify_block
 from deepspec.target import TargetModel, load_tokenizer
 from deepspec.training.trainer import build_drafter
@@ -40,27 +42,30 @@ def test_greedy_speculative_equals_plain_greedy(toy, name):
     greedy = SamplingConfig(temperature=0)
     for ids in prompts(tok, 4):
         ref = autoregressive_generate(target, ids, 48, greedy, eos_token_id=tok.eos_token_id)
-        got = speculative_generate(target, make_session(drafter.eval()), ids, 48, greedy, eos_token_id=tok.eos_token_id)
+        got = speculative_generate(target, drafter.eval(), ids, 48, greedy, eos_token_id=tok.eos_token_id)
         assert got.tokens == ref.tokens
 
 
 class ReplaySession:
-    """A drafter that proposes a fixed continuation (the target's own), corrupted at chosen offsets:
-    exercises always-accept, never-accept and sometimes-accept rounds of the real loop."""
+    """A drafter that proposes each row's fixed continuation (the target's own), corrupted at chosen
+    offsets: exercises always-accept, never-accept and sometimes-accept rounds of the real loop."""
 
-    def __init__(self, continuation: list[int], g: int, corrupt: set[int]):
-        self.cont, self.g, self.corrupt, self.emitted = continuation, g, corrupt, 0
+    def __init__(self, continuations: list[list[int]], g: int, corrupt: list[set[int]], prompt_lens: list[int]):
+        self.cont, self.block_size, self.corrupt = continuations, g, corrupt
+        self.seen = [-n for n in prompt_lens]  # verified tokens after the prompt, per row
 
-    def extend(self, features, tokens):
-        self.emitted += len(tokens)
+    def extend(self, features, tokens, valid):
+        for b, n in enumerate(valid.sum(1).tolist()):
+            self.seen[b] += n
 
-    def draft(self, anchor, sampling, generator):
-        start = self.emitted - self.prompt_len + 1  # index of the token after the anchor
+    def draft(self, rows, anchors, sampling, generator):
         out = []
-        for i in range(start, start + self.g):
-            tok = self.cont[i] if i < len(self.cont) else 0
-            out.append((tok + 1) % 4096 if i in self.corrupt else tok)
-        return torch.tensor(out), None
+        for b in rows.tolist():
+            start = self.seen[b] + 1  # index of the token after the anchor
+            out.append([((self.cont[b][i] if i < len(self.cont[b]) else 0) + (i in self.corrupt[b])) % 4096
+                        for i in range(start, start + self.block_size)])
+        tokens = torch.tensor(out)
+        return Draft(tokens, None, torch.ones(tokens.shape))
 
 
 @pytest.mark.parametrize("corrupt,expected_tau", [(set(), 5.0), (set(range(100)), 1.0), ({3, 11, 12, 25}, None)])
@@ -69,8 +74,7 @@ def test_greedy_loop_with_always_never_sometimes_accepting_drafters(toy, corrupt
     greedy = SamplingConfig(temperature=0)
     ids = prompts(tok, 1)[0]
     ref = autoregressive_generate(target, ids, 40, greedy).tokens
-    session = ReplaySession(ref, g=4, corrupt=corrupt)
-    session.prompt_len = len(ids)
+    session = ReplaySession([ref], g=4, corrupt=[corrupt], prompt_lens=[len(ids)])
     got = speculative_generate(target, session, ids, 40, greedy)
     assert got.tokens == ref
     if expected_tau is not None:
@@ -82,25 +86,22 @@ def test_greedy_loop_with_always_never_sometimes_accepting_drafters(toy, corrupt
 
 # ----------------------------------------------------------------------------- sampling
 def _first_token_counts(rule, p, q, trials: int, seed: int = 0) -> torch.Tensor:
-    """Emit the first token of a round ``trials`` times with ``rule``; count tokens."""
+    """Emit the first token of a round ``trials`` times (one batch of rows) with ``rule``; count tokens."""
     g = torch.Generator().manual_seed(seed)
-    counts = torch.zeros(p.shape[-1])
-    for _ in range(trials):
-        drafts = sample(q, g)  # (g,)
-        m, nxt = rule(drafts, q, p, g, False)
-        counts[int(drafts[0]) if m >= 1 else nxt] += 1
-    return counts
+    P, Q = p.expand(trials, *p.shape), q.expand(trials, *q.shape)
+    drafts = sample(Q, g)  # (trials, g)
+    m, nxt = rule(drafts, Q, P, torch.full((trials,), q.shape[0]), g, False)
+    first = torch.where(m >= 1, drafts[:, 0], nxt)
+    return torch.bincount(first, minlength=p.shape[-1]).float()
 
 
-def _mutated_rule(draft, q, p, generator, greedy):
+def _mutated_rule(draft, q, p, lengths, generator, greedy):
     """verify_block with one line altered: the correction is drawn from p instead of the residual."""
-    gl = draft.shape[0]
-    u = torch.rand(gl, generator=generator)
-    ratio = p[torch.arange(gl), draft] / q[torch.arange(gl), draft]
-    m = int((u < ratio.clamp(max=1)).int().cumprod(0).sum())
-    if m == gl:
-        return m, int(sample(p[gl], generator))
-    return m, int(sample(p[m], generator))
+    N, gl = draft.shape
+    u = torch.rand(N, gl, generator=generator)
+    ratio = p[:, :gl].gather(-1, draft[..., None])[..., 0] / q.gather(-1, draft[..., None])[..., 0]
+    m = (u < ratio.clamp(max=1)).int().cumprod(1).sum(1)
+    return m, sample(p[torch.arange(N), m], generator)
 
 
 def test_rejection_sampling_emits_the_target_distribution():
@@ -140,7 +141,7 @@ def test_sampled_speculative_output_matches_target_on_a_tiny_vocabulary(tmp_path
     plain, spec = torch.zeros(V * V), torch.zeros(V * V)
     for _ in range(n):
         a = autoregressive_generate(target, prompt, 2, sampling, generator=g).tokens
-        b = speculative_generate(target, make_session(drafter.eval()), prompt, 2, sampling, generator=g).tokens
+        b = speculative_generate(target, drafter.eval(), prompt, 2, sampling, generator=g).tokens
         plain[a[0] * V + a[1]] += 1
         spec[b[0] * V + b[1]] += 1
     keep = (plain + spec) >= 10  # pool rare cells
@@ -150,49 +151,41 @@ def test_sampled_speculative_output_matches_target_on_a_tiny_vocabulary(tmp_path
     assert chi2_contingency(table.numpy()).pvalue > 1e-3
 
 
-@pytest.mark.parametrize("name", ["dspark"])
-def test_scheduled_prefix_verification_stays_lossless(toy, name):
-    from deepspec.evaluation.scheduler import prefix_schedule
+def costly_verification(R: int = 8, g: int = 8) -> VerifyCostModel:
+    """A synthetic cost model where each verified column costs 30% of a step: Algorithm 1 shortens rounds."""
+    rows = [1, 2, 4, 8][: R.bit_length()]
+    return VerifyCostModel(rows, list(range(1, g + 2)), [[r * (1 + 0.3 * (w - 1)) for w in range(1, g + 2)] for r in rows], {})
 
+
+@pytest.mark.parametrize("policy", ["scheduled", "scheduled_with_draft_cost"])
+def test_scheduled_verification_stays_lossless(toy, policy):
     target, tok = toy
-    drafter, _ = build_drafter(TrainStageConfig(target=TOY, drafter=DRAFTERS[name], cache_dir="x"), torch.device("cpu"))
+    drafter, _ = build_drafter(TrainStageConfig(target=TOY, drafter=DRAFTERS["dspark"], cache_dir="x"), torch.device("cpu"))
     greedy = SamplingConfig(temperature=0)
-    lengths = []
-
-    def verify_len(conf):
-        L = prefix_schedule(conf[None], lambda b: 1.0 / (1 + 0.3 * b))[0]  # costly verification: short prefixes
-        lengths.append(L)
-        return L
-
     for ids in prompts(tok, 2):
         ref = autoregressive_generate(target, ids, 40, greedy, eos_token_id=tok.eos_token_id)
-        got = speculative_generate(target, make_session(drafter.eval()), ids, 40, greedy, tok.eos_token_id, verify_len=verify_len)
+        sched = VerifyScheduler(ScheduleConfig(policy=policy), 5, 1, costly_verification())
+        got = speculative_generate(target, drafter.eval(), ids, 40, greedy, tok.eos_token_id, scheduler=sched)
         assert got.tokens == ref.tokens
-    assert min(lengths) < 5  # the schedule really shortened rounds
+        assert min(got.verified_per_round) < 5  # the schedule really shortened rounds
 
 
 @pytest.mark.parametrize("name", ["dspark", "dflash", "eagle3", "replay"])
 def test_batched_greedy_with_ragged_acceptance_equals_plain_greedy(toy, name):
-    from deepspec.decoding.speculative import speculative_generate_batch
-
     target, tok = toy
     greedy = SamplingConfig(temperature=0)
     ids = prompts(tok, 4)  # different prompt lengths: left padding
     eos = None if name == "replay" else tok.eos_token_id  # replay rows run the full length: many full rounds
     refs = [autoregressive_generate(target, p, 32, greedy, eos_token_id=eos).tokens for p in ids]
     if name == "replay":  # rows accept different amounts every round: all, none, some
-        sessions = []
         longest = max(range(len(refs)), key=lambda i: len(refs[i]))  # the always-accepting row: many full rounds
         plan = [{5}, {2, 7, 8}, {1}]
         corrupts = [set() if i == longest else (set(range(99)) if i == (longest + 1) % 4 else plan.pop()) for i in range(4)]
-        for ref, p, corrupt in zip(refs, ids, corrupts):
-            s = ReplaySession(ref, g=4, corrupt=corrupt)
-            s.prompt_len = len(p)
-            sessions.append(s)
+        session = ReplaySession(refs, 4, corrupts, [len(p) for p in ids])
     else:
         drafter, _ = build_drafter(TrainStageConfig(target=TOY, drafter=DRAFTERS[name], cache_dir="x"), torch.device("cpu"))
-        sessions = [make_session(drafter.eval()) for _ in ids]
-    got = speculative_generate_batch(target, sessions, ids, 32, greedy, eos_token_id=eos)
+        session = make_session(drafter.eval(), len(ids))
+    got = speculative_generate_batch(target, session, ids, 32, greedy, eos_token_id=eos)
     assert [r.tokens for r in got] == refs
     if name == "replay":
         full = got[longest].accepted_per_round

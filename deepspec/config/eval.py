@@ -6,6 +6,7 @@ from typing import Optional
 
 from deepspec.config.base import WandbConfig, at_least
 from deepspec.config.data import TargetConfig
+from deepspec.config.decoding import ScheduleConfig
 
 
 @dataclass
@@ -52,6 +53,8 @@ class EvalStageConfig:
     """Concurrent requests simulated for the scheduler comparison (DSpark)."""
     sps_max_tokens: int = 64
     """Largest verify batch (tokens) profiled for SPS(B); beyond it the cost is extrapolated linearly."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Verification length per round: fixed (every draft), or Algorithm 1 (``scheduled``, ``scheduled_with_draft_cost``)."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """W&B run of the eval: headline figures, the summary table and the plots."""
     calibration_fraction: float = 0.5
@@ -66,4 +69,5 @@ class EvalStageConfig:
             out.append(f"{prefix}datasets is empty")
         if not 0.0 <= self.calibration_fraction < 1.0:
             out.append(f"{prefix}calibration_fraction={self.calibration_fraction} must be in [0, 1)")
-        return out + self.target.problems(prefix + "target.") + self.wandb.problems(prefix + "wandb.")
+        return (out + self.target.problems(prefix + "target.") + self.schedule.problems(prefix + "schedule.")
+                + self.wandb.problems(prefix + "wandb."))

@@ -1,25 +1,35 @@
-"""The speculative decoding loop (batch size 1) and the plain autoregressive baseline.
+"""The speculative decoding loop and the plain autoregressive baseline, batched over rows.
 
-A round, after the speculative sampling algorithm (Leviathan et al. 2023, Chen et al. 2023):
+One round, after speculative sampling (Leviathan et al. 2023, Chen et al. 2023) with DSpark's
+confidence-scheduled verification (Algorithm 1), for the R active rows at once:
 
-    1. draft   the drafter proposes d_1..d_g after the anchor (the last emitted token)
-    2. verify  one target forward over [anchor, d_1..d_g] on top of its KV cache
-    3. accept  ``verify_block``: the longest accepted prefix d_1..d_m and the next token
-               (a correction from the residual, or the bonus token when all g are accepted)
-    4. commit  crop the target's cache to the accepted tokens, feed their target features to
-               the drafter; the next token becomes the new anchor
+    1. draft     one drafter pass proposes d_1..d_g after each row's anchor (the last emitted token),
+                 from the drafter's cached context (``sessions``); skipped when the scheduler
+                 decodes plainly this round
+    2. schedule  drafts verified per row, L_r in 0..g (fixed, or Algorithm 1 on calibrated survival)
+    3. verify    one target forward over [anchor, d_1..d_L] of every row, padded to W = 1 + max L
+    4. accept    ``verify_block``: per row the accepted prefix d_1..d_m and the next token (a
+                 correction from the residual, or the bonus token after the last verified draft)
+    5. commit    the rows' rejected positions become holes in the target's KV cache; the drafter
+                 queues the accepted tokens' target features; the next token becomes the anchor
 
-Both loops stop at ``max_new_tokens`` or after emitting ``eos_token_id``.
+A single prompt is the batch of one. Rows stop at ``max_new_tokens`` or after emitting
+``eos_token_id``; finished rows ride along with their mask at zero.
+
+The batched KV cache grows by W positions per round for every row; positions a row did not
+accept stay as holes that the attention mask hides, and explicit position ids count only a row's
+real tokens, so each row computes exactly what it would alone.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from transformers import DynamicCache
 
+from deepspec.decoding.scheduler import ScheduleConfig, VerifyScheduler
+from deepspec.decoding.sessions import make_session
 from deepspec.decoding.verify import SamplingConfig, sample, verify_block
 from deepspec.target import TargetModel
 
@@ -27,151 +37,167 @@ from deepspec.target import TargetModel
 @dataclass
 class GenerationResult:
     tokens: list[int]
-    accepted_per_round: list[int] = field(default_factory=list)  # m per round (tokens per round = m + 1)
-    confidences: list[list[float]] = field(default_factory=list)  # DSpark: c_1..c_g of every round
-    seconds: dict = field(default_factory=lambda: {"draft": 0.0, "verify": 0.0, "other": 0.0})
+    accepted_per_round: list[int] = field(default_factory=list)
+    """m per round: drafts the target accepted (0 in a plain round)."""
+    emitted_per_round: list[int] = field(default_factory=list)
+    """Tokens emitted per round (m + 1, less what fell after EOS or max_new_tokens in the last round)."""
+    verified_per_round: list[int] = field(default_factory=list)
+    """L per round: drafts verified (0 = a plain step)."""
+    confidences: list[list[float]] = field(default_factory=list)
+    """Raw per-slot confidences c_1..c_g of every drafted round (in the order of the drafted rounds)."""
+    seconds: dict = field(default_factory=lambda: {"draft": 0.0, "schedule": 0.0, "verify": 0.0, "other": 0.0})
+    """Wall time of the whole batch by part of the round (shared by the rows of one batch)."""
 
     @property
     def tau(self) -> float:
-        """Tokens emitted per round, bonus/correction token included."""
-        return sum(m + 1 for m in self.accepted_per_round) / max(len(self.accepted_per_round), 1)
+        """Tokens emitted per round (per target forward), bonus/correction token included."""
+        return sum(self.emitted_per_round) / max(len(self.emitted_per_round), 1)
 
 
-def _prefill(target: TargetModel, prompt: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
-    layer_hidden, final = target(prompt[None], past_key_values=cache)
-    return layer_hidden[0], target.lm_head(final[0, -1:])  # (P, L*d), (1, V)
+@dataclass
+class _Batch:
+    """The target side of a batch: KV cache, attention mask over it, real lengths, anchors."""
+
+    cache: DynamicCache
+    mask: torch.Tensor  # (B, cache length) 1 = a real token of the row, 0 = padding or hole
+    lengths: torch.Tensor  # (B,) real tokens per row = position of the anchor
+    anchors: torch.Tensor  # (B,) the last emitted token per row
+    active: torch.Tensor  # (B,) bool
+    results: list[GenerationResult]
 
 
-@torch.no_grad()
-def autoregressive_generate(target: TargetModel, prompt: torch.Tensor, max_new_tokens: int, sampling: SamplingConfig,
-                            eos_token_id: int | None = None, generator: torch.Generator | None = None) -> GenerationResult:
-    """Plain decoding with the same sampling transforms (the reference the speculative loop must match)."""
-    cache = DynamicCache()
-    _, logits = _prefill(target, prompt, cache)
-    out: list[int] = []
-    while True:
-        tok = int(sample(sampling.probs(logits), generator)[0])
-        out.append(tok)
-        if len(out) >= max_new_tokens or tok == eos_token_id:
-            return GenerationResult(out)
-        _, final = target(torch.tensor([[tok]], device=target.device), past_key_values=cache)
-        logits = target.lm_head(final[0])
-
-
-@torch.no_grad()
-def speculative_generate(target: TargetModel, session, prompt: torch.Tensor, max_new_tokens: int, sampling: SamplingConfig,
-                         eos_token_id: int | None = None, generator: torch.Generator | None = None,
-                         verify_len: Callable[[torch.Tensor | None], int] | None = None) -> GenerationResult:
-    """Speculative decoding of one prompt (``prompt`` (P,) token ids) with a drafter session.
-
-    ``verify_len(confidences)`` may shorten a round to a prefix of the drafts (a scheduler's choice,
-    e.g. ``evaluation.scheduler.prefix_schedule``); verifying a prefix keeps decoding exact.
-    """
-    sync = torch.cuda.synchronize if target.device.type == "cuda" else (lambda: None)
-    res = GenerationResult([])
-    cache = DynamicCache()
-    features, logits = _prefill(target, prompt, cache)
-    anchor = int(sample(sampling.probs(logits), generator)[0])
-    res.tokens.append(anchor)
-    session.extend(features, prompt)
-    while len(res.tokens) < max_new_tokens and anchor != eos_token_id:  # the prefill's token may end it
-        t0 = time.perf_counter()
-        drafts, q = session.draft(anchor, sampling, generator)  # 1. draft (g,), (g, V)
-        if verify_len is not None:
-            L = verify_len(getattr(session, "scheduled_confidence", None))
-            drafts, q = drafts[:L], None if q is None else q[:L]
-        sync()
-        t1 = time.perf_counter()
-        block = torch.cat([torch.tensor([anchor], device=target.device), drafts.to(target.device)])
-        layer_hidden, final = target(block[None], past_key_values=cache)  # 2. verify (1, g+1, .)
-        p = sampling.probs(target.lm_head(final[0]))  # (g+1, V)
-        sync()
-        t2 = time.perf_counter()
-        m, nxt = verify_block(drafts.to(p.device), None if q is None else q.to(p.device), p, generator, sampling.greedy)  # 3.
-        if m < len(drafts):  # 4. commit: keep anchor + m drafts (transformers 5 crops by a negative count)
-            cache.crop(m - len(drafts))
-        session.extend(layer_hidden[0, : m + 1], block[: m + 1])
-        res.accepted_per_round.append(m)
-        if getattr(session, "last_confidence", None) is not None:
-            res.confidences.append(session.last_confidence.float().tolist())
-        stop = False
-        for tok in drafts[:m].tolist() + [nxt]:
-            res.tokens.append(tok)
-            stop = tok == eos_token_id or len(res.tokens) >= max_new_tokens
-            if stop:
-                break
-        anchor = nxt
-        t3 = time.perf_counter()
-        res.seconds["draft"] += t1 - t0
-        res.seconds["verify"] += t2 - t1
-        res.seconds["other"] += t3 - t2
-        if stop:
-            break
-    return res
-
-
-def make_session(drafter):
-    """The inference session matching a drafter module."""
-    from deepspec.decoding.drafter_sessions import BlockDrafterSession, Eagle3Session
-    from deepspec.drafters import Eagle3Drafter
-
-    return Eagle3Session(drafter) if isinstance(drafter, Eagle3Drafter) else BlockDrafterSession(drafter)
-
-
-@torch.no_grad()
-def speculative_generate_batch(target: TargetModel, sessions: list, prompts: list[torch.Tensor], max_new_tokens: int,
-                               sampling: SamplingConfig, eos_token_id: int | None = None,
-                               generator: torch.Generator | None = None) -> list[GenerationResult]:
-    """Several prompts at once: one batched target forward verifies every row's block per round.
-
-    Rows accept different numbers of drafts (ragged). The batched KV cache grows by g+1 positions
-    per round for every row; the positions a row rejected stay in the cache as holes that the
-    attention mask hides, and explicit position ids count only a row's real tokens, so each row
-    computes exactly what it would alone. Finished rows ride along with their mask at zero.
-    Drafting runs per row (each session has its own context).
-    """
+def _prefill(target: TargetModel, prompts: list[torch.Tensor], sampling: SamplingConfig, generator, max_new_tokens: int,
+             eos_token_id: int | None) -> tuple[_Batch, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded prefill of every prompt -> the batch, its features (B, P, L*d), ids (B, P) and mask (B, P)."""
     dev, B = target.device, len(prompts)
     P = max(len(p) for p in prompts)
     ids = torch.zeros(B, P, dtype=torch.long, device=dev)
     mask = torch.zeros(B, P, dtype=torch.long, device=dev)
     for i, p in enumerate(prompts):  # left padding: every row's last prompt token at column P-1
         ids[i, P - len(p):], mask[i, P - len(p):] = p.to(dev), 1
-    pos = (mask.cumsum(1) - 1).clamp_min(0)
     cache = DynamicCache()
-    layer_hidden, final = target.decoder_with_positions(ids, mask, pos, cache)
-    probs = sampling.probs(target.lm_head(final[:, -1]))  # (B, V)
-    results = [GenerationResult([int(sample(probs[i], generator))]) for i in range(B)]
-    anchors = [r.tokens[0] for r in results]
-    lengths = [len(p) for p in prompts]  # real tokens per row (= position of the anchor)
-    for i, s in enumerate(sessions):
-        s.extend(layer_hidden[i, P - len(prompts[i]):], prompts[i])
-    active = [anchors[i] != eos_token_id and max_new_tokens > 1 for i in range(B)]
-    while any(active):
-        drafts, qs = [], []
-        for i, s in enumerate(sessions):  # 1. draft (inactive rows re-draft harmlessly; their mask hides them)
-            d, q = s.draft(anchors[i], sampling, generator) if active[i] else (torch.zeros(sessions[0].g, dtype=torch.long), None)
-            drafts.append(d.to(dev))
-            qs.append(q)
-        g = len(drafts[0])
-        block = torch.stack([torch.cat([torch.tensor([anchors[i]], device=dev), drafts[i]]) for i in range(B)])  # (B, g+1)
-        block_mask = torch.tensor(active, device=dev, dtype=torch.long)[:, None].expand(B, g + 1)
-        mask = torch.cat([mask, block_mask], dim=1)
-        block_pos = torch.tensor(lengths, device=dev)[:, None] + torch.arange(g + 1, device=dev)
-        layer_hidden, final = target.decoder_with_positions(block, mask, block_pos, cache)  # 2. verify all rows
-        p_all = sampling.probs(target.lm_head(final))  # (B, g+1, V)
-        for i in range(B):
-            if not active[i]:
-                continue
-            m, nxt = verify_block(drafts[i], qs[i], p_all[i], generator, sampling.greedy)  # 3. accept per row
-            if m < g:  # 4. commit: the rejected positions become holes
-                mask[i, m - g:] = 0
-            sessions[i].extend(layer_hidden[i, : m + 1], block[i, : m + 1])
-            lengths[i] += m + 1
-            results[i].accepted_per_round.append(m)
-            for tok in drafts[i][:m].tolist() + [nxt]:
-                results[i].tokens.append(tok)
-                if tok == eos_token_id or len(results[i].tokens) >= max_new_tokens:
-                    active[i] = False
-                    break
-            anchors[i] = nxt
-    return results
+    features, final = target.decoder_with_positions(ids, mask, (mask.cumsum(1) - 1).clamp_min(0), cache)
+    first = sample(sampling.probs(target.lm_head(final[:, -1])), generator)  # (B,)
+    results = [GenerationResult([t]) for t in first.tolist()]
+    active = torch.tensor([t != eos_token_id and max_new_tokens > 1 for t in first.tolist()], device=dev)
+    return _Batch(cache, mask, mask.sum(1), first, active, results), features, ids, mask.bool()
+
+
+def _emit(batch: _Batch, rows: list[int], block: torch.Tensor, m: list[int], nxt: list[int], verified: list[int],
+          max_new_tokens: int, eos_token_id: int | None) -> int:
+    """Append each row's accepted drafts and next token; stop rows at EOS/max_new_tokens. -> tokens emitted."""
+    total = 0
+    drafts = block[:, 1:].tolist()
+    for i, r in enumerate(rows):
+        res, emitted = batch.results[r], 0
+        for tok in drafts[r][: m[i]] + [nxt[i]]:
+            res.tokens.append(tok)
+            emitted += 1
+            if tok == eos_token_id or len(res.tokens) >= max_new_tokens:
+                batch.active[r] = False
+                break
+        res.accepted_per_round.append(m[i])
+        res.emitted_per_round.append(emitted)
+        res.verified_per_round.append(verified[i])
+        total += emitted
+    return total
+
+
+@torch.no_grad()
+def speculative_generate_batch(target: TargetModel, session, prompts: list[torch.Tensor], max_new_tokens: int,
+                               sampling: SamplingConfig, eos_token_id: int | None = None,
+                               generator: torch.Generator | None = None,
+                               scheduler: VerifyScheduler | None = None) -> list[GenerationResult]:
+    """Speculative decoding of several prompts ((P_i,) token ids) with one drafter session of ``len(prompts)`` rows."""
+    sync = torch.cuda.synchronize if target.device.type == "cuda" else (lambda: None)
+    batch, features, ids, prompt_mask = _prefill(target, prompts, sampling, generator, max_new_tokens, eos_token_id)
+    session.extend(features, ids, prompt_mask)
+    scheduler = scheduler or VerifyScheduler(ScheduleConfig(), session.block_size, len(prompts))
+    seconds = batch.results[0].seconds
+    for res in batch.results:
+        res.seconds = seconds
+    dev, B = target.device, len(prompts)
+    while bool(batch.active.any()):
+        t0 = time.perf_counter()
+        rows = batch.active.nonzero()[:, 0]
+        N = len(rows)
+        drafted = scheduler.should_draft(N)
+        draft = session.draft(rows, batch.anchors[rows], sampling, generator) if drafted else None  # 1. draft
+        sync()
+        t1 = time.perf_counter()
+        L = (scheduler.lengths(rows, draft.confidence, t1 - t0) if drafted  # 2. schedule
+             else torch.zeros(N, dtype=torch.long, device=dev))
+        W = 1 + int(L.max())
+        t2 = time.perf_counter()
+        block = torch.zeros(B, W, dtype=torch.long, device=dev)  # 3. verify [anchor, d_1..d_L] per row
+        block[rows, 0] = batch.anchors[rows]
+        if W > 1:
+            block[rows, 1:] = draft.tokens[:, : W - 1]
+        steps = torch.arange(W, device=dev)
+        block_valid = torch.zeros(B, W, dtype=torch.long, device=dev)
+        block_valid[rows] = (steps[None] <= L[:, None]).long()
+        batch.mask = torch.cat([batch.mask, block_valid], dim=1)
+        layer_hidden, final = target.decoder_with_positions(block, batch.mask, batch.lengths[:, None] + steps, batch.cache)
+        p = sampling.probs(target.lm_head(final[rows]))  # (N, W, V)
+        sync()
+        t3 = time.perf_counter()
+        if W > 1:  # 4. accept
+            q = None if draft.q is None else draft.q[:, : W - 1]
+            m, nxt = verify_block(draft.tokens[:, : W - 1], q, p, L, generator, sampling.greedy)
+        else:  # a plain step: the "bonus" token of zero drafts
+            m, nxt = torch.zeros(N, dtype=torch.long, device=dev), sample(p[:, 0], generator)
+        keep = torch.zeros(B, W, dtype=torch.long, device=dev)  # 5. commit
+        keep[rows] = (steps[None] <= m[:, None]).long()
+        batch.mask[:, -W:] = keep  # rejected positions become holes
+        session.extend(layer_hidden, block, keep.bool())
+        batch.lengths += keep.sum(1)
+        batch.anchors[rows] = nxt
+        rows_l, m_l = rows.tolist(), m.tolist()
+        emitted = _emit(batch, rows_l, block, m_l, nxt.tolist(), L.tolist(), max_new_tokens, eos_token_id)
+        if drafted:
+            for i, r in enumerate(rows_l):
+                batch.results[r].confidences.append(draft.confidence[i].float().tolist())
+        t4 = time.perf_counter()
+        scheduler.observe(rows, drafted, L, m, emitted / N, t4 - t0)
+        seconds["draft"] += t1 - t0
+        seconds["schedule"] += t2 - t1
+        seconds["verify"] += t3 - t2
+        seconds["other"] += t4 - t3
+    return batch.results
+
+
+@torch.no_grad()
+def autoregressive_generate_batch(target: TargetModel, prompts: list[torch.Tensor], max_new_tokens: int,
+                                  sampling: SamplingConfig, eos_token_id: int | None = None,
+                                  generator: torch.Generator | None = None) -> list[GenerationResult]:
+    """Plain decoding of several prompts with the same sampling transforms (the reference the speculative
+    loop must match): one target forward per token for all rows."""
+    batch, _, _, _ = _prefill(target, prompts, sampling, generator, max_new_tokens, eos_token_id)
+    dev, B = target.device, len(prompts)
+    while bool(batch.active.any()):
+        rows = batch.active.nonzero()[:, 0]
+        step_mask = batch.active.long()[:, None]
+        batch.mask = torch.cat([batch.mask, step_mask], dim=1)
+        _, final = target.decoder_with_positions(batch.anchors[:, None], batch.mask, batch.lengths[:, None], batch.cache)
+        nxt = sample(sampling.probs(target.lm_head(final[rows, 0])), generator)
+        batch.lengths += step_mask[:, 0]
+        batch.anchors[rows] = nxt
+        for r, tok in zip(rows.tolist(), nxt.tolist()):
+            batch.results[r].tokens.append(tok)
+            if tok == eos_token_id or len(batch.results[r].tokens) >= max_new_tokens:
+                batch.active[r] = False
+    return batch.results
+
+
+def speculative_generate(target: TargetModel, drafter_or_session, prompt: torch.Tensor, max_new_tokens: int,
+                         sampling: SamplingConfig, eos_token_id: int | None = None, generator: torch.Generator | None = None,
+                         scheduler: VerifyScheduler | None = None) -> GenerationResult:
+    """One prompt (P,): the batch of one. Takes a drafter module (a fresh session is made) or a session of one row."""
+    session = drafter_or_session if hasattr(drafter_or_session, "draft") else make_session(drafter_or_session, 1)
+    return speculative_generate_batch(target, session, [prompt], max_new_tokens, sampling, eos_token_id, generator, scheduler)[0]
+
+
+def autoregressive_generate(target: TargetModel, prompt: torch.Tensor, max_new_tokens: int, sampling: SamplingConfig,
+                            eos_token_id: int | None = None, generator: torch.Generator | None = None) -> GenerationResult:
+    """Plain decoding of one prompt (P,): the batch of one."""
+    return autoregressive_generate_batch(target, [prompt], max_new_tokens, sampling, eos_token_id, generator)[0]

@@ -3,9 +3,11 @@
 Both sides of the acceptance ratio go through the same ``SamplingConfig.probs`` (temperature,
 top-k, top-p) in fp32. ``verify_block`` is the lossless rule of Leviathan et al. / Chen et al.:
 
-    for k = 1..g:  accept d_k with probability min(1, p_k(d_k) / q_k(d_k))
+    for k = 1..L:  accept d_k with probability min(1, p_k(d_k) / q_k(d_k))
                    on rejection: emit a token from norm(max(0, p_k - q_k)) and stop
-    all accepted:  emit a bonus token from p_{g+1}
+    all accepted:  emit a bonus token from p_{L+1}
+
+where L <= g is the number of drafts the row verifies (all of them, or the scheduler's prefix).
 
 Greedy (temperature 0) reduces to: accept while d_k = argmax p_k, then emit argmax p at the
 first mismatch (or the bonus position). Either way the emitted sequence is distributed exactly
@@ -57,19 +59,26 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
     return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
 
 
-def verify_block(draft: torch.Tensor, q: torch.Tensor | None, p: torch.Tensor, generator: torch.Generator | None,
-                 greedy: bool) -> tuple[int, int]:
-    """Accept a prefix of the drafts and pick the next token.
+def uniform(shape: tuple, generator: torch.Generator | None, device) -> torch.Tensor:
+    """U(0, 1) noise drawn from ``generator`` (on its own device), moved to ``device``."""
+    return torch.rand(shape, generator=generator, device=generator.device if generator is not None else device).to(device)
+
+
+def verify_block(draft: torch.Tensor, q: torch.Tensor | None, p: torch.Tensor, lengths: torch.Tensor,
+                 generator: torch.Generator | None, greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accept a prefix of each row's verified drafts and pick the row's next token.
 
     Args:
-        draft: (g,) drafted tokens; q: (g, V) their draft probabilities (None when greedy);
-        p: (g+1, V) target probabilities at [anchor, d_1, ..., d_g].
-    Returns: (number of drafts accepted m, the token emitted after them). The fused kernel runs on
-    CUDA, the PyTorch reference elsewhere; both draw from the same uniforms.
+        draft: (N, g) drafted tokens; q: (N, g, V) their draft probabilities (None when greedy);
+        p: (N, g+1, V) target probabilities at [anchor, d_1, ..., d_g];
+        lengths: (N,) drafts each row verifies (a scheduler may verify a prefix: 0..g).
+    Returns: m (N,) drafts accepted and next (N,) the token emitted after them. The fused kernel
+    runs on CUDA, the PyTorch reference elsewhere; both draw from the same uniforms.
     """
     from deepspec.decoding import kernels
 
     if greedy:
-        return kernels.verify(draft, None, p, None, None, True)
-    u = torch.rand(draft.shape[0] + p.shape[1], generator=generator).to(p.device)
-    return kernels.verify(draft, q, p, u[: draft.shape[0]], u[draft.shape[0]:], False)
+        return kernels.verify(draft, None, p, lengths, None, None, True)
+    N, g = draft.shape
+    u = uniform((N, g + p.shape[-1]), generator, p.device)
+    return kernels.verify(draft, q, p, lengths, u[:, :g], u[:, g:], False)

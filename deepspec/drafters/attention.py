@@ -108,7 +108,9 @@ class ContextAttention(nn.Module):
     """Qwen3 attention whose keys/values are [projection of the context ; projection of the block].
 
     The same k_proj/v_proj (and k_norm) serve both parts; queries come from the block only.
-    Context K/V are recomputed in every layer from the projected target features.
+    Context K/V are computed in every layer from the projected target features (``context_kv``),
+    never from the layer's input, so they depend on the context alone: a decoding session computes
+    them once per token and caches them, exactly like a target's KV cache.
     """
 
     def __init__(self, d: int, num_heads: int, num_kv_heads: int, head_dim: int, eps: float):
@@ -125,14 +127,19 @@ class ContextAttention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, n, self.head_dim).transpose(1, 2)  # (B, n, T, hd)
 
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor, rope_q: tuple, rope_kv: tuple, mask, backend: str) -> torch.Tensor:
-        """x (B, Q, d) block tokens; ctx (B, C, d) context features; rope_q for Q positions, rope_kv for C+Q."""
-        kv_in = torch.cat([ctx, x], dim=1)  # (B, C+Q, d)
-        q = self.q_norm(self._heads(self.q_proj(x), self.num_heads))
-        k = self.k_norm(self._heads(self.k_proj(kv_in), self.num_kv_heads))
-        v = self._heads(self.v_proj(kv_in), self.num_kv_heads)
-        q, k = apply_rope(q, *rope_q), apply_rope(k, *rope_kv)
-        out = attend(q, k, v, mask, backend)  # (B, H, Q, hd)
+    def _kv(self, x: torch.Tensor, rope: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.k_norm(self._heads(self.k_proj(x), self.num_kv_heads))
+        return apply_rope(k, *rope), self._heads(self.v_proj(x), self.num_kv_heads)
+
+    def context_kv(self, ctx: torch.Tensor, rope_ctx: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """ctx (B, C, d) projected context features, RoPE at their positions -> k, v (B, Hkv, C, hd)."""
+        return self._kv(ctx, rope_ctx)
+
+    def forward(self, x: torch.Tensor, ctx_k: torch.Tensor, ctx_v: torch.Tensor, rope_q: tuple, mask, backend: str) -> torch.Tensor:
+        """x (B, Q, d) block tokens; ctx_k/ctx_v (B, Hkv, C, hd) from ``context_kv``; rope_q at the Q block positions."""
+        q = apply_rope(self.q_norm(self._heads(self.q_proj(x), self.num_heads)), *rope_q)
+        k, v = self._kv(x, rope_q)
+        out = attend(q, torch.cat([ctx_k, k], dim=2), torch.cat([ctx_v, v], dim=2), mask, backend)  # (B, H, Q, hd)
         return self.o_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
 
@@ -146,6 +153,6 @@ class ContextDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(d, eps)
         self.mlp = MLP(d, intermediate)
 
-    def forward(self, x, ctx, rope_q, rope_kv, mask, backend: str) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), ctx, rope_q, rope_kv, mask, backend)
+    def forward(self, x, ctx_k, ctx_v, rope_q, mask, backend: str) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx_k, ctx_v, rope_q, mask, backend)
         return x + self.mlp(self.post_attention_layernorm(x))

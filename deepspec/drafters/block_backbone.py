@@ -5,6 +5,9 @@
     for each layer: x = layer(x, K/V = [proj(H_ctx); proj(x)])      context < anchor, own block
     h     = norm(x)                                                   (B, A, g, d)
 
+``context_kv`` (the per-layer K/V of H_ctx) depends on the context only, so decoding caches it
+per token (``deepspec/decoding/sessions``); ``block_hidden`` is the per-round work.
+
 The embedding and LM head are the target's, frozen and shared (never copied). Parameter names
 match the reference checkpoint layout (fc, hidden_norm, layers.i.*, norm).
 """
@@ -44,23 +47,35 @@ class BlockDraftBackbone(nn.Module):
         self.norm = RMSNorm(d, tc.rms_norm_eps)
         self.rotary = RotaryEmbedding(tc)
 
+    def context_kv(self, hidden: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """hidden (B, C, L*d) target features at ``positions`` (B, C) -> per layer (k, v), each (B, Hkv, C, hd).
+
+        Depends on the context alone: decoding sessions cache it and append only new tokens.
+        """
+        ctx = self.hidden_norm(self.fc(hidden))  # (B, C, d)
+        rope = self.rotary(ctx, positions)
+        return [layer.self_attn.context_kv(ctx, rope) for layer in self.layers]
+
+    def block_hidden(self, block_ids: torch.Tensor, block_pos: torch.Tensor, ctx_kv: list, mask,
+                     backend: str | None = None) -> torch.Tensor:
+        """block_ids, block_pos (B, Q) -> h (B, Q, d): the layers over the block, attending to ``ctx_kv`` and itself."""
+        x = self.embed_tokens(block_ids).to(ctx_kv[0][0].dtype)  # (B, Q, d)
+        rope_q = self.rotary(x, block_pos)
+        for layer, (k, v) in zip(self.layers, ctx_kv):
+            x = layer(x, k, v, rope_q, mask, backend or self.attention_backend)
+        return self.norm(x)
+
     def forward(self, hidden: torch.Tensor, ctx_valid: torch.Tensor, blocks: Blocks) -> torch.Tensor:
         """hidden (B, S, L*d) target features; ctx_valid (B, S) real tokens -> h (B, A, g, d)."""
         B, S, _ = hidden.shape
         A, g = blocks.anchors.shape[1], blocks.block_size
-        ctx = self.hidden_norm(self.fc(hidden))  # (B, S, d)
-        x = self.embed_tokens(blocks.input_ids.view(B, A * g)).to(ctx.dtype)  # (B, Q, d), Q = A*g
-        block_pos = blocks.positions.view(B, A * g)
-        ctx_pos = torch.arange(S, device=hidden.device).expand(B, S)
-        rope_q = self.rotary(x, block_pos)
-        rope_kv = self.rotary(x, torch.cat([ctx_pos, block_pos], dim=1))
+        ctx_kv = self.context_kv(hidden, torch.arange(S, device=hidden.device).expand(B, S))
         if self.attention_backend == "flex":
             mask = flex_block_mask(flex_mask_mod(blocks.anchors, ctx_valid, g), B, A * g, S + A * g, hidden.device)
         else:
             mask = block_attention_mask(blocks.anchors, ctx_valid, g)
-        for layer in self.layers:
-            x = layer(x, ctx, rope_q, rope_kv, mask, self.attention_backend)
-        return self.norm(x).view(B, A, g, -1)
+        h = self.block_hidden(blocks.input_ids.view(B, A * g), blocks.positions.view(B, A * g), ctx_kv, mask)
+        return h.view(B, A, g, -1)
 
     def prev_tokens(self, block_input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: x_{k-1} = [anchor, label_0, ..., label_{g-2}]. (..., g) -> (..., g)."""

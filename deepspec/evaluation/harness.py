@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from deepspec.config.eval import EvalDatasetConfig, EvalStageConfig
-from deepspec.decoding.speculative import autoregressive_generate, make_session, speculative_generate
+from deepspec.decoding.scheduler import VerifyCostModel, VerifyScheduler
+from deepspec.decoding.speculative import autoregressive_generate, speculative_generate
 from deepspec.decoding.verify import SamplingConfig
 from deepspec.evaluation import metrics
 from deepspec.evaluation.scheduler import profile_sps, simulate_serving
@@ -70,30 +71,32 @@ class EvalHarness:
         cfg, eos = self.cfg, self.tok.eos_token_id
         turns = list(self._turns(load_prompts(ds, cfg.seed)))
         g = torch.Generator().manual_seed(cfg.seed)
-        speculative_generate(self.target, make_session(self.drafter), turns[0][1], 8, sampling, eos, g)  # warm-up
+        speculative_generate(self.target, self.drafter, turns[0][1], 8, sampling, eos, g, self.scheduler())  # warm-up
         autoregressive_generate(self.target, turns[0][1], 8, sampling, eos, g)
         plain_s = spec_s = 0.0
         plain_tokens = spec_tokens = 0
         split = {"draft": 0.0, "verify": 0.0, "other": 0.0}
-        accepted, conf_rows, conf_prompt, mismatches = [], [], [], []
+        accepted, conf_rows, conf_prompt, mismatches, emitted = [], [], [], [], []
         for i, ids in turns:
             t = time.perf_counter()
             plain = autoregressive_generate(self.target, ids, cfg.max_new_tokens, sampling, eos, torch.Generator().manual_seed(cfg.seed + i))
             plain_s += time.perf_counter() - t
             t = time.perf_counter()
-            spec = speculative_generate(self.target, make_session(self.drafter), ids, cfg.max_new_tokens, sampling, eos,
-                                        torch.Generator().manual_seed(cfg.seed + i))
+            spec = speculative_generate(self.target, self.drafter, ids, cfg.max_new_tokens, sampling, eos,
+                                        torch.Generator().manual_seed(cfg.seed + i), self.scheduler())
             spec_s += time.perf_counter() - t
             plain_tokens, spec_tokens = plain_tokens + len(plain.tokens), spec_tokens + len(spec.tokens)
             if sampling.greedy and spec.tokens != plain.tokens:  # lossless check on every evaluated prompt
                 mismatches.append(i)
             for k in split:
                 split[k] += spec.seconds[k]
-            accepted += spec.accepted_per_round
+            accepted += [m for m, L in zip(spec.accepted_per_round, spec.verified_per_round) if L > 0]  # drafted rounds
             conf_rows += spec.confidences
             conf_prompt += [i] * len(spec.confidences)
+            emitted += spec.emitted_per_round
         g_len = getattr(self.drafter.cfg, "block_size", getattr(self.drafter.cfg, "ttt_steps", 1))
         out = {"turns": len(turns), **metrics.acceptance_stats(accepted, g_len),
+               "tau": sum(emitted) / max(len(emitted), 1),  # tokens emitted per round (nothing after EOS counted)
                "draft_tokens_proposed": len(accepted) * g_len,
                "verify_rate": sum(accepted) / max(len(accepted) * g_len, 1),
                "plain": {"tokens": plain_tokens, "seconds": plain_s, "tokens_per_s": plain_tokens / max(plain_s, 1e-9)},
@@ -139,8 +142,9 @@ class EvalHarness:
 
                 (Path(cfg.drafter_path) / STS_FILE).write_text(json.dumps(
                     {"temperatures": cal["sts_temperatures"], "fitted_on": ds.name, "temperature": cfg.temperature}, indent=1))
-            if cal:  # DSpark: replay its recorded rounds in the serving simulation (Algorithm 1 vs fixed length)
-                rounds = cal.pop("_rounds")
+            if cal:  # replay the recorded rounds, STS-calibrated, in the serving simulation (Algorithm 1 vs fixed length)
+                rounds = [(metrics.apply_temperatures(torch.tensor([c]), cal["sts_temperatures"])[0].tolist(), m)
+                          for c, m in cal.pop("_rounds")]
                 entry["serving_simulation"] = simulate_serving(rounds, self.sps_table(), cfg.serving_loads,
                                                                g=len(rounds[0][0]), seed=cfg.seed)
             if "greedy" in entry and entry["greedy"].get("calibration"):
@@ -148,6 +152,16 @@ class EvalHarness:
             results["datasets"][ds.name] = entry
             log.info("%s: tau %.2f, speedup %.2fx (T=%s)", ds.name, entry["sampled"]["tau"], entry["sampled"]["speedup"], cfg.temperature)
         return results
+
+    def scheduler(self) -> VerifyScheduler | None:
+        """The configured verification policy (None = verify every draft), with this machine's cost profile."""
+        sched = self.cfg.schedule
+        if sched.policy == "fixed" and not sched.fixed_length:
+            return None
+        g = getattr(self.drafter.cfg, "block_size", getattr(self.drafter.cfg, "ttt_steps", 1))
+        if not hasattr(self, "_cost") and sched.policy != "fixed":
+            self._cost = VerifyCostModel.load_or_profile(self.target, max_rows=1, max_width=g + 1)
+        return VerifyScheduler(sched, g, 1, getattr(self, "_cost", None), getattr(self.drafter, "confidence_temperatures", None))
 
     def sps_table(self) -> list[float]:
         """SPS(B) of this target on this machine (profiled once per run)."""

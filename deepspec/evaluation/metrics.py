@@ -11,9 +11,9 @@ c_{r,1..g}. Position k (1-based) of a round *survives* when m_r >= k.
 """
 from __future__ import annotations
 
-import math
-
 import torch
+
+from deepspec.calibration import apply_temperatures, cumulative_survival, ece, fit_sequential_temperatures  # noqa: F401 (re-exported)
 
 
 def acceptance_stats(accepted: list[int], g: int) -> dict:
@@ -24,17 +24,6 @@ def acceptance_stats(accepted: list[int], g: int) -> dict:
     hist = [int((m == i).sum()) for i in range(g + 1)]
     return {"rounds": len(accepted), "tau": float((m + 1).mean()) if accepted else 0.0, "prefix_survival": survive,
             "conditional_acceptance": cond, "accept_length_histogram": {str(i + 1): h for i, h in enumerate(hist)}}
-
-
-def ece(pred: torch.Tensor, label: torch.Tensor, bins: int = 20) -> float:
-    """Expected calibration error with equal-width bins on [0, 1]."""
-    idx = (pred * bins).long().clamp(max=bins - 1)
-    total = 0.0
-    for b in range(bins):
-        sel = idx == b
-        if sel.any():
-            total += float(sel.float().mean()) * abs(float(pred[sel].mean()) - float(label[sel].float().mean()))
-    return total
 
 
 def auroc(pred: torch.Tensor, label: torch.Tensor) -> float:
@@ -55,7 +44,7 @@ def auroc(pred: torch.Tensor, label: torch.Tensor) -> float:
 def calibration(conf: torch.Tensor, accepted: torch.Tensor, bins: int = 20) -> dict:
     """conf (R, g) per-position confidences, accepted (R,) m per round -> per-position ECE/AUROC/Brier."""
     R, g = conf.shape
-    survival = torch.cumprod(conf.double(), dim=1)  # a_{r,k}
+    survival = cumulative_survival(conf)  # a_{r,k}
     out = {"ece": [], "auroc": [], "brier": [], "mean_predicted": [], "mean_observed": [], "reliability": []}
     for k in range(g):
         label = (accepted >= k + 1).double()
@@ -68,30 +57,6 @@ def calibration(conf: torch.Tensor, accepted: torch.Tensor, bins: int = 20) -> d
         out["mean_predicted"].append(float(survival[:, k].mean()))
         out["mean_observed"].append(float(label.mean()))
     return out
-
-
-def apply_temperatures(conf: torch.Tensor, temps: list[float]) -> torch.Tensor:
-    """c' = sigmoid(logit(c) / T_k) per position k."""
-    logit = torch.logit(conf.double().clamp(1e-6, 1 - 1e-6))
-    return torch.sigmoid(logit / torch.tensor(temps, dtype=torch.float64)).to(conf.dtype)
-
-
-def fit_sequential_temperatures(conf: torch.Tensor, accepted: torch.Tensor, grid: list[float] | None = None,
-                                bins: int = 20) -> list[float]:
-    """Sequential Temperature Scaling: for k = 1..g in order, the grid temperature minimising the ECE of
-    the cumulative product at position k, with positions < k already scaled."""
-    grid = grid or [math.exp(x / 20) for x in range(-46, 47)]  # 0.1 .. 10, log-spaced
-    g = conf.shape[1]
-    temps = [1.0] * g
-    for k in range(g):
-        label = (accepted >= k + 1).double()
-        best = (float("inf"), 1.0)
-        for t in grid:
-            trial = temps[:k] + [t] + [1.0] * (g - k - 1)
-            surv = torch.cumprod(apply_temperatures(conf, trial).double(), dim=1)[:, k]
-            best = min(best, (ece(surv, label, bins), t))
-        temps[k] = best[1]
-    return temps
 
 
 def threshold_sweep(conf: torch.Tensor, accepted: torch.Tensor, thresholds: list[float] | None = None) -> list[dict]:

@@ -1,4 +1,4 @@
-"""The hardware-aware prefix scheduler (DSpark, Algorithm 1) and a small serving simulation.
+"""A replay of recorded rounds under Algorithm 1 (the runtime scheduler is ``deepspec.decoding.scheduler``).
 
 Each active request r has drafted g tokens with confidences c_{r,1..g}; a_{r,j} = prod_{i<=j} c_{r,i}
 is the predicted probability that its first j drafts all survive. Verifying costs one target step
@@ -21,21 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 
-
-def prefix_schedule(conf: torch.Tensor, sps: Callable[[int], float]) -> list[int]:
-    """conf (R, g) per-slot confidences -> drafts to verify per request (0..g)."""
-    R, g = conf.shape
-    survive = torch.cumprod(conf.double(), dim=1)  # a_{r,j}
-    order = sorted(((float(survive[r, j]), -j, r, j) for r in range(R) for j in range(g)), reverse=True)
-    lengths = [0] * R
-    B, tau = R, float(R)
-    for a, _, r, j in order:
-        if j != lengths[r]:  # not the next slot of this request (a tie placed a later slot first)
-            continue
-        if (tau + a) * sps(B + 1) <= tau * sps(B):
-            break
-        B, tau, lengths[r] = B + 1, tau + a, j + 1
-    return lengths
+from deepspec.decoding.scheduler import prefix_schedule
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Fused decoding steps: Triton kernels on CUDA, the PyTorch reference everywhere else.
+"""Fused decoding steps over a batch of rows: Triton kernels on CUDA, the PyTorch reference elsewhere.
 
 ``markov_step`` and ``verify`` dispatch on the device of their inputs (and on Triton being
 installed); both paths take the same explicit noise, so they return the same tokens.
@@ -24,6 +24,6 @@ def markov_step(base, w1, w2, x, temperature, noise_u):
     return impl.markov_step(base, w1, w2, x, temperature, noise_u)
 
 
-def verify(draft, q, p, u_accept, noise_u, greedy):
+def verify(draft, q, p, lengths, u_accept, noise_u, greedy):
     impl = triton_kernels if use_triton(p) else reference
-    return impl.verify(draft, q, p, u_accept, noise_u, greedy)
+    return impl.verify(draft, q, p, lengths, u_accept, noise_u, greedy)

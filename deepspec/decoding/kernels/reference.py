@@ -3,16 +3,16 @@
 Randomness enters as explicit noise so that kernel and reference see the same draws:
 sampling from softmax(l) is argmax(l + G) with G = -log(-log(U)) Gumbel noise (exact).
 
-markov_step: one sequential-head step of DSpark, for one draft slot
-    logits = base + W2 @ W1[x]            (base (V,), W1 (V', r), W2 (V, r), x the previous token)
+markov_step: one sequential-head step of DSpark, for one draft slot of N rows
+    logits = base + W1[x] @ W2^T          (base (N, V), W1 (V', r), W2 (V, r), x (N,) the previous tokens)
     token  = argmax(logits)                                     greedy
            = argmax(logits / T + G)                             sampling at temperature T
-    prob   = softmax(logits / T)[token]   (1.0 when greedy)
 
-verify: the acceptance rule over a block of g drafts
-    accept d_k while U_k < p_k(d_k) / q_k(d_k); at the first rejection m the next token is
-    argmax(log max(0, p_m - q_m) + G); if all g are accepted it is argmax(log p_g + G).
-    Greedy: accept while d_k = argmax p_k; next = argmax p_m.
+verify: the acceptance rule over N rows, row n verifying its first L_n of g drafts
+    accept d_k while k < L_n and U_k < p_k(d_k) / q_k(d_k); at the first rejection m the next
+    token is argmax(log max(0, p_m - q_m) + G); if all L_n are accepted it is argmax(log p_{L_n} + G)
+    (the bonus token, drawn at the position after the last *verified* draft).
+    Greedy: accept while d_k = argmax p_k (k < L_n); next = argmax p_m.
 """
 from __future__ import annotations
 
@@ -23,29 +23,30 @@ def gumbel(u: torch.Tensor) -> torch.Tensor:
     return -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
 
 
-def markov_step(base: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, x: int, temperature: float,
-                noise_u: torch.Tensor | None) -> tuple[int, float, torch.Tensor]:
-    """-> (token, its probability, logits (V,) fp32)."""
-    logits = base.float() + w2.float() @ w1[x].float()
+def markov_step(base: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, temperature: float,
+                noise_u: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """base (N, V), x (N,), noise_u (N, V) or None -> (tokens (N,), logits (N, V) fp32)."""
+    logits = base.float() + w1[x].float() @ w2.float().T  # (N, V)
     if temperature == 0:
-        return int(logits.argmax()), 1.0, logits
-    scaled = logits / temperature
-    token = int((scaled + gumbel(noise_u)).argmax())
-    return token, float(torch.softmax(scaled, -1)[token]), logits
+        return logits.argmax(-1), logits
+    return (logits / temperature + gumbel(noise_u)).argmax(-1), logits
 
 
-def verify(draft: torch.Tensor, q: torch.Tensor | None, p: torch.Tensor, u_accept: torch.Tensor | None,
-           noise_u: torch.Tensor | None, greedy: bool) -> tuple[int, int]:
-    """draft (g,), q (g, V), p (g+1, V) fp32 probabilities, u_accept (g,), noise_u (V,) -> (m, next token)."""
-    g = draft.shape[0]
+def verify(draft: torch.Tensor, q: torch.Tensor | None, p: torch.Tensor, lengths: torch.Tensor, u_accept: torch.Tensor | None,
+           noise_u: torch.Tensor | None, greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """draft (N, g), q (N, g, V), p (N, g+1, V) fp32 probabilities, lengths (N,) drafts verified per row,
+    u_accept (N, g), noise_u (N, V) -> (m (N,) drafts accepted, next token (N,))."""
+    N, g = draft.shape
+    inside = torch.arange(g, device=p.device)[None] < lengths[:, None]  # (N, g) the verified slots
     if greedy:
-        target = p.argmax(-1)
-        m = int((target[:g] == draft).int().cumprod(0).sum())
-        return m, int(target[m])
-    rows = torch.arange(g, device=p.device)
-    ratio = p[rows, draft] / q[rows, draft].clamp_min(1e-30)
-    m = int((u_accept < ratio).int().cumprod(0).sum())
-    dist = p[m] if m == g else (p[m] - q[m]).clamp_min(0)
-    if m < g and float(dist.sum()) <= 0:  # p == q: a rejection had probability 0; guard rounding
-        dist = p[m]
-    return m, int((torch.log(dist) + gumbel(noise_u)).argmax())
+        target = p.argmax(-1)  # (N, g+1)
+        m = ((target[:, :g] == draft) & inside).int().cumprod(1).sum(1)
+        return m, target.gather(1, m[:, None])[:, 0]
+    p_d = p[:, :g].gather(-1, draft[..., None])[..., 0]  # (N, g) p_k(d_k)
+    q_d = q.gather(-1, draft[..., None])[..., 0]
+    m = ((u_accept < p_d / q_d.clamp_min(1e-30)) & inside).int().cumprod(1).sum(1)
+    p_m = p.gather(1, m[:, None, None].expand(N, 1, p.shape[-1]))[:, 0]  # (N, V)
+    q_m = q.gather(1, m.clamp(max=g - 1)[:, None, None].expand(N, 1, q.shape[-1]))[:, 0]
+    dist = torch.where((m < lengths)[:, None], (p_m - q_m).clamp_min(0), p_m)  # residual, or p for the bonus
+    dist = torch.where((dist.sum(-1) <= 0)[:, None], p_m, dist)  # p == q: a rejection had probability 0; guard rounding
+    return m, (torch.log(dist) + gumbel(noise_u)).argmax(-1)

@@ -1,0 +1,43 @@
+"""Typed config of the decoding engine's verification policy (``deepspec.decoding.scheduler``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+POLICIES = ("fixed", "scheduled", "scheduled_with_draft_cost")
+CONFIDENCE_SOURCES = ("drafter", "online")
+
+
+@dataclass
+class ScheduleConfig:
+    """Verification-length policy of the decoding engine."""
+
+    policy: str = "fixed"
+    """fixed | scheduled (Algorithm 1) | scheduled_with_draft_cost (Algorithm 1 + draft cost + plain fallback)."""
+    fixed_length: int = 0
+    """fixed: drafts verified per round (0 = the whole block)."""
+    confidence: str = "drafter"
+    """drafter: the session's confidences (DSpark's head; DFlash/Eagle3 their probability of the drafted
+    token), STS-calibrated | online: per-row running acceptance per slot (EMA of observed outcomes)."""
+    temperatures: Optional[list[float]] = None
+    """STS temperatures per slot; None = the drafter's saved ones (``confidence_temperatures.json``)."""
+    online_ema: float = 0.3
+    """online: weight of the newest observation."""
+    max_probe_interval_rounds: int = 64
+    """scheduled_with_draft_cost: longest run of plain steps between two probing drafts."""
+
+    def problems(self, prefix: str = "") -> list[str]:
+        out = []
+        if self.policy not in POLICIES:
+            out.append(f"{prefix}policy={self.policy!r} is not one of {POLICIES}")
+        if self.confidence not in CONFIDENCE_SOURCES:
+            out.append(f"{prefix}confidence={self.confidence!r} is not one of {CONFIDENCE_SOURCES}")
+        if self.fixed_length < 0:
+            out.append(f"{prefix}fixed_length={self.fixed_length} must be >= 0")
+        if not 0.0 < self.online_ema <= 1.0:
+            out.append(f"{prefix}online_ema={self.online_ema} must be in (0, 1]")
+        if self.max_probe_interval_rounds < 1:
+            out.append(f"{prefix}max_probe_interval_rounds={self.max_probe_interval_rounds} must be >= 1")
+        if self.temperatures is not None and any(t <= 0 for t in self.temperatures):
+            out.append(f"{prefix}temperatures={self.temperatures} must all be > 0")
+        return out

@@ -1,0 +1,246 @@
+"""How many drafts each row verifies: DSpark's Algorithm 1 on a cost model of this machine.
+
+A round costs ``t_draft + t_verify(R, W)``: R rows verify W = 1 + L tokens each in one target
+forward (the batch is padded to the longest row, so the forward's cost depends on R and W; the
+profile measures exactly that). Row r's drafts have calibrated per-slot confidences c_{r,j}; its
+predicted survival a_{r,j} = prod_{i<=j} c_{r,i} (``deepspec.calibration``) is the expected number
+of tokens slot j adds. Algorithm 1 (paper):
+
+    tau* = R, Theta = tau* / cost(anchors only)
+    admit slots in order of a, highest first; after each admission
+        Theta' = (tau* + a) / cost(...);  stop at the first that does not raise Theta
+    (early stop: a never grows along a row, so admissions stay prefixes and decoding stays exact)
+
+In a padded forward the unit of cost is a column (slot j of every row), so the engine admits
+columns (``choose_lengths``: a column adds sum_r a_{r,j}); ``prefix_schedule`` is the per-token
+form for engines that pack ragged rows (cost by total tokens B), used by the serving simulation.
+A slot whose survival is 0 is never verified.
+
+Policies (``ScheduleConfig.policy``):
+    fixed                       draft every round, verify ``fixed_length`` (default: all g)
+    scheduled                   Algorithm 1 with the verify cost only (the paper)
+    scheduled_with_draft_cost   Algorithm 1 with the round's draft cost added, and a gate that stops
+                                drafting (plain decoding) while measured drafted rounds emit fewer
+                                tokens per second than plain steps; it re-probes with exponential
+                                backoff, so a drafter that cannot pay costs at most one draft per
+                                ``max_probe_interval_rounds`` plain steps.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from deepspec.calibration import apply_temperatures, cumulative_survival
+from deepspec.config.decoding import ScheduleConfig
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- Algorithm 1
+def choose_lengths(survival: torch.Tensor, verify_seconds: Callable[[int], float], draft_seconds: float = 0.0) -> torch.Tensor:
+    """Algorithm 1 over columns. survival (R, g) a_{r,j}; verify_seconds(W) for W tokens per row -> lengths (R,).
+
+    Column j adds sum_r a_{r,j} expected tokens and makes the forward W = j + 1 wide. Stop at the first
+    column that does not raise Theta = tau* / (draft_seconds + verify_seconds(W)).
+    """
+    R, g = survival.shape
+    tau, width = float(R), 1
+    theta = tau / (draft_seconds + verify_seconds(1))
+    for j in range(1, g + 1):
+        gain = float(survival[:, j - 1].sum())
+        new_theta = (tau + gain) / (draft_seconds + verify_seconds(j + 1))
+        if gain <= 0 or new_theta <= theta:  # the first column that lowers expected throughput ends the search
+            break
+        tau, theta, width = tau + gain, new_theta, j + 1
+    positive = (survival > 0).int().cumprod(1).sum(1)  # never verify a slot whose survival is 0
+    return positive.clamp(max=width - 1)
+
+
+def prefix_schedule(conf: torch.Tensor, sps: Callable[[int], float]) -> list[int]:
+    """Algorithm 1 per token (packed verification). conf (R, g) per-slot confidences, sps(B) steps/s at B
+    verified tokens -> drafts to verify per request (0..g)."""
+    R, g = conf.shape
+    survive = cumulative_survival(conf)  # a_{r,j}
+    order = sorted(((float(survive[r, j]), -j, r, j) for r in range(R) for j in range(g)), reverse=True)
+    lengths = [0] * R
+    B, tau = R, float(R)
+    for a, _, r, j in order:
+        if j != lengths[r]:  # not the next slot of this request (a tie placed a later slot first)
+            continue
+        if a <= 0 or (tau + a) * sps(B + 1) <= tau * sps(B):
+            break
+        B, tau, lengths[r] = B + 1, tau + a, j + 1
+    return lengths
+
+
+# ----------------------------------------------------------------------------- cost model
+@dataclass
+class VerifyCostModel:
+    """Seconds of one target verify forward of R rows x W tokens, profiled on this machine."""
+
+    rows: list[int]
+    widths: list[int]
+    seconds: list[list[float]]  # [i][j]: rows[i] x widths[j]
+    key: dict
+
+    def __call__(self, R: int, W: int) -> float:
+        """Interpolated linearly in R (extrapolated beyond the largest profiled R); W clamped to the profile."""
+        j = min(max(W, self.widths[0]), self.widths[-1]) - self.widths[0]
+        col = [s[j] for s in self.seconds]
+        if R <= self.rows[0]:
+            return col[0]
+        for i in range(1, len(self.rows)):
+            if R <= self.rows[i]:
+                f = (R - self.rows[i - 1]) / (self.rows[i] - self.rows[i - 1])
+                return col[i - 1] + f * (col[i] - col[i - 1])
+        return col[-1] * R / self.rows[-1]
+
+    @classmethod
+    @torch.no_grad()
+    def profile(cls, target, max_rows: int, max_width: int, context: int = 128, repeats: int = 3) -> "VerifyCostModel":
+        """Time target forwards of R x W new tokens after ``context`` cached ones (R = 1, 2, 4, ... max_rows)."""
+        from transformers import DynamicCache
+
+        dev = target.device
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        rows = sorted({min(2 ** i, max_rows) for i in range(max_rows.bit_length() + 1)})
+        widths = list(range(1, max_width + 1))
+        table = []
+        for R in rows:
+            cache = DynamicCache()
+            target(torch.zeros(R, context, dtype=torch.long, device=dev), past_key_values=cache)
+            line = []
+            for W in widths:
+                best = float("inf")
+                for _ in range(repeats):
+                    sync()
+                    t = time.perf_counter()
+                    target(torch.ones(R, W, dtype=torch.long, device=dev), past_key_values=cache)
+                    sync()
+                    best = min(best, time.perf_counter() - t)
+                    cache.crop(context)
+                line.append(best)
+            table.append(line)
+        return cls(rows, widths, table, cost_key(target, context))
+
+    @classmethod
+    def load_or_profile(cls, target, max_rows: int, max_width: int, cache_dir: str | None = None) -> "VerifyCostModel":
+        """The profile of this target on this device/dtype/thread count, from the cache folder or measured now."""
+        key = cost_key(target, 128)
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        path = Path(cache_dir or os.environ.get("DEEPSPEC_CACHE", Path.home() / ".cache" / "deepspec")) / "verify_cost" / f"{digest}.json"
+        if path.exists():
+            try:
+                model = cls(**json.loads(path.read_text()))
+                if model.key == key and model.rows[-1] >= max_rows and model.widths[-1] >= max_width:
+                    return model
+            except (ValueError, TypeError, KeyError):
+                log.warning("%s: unreadable cost profile, measuring again", path)
+        t = time.perf_counter()
+        model = cls.profile(target, max_rows, max_width)
+        log.info("profiled verify cost (rows <= %d, width <= %d) in %.1f s -> %s", max_rows, max_width, time.perf_counter() - t, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(asdict(model)))
+        tmp.replace(path)
+        return model
+
+
+def cost_key(target, context: int) -> dict:
+    """What a cost profile depends on: the target's config, device, dtype, threads, torch version."""
+    from deepspec.target import config_sha256
+
+    dev = target.device
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu:{os.cpu_count()}"
+    return {"config": config_sha256(target.config), "device": name, "dtype": str(next(target.model.parameters()).dtype),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "context": context}
+
+
+# ----------------------------------------------------------------------------- the runtime scheduler
+class DraftGate:
+    """Whether to draft this round: drafted rounds must emit more tokens per second than plain steps.
+
+    Both rates are measured (EMA over rounds, per row). While drafting loses, the engine decodes
+    plainly and re-probes after 1, 2, 4, ... plain steps (capped); a winning probe resets the backoff.
+    """
+
+    def __init__(self, max_interval: int, ema: float = 0.3):
+        self.max_interval, self.ema = max_interval, ema
+        self.spec_rate: float | None = None
+        self.plain_rate: float | None = None
+        self.interval, self.skipped = 1, 0
+
+    def should_draft(self, predicted_plain_rate: float) -> bool:
+        plain = self.plain_rate if self.plain_rate is not None else predicted_plain_rate
+        if self.spec_rate is None or self.spec_rate > plain:
+            return True
+        if self.skipped >= self.interval:  # probe: drafting may pay again (an easier stretch of text)
+            self.skipped, self.interval = 0, min(2 * self.interval, self.max_interval)
+            return True
+        self.skipped += 1
+        return False
+
+    def observe(self, drafted: bool, tokens_per_row: float, seconds: float) -> None:
+        rate = tokens_per_row / max(seconds, 1e-9)
+        if drafted:
+            self.spec_rate = rate if self.spec_rate is None else self.ema * rate + (1 - self.ema) * self.spec_rate
+            if self.plain_rate is not None and self.spec_rate > self.plain_rate:
+                self.interval = 1
+        else:
+            self.plain_rate = rate if self.plain_rate is None else self.ema * rate + (1 - self.ema) * self.plain_rate
+
+
+class VerifyScheduler:
+    """Per generation: decides each round whether to draft and how many drafts each row verifies."""
+
+    def __init__(self, cfg: ScheduleConfig, block_size: int, batch_size: int, cost: VerifyCostModel | None = None,
+                 temperatures: list[float] | None = None):
+        problems = cfg.problems("schedule.")
+        if cfg.policy != "fixed" and cost is None:
+            problems.append(f"schedule.policy={cfg.policy} needs a verify cost model (VerifyCostModel.load_or_profile)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.cfg, self.g, self.cost = cfg, block_size, cost
+        self.temperatures = cfg.temperatures if cfg.temperatures is not None else temperatures
+        self.gate = DraftGate(cfg.max_probe_interval_rounds) if cfg.policy == "scheduled_with_draft_cost" else None
+        self.online = torch.full((batch_size, block_size), 0.5, dtype=torch.float64)  # conditional acceptance per slot
+
+    def should_draft(self, num_rows: int) -> bool:
+        """1. before drafting: False = decode this round plainly (scheduled_with_draft_cost only)."""
+        return self.gate is None or self.gate.should_draft(1.0 / self.cost(num_rows, 1))
+
+    def survival(self, rows: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
+        """Calibrated cumulative survival a (N, g) of the rows' drafts."""
+        if self.cfg.confidence == "online":
+            return cumulative_survival(self.online[rows.cpu()])
+        return cumulative_survival(apply_temperatures(confidence.detach().cpu(), self.temperatures))
+
+    def lengths(self, rows: torch.Tensor, confidence: torch.Tensor, draft_seconds: float) -> torch.Tensor:
+        """2. drafts verified per row (N,), on the rows' device."""
+        N = len(rows)
+        if self.cfg.policy == "fixed":
+            L = self.cfg.fixed_length or self.g
+            return torch.full((N,), min(L, self.g), dtype=torch.long, device=rows.device)
+        extra = draft_seconds if self.cfg.policy == "scheduled_with_draft_cost" else 0.0
+        return choose_lengths(self.survival(rows, confidence), lambda W: self.cost(N, W), extra).to(rows.device)
+
+    def observe(self, rows: torch.Tensor, drafted: bool, verified: torch.Tensor, accepted: torch.Tensor,
+                tokens_per_row: float, seconds: float) -> None:
+        """After the round: feed the gate (measured rate) and the online acceptance estimate."""
+        if self.gate is not None:
+            self.gate.observe(drafted, tokens_per_row, seconds)
+        if drafted and self.cfg.confidence == "online":
+            r, L, m = rows.cpu(), verified.cpu(), accepted.cpu()
+            k = torch.arange(self.g)
+            seen = k[None] <= torch.minimum(m, L - 1)[:, None]  # slots k+1 verified with all earlier ones accepted
+            hit = (k[None] < m[:, None]).double()
+            cur = self.online[r]
+            self.online[r] = torch.where(seen, self.cfg.online_ema * hit + (1 - self.cfg.online_ema) * cur, cur)

@@ -1,0 +1,69 @@
+"""What a session proposes for a round, and the block-backbone state DSpark and DFlash share."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from deepspec.decoding.sessions.state import PendingFeatures, RaggedKV
+
+
+@dataclass
+class Draft:
+    tokens: torch.Tensor
+    """(N, g) drafted tokens d_1..d_g per row."""
+    q: torch.Tensor | None
+    """(N, g, V) the distributions the tokens were sampled from (None when greedy)."""
+    confidence: torch.Tensor
+    """(N, g) raw per-slot confidence c_k: DSpark's confidence head; DFlash/Eagle3 the drafter's
+    own probability of the drafted token (softmax at T=1). Uncalibrated: the scheduler applies STS."""
+
+
+def token_probability(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """logits (..., V), tokens (...) -> softmax(logits)[token] (...), fp32: a drafter's own confidence."""
+    return torch.softmax(logits.float(), -1).gather(-1, tokens[..., None])[..., 0]
+
+
+class BlockBackboneSession:
+    """The block backbone over a cached context (DSpark, DFlash): per layer a RaggedKV of the context."""
+
+    def __init__(self, drafter, batch_size: int):
+        self.d, self.g = drafter, drafter.cfg.block_size
+        tc, w = drafter.target_config, drafter.fc.weight
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        self.kv = [RaggedKV(batch_size, tc.num_key_value_heads, head_dim, w.dtype, w.device) for _ in drafter.layers]
+        self.length = torch.zeros(batch_size, dtype=torch.long, device=w.device)  # context tokens cached per row
+        self.pending = PendingFeatures()
+
+    @property
+    def block_size(self) -> int:
+        return self.g
+
+    def extend(self, features: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> None:
+        """Queue verified tokens: features (B, T, L*d), tokens (B, T), valid (B, T) (the tokens enter by the anchor's embedding)."""
+        self.pending.add(features.to(self.d.fc.weight.dtype), tokens, valid)
+
+    def _context(self, rows: torch.Tensor) -> tuple[list, torch.Tensor]:
+        """Append the rows' queued features to the cache -> per-layer (k, v) (N, Hkv, C, hd) and valid (N, C)."""
+        feats, _, counts = self.pending.take(rows)
+        if feats.shape[1]:
+            T = feats.shape[1]
+            steps = torch.arange(T, device=feats.device)
+            pos = self.length[rows, None] + steps  # (N, T) absolute positions of the new tokens
+            for cache, (k, v) in zip(self.kv, self.d.context_kv(feats, pos)):
+                cache.write(rows, pos, steps < counts[:, None], k, v)
+            self.length[rows] += counts
+        lengths = self.length[rows]
+        C = int(lengths.max())
+        return [c.read(rows, C) for c in self.kv], torch.arange(C, device=lengths.device) < lengths[:, None]
+
+    def block_hidden(self, rows: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+        """One backbone pass over [anchor, MASK x (g-1)] for every row: -> h (N, g, d)."""
+        ctx, ctx_valid = self._context(rows)
+        N, g = len(rows), self.g
+        ids = torch.full((N, g), self.d.cfg.mask_token_id, dtype=torch.long, device=ctx_valid.device)
+        ids[:, 0] = anchors
+        pos = self.length[rows, None] + torch.arange(g, device=ids.device)  # the anchor sits at position = context length
+        # (N, 1, g, C+g): a block sees its row's whole context (every token before its anchor) and itself
+        mask = torch.cat([ctx_valid[:, None, :].expand(N, g, -1), ctx_valid.new_ones(N, g, g)], dim=-1)[:, None]
+        return self.d.block_hidden(ids, pos, ctx, mask, backend="sdpa")  # g queries: flex gains nothing here

@@ -1,0 +1,73 @@
+"""Per-row incremental state shared by every drafter session.
+
+A session serves a batch of B rows (requests). Each row owns a context: the target features of
+the tokens verified so far, *before* its anchor (the last emitted token, whose features do not
+exist yet). Sessions never cache speculative positions, so a rejection needs no crop: the loop
+hands ``extend`` only what the target verified and accepted.
+
+``extend`` is lazy: it queues the features and ``take_pending`` hands a row's queue to the next
+draft of that row, packed to the left. When the scheduler decodes plainly for a while, the
+drafter pays for the skipped tokens once, in one batched pass, when it drafts again.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class PendingFeatures:
+    """Verified (features, token) pairs queued per row until that row drafts again."""
+
+    def __init__(self) -> None:
+        self.chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (B, T, F), (B, T), valid (B, T)
+
+    def add(self, features: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> None:
+        """features (B, T, F), tokens (B, T), valid (B, T) bool: which (row, slot) pairs are new, in order."""
+        self.chunks.append((features, tokens, valid))
+
+    def take(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Remove and return the queue of ``rows`` (N,), packed left: features (N, T, F), tokens (N, T), counts (N,)."""
+        feats = torch.cat([c[0][rows] for c in self.chunks], dim=1)
+        toks = torch.cat([c[1][rows] for c in self.chunks], dim=1)
+        valid = torch.cat([c[2][rows] for c in self.chunks], dim=1)
+        for _, _, v in self.chunks:
+            v[rows] = False
+        self.chunks = [c for c in self.chunks if bool(c[2].any())]
+        counts = valid.sum(1)
+        T = int(counts.max()) if len(rows) else 0
+        slot = valid.long().cumsum(1) - 1  # (N, T_all) destination of each valid entry
+        r, t = valid.nonzero(as_tuple=True)
+        packed_f = feats.new_zeros(len(rows), T, feats.shape[-1])
+        packed_t = toks.new_zeros(len(rows), T)
+        packed_f[r, slot[r, t]] = feats[r, t]
+        packed_t[r, slot[r, t]] = toks[r, t]
+        return packed_f, packed_t, counts
+
+
+class RaggedKV:
+    """One layer's cached keys/values for B rows of different lengths: (B, Hkv, capacity, hd).
+
+    Row b holds positions 0..lengths[b]-1; ``write`` puts new entries at each row's own offset
+    (no holes: unlike the target's batched cache, the drafter's keys are written by index).
+    """
+
+    def __init__(self, batch: int, num_kv_heads: int, head_dim: int, dtype, device, capacity: int = 256):
+        self.k = torch.zeros(batch, num_kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def write(self, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """rows (N,), positions (N, T) absolute slots, valid (N, T); k, v (N, Hkv, T, hd)."""
+        need = int(positions[valid].max()) + 1 if bool(valid.any()) else 0
+        if need > self.k.shape[2]:  # grow geometrically: amortised O(1) per token
+            extra = max(need, 2 * self.k.shape[2]) - self.k.shape[2]
+            pad = self.k.new_zeros(self.k.shape[0], self.k.shape[1], extra, self.k.shape[3])
+            self.k, self.v = torch.cat([self.k, pad], 2), torch.cat([self.v, pad.clone()], 2)
+        n, t = valid.nonzero(as_tuple=True)
+        b, p = rows[n], positions[n, t]
+        self.k[b, :, p] = k[n, :, t]
+        self.v[b, :, p] = v[n, :, t]
+
+    def read(self, rows: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of ``rows`` (N,) up to ``length`` slots: (N, Hkv, length, hd) each."""
+        if len(rows) == self.k.shape[0] and bool((rows == torch.arange(len(rows), device=rows.device)).all()):
+            return self.k[:, :, :length], self.v[:, :, :length]  # every row, in order: a view, no copy
+        return self.k[rows, :, :length], self.v[rows, :, :length]
