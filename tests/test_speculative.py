@@ -164,7 +164,7 @@ def test_scheduled_verification_stays_lossless(toy, policy):
     greedy = SamplingConfig(temperature=0)
     for ids in prompts(tok, 2):
         ref = autoregressive_generate(target, ids, 40, greedy, eos_token_id=tok.eos_token_id)
-        sched = VerifyScheduler(ScheduleConfig(policy=policy), 5, 1, costly_verification())
+        sched = VerifyScheduler(ScheduleConfig(policy=policy), 5, costly_verification())
         got = speculative_generate(target, drafter.eval(), ids, 40, greedy, tok.eos_token_id, scheduler=sched)
         assert got.tokens == ref.tokens
         assert min(got.verified_per_round) < 5  # the schedule really shortened rounds

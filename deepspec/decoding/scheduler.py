@@ -19,11 +19,11 @@ A slot whose survival is 0 is never verified.
 Policies (``ScheduleConfig.policy``):
     fixed                       draft every round, verify ``fixed_length`` (default: all g)
     scheduled                   Algorithm 1 with the verify cost only (the paper)
-    scheduled_with_draft_cost   Algorithm 1 with the round's draft cost added, and a gate that stops
-                                drafting (plain decoding) while measured drafted rounds emit fewer
-                                tokens per second than plain steps; it re-probes with exponential
-                                backoff, so a drafter that cannot pay costs at most one draft per
-                                ``max_probe_interval_rounds`` plain steps.
+    scheduled_with_draft_cost   Algorithm 1 with the round's draft cost added, and a gate (``DraftGate``)
+                                that decodes plainly while a drafted round is predicted to emit fewer
+                                tokens per second than a plain step (observed acceptance, measured
+                                draft time, profiled verify cost); it re-probes with exponential
+                                backoff, never when even full acceptance could not pay.
 """
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ class VerifyCostModel:
                     target(torch.ones(R, W, dtype=torch.long, device=dev), past_key_values=cache)
                     sync()
                     best = min(best, time.perf_counter() - t)
-                    cache.crop(context)
+                    cache.crop(-W)  # transformers 5 crops by a negative count
                 line.append(best)
             table.append(line)
         return cls(rows, widths, table, cost_key(target, context))
@@ -165,22 +165,41 @@ def cost_key(target, context: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- the runtime scheduler
-class DraftGate:
-    """Whether to draft this round: drafted rounds must emit more tokens per second than plain steps.
+def best_rate(survival: torch.Tensor, verify_seconds: Callable[[int], float], draft_seconds: float) -> float:
+    """Expected tokens per second of the best verification width: max_W (R + sum_{j<W} a_{.,j}) / (t_draft + t_verify(W))."""
+    R, g = survival.shape
+    gains = torch.cat([torch.zeros(1, dtype=torch.float64), survival.sum(0).cumsum(0)])  # expected drafts accepted by width
+    return max((R + float(gains[W - 1])) / (draft_seconds + verify_seconds(W)) for W in range(1, g + 2))
 
-    Both rates are measured (EMA over rounds, per row). While drafting loses, the engine decodes
-    plainly and re-probes after 1, 2, 4, ... plain steps (capped); a winning probe resets the backoff.
+
+class DraftGate:
+    """Whether to draft at all this round (scheduled_with_draft_cost): a round costs draft + verify.
+
+    Drafting runs when the predicted rate of a drafted round beats a plain step's, R / t_verify(R, 1):
+    the prediction takes the rows' *observed* acceptance per slot (an EMA of verification outcomes,
+    so a miscalibrated confidence cannot talk the engine into losing), the measured draft time and
+    the profiled verify cost. While drafting loses, it re-probes after 1, 2, 4, ... plain steps
+    (capped), and never when even an always-accepted draft could not beat a plain step.
     """
 
     def __init__(self, max_interval: int, ema: float = 0.3):
         self.max_interval, self.ema = max_interval, ema
-        self.spec_rate: float | None = None
-        self.plain_rate: float | None = None
+        self.draft_seconds: dict[int, float] = {}  # measured draft time by number of rows (EMA)
         self.interval, self.skipped = 1, 0
 
-    def should_draft(self, predicted_plain_rate: float) -> bool:
-        plain = self.plain_rate if self.plain_rate is not None else predicted_plain_rate
-        if self.spec_rate is None or self.spec_rate > plain:
+    def draft_cost(self, R: int) -> float:
+        if not self.draft_seconds:
+            return 0.0
+        return self.draft_seconds[min(self.draft_seconds, key=lambda r: abs(r - R))]
+
+    def should_draft(self, observed_survival: torch.Tensor, cost: VerifyCostModel) -> bool:
+        R, g = observed_survival.shape
+        verify = lambda W: cost(R, W)  # noqa: E731
+        plain, draft = R / verify(1), self.draft_cost(R)
+        if best_rate(torch.ones(R, g, dtype=torch.float64), verify, draft) <= plain:
+            return False  # drafting cannot pay even if every draft were accepted
+        if not self.draft_seconds or best_rate(observed_survival, verify, draft) > plain:
+            self.interval = 1
             return True
         if self.skipped >= self.interval:  # probe: drafting may pay again (an easier stretch of text)
             self.skipped, self.interval = 0, min(2 * self.interval, self.max_interval)
@@ -188,20 +207,15 @@ class DraftGate:
         self.skipped += 1
         return False
 
-    def observe(self, drafted: bool, tokens_per_row: float, seconds: float) -> None:
-        rate = tokens_per_row / max(seconds, 1e-9)
-        if drafted:
-            self.spec_rate = rate if self.spec_rate is None else self.ema * rate + (1 - self.ema) * self.spec_rate
-            if self.plain_rate is not None and self.spec_rate > self.plain_rate:
-                self.interval = 1
-        else:
-            self.plain_rate = rate if self.plain_rate is None else self.ema * rate + (1 - self.ema) * self.plain_rate
+    def observe_draft(self, R: int, seconds: float) -> None:
+        old = self.draft_seconds.get(R)
+        self.draft_seconds[R] = seconds if old is None else self.ema * seconds + (1 - self.ema) * old
 
 
 class VerifyScheduler:
     """Per generation: decides each round whether to draft and how many drafts each row verifies."""
 
-    def __init__(self, cfg: ScheduleConfig, block_size: int, batch_size: int, cost: VerifyCostModel | None = None,
+    def __init__(self, cfg: ScheduleConfig, block_size: int, cost: VerifyCostModel | None = None,
                  temperatures: list[float] | None = None):
         problems = cfg.problems("schedule.")
         if cfg.policy != "fixed" and cost is None:
@@ -211,11 +225,17 @@ class VerifyScheduler:
         self.cfg, self.g, self.cost = cfg, block_size, cost
         self.temperatures = cfg.temperatures if cfg.temperatures is not None else temperatures
         self.gate = DraftGate(cfg.max_probe_interval_rounds) if cfg.policy == "scheduled_with_draft_cost" else None
-        self.online = torch.full((batch_size, block_size), 0.5, dtype=torch.float64)  # conditional acceptance per slot
+        self.start(1)
 
-    def should_draft(self, num_rows: int) -> bool:
+    def start(self, batch_size: int) -> None:
+        """A new generation of ``batch_size`` rows: fresh acceptance estimates (the measured draft cost is kept)."""
+        self.online = torch.full((batch_size, self.g), 0.5, dtype=torch.float64)  # conditional acceptance per slot
+        if self.gate is not None:
+            self.gate.interval, self.gate.skipped = 1, 0
+
+    def should_draft(self, rows: torch.Tensor) -> bool:
         """1. before drafting: False = decode this round plainly (scheduled_with_draft_cost only)."""
-        return self.gate is None or self.gate.should_draft(1.0 / self.cost(num_rows, 1))
+        return self.gate is None or self.gate.should_draft(cumulative_survival(self.online[rows.cpu()]), self.cost)
 
     def survival(self, rows: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
         """Calibrated cumulative survival a (N, g) of the rows' drafts."""
@@ -226,21 +246,21 @@ class VerifyScheduler:
     def lengths(self, rows: torch.Tensor, confidence: torch.Tensor, draft_seconds: float) -> torch.Tensor:
         """2. drafts verified per row (N,), on the rows' device."""
         N = len(rows)
+        if self.gate is not None:
+            self.gate.observe_draft(N, draft_seconds)
         if self.cfg.policy == "fixed":
             L = self.cfg.fixed_length or self.g
             return torch.full((N,), min(L, self.g), dtype=torch.long, device=rows.device)
         extra = draft_seconds if self.cfg.policy == "scheduled_with_draft_cost" else 0.0
         return choose_lengths(self.survival(rows, confidence), lambda W: self.cost(N, W), extra).to(rows.device)
 
-    def observe(self, rows: torch.Tensor, drafted: bool, verified: torch.Tensor, accepted: torch.Tensor,
-                tokens_per_row: float, seconds: float) -> None:
-        """After the round: feed the gate (measured rate) and the online acceptance estimate."""
-        if self.gate is not None:
-            self.gate.observe(drafted, tokens_per_row, seconds)
-        if drafted and self.cfg.confidence == "online":
-            r, L, m = rows.cpu(), verified.cpu(), accepted.cpu()
-            k = torch.arange(self.g)
-            seen = k[None] <= torch.minimum(m, L - 1)[:, None]  # slots k+1 verified with all earlier ones accepted
-            hit = (k[None] < m[:, None]).double()
-            cur = self.online[r]
-            self.online[r] = torch.where(seen, self.cfg.online_ema * hit + (1 - self.cfg.online_ema) * cur, cur)
+    def observe(self, rows: torch.Tensor, drafted: bool, verified: torch.Tensor, accepted: torch.Tensor) -> None:
+        """After a drafted round: the online acceptance estimate learns from what was verified."""
+        if not drafted:
+            return
+        r, L, m = rows.cpu(), verified.cpu(), accepted.cpu()
+        k = torch.arange(self.g)
+        seen = k[None] <= torch.minimum(m, L - 1)[:, None]  # slot k+1 verified with all earlier ones accepted
+        hit = (k[None] < m[:, None]).double()
+        cur = self.online[r]
+        self.online[r] = torch.where(seen, self.cfg.online_ema * hit + (1 - self.cfg.online_ema) * cur, cur)

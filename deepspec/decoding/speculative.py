@@ -84,9 +84,8 @@ def _prefill(target: TargetModel, prompts: list[torch.Tensor], sampling: Samplin
 
 
 def _emit(batch: _Batch, rows: list[int], block: torch.Tensor, m: list[int], nxt: list[int], verified: list[int],
-          max_new_tokens: int, eos_token_id: int | None) -> int:
-    """Append each row's accepted drafts and next token; stop rows at EOS/max_new_tokens. -> tokens emitted."""
-    total = 0
+          max_new_tokens: int, eos_token_id: int | None) -> None:
+    """Append each row's accepted drafts and next token; stop rows at EOS/max_new_tokens."""
     drafts = block[:, 1:].tolist()
     for i, r in enumerate(rows):
         res, emitted = batch.results[r], 0
@@ -99,8 +98,6 @@ def _emit(batch: _Batch, rows: list[int], block: torch.Tensor, m: list[int], nxt
         res.accepted_per_round.append(m[i])
         res.emitted_per_round.append(emitted)
         res.verified_per_round.append(verified[i])
-        total += emitted
-    return total
 
 
 @torch.no_grad()
@@ -112,7 +109,8 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
     sync = torch.cuda.synchronize if target.device.type == "cuda" else (lambda: None)
     batch, features, ids, prompt_mask = _prefill(target, prompts, sampling, generator, max_new_tokens, eos_token_id)
     session.extend(features, ids, prompt_mask)
-    scheduler = scheduler or VerifyScheduler(ScheduleConfig(), session.block_size, len(prompts))
+    scheduler = scheduler or VerifyScheduler(ScheduleConfig(), session.block_size)
+    scheduler.start(len(prompts))
     seconds = batch.results[0].seconds
     for res in batch.results:
         res.seconds = seconds
@@ -121,7 +119,7 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
         t0 = time.perf_counter()
         rows = batch.active.nonzero()[:, 0]
         N = len(rows)
-        drafted = scheduler.should_draft(N)
+        drafted = scheduler.should_draft(rows)
         draft = session.draft(rows, batch.anchors[rows], sampling, generator) if drafted else None  # 1. draft
         sync()
         t1 = time.perf_counter()
@@ -153,12 +151,12 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
         batch.lengths += keep.sum(1)
         batch.anchors[rows] = nxt
         rows_l, m_l = rows.tolist(), m.tolist()
-        emitted = _emit(batch, rows_l, block, m_l, nxt.tolist(), L.tolist(), max_new_tokens, eos_token_id)
+        _emit(batch, rows_l, block, m_l, nxt.tolist(), L.tolist(), max_new_tokens, eos_token_id)
         if drafted:
             for i, r in enumerate(rows_l):
                 batch.results[r].confidences.append(draft.confidence[i].float().tolist())
         t4 = time.perf_counter()
-        scheduler.observe(rows, drafted, L, m, emitted / N, t4 - t0)
+        scheduler.observe(rows, drafted, L, m)
         seconds["draft"] += t1 - t0
         seconds["schedule"] += t2 - t1
         seconds["verify"] += t3 - t2

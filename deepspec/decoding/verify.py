@@ -64,6 +64,13 @@ def uniform(shape: tuple, generator: torch.Generator | None, device) -> torch.Te
     return torch.rand(shape, generator=generator, device=generator.device if generator is not None else device).to(device)
 
 
+def gumbel_noise(shape: tuple, generator: torch.Generator | None, device) -> torch.Tensor:
+    """Gumbel(0, 1) noise G = -log(E), E ~ Exp(1) (two ops; argmax(logits / T + G) samples softmax(logits / T))."""
+    dev = generator.device if generator is not None else device
+    e = torch.empty(shape, device=dev).exponential_(generator=generator)
+    return e.clamp_min_(1e-30).log_().neg_().to(device)
+
+
 def verify_block(draft: torch.Tensor, q: torch.Tensor | None, p: torch.Tensor, lengths: torch.Tensor,
                  generator: torch.Generator | None, greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Accept a prefix of each row's verified drafts and pick the row's next token.

@@ -161,7 +161,7 @@ class EvalHarness:
         g = getattr(self.drafter.cfg, "block_size", getattr(self.drafter.cfg, "ttt_steps", 1))
         if not hasattr(self, "_cost") and sched.policy != "fixed":
             self._cost = VerifyCostModel.load_or_profile(self.target, max_rows=1, max_width=g + 1)
-        return VerifyScheduler(sched, g, 1, getattr(self, "_cost", None), getattr(self.drafter, "confidence_temperatures", None))
+        return VerifyScheduler(sched, g, getattr(self, "_cost", None), getattr(self.drafter, "confidence_temperatures", None))
 
     def sps_table(self) -> list[float]:
         """SPS(B) of this target on this machine (profiled once per run)."""

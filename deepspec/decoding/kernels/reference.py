@@ -7,6 +7,7 @@ markov_step: one sequential-head step of DSpark, for one draft slot of N rows
     logits = base + W1[x] @ W2^T          (base (N, V), W1 (V', r), W2 (V, r), x (N,) the previous tokens)
     token  = argmax(logits)                                     greedy
            = argmax(logits / T + G)                             sampling at temperature T
+    (G = -log(-log U) is passed in: a block's noise is drawn, and transformed, once for all its slots)
 
 verify: the acceptance rule over N rows, row n verifying its first L_n of g drafts
     accept d_k while k < L_n and U_k < p_k(d_k) / q_k(d_k); at the first rejection m the next
@@ -24,12 +25,12 @@ def gumbel(u: torch.Tensor) -> torch.Tensor:
 
 
 def markov_step(base: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, temperature: float,
-                noise_u: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """base (N, V), x (N,), noise_u (N, V) or None -> (tokens (N,), logits (N, V) fp32)."""
-    logits = base.float() + w1[x].float() @ w2.float().T  # (N, V)
+                noise_g: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """base (N, V), x (N,), noise_g (N, V) Gumbel noise (``gumbel(U)``) or None -> (tokens (N,), logits (N, V) fp32)."""
+    logits = torch.addmm(base.float(), w1[x].float(), w2.float().T)  # U_k + W1[x] W2^T  (N, V)
     if temperature == 0:
         return logits.argmax(-1), logits
-    return (logits / temperature + gumbel(noise_u)).argmax(-1), logits
+    return (logits / temperature + noise_g).argmax(-1) if temperature != 1 else (logits + noise_g).argmax(-1), logits
 
 
 def verify(draft: torch.Tensor, q: torch.Tensor | None, p: torch.Tensor, lengths: torch.Tensor, u_accept: torch.Tensor | None,

@@ -20,11 +20,11 @@ def _gumbel(u):
 
 
 @triton.jit
-def _markov_step_kernel(base_ptr, w1_ptr, w2_ptr, u_ptr, logits_ptr, x_ptr, out_ptr, V, R, inv_t,
+def _markov_step_kernel(base_ptr, w1_ptr, w2_ptr, g_ptr, logits_ptr, x_ptr, out_ptr, V, R, inv_t,
                         GREEDY: tl.constexpr, R_PAD: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     base_ptr += row * V
-    u_ptr += row * V
+    g_ptr += row * V
     logits_ptr += row * V
     x = tl.load(x_ptr + row)
     r = tl.arange(0, R_PAD)
@@ -41,7 +41,7 @@ def _markov_step_kernel(base_ptr, w1_ptr, w2_ptr, u_ptr, logits_ptr, x_ptr, out_
         if GREEDY:
             key = tl.where(mask, logits, -float("inf"))
         else:
-            key = tl.where(mask, scaled + _gumbel(tl.load(u_ptr + offs, mask=mask, other=0.5)), -float("inf"))
+            key = tl.where(mask, scaled + tl.load(g_ptr + offs, mask=mask, other=0.0), -float("inf"))
         blk_best = tl.max(key, 0)
         blk_idx = tl.argmax(key, 0)
         better = blk_best > best_key
@@ -51,15 +51,15 @@ def _markov_step_kernel(base_ptr, w1_ptr, w2_ptr, u_ptr, logits_ptr, x_ptr, out_
 
 
 def markov_step(base: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, temperature: float,
-                noise_u: torch.Tensor | None, block: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+                noise_g: torch.Tensor | None, block: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``reference.markov_step``. A (block x rank) tile of W2 per iteration: keep it small."""
     N, V = base.shape
     R = w2.shape[1]
     logits = torch.empty(N, V, dtype=torch.float32, device=base.device)
     out = torch.empty(N, dtype=torch.int64, device=base.device)
     greedy = temperature == 0
-    u = noise_u.contiguous() if noise_u is not None else logits  # unused when greedy
-    _markov_step_kernel[(N,)](base.contiguous(), w1.contiguous(), w2.contiguous(), u, logits, x.to(torch.int64).contiguous(),
+    noise = noise_g.contiguous() if noise_g is not None else logits  # unused when greedy
+    _markov_step_kernel[(N,)](base.contiguous(), w1.contiguous(), w2.contiguous(), noise, logits, x.to(torch.int64).contiguous(),
                               out, V, R, 0.0 if greedy else 1.0 / temperature, GREEDY=greedy,
                               R_PAD=triton.next_power_of_2(R), BLOCK=min(block, triton.next_power_of_2(V)))
     return out, logits

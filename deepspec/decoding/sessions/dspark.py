@@ -4,10 +4,12 @@
     for k = 1..g:                                                           (walk over slots,
         z_k      = markov.step(W1[x_{k-1}], h_k, state)      x_0 = anchor     vectorised over rows)
         q_k      = probs(lm_head(h_k) + W2 z_k);  x_k ~ q_k
-        c_k      = sigmoid(confidence_head([h_k; W1[x_{k-1}]]))
+    c            = sigmoid(confidence_head([h; W1[x_{0..g-1}]]))          (N, g)      one pass
 
-The vanilla head without top-k/top-p takes the fused step (``kernels.markov_step``: gather, W2
-product and Gumbel-max sampling in one Triton kernel on CUDA; the PyTorch reference elsewhere).
+Only what depends on the previous token runs inside the walk. The vanilla head without top-k/top-p
+takes the fused step (``kernels.markov_step``: gather, W2 product and Gumbel-max sampling in one
+Triton kernel per slot on CUDA; the PyTorch reference elsewhere), with all slots' noise drawn at
+once and q computed for the whole block after the walk (it is the softmax the Gumbel-max drew from).
 """
 from __future__ import annotations
 
@@ -15,38 +17,51 @@ import torch
 
 from deepspec.decoding import kernels
 from deepspec.decoding.sessions.draft import BlockBackboneSession, Draft, token_probability
-from deepspec.decoding.verify import SamplingConfig, sample, uniform
+from deepspec.decoding.verify import SamplingConfig, gumbel_noise, sample
 
 
 class DSparkSession(BlockBackboneSession):
     @torch.no_grad()
     def draft(self, rows: torch.Tensor, anchors: torch.Tensor, sampling: SamplingConfig, generator) -> Draft:
         """rows (N,), anchors (N,) -> a block of g drafts per row, with confidences."""
-        d = self.d
+        d, markov = self.d, self.d.markov_head
         h = self.block_hidden(rows, anchors)  # (N, g, d)
         base = d.lm_head(h)  # (N, g, V)
-        markov, conf_head = d.markov_head, d.confidence_head
-        fused = markov is not None and markov.kind == "vanilla" and not sampling.top_k and sampling.top_p >= 1.0
-        prev, state, tokens, probs, conf = anchors, None, [], [], []
+        if markov is None:  # rank 0: no sequential head, every slot from the parallel pass
+            logits = base.float()
+            q = sampling.probs(logits)
+            tokens = sample(q, generator)
+        elif markov.kind == "vanilla" and not sampling.top_k and sampling.top_p >= 1.0:
+            tokens, logits = self._fused_walk(base, anchors, sampling, generator)
+            q = sampling.probs(logits)
+        else:
+            tokens, logits, q = self._walk(h, base, anchors, sampling, generator)
+        prev = torch.cat([anchors[:, None], tokens[:, :-1]], dim=1)  # x_{k-1} per slot (N, g)
+        conf = d.confidence_logits(h, prev)
+        conf = token_probability(logits, tokens) if conf is None else torch.sigmoid(conf.float())
+        return Draft(tokens, None if sampling.greedy else q, conf)
+
+    def _fused_walk(self, base, anchors, sampling, generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vanilla head: x_k = argmax((U_k + W2 W1[x_{k-1}]) / T + G_k) -> tokens (N, g), logits (N, g, V) fp32."""
+        w1, w2 = self.d.markov_head.markov_w1.weight, self.d.markov_head.markov_w2.weight
+        noise = None if sampling.greedy else gumbel_noise(base.shape, generator, base.device)  # (N, g, V), one draw
+        prev, tokens, logits = anchors, [], []
         for k in range(self.g):
-            e = markov.embed_prev(prev) if markov is not None else None  # (N, r) W1[x_{k-1}]
-            if fused:
-                u = None if sampling.greedy else uniform(base[:, k].shape, generator, base.device)
-                prev, logits = kernels.markov_step(base[:, k], markov.markov_w1.weight, markov.markov_w2.weight, prev,
-                                                   sampling.temperature, u)  # (N,), (N, V)
-                qk = sampling.probs(logits)
-            else:
-                logits = base[:, k]
-                if markov is not None:
-                    z, state = markov.step(e, h[:, k], state)
-                    logits = logits + markov.markov_w2(z)
-                qk = sampling.probs(logits)  # (N, V)
-                prev = sample(qk, generator)
+            prev, lk = kernels.markov_step(base[:, k], w1, w2, prev, sampling.temperature, None if noise is None else noise[:, k])
             tokens.append(prev)
+            logits.append(lk)
+        return torch.stack(tokens, 1), torch.stack(logits, 1)
+
+    def _walk(self, h, base, anchors, sampling, generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Any head, any sampling: z_k from the head's step, q_k = probs(U_k + W2 z_k), x_k ~ q_k."""
+        markov = self.d.markov_head
+        prev, state, tokens, logits, probs = anchors, None, [], [], []
+        for k in range(self.g):
+            z, state = markov.step(markov.embed_prev(prev), h[:, k], state)
+            lk = base[:, k].float() + markov.markov_w2(z).float()  # (N, V)
+            qk = sampling.probs(lk)
+            prev = sample(qk, generator)
+            tokens.append(prev)
+            logits.append(lk)
             probs.append(qk)
-            if conf_head is not None:
-                with_markov = e is not None and d.cfg.confidence_head_with_markov
-                conf.append(torch.sigmoid(conf_head(h[:, k : k + 1], e[:, None] if with_markov else None))[:, 0].float())
-            else:
-                conf.append(token_probability(logits, prev))  # no head: the drafter's own probability
-        return Draft(torch.stack(tokens, 1), None if sampling.greedy else torch.stack(probs, 1), torch.stack(conf, 1))
+        return torch.stack(tokens, 1), torch.stack(logits, 1), torch.stack(probs, 1)

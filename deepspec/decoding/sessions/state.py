@@ -26,12 +26,19 @@ class PendingFeatures:
 
     def take(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Remove and return the queue of ``rows`` (N,), packed left: features (N, T, F), tokens (N, T), counts (N,)."""
-        feats = torch.cat([c[0][rows] for c in self.chunks], dim=1)
-        toks = torch.cat([c[1][rows] for c in self.chunks], dim=1)
-        valid = torch.cat([c[2][rows] for c in self.chunks], dim=1)
-        for _, _, v in self.chunks:
-            v[rows] = False
-        self.chunks = [c for c in self.chunks if bool(c[2].any())]
+        if not self.chunks:
+            return torch.zeros(len(rows), 0, 0), torch.zeros(len(rows), 0, dtype=torch.long), torch.zeros_like(rows)
+        every_row = len(rows) == self.chunks[0][2].shape[0]  # the usual case: all rows draft (rows are sorted, unique)
+        pick = (lambda t: t) if every_row else (lambda t: t[rows])
+        feats = torch.cat([pick(c[0]) for c in self.chunks], dim=1)
+        toks = torch.cat([pick(c[1]) for c in self.chunks], dim=1)
+        valid = torch.cat([pick(c[2]) for c in self.chunks], dim=1)
+        if every_row:
+            self.chunks = []
+        else:
+            for _, _, v in self.chunks:
+                v[rows] = False
+            self.chunks = [c for c in self.chunks if bool(c[2].any())]
         counts = valid.sum(1)
         T = int(counts.max()) if len(rows) else 0
         slot = valid.long().cumsum(1) - 1  # (N, T_all) destination of each valid entry

@@ -1,0 +1,200 @@
+#!/usr/bin/env python
+"""Where a decoding round's time goes, and how close the loop gets to its physical bound.
+
+    python scripts/bench_decoding.py [--threads 2] [--targets toy qwen3-30m qwen3-100m qwen3-400m]
+        [--drafter-path dspark=runs/x/export ...] [--out runs/bench/decoding.json]
+
+Per target, drafter (DSpark, DFlash, Eagle3; fixed verification of the whole block) and
+temperature (0, 1), on the same held-out prompts, in one process, interleaved prompt by prompt:
+
+    speedup          speculative tokens/s / plain tokens/s                    (wall clock, same prompts)
+    tau              tokens emitted per round
+    ideal_speedup    tau * t_step / t_verify(g+1)     what the loop would reach if drafting and
+                                                      bookkeeping were free (both costs profiled here)
+    loop_efficiency  speedup / ideal_speedup
+    *_share          a round's wall time split: draft / verify / overhead (schedule, acceptance, bookkeeping)
+
+plus the draft's cost in target decode steps at 100 / 400 / 1,000 tokens of context (it must not
+grow with the context: the drafter's state is incremental), and HF ``generate`` baselines at T=0
+(plain, prompt lookup, assisted generation with a one-layer draft model) on the same prompts.
+Random targets come with random drafters (tau ~ 1): they measure cost at a model shape, not acceptance.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from bench_setup import build_drafter, machine, prompts, target_config
+from deepspec.decoding.scheduler import VerifyCostModel
+from deepspec.decoding.sessions import make_session
+from deepspec.decoding.speculative import autoregressive_generate, speculative_generate
+from deepspec.decoding.verify import SamplingConfig
+from deepspec.target import TargetModel, load_tokenizer
+
+
+def median_seconds(fn, repeats: int = 9) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+@torch.no_grad()
+def draft_cost_in_steps(target, drafter, contexts=(100, 400, 1000)) -> dict:
+    """Steady-state draft (g+1 new tokens appended, then one block) / one target decode step, at each context."""
+    F = sum(1 for _ in target.layer_ids) * target.config.hidden_size
+    out = {}
+    for n in contexts:
+        cache = DynamicCache()
+        target(torch.zeros(1, n, dtype=torch.long), past_key_values=cache)
+
+        def step():
+            target(torch.ones(1, 1, dtype=torch.long), past_key_values=cache)
+            cache.crop(-1)
+
+        session = make_session(drafter, 1)
+        session.extend(torch.randn(1, n, F), torch.zeros(1, n, dtype=torch.long), torch.ones(1, n, dtype=torch.bool))
+        g = session.block_size
+
+        def draft():
+            session.extend(torch.randn(1, 3, F), torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.bool))
+            session.draft(torch.tensor([0]), torch.tensor([5]), SamplingConfig(1.0), None)
+
+        draft()
+        t_step, t_draft = median_seconds(step), median_seconds(draft)
+        out[str(n)] = {"draft_ms": 1e3 * t_draft, "step_ms": 1e3 * t_step, "draft_in_target_steps": t_draft / t_step, "block": g}
+    return out
+
+
+def hf_baselines(target, tok, ps, max_new: int, plain_tokens_per_s: float) -> dict:
+    """transformers' generate at T=0: plain, prompt lookup, and assisted by a one-layer model that
+    shares the target's embedding, first layer and final norm (a small draft model of the same vocabulary)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = target.model
+    cfg = AutoConfig.from_pretrained(model.config._name_or_path) if model.config._name_or_path else model.config
+    small_cfg = type(model.config).from_dict({**model.config.to_dict(), "num_hidden_layers": 1, "layer_types": ["full_attention"]})
+    assistant = AutoModelForCausalLM.from_config(small_cfg).eval()
+    assistant.model.embed_tokens.load_state_dict(model.model.embed_tokens.state_dict())
+    assistant.model.layers[0].load_state_dict(model.model.layers[0].state_dict())
+    assistant.model.norm.load_state_dict(model.model.norm.state_dict())
+    assistant.tie_weights()
+    del cfg
+    out = {}
+    for name, extra in (("hf_plain", {}), ("hf_prompt_lookup", {"prompt_lookup_num_tokens": 7}),
+                        ("hf_assisted_1layer", {"assistant_model": assistant})):
+        kw = dict(do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None, **extra)
+        model.generate(ps[0][None], max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up
+        tokens, t = 0, time.perf_counter()
+        for p in ps:
+            gen = model.generate(p[None], max_new_tokens=max_new, min_new_tokens=max_new, **kw)
+            tokens += gen.shape[1] - p.shape[0]
+        sec = time.perf_counter() - t
+        out[name] = {"tokens_per_s": tokens / sec, "speedup_vs_plain": tokens / sec / plain_tokens_per_s}
+    return out
+
+
+def run_target(name: str, args, drafter_paths: dict) -> tuple[list[dict], dict]:
+    tcfg = target_config(name, Path(args.work_dir))
+    target, tok = TargetModel.from_config(tcfg), load_tokenizer(tcfg)
+    n_params = sum(p.numel() for p in target.model.parameters())
+    big = n_params > 2e8
+    n_prompts, max_new = (2, 24) if big else (args.prompts, args.max_new_tokens)
+    ps = prompts(tok, n_prompts)
+    drafters = {d: build_drafter(d, tcfg, drafter_paths.get(d) if name == "toy" else None, layers=args.layers,
+                                 block=args.block, rank=args.markov_rank) for d in args.drafters}
+    g = max(make_session(d, 1).block_size for d in drafters.values())
+    context = int(sum(len(p) for p in ps) / len(ps) + max_new / 2)
+    cost = VerifyCostModel.profile(target, max_rows=1, max_width=g + 1, context=context, repeats=5)
+    runs, extra = [], {"target": name, "parameters": n_params, "prompts": n_prompts, "max_new_tokens": max_new,
+                       "profile_context_tokens": context, "t_step_ms": 1e3 * cost(1, 1),
+                       "t_verify_ms_by_width": {str(w): 1e3 * cost(1, w) for w in range(1, g + 2)}, "draft_cost": {}}
+    for dname, drafter in drafters.items():
+        extra["draft_cost"][dname] = draft_cost_in_steps(target, drafter)
+    for T in args.temperatures:
+        sampling = SamplingConfig(temperature=T)
+        autoregressive_generate(target, ps[0], 8, sampling)  # warm-up
+        for d in drafters.values():
+            speculative_generate(target, d, ps[0], 8, sampling)
+        plain = {"tokens": 0, "seconds": 0.0}
+        spec = {d: {"tokens": 0, "wall": 0.0, "rounds": 0, "emitted": 0, "parts": {}} for d in drafters}
+        for i, p in enumerate(ps):  # interleaved: drift on a noisy machine hits every method alike
+            t = time.perf_counter()
+            r = autoregressive_generate(target, p, max_new, sampling, None, torch.Generator().manual_seed(i))
+            plain["seconds"] += time.perf_counter() - t
+            plain["tokens"] += len(r.tokens)
+            for dname, drafter in drafters.items():
+                t = time.perf_counter()
+                r = speculative_generate(target, drafter, p, max_new, sampling, None, torch.Generator().manual_seed(i))
+                s = spec[dname]
+                s["wall"] += time.perf_counter() - t
+                s["tokens"] += len(r.tokens)
+                s["rounds"] += len(r.emitted_per_round)
+                s["emitted"] += sum(r.emitted_per_round)
+                for k, v in r.seconds.items():
+                    s["parts"][k] = s["parts"].get(k, 0.0) + v
+        plain_rate = plain["tokens"] / plain["seconds"]
+        for dname, s in spec.items():
+            gd = make_session(drafters[dname], 1).block_size
+            tau = s["emitted"] / max(s["rounds"], 1)
+            speedup = s["tokens"] / s["wall"] / plain_rate
+            ideal = tau * cost(1, 1) / cost(1, gd + 1)
+            loop = sum(s["parts"].values())
+            runs.append({"target": name, "drafter": dname, "temperature": T, "tau": tau, "speedup": speedup,
+                         "ideal_speedup": ideal, "loop_efficiency": speedup / ideal,
+                         "draft_share": s["parts"]["draft"] / loop, "verify_share": s["parts"]["verify"] / loop,
+                         "overhead_share": (s["parts"]["schedule"] + s["parts"]["other"]) / loop,
+                         "block": gd, "plain_tokens_per_s": plain_rate, "spec_tokens_per_s": s["tokens"] / s["wall"],
+                         "trained_drafter": bool(name == "toy" and drafter_paths.get(dname))})
+            print(f"{name:11s} {dname:7s} T={T:g}  tau {tau:5.2f}  speedup {speedup:5.2f}  ideal {ideal:5.2f}  "
+                  f"loop_eff {speedup / ideal:5.2f}  draft/verify/overhead {runs[-1]['draft_share']:.2f}/"
+                  f"{runs[-1]['verify_share']:.2f}/{runs[-1]['overhead_share']:.2f}", flush=True)
+        if T == 0:
+            extra["hf"] = hf_baselines(target, tok, ps, max_new, plain_rate)
+            print(f"{name:11s} HF generate (T=0, tokens/s vs our plain): " +
+                  ", ".join(f"{k} {v['speedup_vs_plain']:.2f}x" for k, v in extra["hf"].items()), flush=True)
+    for dname, c in extra["draft_cost"].items():
+        print(f"{name:11s} {dname:7s} draft cost in target steps at context 100/400/1000: " +
+              " / ".join(f"{c[k]['draft_in_target_steps']:.2f}" for k in ("100", "400", "1000")), flush=True)
+    return runs, extra
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--targets", nargs="+", default=["toy", "qwen3-30m", "qwen3-100m", "qwen3-400m"])
+    ap.add_argument("--drafters", nargs="+", default=["dspark", "dflash", "eagle3"])
+    ap.add_argument("--drafter-path", nargs="*", default=[], help="name=export folder, used for the toy target")
+    ap.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=2, help="random DSpark/DFlash backbone layers")
+    ap.add_argument("--block", type=int, default=7)
+    ap.add_argument("--markov-rank", type=int, default=256)
+    ap.add_argument("--work-dir", default="runs/bench/targets", help="random targets are saved here once")
+    ap.add_argument("--out", default="runs/bench/decoding.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    paths = dict(kv.split("=", 1) for kv in args.drafter_path)
+    t0 = time.time()
+    runs, targets = [], []
+    for name in args.targets:
+        r, extra = run_target(name, args, paths)
+        runs += r
+        targets.append(extra)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"threads": args.threads, "machine": machine(), "seconds": time.time() - t0,
+                               "args": vars(args), "runs": runs, "targets": targets}, indent=1))
+    print(f"wrote {out} in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
