@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-POLICIES = ("fixed", "scheduled", "scheduled_with_draft_cost")
+POLICIES = ("fixed", "threshold", "scheduled", "scheduled_with_draft_cost")
 CONFIDENCE_SOURCES = ("drafter", "online")
 
 
@@ -13,9 +13,12 @@ class ScheduleConfig:
     """Verification-length policy of the decoding engine."""
 
     policy: str = "fixed"
-    """fixed | scheduled (Algorithm 1) | scheduled_with_draft_cost (Algorithm 1 + draft cost + plain fallback)."""
+    """fixed | threshold (static, per row) | scheduled (Algorithm 1) | scheduled_with_draft_cost (Algorithm 1 +
+    draft cost + plain fallback)."""
     fixed_length: int = 0
     """fixed: drafts verified per round (0 = the whole block)."""
+    threshold: float = 0.5
+    """threshold: verify each row's leading drafts whose calibrated cumulative survival is >= this."""
     confidence: str = "drafter"
     """drafter: the session's confidences (DSpark's head; DFlash/Eagle3 their probability of the drafted
     token), STS-calibrated | online: per-row running acceptance per slot (EMA of observed outcomes)."""
@@ -34,6 +37,8 @@ class ScheduleConfig:
             out.append(f"{prefix}confidence={self.confidence!r} is not one of {CONFIDENCE_SOURCES}")
         if self.fixed_length < 0:
             out.append(f"{prefix}fixed_length={self.fixed_length} must be >= 0")
+        if not 0.0 <= self.threshold <= 1.0:
+            out.append(f"{prefix}threshold={self.threshold} must be in [0, 1]")
         if not 0.0 < self.online_ema <= 1.0:
             out.append(f"{prefix}online_ema={self.online_ema} must be in (0, 1]")
         if self.max_probe_interval_rounds < 1:

@@ -18,6 +18,7 @@ A slot whose survival is 0 is never verified.
 
 Policies (``ScheduleConfig.policy``):
     fixed                       draft every round, verify ``fixed_length`` (default: all g)
+    threshold                   verify each row's leading drafts with survival >= ``threshold`` (static)
     scheduled                   Algorithm 1 with the verify cost only (the paper)
     scheduled_with_draft_cost   Algorithm 1 with the round's draft cost added, and a gate (``DraftGate``)
                                 that decodes plainly while a drafted round is predicted to emit fewer
@@ -218,7 +219,7 @@ class VerifyScheduler:
     def __init__(self, cfg: ScheduleConfig, block_size: int, cost: VerifyCostModel | None = None,
                  temperatures: list[float] | None = None):
         problems = cfg.problems("schedule.")
-        if cfg.policy != "fixed" and cost is None:
+        if cfg.policy in ("scheduled", "scheduled_with_draft_cost") and cost is None:
             problems.append(f"schedule.policy={cfg.policy} needs a verify cost model (VerifyCostModel.load_or_profile)")
         if problems:
             raise ValueError("; ".join(problems))
@@ -251,6 +252,9 @@ class VerifyScheduler:
         if self.cfg.policy == "fixed":
             L = self.cfg.fixed_length or self.g
             return torch.full((N,), min(L, self.g), dtype=torch.long, device=rows.device)
+        if self.cfg.policy == "threshold":
+            survival = self.survival(rows, confidence)
+            return (survival >= self.cfg.threshold).int().cumprod(1).sum(1).to(rows.device)
         extra = draft_seconds if self.cfg.policy == "scheduled_with_draft_cost" else 0.0
         return choose_lengths(self.survival(rows, confidence), lambda W: self.cost(N, W), extra).to(rows.device)
 

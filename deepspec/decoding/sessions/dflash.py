@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from deepspec.decoding.sessions.draft import BlockBackboneSession, Draft, token_probability
+from deepspec.decoding.sessions.draft import BlockBackboneSession, Draft, top_probability
 from deepspec.decoding.verify import SamplingConfig, sample
 
 
@@ -14,4 +14,4 @@ class DFlashSession(BlockBackboneSession):
         logits = self.d.lm_head(self.block_hidden(rows, anchors))  # (N, g, V)
         q = sampling.probs(logits)
         tokens = sample(q, generator)  # (N, g)
-        return Draft(tokens, None if sampling.greedy else q, token_probability(logits, tokens))
+        return Draft(tokens, None if sampling.greedy else q, top_probability(logits))

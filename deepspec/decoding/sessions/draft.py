@@ -15,13 +15,19 @@ class Draft:
     q: torch.Tensor | None
     """(N, g, V) the distributions the tokens were sampled from (None when greedy)."""
     confidence: torch.Tensor
-    """(N, g) raw per-slot confidence c_k: DSpark's confidence head; DFlash/Eagle3 the drafter's
-    own probability of the drafted token (softmax at T=1). Uncalibrated: the scheduler applies STS."""
+    """(N, g) raw per-slot confidence c_k, a function of d_1..d_{k-1} only (never of d_k: see
+    ``top_probability``): DSpark's confidence head; DFlash/Eagle3 the drafter's top probability at
+    slot k (softmax at T=1). Uncalibrated: the scheduler applies STS."""
 
 
-def token_probability(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """logits (..., V), tokens (...) -> softmax(logits)[token] (...), fp32: a drafter's own confidence."""
-    return torch.softmax(logits.float(), -1).gather(-1, tokens[..., None])[..., 0]
+def top_probability(logits: torch.Tensor) -> torch.Tensor:
+    """logits (..., V) -> max_v softmax(logits)[v] (...), fp32: a drafter's own confidence at a slot.
+
+    Deliberately *not* the probability of the drafted token: the decision to verify slot k may use
+    anything known before d_k is drawn (earlier drafts, the slot's distribution), never d_k itself.
+    Choosing L from q_k(d_k) biases the output law (chi-square p < 1e-50 in tests/test_exact_law.py).
+    """
+    return torch.softmax(logits.float(), -1).amax(-1)
 
 
 class BlockBackboneSession:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from deepspec.decoding import kernels
-from deepspec.decoding.sessions.draft import BlockBackboneSession, Draft, token_probability
+from deepspec.decoding.sessions.draft import BlockBackboneSession, Draft, top_probability
 from deepspec.decoding.verify import SamplingConfig, gumbel_noise, sample
 
 
@@ -38,7 +38,7 @@ class DSparkSession(BlockBackboneSession):
             tokens, logits, q = self._walk(h, base, anchors, sampling, generator)
         prev = torch.cat([anchors[:, None], tokens[:, :-1]], dim=1)  # x_{k-1} per slot (N, g)
         conf = d.confidence_logits(h, prev)
-        conf = token_probability(logits, tokens) if conf is None else torch.sigmoid(conf.float())
+        conf = top_probability(logits) if conf is None else torch.sigmoid(conf.float())
         return Draft(tokens, None if sampling.greedy else q, conf)
 
     def _fused_walk(self, base, anchors, sampling, generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from deepspec.decoding.sessions.draft import Draft, token_probability
+from deepspec.decoding.sessions.draft import Draft, top_probability
 from deepspec.decoding.sessions.state import PendingFeatures, RaggedKV
 from deepspec.decoding.verify import SamplingConfig, sample
 from deepspec.drafters.attention import attend
@@ -70,7 +70,7 @@ class Eagle3Session:
             tok = sample(qk, generator)  # (N,)
             tokens.append(tok)
             probs.append(qk)
-            conf.append(token_probability(logits, tok))
+            conf.append(top_probability(logits))
             if k == self.g - 1:
                 break
             emb = d.embed_tokens(tok)[:, None].to(h.dtype)  # (N, 1, d)

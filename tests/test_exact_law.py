@@ -1,0 +1,203 @@
+"""Whole generations follow the target's exact law, on every path of the engine.
+
+A tiny target (vocabulary 6) and random drafters that disagree with it. The exact probability of
+every whole generation (3 tokens after the prompt, 6^3 outcomes) is computed by enumeration
+with the target's own forward and the sampling transform; thousands of generations drawn through
+the real batched loop (two prompts of different lengths interleaved, so rows are ragged and
+accept different amounts) are compared with a chi-square goodness-of-fit test per prompt.
+
+Seeds are fixed, so each test is deterministic. The threshold p > 1e-4 is what a correct engine
+passes for all but 1 in 10,000 seeds; the same test rejects a one-line error in the acceptance
+rule with p < 1e-12 (``test_a_broken_acceptance_rule_is_caught``).
+
+Greedy: over generated cases (block sizes, prompt lengths, max_new_tokens inside a block, EOS
+inside a block, every policy), speculative output is identical to plain greedy output.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy.stats import chisquare
+
+from deepspec.config.data import TargetConfig
+from deepspec.config.decoding import ScheduleConfig
+from deepspec.decoding import kernels
+from deepspec.decoding.scheduler import VerifyCostModel, VerifyScheduler
+from deepspec.decoding.sessions import make_session
+from deepspec.decoding.speculative import autoregressive_generate_batch, speculative_generate_batch
+from deepspec.decoding.verify import SamplingConfig
+from deepspec.drafters import DFlashConfig, DFlashDrafter, DSparkConfig, DSparkDrafter, Eagle3Config, Eagle3Drafter
+from deepspec.target import TargetModel, load_frozen_embeddings
+
+V, NEW, DRAWS = 6, 3, 4000
+PROMPTS = [torch.tensor([1, 2, 3]), torch.tensor([4, 0, 1, 5, 2])]
+P_MIN = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    path = tmp_path_factory.mktemp("v6_target")
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=16, initializer_range=0.5, tie_word_embeddings=True)
+    Qwen3ForCausalLM(cfg).save_pretrained(path)
+    tcfg = TargetConfig(name_or_path=str(path), layer_ids=[0, 1], mask_token_id=5)
+    return TargetModel.from_config(tcfg), tcfg, cfg
+
+
+def drafter(kind: str, tiny, block: int = 3):
+    _, tcfg, cfg = tiny
+    embed, head = load_frozen_embeddings(tcfg)
+    torch.manual_seed(1)
+    if kind == "dflash":
+        d = DFlashDrafter(DFlashConfig(block_size=block, num_hidden_layers=1, mask_token_id=5, target_layer_ids=[0, 1]), cfg, embed, head)
+    elif kind == "eagle3":
+        d = Eagle3Drafter(Eagle3Config(ttt_steps=block, target_layer_ids=[0, 1]), cfg, embed, head)
+    else:
+        d = DSparkDrafter(DSparkConfig(block_size=block, num_hidden_layers=1, markov_rank=4, markov_head_type=kind, mask_token_id=5,
+                                       target_layer_ids=[0, 1]), cfg, embed, head)
+    for p in d.parameters():  # neither uniform nor the target: rounds accept some drafts and reject others
+        if p.requires_grad:
+            p.data.normal_(0, 0.6)
+    return d.eval()
+
+
+@torch.no_grad()
+def exact_law(target, prompt: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """P(x_1..x_NEW | prompt) for all V^NEW generations, by enumeration -> (V,)*NEW."""
+    law = torch.ones(())
+    for t in range(NEW):
+        prefixes = torch.tensor(list(itertools.product(range(V), repeat=t)), dtype=torch.long).view(V ** t, t)
+        ids = torch.cat([prompt.expand(len(prefixes), -1), prefixes], dim=1)
+        _, final = target(ids)
+        step = sampling.probs(target.lm_head(final[:, -1])).double()  # (V^t, V)
+        law = law.reshape(-1, 1) * step  # (V^t, V)
+    return law.reshape((V,) * NEW)
+
+
+def chi2_pvalue(samples: list[list[int]], law: torch.Tensor) -> float:
+    counts = torch.zeros(law.numel(), dtype=torch.float64)
+    for s in samples:
+        counts[sum(tok * V ** (NEW - 1 - i) for i, tok in enumerate(s))] += 1
+    expected = law.flatten() * len(samples)
+    assert float(counts[expected == 0].sum()) == 0, "a generation the target can never produce"
+    big = expected >= 5  # pool the rare cells into one
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    keep = exp > 0
+    if int(keep.sum()) < 2:  # a deterministic law: every draw already fell on its one outcome (asserted above)
+        return 1.0
+    return float(chisquare(obs[keep].numpy(), exp[keep].numpy() * float(obs[keep].sum() / exp[keep].sum())).pvalue)
+
+
+def cost_model(g: int) -> VerifyCostModel:
+    """Verification at 80% of a step per column: Algorithm 1 verifies prefixes shorter than the block."""
+    rows = [1, 2 * DRAWS]
+    return VerifyCostModel(rows, list(range(1, g + 2)), [[r * (1 + 0.8 * (w - 1)) for w in range(1, g + 2)] for r in rows], {})
+
+
+class OwnTokenConfidence:
+    """A session whose confidence for slot k is q_k(d_k), the drafted token's own probability (wrong)."""
+
+    def __init__(self, session):
+        self.s, self.block_size = session, session.block_size
+
+    def extend(self, *a):
+        self.s.extend(*a)
+
+    def draft(self, rows, anchors, sampling, generator):
+        d = self.s.draft(rows, anchors, sampling, generator)
+        d.confidence = d.q.gather(-1, d.tokens[..., None])[..., 0]
+        return d
+
+
+def draw(tiny, session_drafter, sampling: SamplingConfig, policy: str = "fixed", seed: int = 0,
+         wrap=lambda s: s) -> list[list[list[int]]]:
+    """DRAWS generations per prompt through the real batched loop (the two prompts interleaved: ragged rows)."""
+    target = tiny[0]
+    prompts = [PROMPTS[i % 2] for i in range(2 * DRAWS)]
+    g = make_session(session_drafter, 1).block_size
+    sched = VerifyScheduler(ScheduleConfig(policy=policy), g, cost_model(g) if policy.startswith("scheduled") else None)
+    res = speculative_generate_batch(target, wrap(make_session(session_drafter, len(prompts))), prompts, NEW, sampling, None,
+                                     torch.Generator().manual_seed(seed), sched)
+    if policy != "fixed":
+        verified = [L for r in res for L in r.verified_per_round]
+        assert min(verified) < g and max(verified) > 0, set(verified)  # prefixes really were verified
+    return [[r.tokens for r in res[i::2]] for i in range(2)]
+
+
+CASES = [  # (drafter kind, sampling, policy): every head, fused and unfused walks, transforms, schedules
+    ("vanilla", SamplingConfig(1.0), "fixed"),  # fused Markov step
+    ("vanilla", SamplingConfig(0.7, top_k=4), "fixed"),  # unfused walk, top-k, T != 1
+    ("gated", SamplingConfig(1.0, top_p=0.95), "fixed"),
+    ("rnn", SamplingConfig(1.3), "fixed"),
+    ("dflash", SamplingConfig(1.0), "fixed"),
+    ("dflash", SamplingConfig(0.8, top_k=3, top_p=0.9), "fixed"),
+    ("eagle3", SamplingConfig(1.0), "fixed"),
+    ("eagle3", SamplingConfig(1.0, top_p=0.7), "fixed"),
+    ("vanilla", SamplingConfig(1.0), "scheduled"),
+    ("vanilla", SamplingConfig(1.0), "scheduled_with_draft_cost"),  # plain rounds mixed in
+    ("gated", SamplingConfig(1.0), "threshold"),  # per-row ragged verification lengths
+    ("dflash", SamplingConfig(1.0), "threshold"),
+    ("eagle3", SamplingConfig(0.9), "threshold"),
+]
+
+
+@pytest.mark.parametrize("kind,sampling,policy", CASES, ids=[f"{k}-T{s.temperature}-k{s.top_k}-p{s.top_p}-{p}" for k, s, p in CASES])
+def test_whole_generations_follow_the_target_law(tiny, kind, sampling, policy):
+    target = tiny[0]
+    samples = draw(tiny, drafter(kind, tiny), sampling, policy)
+    for prompt, got in zip(PROMPTS, samples):
+        p = chi2_pvalue(got, exact_law(target, prompt, sampling))
+        assert p > P_MIN, (kind, prompt.tolist(), p)
+
+
+def _residual_from_p(draft, q, p, lengths, u_accept, noise_u, greedy):
+    """The acceptance rule with one line broken: the correction is drawn from p instead of max(0, p - q)."""
+    m, _ = kernels.reference.verify(draft, q, p, lengths, u_accept, noise_u, greedy)
+    p_m = p.gather(1, m[:, None, None].expand(-1, 1, p.shape[-1]))[:, 0]
+    return m, (torch.log(p_m) + kernels.reference.gumbel(noise_u)).argmax(-1)
+
+
+@pytest.mark.parametrize("kind", ["dflash", "eagle3"])
+def test_scheduling_on_the_drafted_tokens_own_probability_is_caught(tiny, kind):
+    """Why drafters schedule from what precedes d_k: a length chosen from q_k(d_k) biases the law."""
+    sampling = SamplingConfig(1.0)
+    samples = draw(tiny, drafter(kind, tiny, 3), sampling, "threshold", wrap=OwnTokenConfidence)
+    p = min(chi2_pvalue(got, exact_law(tiny[0], prompt, sampling)) for prompt, got in zip(PROMPTS, samples))
+    assert p < 1e-12, p
+
+
+def test_a_broken_acceptance_rule_is_caught(tiny, monkeypatch):
+    monkeypatch.setattr(kernels, "verify", lambda *a: _residual_from_p(*a))
+    sampling = SamplingConfig(1.0)
+    samples = draw(tiny, drafter("vanilla", tiny), sampling)
+    p = min(chi2_pvalue(got, exact_law(tiny[0], prompt, sampling)) for prompt, got in zip(PROMPTS, samples))
+    assert p < 1e-12, p
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(["vanilla", "gated", "rnn", "dflash", "eagle3"]), block=st.integers(1, 4),
+       lengths=st.lists(st.integers(1, 9), min_size=1, max_size=4), max_new=st.integers(1, 11),
+       eos=st.sampled_from([None, 0, 1, 2, 3, 4, 5]), policy=st.sampled_from(["fixed", "scheduled", "scheduled_with_draft_cost"]),
+       seed=st.integers(0, 1000))
+def test_greedy_equals_plain_greedy_on_generated_cases(tiny, kind, block, lengths, max_new, eos, policy, seed):
+    """Odd lengths, EOS inside a block, max_new_tokens inside a block, ragged batches, every policy."""
+    target = tiny[0]
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, V, (n,), generator=g) for n in lengths]
+    greedy = SamplingConfig(temperature=0)
+    ref = [r.tokens for r in autoregressive_generate_batch(target, prompts, max_new, greedy, eos)]
+    d = drafter(kind, tiny, block)
+    sched = VerifyScheduler(ScheduleConfig(policy=policy), block, cost_model(block) if policy != "fixed" else None)
+    got = speculative_generate_batch(target, make_session(d, len(prompts)), prompts, max_new, greedy, eos, None, sched)
+    assert [r.tokens for r in got] == ref
+    for r in got:
+        assert len(r.tokens) <= max_new and (eos not in r.tokens[:-1])
+        assert sum(r.emitted_per_round) + 1 == len(r.tokens)  # tau counts nothing after EOS / max_new_tokens
