@@ -45,3 +45,12 @@ def test_sequential_temperature_scaling_repairs_overconfidence():
     assert after["ece"][0] < 0.03
     assert all(0.5 < x <= 1 for x in before["auroc"])  # the ranking carries signal; scaling keeps ranking
     assert after["auroc"][0] == before["auroc"][0]
+
+
+def test_threshold_sweep_cumulative_and_per_step_differ_as_defined():
+    conf = torch.tensor([[0.9, 0.8, 0.9]])  # cumulative 0.9, 0.72, 0.648
+    accepted = torch.tensor([3])
+    cum = {r["threshold"]: r["verified_per_round"] for r in metrics.threshold_sweep(conf, accepted, [0.7, 0.85])}
+    per = {r["threshold"]: r["verified_per_round"] for r in metrics.threshold_sweep(conf, accepted, [0.7, 0.85], per_step=True)}
+    assert cum == {0.7: 2.0, 0.85: 1.0}
+    assert per == {0.7: 3.0, 0.85: 1.0}

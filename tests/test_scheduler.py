@@ -41,3 +41,58 @@ def test_simulation_confidence_scheduling_beats_fixed_length_under_load():
     low, high = res["loads"]
     assert high["confidence"]["throughput_tokens_per_s"] > high["fixed"]["throughput_tokens_per_s"]
     assert high["fixed"]["per_request_tokens_per_s"] < low["fixed"]["per_request_tokens_per_s"]
+
+
+# ----------------------------------------------------------------------------- the runtime scheduler
+from deepspec.decoding.scheduler import DraftGate, VerifyCostModel, choose_lengths  # noqa: E402
+
+
+def test_column_algorithm_stops_at_the_first_column_that_lowers_throughput():
+    # R=2; verify cost 1 + 0.5 (W-1). Columns add 1.7, 0.4, 1.9 (cumulative survival cannot rise in a real
+    # row; here the third column is built to reward a global search, which Algorithm 1 must not do).
+    a = torch.tensor([[0.9, 0.2, 0.2], [0.8, 0.2, 0.2]], dtype=torch.float64)
+    cost = lambda W: 1 + 0.5 * (W - 1)  # noqa: E731
+    # Theta: W=1: 2/1 = 2; W=2: 3.7/1.5 = 2.47 (admit); W=3: 4.1/2 = 2.05 (lower: stop)
+    assert choose_lengths(a, cost).tolist() == [1, 1]
+    a_global = a.clone()
+    a_global[:, 2] = 5.0  # a later column worth a lot: a global search would take W=4
+    assert choose_lengths(a_global, cost).tolist() == [1, 1]
+
+
+def test_draft_cost_widens_the_verified_prefix_and_zero_survival_is_never_verified():
+    a = torch.tensor([[0.6, 0.3, 0.0]], dtype=torch.float64)
+    cost = lambda W: 1 + 0.5 * (W - 1)  # noqa: E731
+    assert choose_lengths(a, cost).tolist() == [1]  # 1.6/1.5 > 1; 1.9/2 < 1.067
+    assert choose_lengths(a, cost, draft_seconds=3.0).tolist() == [2]  # a sunk draft makes columns cheap
+    free = lambda W: 1.0  # noqa: E731
+    assert choose_lengths(a, free).tolist() == [2]  # survival 0: never admitted, even when free
+
+
+def test_gate_decodes_plainly_when_drafting_cannot_pay_and_probes_with_backoff():
+    cost = VerifyCostModel([1, 8], [1, 2, 3], [[1.0, 1.1, 1.2], [8.0, 16.0, 24.0]], {})
+    gate = DraftGate(max_interval=4)
+    high = torch.ones(1, 2, dtype=torch.float64)
+    assert gate.should_draft(high, cost)  # nothing measured yet: draft to learn the draft's cost
+    gate.observe_draft(1, 0.1)
+    assert gate.should_draft(high, cost)  # 3 tokens / 1.3 s beats 1 / 1 s
+    low = torch.full((1, 2), 0.01, dtype=torch.float64)
+    decisions = [gate.should_draft(low, cost) for _ in range(12)]
+    assert decisions[:2] == [False, True] and 3 <= decisions.count(True) <= 4  # probes after 1, 2, 4, 4 plain steps
+    gate.observe_draft(8, 0.1)
+    compute_bound = torch.ones(8, 2, dtype=torch.float64)  # at 8 rows verifying costs W x a step: no width pays
+    assert not any(gate.should_draft(compute_bound, cost) for _ in range(20))
+
+
+def test_cost_model_interpolates_and_is_cached_per_target(tmp_path, tiny_target):
+    from deepspec.config.data import TargetConfig
+    from deepspec.target import TargetModel
+
+    m = VerifyCostModel([1, 4], [1, 2], [[1.0, 2.0], [4.0, 8.0]], {})
+    assert m(2, 1) == 2.0 and m(8, 2) == 16.0 and m(1, 5) == 2.0  # interpolated, extrapolated, width clamped
+    target = TargetModel.from_config(TargetConfig(name_or_path=str(tiny_target), layer_ids=[0]))
+    first = VerifyCostModel.load_or_profile(target, max_rows=2, max_width=3, cache_dir=str(tmp_path))
+    assert first.rows == [1, 2] and first.widths == [1, 2, 3] and all(s > 0 for line in first.seconds for s in line)
+    again = VerifyCostModel.load_or_profile(target, max_rows=2, max_width=3, cache_dir=str(tmp_path))
+    assert again.seconds == first.seconds  # read back, not measured again
+    (next((tmp_path / "verify_cost").glob("*.json"))).write_text("{not json")
+    assert VerifyCostModel.load_or_profile(target, 2, 3, cache_dir=str(tmp_path)).rows == [1, 2]  # corrupt: measured again

@@ -76,7 +76,7 @@ class EvalHarness:
         plain_s = spec_s = 0.0
         plain_tokens = spec_tokens = 0
         split = {"draft": 0.0, "verify": 0.0, "other": 0.0}
-        accepted, conf_rows, conf_prompt, mismatches, emitted = [], [], [], [], []
+        accepted, verified, conf_rows, conf_prompt, mismatches, emitted = [], [], [], [], [], []
         for i, ids in turns:
             t = time.perf_counter()
             plain = autoregressive_generate(self.target, ids, cfg.max_new_tokens, sampling, eos, torch.Generator().manual_seed(cfg.seed + i))
@@ -91,6 +91,7 @@ class EvalHarness:
             for k in split:
                 split[k] += spec.seconds[k]
             accepted += [m for m, L in zip(spec.accepted_per_round, spec.verified_per_round) if L > 0]  # drafted rounds
+            verified += [L for L in spec.verified_per_round if L > 0]
             conf_rows += spec.confidences
             conf_prompt += [i] * len(spec.confidences)
             emitted += spec.emitted_per_round
@@ -98,7 +99,10 @@ class EvalHarness:
         out = {"turns": len(turns), **metrics.acceptance_stats(accepted, g_len),
                "tau": sum(emitted) / max(len(emitted), 1),  # tokens emitted per round (nothing after EOS counted)
                "draft_tokens_proposed": len(accepted) * g_len,
-               "verify_rate": sum(accepted) / max(len(accepted) * g_len, 1),
+               # accepted drafts per drafted token, and per *verified* drafted token (they differ when a schedule
+               # verifies prefixes); named for what they count (DeepSpec's "verify rate" has no public definition)
+               "draft_acceptance_rate": sum(accepted) / max(len(accepted) * g_len, 1),
+               "verified_acceptance_rate": sum(accepted) / max(sum(verified), 1),
                "plain": {"tokens": plain_tokens, "seconds": plain_s, "tokens_per_s": plain_tokens / max(plain_s, 1e-9)},
                "speculative": {"tokens": spec_tokens, "seconds": spec_s, "tokens_per_s": spec_tokens / max(spec_s, 1e-9),
                                "time_split": split},
@@ -124,7 +128,8 @@ class EvalHarness:
         scaled = metrics.apply_temperatures(held_conf, temps)
         return {"sts_temperatures": temps, "before": metrics.calibration(held_conf, held_acc),
                 "after": metrics.calibration(scaled, held_acc), "fit_rounds": int(fit.sum()), "report_rounds": int((~fit).sum()),
-                "threshold_sweep": metrics.threshold_sweep(scaled, held_acc),
+                "threshold_sweep": metrics.threshold_sweep(scaled, held_acc),  # on cumulative survival
+                "threshold_sweep_per_step": metrics.threshold_sweep(scaled, held_acc, per_step=True),
                 "_rounds": list(zip(conf.tolist(), accepted.tolist()))}  # for the serving simulation
 
     def run(self) -> dict:

@@ -59,17 +59,20 @@ def calibration(conf: torch.Tensor, accepted: torch.Tensor, bins: int = 20) -> d
     return out
 
 
-def threshold_sweep(conf: torch.Tensor, accepted: torch.Tensor, thresholds: list[float] | None = None) -> list[dict]:
-    """Static threshold: verify the leading drafts whose cumulative confidence is >= t.
+def threshold_sweep(conf: torch.Tensor, accepted: torch.Tensor, thresholds: list[float] | None = None,
+                    per_step: bool = False) -> list[dict]:
+    """Static threshold: verify the leading drafts whose confidence is >= t.
 
+    ``per_step=False`` thresholds the cumulative survival a_k = prod_{i<=k} c_i (what the scheduler uses);
+    ``per_step=True`` thresholds each slot's own c_k (stop at the first slot below t).
     Per threshold: verified drafts per round, acceptance rate (accepted / verified) and tokens per
     target step (min(m, L) + 1), from recorded rounds (conf (R, g), accepted (R,)).
     """
     thresholds = thresholds or [i / 20 for i in range(20)]
-    survival = torch.cumprod(conf.double(), dim=1)
+    score = conf.double() if per_step else cumulative_survival(conf)
     out = []
     for t in thresholds:
-        L = (survival >= t).int().cumprod(1).sum(1)  # leading slots above the threshold
+        L = (score >= t).int().cumprod(1).sum(1)  # leading slots at or above the threshold
         got = torch.minimum(accepted, L)
         out.append({"threshold": t, "verified_per_round": float(L.float().mean()),
                     "acceptance_rate": float(got.sum() / L.sum().clamp_min(1)), "tokens_per_step": float((got + 1).float().mean())})
