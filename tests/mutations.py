@@ -1,0 +1,77 @@
+"""Single-line mutations of the core math and the tests that must fail on each (scripts/mutation_check.py).
+
+Each entry: (name, file, exact original text, mutated text, pytest selection). The original text
+must occur exactly once in the file: a refactor that moves it makes the check fail loudly, so this
+list moves with the code. Grouped like the issue that asked for it: acceptance, bonus, q,
+cache/holes, Algorithm 1, STS and calibration, losses, anchors/blocks, Markov heads, sessions.
+"""
+from __future__ import annotations
+
+LAW = "tests/test_exact_law.py"
+FAST_LAW = LAW + " -k 'vanilla-T1.0-k0-p1.0-fixed or gated or dflash-T1.0 or threshold or greedy'"
+SESSIONS = "tests/test_sessions.py"
+SCHED = "tests/test_scheduler.py"
+METRICS = "tests/test_eval_metrics.py"
+LOSSES = "tests/test_losses.py"
+DRAFTERS = "tests/test_drafters.py"
+SPEC = "tests/test_speculative.py -m 'not slow'"
+
+REF = "deepspec/decoding/kernels/reference.py"
+MUTATIONS = [
+    # acceptance rule, residual, bonus position (PyTorch reference of the verify kernel)
+    ("accept ratio inverted", REF, "(u_accept < p_d / q_d.clamp_min(1e-30))", "(u_accept < q_d / p_d.clamp_min(1e-30))", FAST_LAW),
+    ("accept with <= instead of <", REF, "(u_accept < p_d / q_d.clamp_min(1e-30))", "(u_accept * 0.9 < p_d / q_d.clamp_min(1e-30))", FAST_LAW),
+    ("residual is p, not max(0, p - q)", REF, "(p_m - q_m).clamp_min(0), p_m)", "p_m, p_m)", FAST_LAW),
+    ("residual not clamped at 0", REF, "(p_m - q_m).clamp_min(0), p_m)", "(p_m - q_m).abs(), p_m)", FAST_LAW),
+    ("bonus from the last draft's position", REF, "p_m = p.gather(1, m[:, None, None]", "p_m = p.gather(1, m.clamp(max=g - 1)[:, None, None]", FAST_LAW),
+    ("drafts accepted beyond the verified prefix", REF, "m = ((u_accept < p_d / q_d.clamp_min(1e-30)) & inside)",
+     "m = ((u_accept < p_d / q_d.clamp_min(1e-30)) | ~inside)", FAST_LAW),
+    ("greedy compares drafts with the next position", REF, "m = ((target[:, :g] == draft) & inside)", "m = ((target[:, 1:] == draft) & inside)", FAST_LAW),
+    ("Gumbel noise ignored at T=1 (Markov step)", REF, "else (logits + noise_g).argmax(-1), logits", "else logits.argmax(-1), logits", FAST_LAW),
+    # q must be the distribution the token was sampled from
+    ("q without the Markov bias (fused walk)", "deepspec/decoding/sessions/dspark.py", "            q = sampling.probs(logits)\n        else:",
+     "            q = sampling.probs(base.float())\n        else:", FAST_LAW),
+    ("q reported is not the sampled distribution (unfused walk)", "deepspec/decoding/sessions/dspark.py", "            probs.append(qk)",
+     "            probs.append(torch.softmax(lk, -1))", LAW + " -k 'vanilla-T0.7'"),
+    # target cache holes and crop, drafter state
+    ("accepted anchor dropped from the cache", "deepspec/decoding/speculative.py", "keep[rows] = (steps[None] <= m[:, None]).long()",
+     "keep[rows] = (steps[None] < m[:, None]).long()", FAST_LAW),
+    ("rejected positions not turned into holes", "deepspec/decoding/speculative.py", "        batch.mask[:, -W:] = keep  # rejected positions become holes",
+     "        pass", FAST_LAW),
+    ("positions count the holes", "deepspec/decoding/speculative.py", "        batch.lengths += keep.sum(1)", "        batch.lengths += W", FAST_LAW),
+    ("shorter rows' padding visible to the target", "deepspec/decoding/speculative.py",
+     "block_valid[rows] = (steps[None] <= L[:, None]).long()", "block_valid[rows] = 1", LAW + " -k 'threshold'"),
+    ("drafter context one position off", "deepspec/decoding/sessions/draft.py", "            pos = self.length[rows, None] + steps  # (N, T)",
+     "            pos = self.length[rows, None] + steps + 1  # (N, T)", SESSIONS),
+    ("Eagle3 last position paired with the wrong token", "deepspec/decoding/sessions/eagle3.py",
+     "nxt[torch.arange(N, device=toks.device), counts - 1] = anchors", "nxt[torch.arange(N, device=toks.device), counts - 1] = 0", SESSIONS),
+    ("pending queue not consumed", "deepspec/decoding/sessions/state.py", "        if every_row:\n            self.chunks = []", "        if every_row:\n            pass", SESSIONS),
+    # Algorithm 1 and survival
+    ("Algorithm 1 searches globally", "deepspec/decoding/scheduler.py", "        if gain <= 0 or new_theta <= theta:  # the first column",
+     "        if gain <= 0 or new_theta <= theta and False:  # the first column", SCHED),
+    ("zero survival admitted", "deepspec/decoding/scheduler.py", "    positive = (survival > 0).int()", "    positive = (survival >= 0).int()", SCHED),
+    ("survival per slot, not cumulative", "deepspec/calibration.py", "    return torch.cumprod(conf.double(), dim=-1)", "    return conf.double()", SCHED + " " + METRICS),
+    ("token-level Algorithm 1 ignores the stop rule", "deepspec/decoding/scheduler.py", "        if a <= 0 or (tau + a) * sps(B + 1) <= tau * sps(B):\n            break",
+     "        if a <= 0 or (tau + a) * sps(B + 1) <= tau * sps(B):\n            continue", SCHED),
+    # STS and calibration metrics
+    ("STS fits each position independently", "deepspec/calibration.py", "            trial = temps[:k] + [t] + [1.0] * (g - k - 1)",
+     "            trial = [1.0] * k + [t] + [1.0] * (g - k - 1)", METRICS),
+    ("ECE without the absolute value", "deepspec/calibration.py", "* abs(float(pred[sel].mean()) - float(label[sel].float().mean()))",
+     "* (float(pred[sel].mean()) - float(label[sel].float().mean()))", METRICS),
+    ("temperature multiplies the logit", "deepspec/calibration.py", "    return torch.sigmoid(logit / t).to(conf.dtype)", "    return torch.sigmoid(logit * t).to(conf.dtype)", METRICS),
+    # losses
+    ("slot weights exp(-(k+1)/g)", "deepspec/losses.py", "torch.exp(-torch.arange(g, device=h.device, dtype=torch.float32) / cfg.decay_gamma)",
+     "torch.exp(-(1 + torch.arange(g, device=h.device, dtype=torch.float32)) / cfg.decay_gamma)", LOSSES),
+    ("soft label 1 - L1 instead of 1 - L1/2", "deepspec/losses.py", "    acc = (1 - 0.5 * l1).clamp(0, 1).detach()", "    acc = (1 - l1).clamp(0, 1).detach()", LOSSES),
+    ("Eagle3 step weights not decayed", "deepspec/losses.py", "        total = total + step_decay**k * mean_ce", "        total = total + mean_ce", LOSSES),
+    # anchors and block validity
+    ("anchor rule ignores the next token's mask", "deepspec/drafters/blocks.py", "    cand[:, :-1] = m[:, :-1] & m[:, 1:]", "    cand[:, :-1] = m[:, :-1]", DRAFTERS),
+    ("validity not cumulative along the block", "deepspec/drafters/blocks.py", "keep[:, :, None]).int().cumprod(dim=-1).bool()", "keep[:, :, None]).bool()", DRAFTERS),
+    # Markov heads
+    ("gated head ignores its gate", "deepspec/drafters/heads.py", "            return torch.sigmoid(self.gate_proj(torch.cat([h, e_prev], -1))) * e_prev, None",
+     "            return e_prev, None", SESSIONS + " " + LOSSES),
+    ("RNN state not carried", "deepspec/drafters/heads.py", "        state = torch.sigmoid(g) * state + (1 - torch.sigmoid(g)) * torch.tanh(c)",
+     "        state = torch.tanh(c)", LOSSES),
+    ("Markov walk conditions on the anchor every slot", "deepspec/decoding/sessions/dspark.py", "            prev = sample(qk, generator)",
+     "            sample(qk, generator); prev = anchors", SESSIONS),
+]
