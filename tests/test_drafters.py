@@ -148,3 +148,23 @@ def test_rope_frequencies_stay_fp32_when_the_drafter_is_cast_to_bf16(parts):
     cos, _ = model.rotary(x, pos)  # computed in fp32 from fp32 frequencies, then cast
     assert torch.allclose(cos.float(), ref_cos.float(), atol=1e-6)
     assert model.rotary.inv_freq_fp32.dtype == torch.float32
+
+
+def test_markov_heads_follow_their_recurrences(parts):
+    """The gated and RNN heads against their formulas in dspark.md, written out with raw tensors."""
+    from deepspec.drafters.heads import MarkovHead
+
+    torch.manual_seed(0)
+    d, r, V, g = 64, 8, 4096, 4
+    prev, h = torch.randint(0, V, (2, g)), torch.randn(2, g, d)
+    gated = MarkovHead(V, d, r, "gated")
+    e = gated.markov_w1.weight[prev]  # (2, g, r)
+    gate = torch.sigmoid(torch.cat([h, e], -1) @ gated.gate_proj.weight.T + gated.gate_proj.bias)
+    assert torch.allclose(gated(prev, h), gate * e, atol=1e-6)
+    rnn = MarkovHead(V, d, r, "rnn")
+    e, s, zs = rnn.markov_w1.weight[prev], torch.zeros(2, r), []
+    for k in range(g):
+        gk, ck, ok = (torch.cat([s, e[:, k], h[:, k]], -1) @ rnn.joint_proj.weight.T + rnn.joint_proj.bias).chunk(3, -1)
+        s = torch.sigmoid(gk) * s + (1 - torch.sigmoid(gk)) * torch.tanh(ck)
+        zs.append(torch.tanh(ok))
+    assert torch.allclose(rnn(prev, h), torch.stack(zs, 1), atol=1e-6)

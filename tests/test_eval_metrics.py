@@ -28,6 +28,7 @@ def test_auroc_and_ece_extremes():
     lab = torch.tensor([1, 0, 0, 0, 1, 1, 1, 0])
     assert metrics.ece(pred, lab) < 1e-12
     assert metrics.ece(torch.full((4,), 0.9), torch.tensor([1, 0, 0, 0])) == pytest.approx(0.65)
+    assert metrics.ece(torch.full((4,), 0.1), torch.tensor([1, 1, 1, 0])) == pytest.approx(0.65)  # under-confidence counts too
 
 
 def test_sequential_temperature_scaling_repairs_overconfidence():
@@ -54,3 +55,17 @@ def test_threshold_sweep_cumulative_and_per_step_differ_as_defined():
     per = {r["threshold"]: r["verified_per_round"] for r in metrics.threshold_sweep(conf, accepted, [0.7, 0.85], per_step=True)}
     assert cum == {0.7: 2.0, 0.85: 1.0}
     assert per == {0.7: 3.0, 0.85: 1.0}
+
+
+def test_sts_fits_sequentially_each_position_given_the_earlier_ones_scaled():
+    """Position 1 overconfident, position 2 already calibrated *given* position 1: only a sequential fit
+    leaves T_2 at 1 (an independent fit would bend T_2 to absorb position 1's error)."""
+    R = 20000
+    gen = torch.Generator().manual_seed(0)
+    c1 = torch.rand(R, generator=gen) * 0.4 + 0.3
+    c2 = torch.rand(R, generator=gen) * 0.45 + 0.5
+    survive = torch.bernoulli(torch.stack([c1, c2], 1), generator=gen).cumprod(1)
+    conf = torch.stack([torch.sigmoid(torch.logit(c1) * 3), c2], 1)  # slot 1 too sharp, slot 2 exact
+    temps = metrics.fit_sequential_temperatures(conf, survive.sum(1))
+    assert temps[0] > 2.0
+    assert abs(math.log(temps[1])) < 0.16, temps  # within ~3 grid steps of 1

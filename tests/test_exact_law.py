@@ -134,8 +134,8 @@ def draw(tiny, session_drafter, sampling: SamplingConfig, policy: str = "fixed",
 
 CASES = [  # (drafter kind, sampling, policy): every head, fused and unfused walks, transforms, schedules
     ("vanilla", SamplingConfig(1.0), "fixed"),  # fused Markov step
-    ("vanilla", SamplingConfig(0.7, top_k=4), "fixed"),  # unfused walk, top-k, T != 1
-    ("gated", SamplingConfig(1.0, top_p=0.95), "fixed"),
+    ("vanilla", SamplingConfig(0.5, top_k=3), "fixed"),  # unfused walk, top-k, T != 1
+    ("gated", SamplingConfig(0.7, top_k=4, top_p=0.95), "fixed"),
     ("rnn", SamplingConfig(1.3), "fixed"),
     ("dflash", SamplingConfig(1.0), "fixed"),
     ("dflash", SamplingConfig(0.8, top_k=3, top_p=0.9), "fixed"),

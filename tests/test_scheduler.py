@@ -96,3 +96,10 @@ def test_cost_model_interpolates_and_is_cached_per_target(tmp_path, tiny_target)
     assert again.seconds == first.seconds  # read back, not measured again
     (next((tmp_path / "verify_cost").glob("*.json"))).write_text("{not json")
     assert VerifyCostModel.load_or_profile(target, 2, 3, cache_dir=str(tmp_path)).rows == [1, 2]  # corrupt: measured again
+
+
+def test_a_zero_survival_row_verifies_nothing_even_when_other_rows_widen_the_batch():
+    a = torch.tensor([[0.9, 0.9, 0.9], [0.0, 0.0, 0.0], [0.5, 0.0, 0.0]], dtype=torch.float64)
+    assert choose_lengths(a, lambda W: 1.0).tolist() == [3, 0, 1]
+    conf = torch.tensor([[0.9, 0.9], [0.0, 0.0]])
+    assert prefix_schedule(conf, lambda b: 1.0) == [2, 0]  # free verification still never admits survival 0

@@ -104,17 +104,21 @@ def _mutated_rule(draft, q, p, lengths, generator, greedy):
     return m, sample(p[torch.arange(N), m], generator)
 
 
-def test_rejection_sampling_emits_the_target_distribution():
+@pytest.mark.parametrize("verified", [3, 1, 0])
+def test_rejection_sampling_emits_the_target_distribution(verified):
+    """One round's first emitted token, 200,000 rows at once: exactly p_1 whatever prefix is verified."""
     torch.manual_seed(0)
     V, g = 6, 3
     p = torch.softmax(torch.randn(g + 1, V) * 1.5, -1)
     q = torch.softmax(torch.randn(g, V) * 1.5, -1)
-    n = 6000
+    n = 200_000
     expected = (p[0] * n).numpy()
-    good = _first_token_counts(verify_block, p, q, n).numpy()
-    assert chisquare(good, expected).pvalue > 1e-3
-    bad = _first_token_counts(_mutated_rule, p, q, n).numpy()
-    assert chisquare(bad, expected).pvalue < 1e-6  # the test has the power to see a one-line change
+    rule = lambda *a: verify_block(*a[:3], torch.full((n,), verified), *a[4:])  # noqa: E731
+    good = _first_token_counts(rule, p, q, n).numpy()
+    assert chisquare(good, expected).pvalue > 1e-4
+    if verified:
+        bad = _first_token_counts(_mutated_rule, p, q, n).numpy()
+        assert chisquare(bad, expected).pvalue < 1e-12  # the test has the power to see a one-line change
 
 
 @pytest.mark.slow
