@@ -30,6 +30,7 @@ from deepspec.decoding.scheduler import VerifyCostModel, VerifyScheduler
 from deepspec.decoding.sessions import make_session
 from deepspec.decoding.speculative import autoregressive_generate_batch, speculative_generate_batch
 from deepspec.decoding.verify import SamplingConfig
+from deepspec.evaluation.harness import fit_sts
 from deepspec.target import TargetModel, load_tokenizer
 
 
@@ -42,6 +43,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--calibration-prompts", type=int, default=12, help="STS fit when the export has no temperatures")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work-dir", default="runs/bench/targets")
     ap.add_argument("--out", default="runs/bench/serving.json")
@@ -54,6 +56,9 @@ def main() -> None:
     g = make_session(drafter, 1).block_size
     cost = VerifyCostModel.load_or_profile(target, max_rows=max(args.loads), max_width=g + 1)
     temps = getattr(drafter, "confidence_temperatures", None)
+    if temps is None:  # fit STS on a calibration split of the held-out prompts (never used for the loads below)
+        temps = fit_sts(target, drafter, prompts(tok, args.calibration_prompts, offset=200), 64, SamplingConfig(args.temperature))
+        print("STS temperatures fitted on", args.calibration_prompts, "calibration prompts:", [round(t, 2) for t in temps])
     sampling = SamplingConfig(temperature=args.temperature)
     policies = {"plain": None, **{f"fixed_g{L}": ScheduleConfig(policy="fixed", fixed_length=L) for L in range(1, g + 1)},
                 "scheduled": ScheduleConfig(policy="scheduled"),

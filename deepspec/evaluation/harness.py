@@ -41,6 +41,17 @@ def load_prompts(ds: EvalDatasetConfig, seed: int) -> list[list[str]]:
     return [r["turns"] for r in rows[: ds.max_prompts]]
 
 
+@torch.no_grad()
+def fit_sts(target, drafter, prompts: list[torch.Tensor], max_new_tokens: int, sampling: SamplingConfig, seed: int = 0) -> list[float]:
+    """Sequential Temperature Scaling fitted on the rounds of a calibration split (every draft verified)."""
+    conf, accepted = [], []
+    for i, ids in enumerate(prompts):
+        res = speculative_generate(target, drafter, ids, max_new_tokens, sampling, None, torch.Generator().manual_seed(seed + i))
+        conf += res.confidences
+        accepted += [m for m, L in zip(res.accepted_per_round, res.verified_per_round) if L > 0]
+    return metrics.fit_sequential_temperatures(torch.tensor(conf), torch.tensor(accepted))
+
+
 class EvalHarness:
     def __init__(self, cfg: EvalStageConfig):
         self.cfg = cfg
