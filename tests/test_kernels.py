@@ -61,3 +61,18 @@ def test_verify_empty_residual_falls_back_to_p_like_the_reference():
     lengths = torch.tensor([G])
     got, ref = triton_kernels.verify(draft, q, p, lengths, ua, u, False, block=16), reference.verify(draft, q, p, lengths, ua, u, False)
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0, 0.6])
+def test_markov_walk_reference_equals_stepping_the_triton_kernel(temperature):
+    """The block walk (three ops per slot) against one Triton step per slot, with the same noise."""
+    N, g, V, R = 3, 4, 300, 16
+    gen = torch.Generator().manual_seed(0)
+    base, w1, w2 = torch.randn(N, g, V, generator=gen), torch.randn(V, R, generator=gen) * 0.5, torch.randn(V, R, generator=gen) * 0.5
+    x0, noise = torch.randint(V, (N,), generator=gen), reference.gumbel(torch.rand(N, g, V, generator=gen))
+    tokens, logits = reference.markov_walk(base, w1, w2, x0, temperature, None if temperature == 0 else noise)
+    x = x0
+    for k in range(g):
+        x, lk = triton_kernels.markov_step(base[:, k], w1, w2, x, temperature, None if temperature == 0 else noise[:, k], block=64)
+        assert torch.equal(x, tokens[:, k])
+        assert torch.allclose(lk, logits[:, k], atol=1e-4)

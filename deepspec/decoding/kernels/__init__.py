@@ -25,6 +25,18 @@ def markov_step(base, w1, w2, x, temperature, noise_g):
     return impl.markov_step(base, w1, w2, x, temperature, noise_g)
 
 
+def markov_walk(base, w1, w2, x0, temperature, noise_g):
+    """A block's sequential walk: one Triton step per slot on CUDA, the three-op reference elsewhere."""
+    if not use_triton(base):
+        return reference.markov_walk(base, w1, w2, x0, temperature, noise_g)
+    x, tokens, logits = x0, [], []
+    for k in range(base.shape[1]):
+        x, lk = triton_kernels.markov_step(base[:, k], w1, w2, x, temperature, None if noise_g is None else noise_g[:, k])
+        tokens.append(x)
+        logits.append(lk)
+    return torch.stack(tokens, 1), torch.stack(logits, 1)
+
+
 def verify(draft, q, p, lengths, u_accept, noise_u, greedy):
     impl = triton_kernels if use_triton(p) else reference
     return impl.verify(draft, q, p, lengths, u_accept, noise_u, greedy)

@@ -33,6 +33,23 @@ def markov_step(base: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, x: torch
     return (logits / temperature + noise_g).argmax(-1) if temperature != 1 else (logits + noise_g).argmax(-1), logits
 
 
+def markov_walk(base: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, x0: torch.Tensor, temperature: float,
+                noise_g: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """All g slots of ``markov_step`` for a block: base (N, g, V), x0 (N,) anchors, noise_g (N, g, V) or None
+    -> (tokens (N, g), logits (N, g, V) fp32). Three ops per slot: the slot's keys are
+    base/T + G + W1[x] W2^T / T in one addmm; the logits are rebuilt for the whole block in one product."""
+    base, w2t = base.float(), w2.float().T  # (N, g, V), (r, V)
+    keys = base if temperature == 0 else (base + noise_g if temperature == 1 else base / temperature + noise_g)
+    alpha = 1.0 if temperature in (0, 1) else 1.0 / temperature
+    x, tokens = x0, []
+    for k in range(base.shape[1]):
+        x = torch.addmm(keys[:, k], w1[x].float(), w2t, alpha=alpha).argmax(-1)  # the walk: x_k from x_{k-1}
+        tokens.append(x)
+    tokens = torch.stack(tokens, 1)  # (N, g)
+    prev = torch.cat([x0[:, None], tokens[:, :-1]], dim=1)
+    return tokens, base + w1[prev].float() @ w2t
+
+
 def verify(draft: torch.Tensor, q: torch.Tensor | None, p: torch.Tensor, lengths: torch.Tensor, u_accept: torch.Tensor | None,
            noise_u: torch.Tensor | None, greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """draft (N, g), q (N, g, V), p (N, g+1, V) fp32 probabilities, lengths (N,) drafts verified per row,

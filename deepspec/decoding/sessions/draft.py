@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from deepspec.decoding.sessions.state import PendingFeatures, RaggedKV
+from deepspec.decoding.sessions.state import PendingFeatures, RaggedKV, all_rows, scatter_index
 
 
 @dataclass
@@ -52,16 +52,17 @@ class BlockBackboneSession:
     def _context(self, rows: torch.Tensor) -> tuple[list, torch.Tensor]:
         """Append the rows' queued features to the cache -> per-layer (k, v) (N, Hkv, C, hd) and valid (N, C)."""
         feats, _, counts = self.pending.take(rows)
-        if feats.shape[1]:
-            T = feats.shape[1]
-            steps = torch.arange(T, device=feats.device)
-            pos = self.length[rows, None] + steps  # (N, T) absolute positions of the new tokens
-            for cache, (k, v) in zip(self.kv, self.d.context_kv(feats, pos)):
-                cache.write(rows, pos, steps < counts[:, None], k, v)
-            self.length[rows] += counts
-        lengths = self.length[rows]
+        start = self.length[rows]
+        lengths = start + counts
         C = int(lengths.max())
-        return [c.read(rows, C) for c in self.kv], torch.arange(C, device=lengths.device) < lengths[:, None]
+        if feats.shape[1]:
+            n, t, b, p = scatter_index(rows, start, counts, feats.shape[1])
+            pos = start[:, None] + torch.arange(feats.shape[1], device=feats.device)  # (N, T) positions of the new tokens
+            for cache, (k, v) in zip(self.kv, self.d.context_kv(feats, pos)):
+                cache.write(b, p, k[n, :, t], v[n, :, t], C)
+            self.length[rows] = lengths
+        view = None if all_rows(rows, len(self.length)) else rows
+        return [c.read(view, C) for c in self.kv], torch.arange(C, device=lengths.device) < lengths[:, None]
 
     def block_hidden(self, rows: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
         """One backbone pass over [anchor, MASK x (g-1)] for every row: -> h (N, g, d)."""

@@ -7,9 +7,10 @@
     c            = sigmoid(confidence_head([h; W1[x_{0..g-1}]]))          (N, g)      one pass
 
 Only what depends on the previous token runs inside the walk. The vanilla head without top-k/top-p
-takes the fused step (``kernels.markov_step``: gather, W2 product and Gumbel-max sampling in one
-Triton kernel per slot on CUDA; the PyTorch reference elsewhere), with all slots' noise drawn at
-once and q computed for the whole block after the walk (it is the softmax the Gumbel-max drew from).
+takes the fused walk (``kernels.markov_walk``: per slot, gather, W2 product and Gumbel-max sampling
+in one Triton kernel on CUDA; three ops per slot in the PyTorch reference elsewhere), with all
+slots' noise drawn at once and q computed for the whole block after the walk (it is the softmax
+the Gumbel-max drew from).
 """
 from __future__ import annotations
 
@@ -45,12 +46,7 @@ class DSparkSession(BlockBackboneSession):
         """Vanilla head: x_k = argmax((U_k + W2 W1[x_{k-1}]) / T + G_k) -> tokens (N, g), logits (N, g, V) fp32."""
         w1, w2 = self.d.markov_head.markov_w1.weight, self.d.markov_head.markov_w2.weight
         noise = None if sampling.greedy else gumbel_noise(base.shape, generator, base.device)  # (N, g, V), one draw
-        prev, tokens, logits = anchors, [], []
-        for k in range(self.g):
-            prev, lk = kernels.markov_step(base[:, k], w1, w2, prev, sampling.temperature, None if noise is None else noise[:, k])
-            tokens.append(prev)
-            logits.append(lk)
-        return torch.stack(tokens, 1), torch.stack(logits, 1)
+        return kernels.markov_walk(base, w1, w2, anchors, sampling.temperature, noise)
 
     def _walk(self, h, base, anchors, sampling, generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Any head, any sampling: z_k from the head's step, q_k = probs(U_k + W2 z_k), x_k ~ q_k."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from deepspec.decoding.sessions.draft import Draft, top_probability
-from deepspec.decoding.sessions.state import PendingFeatures, RaggedKV
+from deepspec.decoding.sessions.state import PendingFeatures, RaggedKV, all_rows, scatter_index
 from deepspec.decoding.verify import SamplingConfig, sample
 from deepspec.drafters.attention import attend
 
@@ -39,17 +39,18 @@ class Eagle3Session:
         if bool((counts == 0).any()):
             raise RuntimeError("Eagle3Session.draft: a row has no new verified token since its last draft")
         N, T = toks.shape
-        steps = torch.arange(T, device=toks.device)
-        pos = self.length[rows, None] + steps  # (N, T)
+        start = self.length[rows]
+        pos = start[:, None] + torch.arange(T, device=toks.device)  # (N, T)
         nxt = torch.cat([toks[:, 1:], toks.new_zeros(N, 1)], dim=1)  # token t+1 of every queued position t ...
         nxt[torch.arange(N, device=toks.device), counts - 1] = anchors  # ... the last one's is the anchor
         g0 = d.fc(feats)  # (N, T, d)
         emb = d.embed_tokens(nxt).to(g0.dtype)
         q, k, v = m.self_attn.qkv(torch.cat([m.input_layernorm(emb), m.hidden_norm(g0)], dim=-1), d.rotary(emb, pos))
-        self.kv.write(rows, pos, steps < counts[:, None], k, v)
-        self.length[rows] += counts
+        self.length[rows] = start + counts
         C = int(self.length[rows].max())
-        K, V = self.kv.read(rows, C)
+        n, t, b, p = scatter_index(rows, start, counts, T)
+        self.kv.write(b, p, k[n, :, t], v[n, :, t], C)
+        K, V = self.kv.read(None if all_rows(rows, len(self.length)) else rows, C)
         causal = torch.arange(C, device=pos.device)[None, None, :] <= pos[:, :, None]  # (N, T, C)
         out = attend(q, K, V, causal[:, None])
         h = g0 + m.self_attn.o_proj(out.transpose(1, 2).reshape(N, T, -1))

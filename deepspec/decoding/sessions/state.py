@@ -61,20 +61,33 @@ class RaggedKV:
         self.k = torch.zeros(batch, num_kv_heads, capacity, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
 
-    def write(self, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """rows (N,), positions (N, T) absolute slots, valid (N, T); k, v (N, Hkv, T, hd)."""
-        need = int(positions[valid].max()) + 1 if bool(valid.any()) else 0
-        if need > self.k.shape[2]:  # grow geometrically: amortised O(1) per token
-            extra = max(need, 2 * self.k.shape[2]) - self.k.shape[2]
+    def write(self, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int) -> None:
+        """Entry i goes to row rows[i], slot positions[i]: rows, positions (M,); k, v (M, Hkv, hd);
+        ``length`` = the longest row after the write (grows the buffer geometrically: amortised O(1) per token)."""
+        if length > self.k.shape[2]:
+            extra = max(length, 2 * self.k.shape[2]) - self.k.shape[2]
             pad = self.k.new_zeros(self.k.shape[0], self.k.shape[1], extra, self.k.shape[3])
             self.k, self.v = torch.cat([self.k, pad], 2), torch.cat([self.v, pad.clone()], 2)
-        n, t = valid.nonzero(as_tuple=True)
-        b, p = rows[n], positions[n, t]
-        self.k[b, :, p] = k[n, :, t]
-        self.v[b, :, p] = v[n, :, t]
+        self.k[rows, :, positions] = k
+        self.v[rows, :, positions] = v
 
-    def read(self, rows: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys/values of ``rows`` (N,) up to ``length`` slots: (N, Hkv, length, hd) each."""
-        if len(rows) == self.k.shape[0] and bool((rows == torch.arange(len(rows), device=rows.device)).all()):
-            return self.k[:, :, :length], self.v[:, :, :length]  # every row, in order: a view, no copy
+    def read(self, rows: torch.Tensor | None, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of ``rows`` (N,) (None = every row, a view) up to ``length`` slots: (N, Hkv, length, hd) each."""
+        if rows is None:
+            return self.k[:, :, :length], self.v[:, :, :length]
         return self.k[rows, :, :length], self.v[rows, :, :length]
+
+
+def scatter_index(rows: torch.Tensor, start: torch.Tensor, counts: torch.Tensor, T: int) -> tuple[torch.Tensor, ...]:
+    """Where a packed (N, T) chunk of new entries goes: row i's first counts[i] entries, at start[i], start[i]+1, ...
+
+    Returns (entry row n, entry column t, destination row, destination slot), each (M,), M = counts.sum().
+    """
+    steps = torch.arange(T, device=counts.device)
+    n, t = (steps[None] < counts[:, None]).nonzero(as_tuple=True)
+    return n, t, rows[n], start[n] + t
+
+
+def all_rows(rows: torch.Tensor, batch: int) -> bool:
+    """True when ``rows`` lists every row of the batch in order (reads can then be views)."""
+    return len(rows) == batch and bool((rows == torch.arange(batch, device=rows.device)).all())
