@@ -8,10 +8,11 @@ Per target, drafter (DSpark, DFlash, Eagle3; fixed verification of the whole blo
 temperature (0, 1), on the same held-out prompts, in one process, interleaved prompt by prompt:
 
     speedup          speculative tokens/s / plain tokens/s                    (wall clock, same prompts)
+    decode_speedup   the same without the prefill (identical on both sides): the loop's own speedup
     tau              tokens emitted per round
     ideal_speedup    tau * t_step / t_verify(g+1)     what the loop would reach if drafting and
                                                       bookkeeping were free (both costs profiled here)
-    loop_efficiency  speedup / ideal_speedup
+    loop_efficiency  decode_speedup / ideal_speedup
     *_share          a round's wall time split: draft / verify / overhead (schedule, acceptance, bookkeeping)
 
 plus the draft's cost in target decode steps at 100 / 400 / 1,000 tokens of context (it must not
@@ -110,6 +111,8 @@ def run_target(name: str, args, drafter_paths: dict) -> tuple[list[dict], dict]:
     ps = prompts(tok, n_prompts)
     drafters = {d: build_drafter(d, tcfg, drafter_paths.get(d) if name == "toy" else None, layers=args.layers,
                                  block=args.block, rank=args.markov_rank) for d in args.drafters}
+    if name == "toy":  # extra trained variants, e.g. dspark-r32=runs/x/best (the kind is the name's first word)
+        drafters.update({n: build_drafter(n.split("-")[0], tcfg, p) for n, p in drafter_paths.items() if n not in drafters})
     g = max(make_session(d, 1).block_size for d in drafters.values())
     context = int(sum(len(p) for p in ps) / len(ps) + max_new / 2)
     cost = VerifyCostModel.profile(target, max_rows=1, max_width=g + 1, context=context, repeats=5)
@@ -123,13 +126,14 @@ def run_target(name: str, args, drafter_paths: dict) -> tuple[list[dict], dict]:
         autoregressive_generate(target, ps[0], 8, sampling)  # warm-up
         for d in drafters.values():
             speculative_generate(target, d, ps[0], 8, sampling)
-        plain = {"tokens": 0, "seconds": 0.0}
+        plain = {"tokens": 0, "seconds": 0.0, "prefill": 0.0}
         spec = {d: {"tokens": 0, "wall": 0.0, "rounds": 0, "emitted": 0, "parts": {}} for d in drafters}
         for i, p in enumerate(ps):  # interleaved: drift on a noisy machine hits every method alike
             t = time.perf_counter()
             r = autoregressive_generate(target, p, max_new, sampling, None, torch.Generator().manual_seed(i))
             plain["seconds"] += time.perf_counter() - t
             plain["tokens"] += len(r.tokens)
+            plain["prefill"] += r.seconds["prefill"]
             for dname, drafter in drafters.items():
                 t = time.perf_counter()
                 r = speculative_generate(target, drafter, p, max_new, sampling, None, torch.Generator().manual_seed(i))
@@ -145,23 +149,26 @@ def run_target(name: str, args, drafter_paths: dict) -> tuple[list[dict], dict]:
             gd = make_session(drafters[dname], 1).block_size
             tau = s["emitted"] / max(s["rounds"], 1)
             speedup = s["tokens"] / s["wall"] / plain_rate
+            # the loop's own speedup: both sides without their (identical) prefill, the first token included
+            decode_speedup = (s["tokens"] / (s["wall"] - s["parts"]["prefill"])) / (plain["tokens"] / (plain["seconds"] - plain["prefill"]))
             ideal = tau * cost(1, 1) / cost(1, gd + 1)
-            loop = sum(s["parts"].values())
+            loop = sum(v for k, v in s["parts"].items() if k != "prefill")
             runs.append({"target": name, "drafter": dname, "temperature": T, "tau": tau, "speedup": speedup,
-                         "ideal_speedup": ideal, "loop_efficiency": speedup / ideal,
+                         "decode_speedup": decode_speedup, "ideal_speedup": ideal, "loop_efficiency": decode_speedup / ideal,
                          "draft_share": s["parts"]["draft"] / loop, "verify_share": s["parts"]["verify"] / loop,
                          "overhead_share": (s["parts"]["schedule"] + s["parts"]["other"]) / loop,
                          "block": gd, "plain_tokens_per_s": plain_rate, "spec_tokens_per_s": s["tokens"] / s["wall"],
-                         "trained_drafter": bool(name == "toy" and drafter_paths.get(dname))})
-            print(f"{name:11s} {dname:7s} T={T:g}  tau {tau:5.2f}  speedup {speedup:5.2f}  ideal {ideal:5.2f}  "
-                  f"loop_eff {speedup / ideal:5.2f}  draft/verify/overhead {runs[-1]['draft_share']:.2f}/"
+                         "trained_drafter": bool(name == "toy" and drafter_paths.get(dname)),
+                         "drafter_config": drafters[dname].cfg.to_dict()})
+            print(f"{name:11s} {dname:10s} T={T:g}  tau {tau:5.2f}  speedup {speedup:5.2f} (decode {decode_speedup:5.2f})  "
+                  f"ideal {ideal:5.2f}  loop_eff {decode_speedup / ideal:5.2f}  draft/verify/overhead {runs[-1]['draft_share']:.2f}/"
                   f"{runs[-1]['verify_share']:.2f}/{runs[-1]['overhead_share']:.2f}", flush=True)
         if T == 0:
             extra["hf"] = hf_baselines(target, tok, ps, max_new, plain_rate)
             print(f"{name:11s} HF generate (T=0, tokens/s vs our plain): " +
                   ", ".join(f"{k} {v['speedup_vs_plain']:.2f}x" for k, v in extra["hf"].items()), flush=True)
     for dname, c in extra["draft_cost"].items():
-        print(f"{name:11s} {dname:7s} draft cost in target steps at context 100/400/1000: " +
+        print(f"{name:11s} {dname:10s} draft cost in target steps at context 100/400/1000: " +
               " / ".join(f"{c[k]['draft_in_target_steps']:.2f}" for k in ("100", "400", "1000")), flush=True)
     return runs, extra
 
@@ -171,7 +178,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--targets", nargs="+", default=["toy", "qwen3-30m", "qwen3-100m", "qwen3-400m"])
     ap.add_argument("--drafters", nargs="+", default=["dspark", "dflash", "eagle3"])
-    ap.add_argument("--drafter-path", nargs="*", default=[], help="name=export folder, used for the toy target")
+    ap.add_argument("--drafter-path", nargs="*", default=[],
+                    help="name=export folder for the toy target (dspark=..., or an extra variant such as dspark-r32=...)")
     ap.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=64)

@@ -30,7 +30,7 @@ from transformers import DynamicCache
 
 from deepspec.decoding.scheduler import ScheduleConfig, VerifyScheduler
 from deepspec.decoding.sessions import make_session
-from deepspec.decoding.verify import SamplingConfig, sample, verify_block
+from deepspec.decoding.verify import SamplingConfig, next_token, verify_block
 from deepspec.target import TargetModel
 
 
@@ -45,8 +45,9 @@ class GenerationResult:
     """L per round: drafts verified (0 = a plain step)."""
     confidences: list[list[float]] = field(default_factory=list)
     """Raw per-slot confidences c_1..c_g of every drafted round (in the order of the drafted rounds)."""
-    seconds: dict = field(default_factory=lambda: {"draft": 0.0, "schedule": 0.0, "verify": 0.0, "other": 0.0})
-    """Wall time of the whole batch by part of the round (shared by the rows of one batch)."""
+    seconds: dict = field(default_factory=lambda: {"prefill": 0.0, "draft": 0.0, "schedule": 0.0, "verify": 0.0, "other": 0.0})
+    """Wall time of the whole batch: the prefill, then each part of the rounds (shared by the rows of one
+    batch; plain decoding puts its steps under "verify")."""
 
     @property
     def tau(self) -> float:
@@ -77,7 +78,7 @@ def _prefill(target: TargetModel, prompts: list[torch.Tensor], sampling: Samplin
         ids[i, P - len(p):], mask[i, P - len(p):] = p.to(dev), 1
     cache = DynamicCache()
     features, final = target.decoder_with_positions(ids, mask, (mask.cumsum(1) - 1).clamp_min(0), cache)
-    first = sample(sampling.probs(target.lm_head(final[:, -1])), generator)  # (B,)
+    first = next_token(target.lm_head(final[:, -1]), sampling, generator)  # (B,)
     results = [GenerationResult([t]) for t in first.tolist()]
     active = torch.tensor([t != eos_token_id and max_new_tokens > 1 for t in first.tolist()], device=dev)
     return _Batch(cache, mask, mask.sum(1), first, active, results), features, ids, mask.bool()
@@ -107,6 +108,7 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
                                scheduler: VerifyScheduler | None = None) -> list[GenerationResult]:
     """Speculative decoding of several prompts ((P_i,) token ids) with one drafter session of ``len(prompts)`` rows."""
     sync = torch.cuda.synchronize if target.device.type == "cuda" else (lambda: None)
+    t = time.perf_counter()
     batch, features, ids, prompt_mask = _prefill(target, prompts, sampling, generator, max_new_tokens, eos_token_id)
     session.extend(features, ids, prompt_mask)
     scheduler = scheduler or VerifyScheduler(ScheduleConfig(), session.block_size)
@@ -114,6 +116,7 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
     seconds = batch.results[0].seconds
     for res in batch.results:
         res.seconds = seconds
+    seconds["prefill"] = time.perf_counter() - t
     dev, B = target.device, len(prompts)
     while bool(batch.active.any()):
         t0 = time.perf_counter()
@@ -136,14 +139,15 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
         block_valid[rows] = (steps[None] <= L[:, None]).long()
         batch.mask = torch.cat([batch.mask, block_valid], dim=1)
         layer_hidden, final = target.decoder_with_positions(block, batch.mask, batch.lengths[:, None] + steps, batch.cache)
-        p = sampling.probs(target.lm_head(final[rows]))  # (N, W, V)
+        logits = target.lm_head(final[rows])  # (N, W, V)
         sync()
         t3 = time.perf_counter()
         if W > 1:  # 4. accept
             q = None if draft.q is None else draft.q[:, : W - 1]
+            p = logits if sampling.greedy else sampling.probs(logits)  # greedy needs only the argmax
             m, nxt = verify_block(draft.tokens[:, : W - 1], q, p, L, generator, sampling.greedy)
         else:  # a plain step: the "bonus" token of zero drafts
-            m, nxt = torch.zeros(N, dtype=torch.long, device=dev), sample(p[:, 0], generator)
+            m, nxt = torch.zeros(N, dtype=torch.long, device=dev), next_token(logits[:, 0], sampling, generator)
         keep = torch.zeros(B, W, dtype=torch.long, device=dev)  # 5. commit
         keep[rows] = (steps[None] <= m[:, None]).long()
         batch.mask[:, -W:] = keep  # rejected positions become holes
@@ -170,20 +174,25 @@ def autoregressive_generate_batch(target: TargetModel, prompts: list[torch.Tenso
                                   generator: torch.Generator | None = None) -> list[GenerationResult]:
     """Plain decoding of several prompts with the same sampling transforms (the reference the speculative
     loop must match): one target forward per token for all rows."""
+    t = time.perf_counter()
     batch, _, _, _ = _prefill(target, prompts, sampling, generator, max_new_tokens, eos_token_id)
-    dev, B = target.device, len(prompts)
+    seconds = batch.results[0].seconds
+    for res in batch.results:
+        res.seconds = seconds
+    seconds["prefill"] = (t1 := time.perf_counter()) - t
     while bool(batch.active.any()):
         rows = batch.active.nonzero()[:, 0]
         step_mask = batch.active.long()[:, None]
         batch.mask = torch.cat([batch.mask, step_mask], dim=1)
         _, final = target.decoder_with_positions(batch.anchors[:, None], batch.mask, batch.lengths[:, None], batch.cache)
-        nxt = sample(sampling.probs(target.lm_head(final[rows, 0])), generator)
+        nxt = next_token(target.lm_head(final[rows, 0]), sampling, generator)
         batch.lengths += step_mask[:, 0]
         batch.anchors[rows] = nxt
         for r, tok in zip(rows.tolist(), nxt.tolist()):
             batch.results[r].tokens.append(tok)
             if tok == eos_token_id or len(batch.results[r].tokens) >= max_new_tokens:
                 batch.active[r] = False
+    seconds["verify"] = time.perf_counter() - t1
     return batch.results
 
 

@@ -59,6 +59,13 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
     return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
 
 
+def next_token(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """(..., V) logits -> (...) tokens drawn from ``sampling.probs(logits)`` (greedy: the argmax, no draw)."""
+    if sampling.greedy:
+        return logits.argmax(-1)
+    return sample(sampling.probs(logits), generator)
+
+
 def uniform(shape: tuple, generator: torch.Generator | None, device) -> torch.Tensor:
     """U(0, 1) noise drawn from ``generator`` (on its own device), moved to ``device``."""
     return torch.rand(shape, generator=generator, device=generator.device if generator is not None else device).to(device)
@@ -77,7 +84,7 @@ def verify_block(draft: torch.Tensor, q: torch.Tensor | None, p: torch.Tensor, l
 
     Args:
         draft: (N, g) drafted tokens; q: (N, g, V) their draft probabilities (None when greedy);
-        p: (N, g+1, V) target probabilities at [anchor, d_1, ..., d_g];
+        p: (N, g+1, V) target probabilities at [anchor, d_1, ..., d_g] (greedy: any scores with the same argmax);
         lengths: (N,) drafts each row verifies (a scheduler may verify a prefix: 0..g).
     Returns: m (N,) drafts accepted and next (N,) the token emitted after them. The fused kernel
     runs on CUDA, the PyTorch reference elsewhere; both draw from the same uniforms.

@@ -170,14 +170,17 @@ class EvalHarness:
         return results
 
     def scheduler(self) -> VerifyScheduler | None:
-        """The configured verification policy (None = verify every draft), with this machine's cost profile."""
+        """The configured verification policy (None = verify every draft), with this machine's cost profile.
+        One scheduler serves every generation of the run, so the draft cost it measures carries over."""
         sched = self.cfg.schedule
         if sched.policy == "fixed" and not sched.fixed_length:
             return None
-        g = getattr(self.drafter.cfg, "block_size", getattr(self.drafter.cfg, "ttt_steps", 1))
-        if not hasattr(self, "_cost") and sched.policy != "fixed":
-            self._cost = VerifyCostModel.load_or_profile(self.target, max_rows=1, max_width=g + 1)
-        return VerifyScheduler(sched, g, getattr(self, "_cost", None), getattr(self.drafter, "confidence_temperatures", None))
+        if not hasattr(self, "_scheduler"):
+            g = getattr(self.drafter.cfg, "block_size", getattr(self.drafter.cfg, "ttt_steps", 1))
+            cost = (VerifyCostModel.load_or_profile(self.target, max_rows=1, max_width=g + 1)
+                    if sched.policy in ("scheduled", "scheduled_with_draft_cost") else None)
+            self._scheduler = VerifyScheduler(sched, g, cost, getattr(self.drafter, "confidence_temperatures", None))
+        return self._scheduler
 
     def sps_table(self) -> list[float]:
         """SPS(B) of this target on this machine (profiled once per run)."""
