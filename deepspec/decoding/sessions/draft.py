@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from deepspec.decoding.sessions.state import PendingFeatures, RaggedKV, all_rows, scatter_index
+from deepspec.decoding.sessions.state import IncrementalSession, RaggedKV, all_rows, scatter_index
 
 
 @dataclass
@@ -30,24 +30,14 @@ def top_probability(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.float(), -1).amax(-1)
 
 
-class BlockBackboneSession:
+class BlockBackboneSession(IncrementalSession):
     """The block backbone over a cached context (DSpark, DFlash): per layer a RaggedKV of the context."""
 
     def __init__(self, drafter, batch_size: int):
-        self.d, self.g = drafter, drafter.cfg.block_size
+        super().__init__(drafter, batch_size, drafter.cfg.block_size)
         tc, w = drafter.target_config, drafter.fc.weight
         head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
         self.kv = [RaggedKV(batch_size, tc.num_key_value_heads, head_dim, w.dtype, w.device) for _ in drafter.layers]
-        self.length = torch.zeros(batch_size, dtype=torch.long, device=w.device)  # context tokens cached per row
-        self.pending = PendingFeatures()
-
-    @property
-    def block_size(self) -> int:
-        return self.g
-
-    def extend(self, features: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> None:
-        """Queue verified tokens: features (B, T, L*d), tokens (B, T), valid (B, T) (the tokens enter by the anchor's embedding)."""
-        self.pending.add(features.to(self.d.fc.weight.dtype), tokens, valid)
 
     def _context(self, rows: torch.Tensor) -> tuple[list, torch.Tensor]:
         """Append the rows' queued features to the cache -> per-layer (k, v) (N, Hkv, C, hd) and valid (N, C)."""

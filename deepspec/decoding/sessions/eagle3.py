@@ -11,26 +11,16 @@ from __future__ import annotations
 import torch
 
 from deepspec.decoding.sessions.draft import Draft, top_probability
-from deepspec.decoding.sessions.state import PendingFeatures, RaggedKV, all_rows, scatter_index
+from deepspec.decoding.sessions.state import IncrementalSession, RaggedKV, all_rows, scatter_index
 from deepspec.decoding.verify import SamplingConfig, sample
 from deepspec.drafters.attention import attend
 
 
-class Eagle3Session:
+class Eagle3Session(IncrementalSession):
     def __init__(self, drafter, batch_size: int):
-        self.d, self.g = drafter, drafter.cfg.ttt_steps
+        super().__init__(drafter, batch_size, drafter.cfg.ttt_steps)
         attn, w = drafter.midlayer.self_attn, drafter.fc.weight
-        self.kv = RaggedKV(batch_size, attn.num_kv_heads, attn.head_dim, w.dtype, w.device)
-        self.length = torch.zeros(batch_size, dtype=torch.long, device=w.device)  # step-0 positions cached per row
-        self.pending = PendingFeatures()
-
-    @property
-    def block_size(self) -> int:
-        return self.g
-
-    def extend(self, features: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> None:
-        """Queue verified tokens: features (B, T, L*d) and the tokens at the same positions, valid (B, T)."""
-        self.pending.add(features.to(self.d.fc.weight.dtype), tokens, valid)
+        self.kv = RaggedKV(batch_size, attn.num_kv_heads, attn.head_dim, w.dtype, w.device)  # step-0 keys/values
 
     def _step0(self, rows: torch.Tensor, anchors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Step 0 on the rows' queued positions -> h at each row's last position (N, d), K, V (N, Hkv, C, hd)."""

@@ -50,6 +50,24 @@ class PendingFeatures:
         return packed_f, packed_t, counts
 
 
+class IncrementalSession:
+    """What every drafter session shares: per row, the length of its cached context and the queue of
+    verified tokens not yet appended (``extend``; the drafter appends them at the row's next draft)."""
+
+    def __init__(self, drafter, batch_size: int, block_size: int):
+        self.d, self.g = drafter, block_size
+        self.length = torch.zeros(batch_size, dtype=torch.long, device=drafter.fc.weight.device)  # cached positions per row
+        self.pending = PendingFeatures()
+
+    @property
+    def block_size(self) -> int:
+        return self.g
+
+    def extend(self, features: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> None:
+        """Queue verified tokens: features (B, T, L*d), the tokens at the same positions (B, T), valid (B, T)."""
+        self.pending.add(features.to(self.d.fc.weight.dtype), tokens, valid)
+
+
 class RaggedKV:
     """One layer's cached keys/values for B rows of different lengths: (B, Hkv, capacity, hd).
 
