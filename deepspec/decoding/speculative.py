@@ -157,8 +157,8 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
         rows_l, m_l = rows.tolist(), m.tolist()
         _emit(batch, rows_l, block, m_l, nxt.tolist(), L.tolist(), max_new_tokens, eos_token_id)
         if drafted:
-            for i, r in enumerate(rows_l):
-                batch.results[r].confidences.append(draft.confidence[i].float().tolist())
+            for r, c in zip(rows_l, draft.confidence.float().tolist()):
+                batch.results[r].confidences.append(c)
         t4 = time.perf_counter()
         scheduler.observe(rows, drafted, L, m)
         seconds["draft"] += t1 - t0
