@@ -18,7 +18,7 @@ from test_online_and_export import DRAFTER, train_cfg
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("policy", ["scheduled_with_draft_cost"])
+@pytest.mark.parametrize("policy", ["fixed", "scheduled_with_draft_cost"])
 def test_eval_cli_writes_a_lossless_report(tiny_target, tmp_path, policy):
     cfg = train_cfg(tiny_target, [], DRAFTER["dspark"], cache_dir="unused")
     drafter, _ = build_drafter(cfg, torch.device("cpu"))
@@ -33,5 +33,8 @@ def test_eval_cli_writes_a_lossless_report(tiny_target, tmp_path, policy):
     results = json.loads((run / "results.json").read_text())
     entry = results["datasets"]["heldout"]
     assert entry["greedy"]["greedy_identical_to_plain"] is True
-    assert entry["sampled"]["tau"] >= 1.0 and "calibration" in entry["sampled"] and "serving_simulation" in entry
-    assert (run / "summary.md").exists() and list((tmp_path / "cache" / "verify_cost").glob("*.json"))  # profiled once, cached
+    assert entry["sampled"]["tau"] >= 1.0 and (run / "summary.md").exists()
+    if policy == "fixed":  # every round drafted: calibration and the serving replay are reported
+        assert "calibration" in entry["sampled"] and "serving_simulation" in entry
+    else:  # the verify cost was profiled once and cached for the next run
+        assert list((tmp_path / "cache" / "verify_cost").glob("*.json"))
