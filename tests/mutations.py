@@ -9,8 +9,8 @@ cache/holes, Algorithm 1, STS and calibration, losses, anchors/blocks, Markov he
 from __future__ import annotations
 
 LAW = "tests/test_exact_law.py"
-FAST_LAW = (LAW + " -k 'vanilla-T1.0-k0-p1.0-fixed or gated or dflash-T1.0 or threshold or greedy'"
-            " tests/test_speculative.py -k rejection_sampling")
+FAST_LAW = (LAW + " tests/test_speculative.py"  # one -k for both files: pytest keeps only the last -k
+            " -k 'vanilla-T1.0-k0-p1.0-fixed or gated or dflash-T1.0 or threshold or greedy or rejection_sampling'")
 SESSIONS = "tests/test_sessions.py"
 SCHED = "tests/test_scheduler.py"
 METRICS = "tests/test_eval_metrics.py"
