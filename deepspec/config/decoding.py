@@ -20,8 +20,9 @@ class ScheduleConfig:
     threshold: float = 0.5
     """threshold: verify each row's leading drafts whose calibrated cumulative survival is >= this."""
     confidence: str = "drafter"
-    """drafter: the session's confidences (DSpark's head; DFlash/Eagle3 their probability of the drafted
-    token), STS-calibrated | online: per-row running acceptance per slot (EMA of observed outcomes)."""
+    """drafter: the session's confidences (DSpark's head; DFlash/Eagle3 their top probability at the slot,
+    never the drafted token's own), STS-calibrated | online: per-row running acceptance per slot (EMA of
+    observed outcomes)."""
     temperatures: Optional[list[float]] = None
     """STS temperatures per slot; None = the drafter's saved ones (``confidence_temperatures.json``)."""
     online_ema: float = 0.3

@@ -186,6 +186,10 @@ class DraftGate:
     def __init__(self, max_interval: int, ema: float = 0.3):
         self.max_interval, self.ema = max_interval, ema
         self.draft_seconds: dict[int, float] = {}  # measured draft time by number of rows (EMA)
+        self.reset()
+
+    def reset(self) -> None:
+        """A new generation: probe from the shortest interval again (the measured draft cost is kept)."""
         self.interval, self.skipped = 1, 0
 
     def draft_cost(self, R: int) -> float:
@@ -232,7 +236,7 @@ class VerifyScheduler:
         """A new generation of ``batch_size`` rows: fresh acceptance estimates (the measured draft cost is kept)."""
         self.online = torch.full((batch_size, self.g), 0.5, dtype=torch.float64)  # conditional acceptance per slot
         if self.gate is not None:
-            self.gate.interval, self.gate.skipped = 1, 0
+            self.gate.reset()
 
     def should_draft(self, rows: torch.Tensor) -> bool:
         """1. before drafting: False = decode this round plainly (scheduled_with_draft_cost only)."""
@@ -259,8 +263,9 @@ class VerifyScheduler:
         return choose_lengths(self.survival(rows, confidence), lambda W: self.cost(N, W), extra).to(rows.device)
 
     def observe(self, rows: torch.Tensor, drafted: bool, verified: torch.Tensor, accepted: torch.Tensor) -> None:
-        """After a drafted round: the online acceptance estimate learns from what was verified."""
-        if not drafted:
+        """After a drafted round: the online acceptance estimate (read by the gate and by ``confidence=online``)
+        learns from what was verified."""
+        if not drafted or (self.gate is None and self.cfg.confidence != "online"):
             return
         r, L, m = rows.cpu(), verified.cpu(), accepted.cpu()
         k = torch.arange(self.g)

@@ -69,7 +69,9 @@ class _Batch:
 
 def _prefill(target: TargetModel, prompts: list[torch.Tensor], sampling: SamplingConfig, generator, max_new_tokens: int,
              eos_token_id: int | None) -> tuple[_Batch, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-padded prefill of every prompt -> the batch, its features (B, P, L*d), ids (B, P) and mask (B, P)."""
+    """Left-padded prefill of every prompt -> the batch, its features (B, P, L*d), ids (B, P) and mask (B, P).
+    The rows share one ``seconds`` dict (batch wall time), its "prefill" entry filled here."""
+    t = time.perf_counter()
     dev, B = target.device, len(prompts)
     P = max(len(p) for p in prompts)
     ids = torch.zeros(B, P, dtype=torch.long, device=dev)
@@ -79,8 +81,12 @@ def _prefill(target: TargetModel, prompts: list[torch.Tensor], sampling: Samplin
     cache = DynamicCache()
     features, final = target.decoder_with_positions(ids, mask, (mask.cumsum(1) - 1).clamp_min(0), cache)
     first = next_token(target.lm_head(final[:, -1]), sampling, generator)  # (B,)
-    results = [GenerationResult([t]) for t in first.tolist()]
-    active = torch.tensor([t != eos_token_id and max_new_tokens > 1 for t in first.tolist()], device=dev)
+    results = [GenerationResult([tok]) for tok in first.tolist()]
+    seconds = results[0].seconds
+    for res in results[1:]:
+        res.seconds = seconds
+    active = torch.tensor([tok != eos_token_id and max_new_tokens > 1 for tok in first.tolist()], device=dev)
+    seconds["prefill"] = time.perf_counter() - t
     return _Batch(cache, mask, mask.sum(1), first, active, results), features, ids, mask.bool()
 
 
@@ -108,15 +114,11 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
                                scheduler: VerifyScheduler | None = None) -> list[GenerationResult]:
     """Speculative decoding of several prompts ((P_i,) token ids) with one drafter session of ``len(prompts)`` rows."""
     sync = torch.cuda.synchronize if target.device.type == "cuda" else (lambda: None)
-    t = time.perf_counter()
     batch, features, ids, prompt_mask = _prefill(target, prompts, sampling, generator, max_new_tokens, eos_token_id)
     session.extend(features, ids, prompt_mask)
     scheduler = scheduler or VerifyScheduler(ScheduleConfig(), session.block_size)
     scheduler.start(len(prompts))
     seconds = batch.results[0].seconds
-    for res in batch.results:
-        res.seconds = seconds
-    seconds["prefill"] = time.perf_counter() - t
     dev, B = target.device, len(prompts)
     while bool(batch.active.any()):
         t0 = time.perf_counter()
@@ -174,12 +176,8 @@ def autoregressive_generate_batch(target: TargetModel, prompts: list[torch.Tenso
                                   generator: torch.Generator | None = None) -> list[GenerationResult]:
     """Plain decoding of several prompts with the same sampling transforms (the reference the speculative
     loop must match): one target forward per token for all rows."""
-    t = time.perf_counter()
     batch, _, _, _ = _prefill(target, prompts, sampling, generator, max_new_tokens, eos_token_id)
-    seconds = batch.results[0].seconds
-    for res in batch.results:
-        res.seconds = seconds
-    seconds["prefill"] = (t1 := time.perf_counter()) - t
+    t1 = time.perf_counter()
     while bool(batch.active.any()):
         rows = batch.active.nonzero()[:, 0]
         step_mask = batch.active.long()[:, None]
@@ -192,7 +190,7 @@ def autoregressive_generate_batch(target: TargetModel, prompts: list[torch.Tenso
             batch.results[r].tokens.append(tok)
             if tok == eos_token_id or len(batch.results[r].tokens) >= max_new_tokens:
                 batch.active[r] = False
-    seconds["verify"] = time.perf_counter() - t1
+    batch.results[0].seconds["verify"] = time.perf_counter() - t1
     return batch.results
 
 

@@ -24,7 +24,7 @@ from deepspec.decoding.scheduler import VerifyCostModel, VerifyScheduler
 from deepspec.decoding.speculative import autoregressive_generate, speculative_generate
 from deepspec.decoding.verify import SamplingConfig
 from deepspec.evaluation import metrics
-from deepspec.evaluation.scheduler import profile_sps, simulate_serving
+from deepspec.evaluation.scheduler import simulate_serving
 from deepspec.export import load_drafter
 from deepspec.target import TargetModel, load_tokenizer
 
@@ -106,7 +106,7 @@ class EvalHarness:
             conf_rows += spec.confidences
             conf_prompt += [i] * len(spec.confidences)
             emitted += spec.emitted_per_round
-        g_len = getattr(self.drafter.cfg, "block_size", getattr(self.drafter.cfg, "ttt_steps", 1))
+        g_len = self.block_size
         out = {"turns": len(turns), **metrics.acceptance_stats(accepted, g_len),
                "tau": sum(emitted) / max(len(emitted), 1),  # tokens emitted per round (nothing after EOS counted)
                "draft_tokens_proposed": len(accepted) * g_len,
@@ -176,17 +176,26 @@ class EvalHarness:
         if sched.policy == "fixed" and not sched.fixed_length:
             return None
         if not hasattr(self, "_scheduler"):
-            g = getattr(self.drafter.cfg, "block_size", getattr(self.drafter.cfg, "ttt_steps", 1))
-            cost = (VerifyCostModel.load_or_profile(self.target, max_rows=1, max_width=g + 1)
-                    if sched.policy in ("scheduled", "scheduled_with_draft_cost") else None)
-            self._scheduler = VerifyScheduler(sched, g, cost, getattr(self.drafter, "confidence_temperatures", None))
+            cost = self.cost_model() if sched.policy in ("scheduled", "scheduled_with_draft_cost") else None
+            self._scheduler = VerifyScheduler(sched, self.block_size, cost, getattr(self.drafter, "confidence_temperatures", None))
         return self._scheduler
 
+    @property
+    def block_size(self) -> int:
+        return getattr(self.drafter.cfg, "block_size", getattr(self.drafter.cfg, "ttt_steps", 1))
+
+    def cost_model(self) -> VerifyCostModel:
+        """Verify cost of this target on this machine, widths up to the block and to ``sps_max_tokens``
+        (profiled once, cached across runs): the scheduler's cost and the replay's SPS(B) alike."""
+        if not hasattr(self, "_cost"):
+            width = max(self.block_size + 1, self.cfg.sps_max_tokens)
+            self._cost = VerifyCostModel.load_or_profile(self.target, max_rows=1, max_width=width)
+        return self._cost
+
     def sps_table(self) -> list[float]:
-        """SPS(B) of this target on this machine (profiled once per run)."""
-        if not hasattr(self, "_sps"):
-            self._sps = profile_sps(self.target, max_tokens=self.cfg.sps_max_tokens)
-        return self._sps
+        """SPS(B) for B = 1..sps_max_tokens: steps per second of one row verifying B tokens."""
+        cost = self.cost_model()
+        return [1.0 / cost(1, B) for B in range(1, self.cfg.sps_max_tokens + 1)]
 
     @torch.no_grad()
     def time_peers(self, ds: EvalDatasetConfig) -> dict:

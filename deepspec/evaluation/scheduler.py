@@ -16,37 +16,11 @@ drawn at the last verified position), so the schedule changes speed, never the o
 """
 from __future__ import annotations
 
-import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
 from deepspec.decoding.scheduler import prefix_schedule
-
-
-@torch.no_grad()
-def profile_sps(target, max_tokens: int, context: int = 64, repeats: int = 3) -> list[float]:
-    """SPS(B) for B = 1..max_tokens: target forwards of B new tokens after ``context`` cached ones.
-
-    Returns a list whose entry B-1 is steps per second at B verified tokens (on this machine).
-    """
-    from transformers import DynamicCache
-
-    dev = target.device
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    table = []
-    for B in range(1, max_tokens + 1):
-        best = float("inf")
-        for _ in range(repeats):
-            cache = DynamicCache()
-            target(torch.zeros(1, context, dtype=torch.long, device=dev), past_key_values=cache)
-            sync()
-            t = time.perf_counter()
-            target(torch.zeros(1, B, dtype=torch.long, device=dev), past_key_values=cache)
-            sync()
-            best = min(best, time.perf_counter() - t)
-        table.append(1.0 / best)
-    return table
 
 
 def simulate_serving(rounds: Sequence[tuple[list[float], int]], sps_table: list[float], loads: Sequence[int],
