@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,8 @@ def _records(path: Path):
         if kind == 0 and length == 0:  # padding
             pos += room
             continue
+        if pos + 7 + length > len(data):  # the writer is still appending this record
+            return
         chunk = data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind == 1:
@@ -84,12 +87,28 @@ def _item_value(item) -> Any:
     return json.loads(item.value_json) if item.value_json else None
 
 
-def read_offline_run(path: str | Path) -> dict:
-    """-> {"run": {...}, "config": {...}, "history": [{"_step": s, key: value, ...}], "summary": {...}}."""
+def read_offline_run(path: str | Path, wait_for_exit_s: float = 30.0) -> dict:
+    """-> {"run": {...}, "config": {...}, "history": [{"_step": s, key: value, ...}], "summary": {...},
+    "exit_code": int | None}.
+
+    ``run.finish()`` (and even the end of the logging process) can return before wandb's service
+    process has written the last history row and the ``exit`` record, so this re-reads the file
+    until the ``exit`` record is there, for at most ``wait_for_exit_s`` seconds. A run that never
+    finished (killed) reads as what was written, with ``exit_code`` None.
+    """
+    deadline = time.monotonic() + wait_for_exit_s
+    while True:
+        out = _parse_offline_run(Path(path))
+        if out["exit_code"] is not None or time.monotonic() >= deadline:
+            return out
+        time.sleep(0.1)
+
+
+def _parse_offline_run(path: Path) -> dict:
     from wandb.proto import wandb_internal_pb2 as pb
 
-    out: dict = {"run": {}, "config": {}, "history": [], "summary": {}}
-    for raw in _records(Path(path)):
+    out: dict = {"run": {}, "config": {}, "history": [], "summary": {}, "exit_code": None}
+    for raw in _records(path):
         rec = pb.Record()
         rec.ParseFromString(raw)
         kind = rec.WhichOneof("record_type")
@@ -110,4 +129,6 @@ def read_offline_run(path: str | Path) -> dict:
         elif kind == "summary":
             for item in rec.summary.update:
                 out["summary"][item.key or "/".join(item.nested_key)] = _item_value(item)
+        elif kind == "exit":
+            out["exit_code"] = rec.exit.exit_code
     return out

@@ -259,7 +259,7 @@ def test_pipeline_chains_data_train_eval_in_one_wandb_group(rows, cache, tmp_pat
         (path,) = offline_run_files(run / folder)
         runs[stage] = read_offline_run(path)
         assert runs[stage]["run"]["group"] == "ci-pipe" and runs[stage]["run"]["job_type"] == stage
-        assert runs[stage]["run"]["name"] == f"ci-pipe-{stage}"
+        assert runs[stage]["run"]["name"] == f"ci-pipe-{stage}" and runs[stage]["exit_code"] == 0
     assert runs["data"]["summary"]["data/samples"] == manifest["counts"]["samples"]
     assert runs["data"]["summary"]["data/shards"] == manifest["num_shards"]
     assert runs["eval"]["summary"]["heldout/sampled/tau"] == results["datasets"]["heldout"]["sampled"]["tau"]

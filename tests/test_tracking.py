@@ -37,7 +37,7 @@ def test_reader_recovers_every_logged_value_across_block_boundaries(tmp_path, mo
     assert [h["_step"] for h in back["history"]] == list(range(1, 60))
     for row, h in zip(logged, back["history"]):
         assert {k: h[k] for k in row} == row
-    assert back["summary"]["final"] == 7.25
+    assert back["summary"]["final"] == 7.25 and back["exit_code"] == 0
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_offline_run_holds_exactly_the_trainers_jsonl_metrics(toy_cache, tmp_pat
         expected.setdefault(r["step"], {}).update({k: v for k, v in r.items() if k != "step"})
     (path,) = offline_run_files(tmp_path / "offline")
     back = read_offline_run(path)
-    assert back["run"]["name"] == "metrics-check" and back["run"]["job_type"] == "train"
+    assert back["run"]["name"] == "metrics-check" and back["run"]["job_type"] == "train" and back["exit_code"] == 0
     history = {h["_step"]: h for h in back["history"]}
     assert set(history) == set(expected)
     for step, metrics in expected.items():
