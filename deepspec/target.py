@@ -19,6 +19,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from deepspec.config.data import TargetConfig
+from deepspec.precision import resolve_dtype
 
 TOY_TARGET_DIR = Path(__file__).resolve().parent / "assets" / "toy_target"
 # Fields of config.json that do not change what the model computes.
@@ -139,7 +140,7 @@ class TargetModel(nn.Module):
     def from_config(cls, cfg: TargetConfig) -> "TargetModel":
         path = resolve_target_path(cfg.name_or_path)
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=getattr(torch, cfg.dtype), attn_implementation=cfg.attn_implementation,
+            path, dtype=resolve_dtype(cfg.dtype, resolve_device(cfg.device)), attn_implementation=cfg.attn_implementation,
             trust_remote_code=cfg.trust_remote_code,
         )
         return cls(model, cfg.layer_ids).to(resolve_device(cfg.device))

@@ -17,6 +17,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# precision=auto picks fp32 in tests on every machine (bf16 where a CPU has AMX would change results).
+os.environ.setdefault("DEEPSPEC_AUTO_PRECISION", "fp32")
 # Triton kernels run in the interpreter on CPU tensors; read when a kernel is decorated, so it is
 # set here, before any test module imports deepspec.decoding.kernels.
 os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -8,7 +8,7 @@ from deepspec.config.base import WandbConfig, at_least, one_of
 
 STORAGE_DTYPES = ("bf16", "fp16", "fp8", "int8")
 CACHE_FORMATS = ("parquet", "webdataset")
-TORCH_DTYPES = ("float32", "bfloat16", "float16")
+TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -21,8 +21,9 @@ class TargetConfig:
     """Decoder layers whose output hidden states feed the drafter (-1 = embedding output)."""
     mask_token_id: Optional[int] = None
     """Unused vocabulary id the drafter uses as MASK (None: look up ``<|mask|>`` in the tokenizer)."""
-    dtype: str = "float32"
-    """Compute dtype of the target forward pass."""
+    dtype: str = "auto"
+    """Compute dtype of the target forward pass: auto (bfloat16 where the device runs it natively,
+    else float32; see deepspec/precision.py), float32, bfloat16 or float16."""
     device: str = "auto"
     """``auto`` (cuda:LOCAL_RANK if available, else cpu), ``cpu`` or ``cuda``."""
     attn_implementation: str = "sdpa"

@@ -44,13 +44,14 @@ class DeepSpeedConfig:
 
     zero_stage: int = 2
     """ZeRO stage 0-3."""
-    precision: str = "bf16"
-    """bf16 (fp32 master weights) or fp32 (CPU tests, exact resume)."""
+    precision: str = "auto"
+    """auto (bf16 where the device runs it natively, else fp32; see deepspec/precision.py), bf16 (fp32
+    master weights) or fp32 (CPU tests, exact resume)."""
     extra: dict = field(default_factory=dict)
     """Raw DeepSpeed config keys merged last (e.g. zero_optimization.offload_optimizer)."""
 
     def problems(self, prefix: str) -> list[str]:
-        return one_of(prefix, "zero_stage", self.zero_stage, (0, 1, 2, 3)) + one_of(prefix, "precision", self.precision, ("bf16", "fp32"))
+        return one_of(prefix, "zero_stage", self.zero_stage, (0, 1, 2, 3)) + one_of(prefix, "precision", self.precision, ("auto", "bf16", "fp32"))
 
 
 @dataclass

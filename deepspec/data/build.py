@@ -24,7 +24,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from deepspec import distributed
 from deepspec.config.data import DataStageConfig
@@ -34,6 +33,7 @@ from deepspec.data.cache.shards import WRITERS, commit_file, sha256_file, shard_
 from deepspec.data.chat import RenderedSample, render_sample
 from deepspec.data.regenerate import HFAnswerGenerator, OpenAIAnswerGenerator, regenerate_samples
 from deepspec.data.sources import MalformedRow, Sample, file_sha256, iter_raw_rows, parse_row
+from deepspec.progress import Progress
 from deepspec.target import TargetModel, check_layer_ids, load_tokenizer, target_identity
 
 log = logging.getLogger(__name__)
@@ -165,19 +165,18 @@ def forward_batches(target: TargetModel, rendered: list[RenderedSample], batch_s
 
 
 def build_shard(cfg: DataStageConfig, plan: dict, index: int, samples: list[Sample], malformed: list[MalformedRow],
-                target: TargetModel, tokenizer, out_dir: Path, bar: tqdm | None) -> None:
-    regen_failed = 0
+                target: TargetModel, tokenizer, out_dir: Path, show: bool) -> None:
+    """One shard: (regenerate its answers) -> target forward -> write; ``show`` = progress for each phase."""
+    regen_failed, name = 0, f"shard {index + 1}/{plan['num_shards']}"
     if cfg.regenerate.enabled:
-        if bar is not None:
-            bar.set_description(f"shard {index}: regenerating answers")
         (out_dir / "regenerated").mkdir(exist_ok=True)
-        gen = (HFAnswerGenerator(target.model, tokenizer, cfg.regenerate) if cfg.regenerate.backend == "hf"
+        done_path = out_dir / "regenerated" / f"shard-{index:06d}.jsonl"
+        bar = Progress(sum(s.messages is not None for s in samples), "sample", f"{name}: regenerate", show)
+        gen = (HFAnswerGenerator(target.model, tokenizer, cfg.regenerate, bar) if cfg.regenerate.backend == "hf"
                else OpenAIAnswerGenerator(cfg.regenerate, cfg.regenerate.server_model or cfg.target.name_or_path))
-        samples, regen_failed = regenerate_samples(
-            samples, gen, out_dir / "regenerated" / f"shard-{index:06d}.jsonl", cfg.regenerate.batch_size,
-            seed=cfg.regenerate.seed * 1_000_003 + index * 10_007)
-    if bar is not None:
-        bar.set_description(f"shard {index}: target forward")
+        samples, regen_failed = regenerate_samples(samples, gen, done_path, cfg.regenerate.batch_size,
+                                                   seed=cfg.regenerate.seed * 1_000_003 + index * 10_007, progress=bar)
+        bar.close()
     rendered, dropped = [], 0
     for s in samples:
         r = render_sample(tokenizer, s, cfg.max_length)
@@ -190,19 +189,16 @@ def build_shard(cfg: DataStageConfig, plan: dict, index: int, samples: list[Samp
     writer = WRITERS[plan["format"]](path, {k: plan[k] for k in ("format_version", "storage_dtype", "num_layers", "hidden_size", "topk_logprobs", "layer_ids")},
                                      rows_per_row_group=cfg.cache.rows_per_row_group, compression=cfg.cache.compression)
     thread = ShardWriterThread(writer, codec, cfg.cache.write_queue_batches)
+    bar = Progress(len(rendered), "row", f"{name}: target forward", show)
     try:
         for items in forward_batches(target, rendered, cfg.batch_size, plan["topk_logprobs"]):
             thread.put(items)
-            if bar is not None:
-                bar.tokens = getattr(bar, "tokens", 0) + sum(len(i[1]) for i in items)
-                bar.update(len(items))
-                bar.set_postfix(tok_s=f"{bar.tokens / max(bar.format_dict['elapsed'], 1e-9):.0f}", refresh=False)
+            bar.update(len(items), tokens=sum(len(i[1]) for i in items))
         stats = thread.close()
     except BaseException:
         thread.abort()
         raise
-    if bar is not None:
-        bar.update(dropped + len(malformed) + regen_failed)  # rows that made no record still count as done
+    bar.close()
     # Stats go to disk before the shard is published: a shard under its final name always has them.
     stats.update(index=index, file=path.name, rows=len(samples) + len(malformed) + regen_failed, dropped_short=dropped,
                  regenerate_failed=regen_failed, malformed=[asdict(m) for m in malformed],
@@ -275,11 +271,10 @@ def build_cache(cfg: DataStageConfig) -> dict | None:
         target = TargetModel.from_config(cfg.target)
         n = cfg.cache.samples_per_shard
         my_rows = sum(min(n, plan["num_rows"] - k * n) for k in todo)
-        bar = tqdm(total=my_rows, unit="row", desc=f"cache rank {rank}") if cfg.progress and rank == 0 else None
+        log.info("rank %d: %d shards (%d rows) to build%s", rank, len(todo), my_rows,
+                 ", regenerating answers first" if cfg.regenerate.enabled else "")
         for index, samples, bad in _shard_rows(cfg, todo):
-            build_shard(cfg, plan, index, samples, bad, target, tokenizer, out_dir, bar)
-        if bar is not None:
-            bar.close()
+            build_shard(cfg, plan, index, samples, bad, target, tokenizer, out_dir, cfg.progress and rank == 0)
     if part is not None:
         done = all((out_dir / shard_name(k, plan["format"])).exists() for k in range(plan["num_shards"]))
         if not done:

@@ -28,6 +28,7 @@ import torch
 from deepspec.config.data import RegenerateConfig
 from deepspec.data.chat import render_prompt
 from deepspec.data.sources import Sample
+from deepspec.progress import Progress, TokenCounter
 
 
 class AnswerGenerator(Protocol):
@@ -42,8 +43,9 @@ class HFAnswerGenerator:
 
     batch_independent = False  # padding and the shared RNG stream tie a row to its batch
 
-    def __init__(self, model, tokenizer, cfg: RegenerateConfig):
+    def __init__(self, model, tokenizer, cfg: RegenerateConfig, progress: Progress | None = None):
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.streamer = TokenCounter(progress, tokenizer.pad_token_id) if progress is not None else None  # tokens as made
 
     @torch.no_grad()
     def answer(self, conversations: list[list[dict]]) -> list[str | None]:
@@ -58,7 +60,7 @@ class HFAnswerGenerator:
         out = self.model.generate(
             **enc, max_new_tokens=cfg.max_new_tokens, do_sample=sample, pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id, temperature=cfg.temperature if sample else None,
-            top_p=cfg.top_p if sample else None, top_k=(cfg.top_k or None) if sample else None,
+            top_p=cfg.top_p if sample else None, top_k=(cfg.top_k or None) if sample else None, streamer=self.streamer,
         )
         new_tokens = out[:, enc["input_ids"].shape[1]:]  # (B, T)
         return [t.strip() for t in tok.batch_decode(new_tokens, skip_special_tokens=True)]
@@ -120,8 +122,8 @@ def _answer_turn_by_turn(generator: AnswerGenerator, samples: list[Sample]) -> l
 
 
 def regenerate_samples(samples: list[Sample], generator: AnswerGenerator, done_path: Path, batch_size: int,
-                       seed: int) -> tuple[list[Sample], int]:
-    """Answer ``samples`` with ``generator``, resuming from ``done_path``.
+                       seed: int, progress: Progress | None = None) -> tuple[list[Sample], int]:
+    """Answer ``samples`` with ``generator``, resuming from ``done_path``; ``progress`` counts answered samples.
 
     Returns (samples with regenerated messages, in input order; number of samples that failed).
     """
@@ -133,6 +135,8 @@ def regenerate_samples(samples: list[Sample], generator: AnswerGenerator, done_p
             if generator.batch_independent:
                 batch = [s for s in batch if s.sample_id not in done]
             if not batch or all(s.sample_id in done for s in batch):
+                if progress is not None:
+                    progress.skip(len(batch))
                 continue
             torch.manual_seed(seed + b)  # same batch, same seed: a resumed batch reproduces itself
             for s, messages in zip(batch, _answer_turn_by_turn(generator, batch)):
@@ -141,6 +145,8 @@ def regenerate_samples(samples: list[Sample], generator: AnswerGenerator, done_p
                     f.write(json.dumps({"id": s.sample_id, "messages": messages}, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
+            if progress is not None:
+                progress.update(len(batch))
     out = []
     for s in samples:
         if s.messages is None:

@@ -11,6 +11,7 @@ import math
 import torch
 
 from deepspec.config.train import TrainStageConfig
+from deepspec.precision import resolve_precision
 
 
 def gradient_accumulation(cfg: TrainStageConfig, world: int) -> int:
@@ -20,13 +21,15 @@ def gradient_accumulation(cfg: TrainStageConfig, world: int) -> int:
     return cfg.global_batch_size // per_step
 
 
-def deepspeed_config(cfg: TrainStageConfig, world: int) -> dict:
+def deepspeed_config(cfg: TrainStageConfig, world: int, device: torch.device | None = None) -> dict:
+    """DeepSpeed's config; ``deepspeed.precision=auto`` is resolved for ``device`` (bf16 only where native)."""
+    precision = resolve_precision(cfg.deepspeed.precision, device or torch.device("cpu"), "training")
     ds = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": gradient_accumulation(cfg, world),
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
-        "bf16": {"enabled": cfg.deepspeed.precision == "bf16"},
+        "bf16": {"enabled": precision == "bf16"},
         "steps_per_print": 10**9,  # our logger prints
         "wall_clock_breakdown": False,
     }
@@ -57,5 +60,5 @@ def build_engine(model: torch.nn.Module, cfg: TrainStageConfig, total_steps: int
                             fused=fused or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total_steps, cfg.optim.warmup_ratio, cfg.optim.min_lr_ratio))
     engine, _, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                               config=deepspeed_config(cfg, world))
+                                               config=deepspeed_config(cfg, world, params[0].device))
     return engine, sched

@@ -1,4 +1,4 @@
-"""Training metrics to the console (tqdm), ``<run_dir>/metrics.jsonl`` and W&B, from rank 0.
+"""Training metrics to the console (a Progress bar, or log lines off a terminal), ``<run_dir>/metrics.jsonl`` and W&B, from rank 0.
 
 The reference's training metrics are derived from the loss's sums: analytic acceptance per draft
 position (1 - TV, conditional on the earlier positions), expected tau (1 + sum_k prod_{i<=k} a_i,
@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from deepspec.config.base import WandbConfig
 from deepspec.config.train import LoggingConfig
 from deepspec.distributed import cpu_group
+from deepspec.progress import Progress
 from deepspec.tracking import start_wandb_run
 
 SUM_KEYS = ("acc_sum", "acc_count", "tau_sum", "tau_count", "conf_bias_sum", "conf_abs_sum")
@@ -68,15 +68,14 @@ class MetricsLogger:
                  start_step: int, config: dict):
         self.cfg, self.rank = cfg, rank
         self.file = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step") if rank == 0 and cfg.progress else None
+        self.bar = Progress(total_steps, "step", "train", rank == 0 and cfg.progress, initial=start_step)
         self.wandb = start_wandb_run(wandb_cfg, "train", run_dir, config) if rank == 0 else None
         self.t0, self.tokens = time.time(), 0
 
     def step(self, step: int, tokens: int, metrics: dict | None) -> None:
         """Called every optimizer step; ``metrics`` only on logging steps."""
         self.tokens += tokens
-        if self.bar is not None:
-            self.bar.update(1)
+        self.bar.update(1, tokens=tokens)
         if metrics is None or self.rank != 0:
             return
         metrics = {"step": step, "tokens_per_s": self.tokens / max(time.time() - self.t0, 1e-9), **metrics}
@@ -84,9 +83,7 @@ class MetricsLogger:
         self.file.flush()
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
-        if self.bar is not None:
-            short = {k: f"{metrics[k]:.3g}" for k in ("loss", "ce", "l1", "bce", "lr", "expected_tau", "tokens_per_s") if k in metrics}
-            self.bar.set_postfix(short, refresh=False)
+        self.bar.set_postfix(" ".join(f"{k} {metrics[k]:.3g}" for k in ("loss", "ce", "l1", "bce", "lr", "expected_tau") if k in metrics))
 
     def eval(self, step: int, metrics: dict) -> None:
         if self.rank != 0:
@@ -96,12 +93,10 @@ class MetricsLogger:
         self.file.flush()
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
-        if self.bar is not None:
-            self.bar.write(f"step {step}: held-out expected tau {metrics.get('expected_tau', float('nan')):.3f}")
+        self.bar.write(f"step {step}: held-out expected tau {metrics.get('expected_tau', float('nan')):.3f}")
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.bar.close()
         if self.file is not None:
             self.file.close()
         if self.wandb is not None:
