@@ -1,36 +1,71 @@
 #!/usr/bin/env bash
 # Command 1: set up .venv and run the whole pipeline on the embedded toy target (CPU is enough).
 #   scripts/demo.sh                        outputs under runs/demo
-#   RUN_DIR=/tmp/x ROWS=128 STEPS=100 scripts/demo.sh
+#   RUN_DIR=/tmp/x ROWS=512 STEPS=600 scripts/demo.sh     a longer run: a better drafter
+# Sized to finish in about 10 minutes on 2 CPU cores (set-up included, warm pip cache). Every stage
+# runs for real, at toy scale: a 6-layer target with hidden size 256 and a 2-layer drafter.
+set -euo pipefail
 source "$(dirname "$0")/setup_env.sh"
 RUN_DIR=${RUN_DIR:-runs/demo}
-ROWS=${ROWS:-512}      # training prompts answered by the toy target and cached
-STEPS=${STEPS:-300}    # DSpark optimizer steps
+ROWS=${ROWS:-256}      # training prompts answered by the toy target and cached
+STEPS=${STEPS:-240}    # DSpark optimizer steps (8 samples each)
 PROMPTS=${PROMPTS:-8}  # eval prompts per dataset
+mkdir -p "$RUN_DIR"
+export WANDB_MODE=${WANDB_MODE:-disabled}
 
-# 1. Data: the toy target answers its own training prompts (regeneration), then its layer
-#    features are cached to Parquet shards with a manifest (resumable: rerun to continue).
+START=$SECONDS
+stage() {  # stage N TITLE: a numbered header with the time so far
+  echo
+  echo "=== [$1/5] $2  (demo time so far: $(( (SECONDS - START) / 60 ))m$(( (SECONDS - START) % 60 ))s)"
+}
+cat <<EOF
+deepspec demo on the embedded toy target, outputs under $RUN_DIR:
+  1/5 data    the toy target answers $ROWS training prompts (regeneration), then its layer features are
+              cached to Parquet shards with a manifest (resumable: rerun to continue)
+  2/5 verify  every shard's checksum and every record decoded; cache statistics
+  3/5 train   a DSpark drafter, $STEPS steps with DeepSpeed, exported to safetensors
+  4/5 eval    speculative vs plain decoding of the toy target on $PROMPTS prompts of two datasets
+  5/5 summary what the drafter bought, in plain words
+EOF
+
+stage 1 "data: regenerate answers with the target, cache its features"
 python data/cache.py build target=toy \
   input.paths=[deepspec/assets/toy_prompts/train.jsonl] input.max_rows="$ROWS" \
-  regenerate.enabled=true regenerate.max_new_tokens=192 regenerate.batch_size=32 \
+  regenerate.enabled=true regenerate.max_new_tokens=160 regenerate.batch_size=32 \
   out_dir="$RUN_DIR/cache"
-# Check every shard's checksum and decode every record; summarise the cache.
+
+stage 2 "verify the cache"
 python data/cache.py verify target=toy out_dir="$RUN_DIR/cache"
 python data/cache.py stats target=toy out_dir="$RUN_DIR/cache" > "$RUN_DIR/cache_stats.json"
 
-# 2. Train a DSpark drafter on the cache with DeepSpeed (one CPU process, bf16 autocast via DeepSpeed).
+stage 3 "train DSpark ($STEPS steps; precision auto: bf16 only where the CPU/GPU runs it natively)"
 python train/train.py target=toy drafter=dspark cache_dir="$RUN_DIR/cache" run_dir="$RUN_DIR/train" \
   max_steps="$STEPS" global_batch_size=8 optim.lr=1e-3 drafter.num_anchors=64 \
-  eval.val_fraction=0.05 eval.every_steps=100 checkpoint.every_steps=100 logging.every_steps=10
+  eval.val_fraction=0.05 eval.every_steps=80 checkpoint.every_steps=80 logging.every_steps=10
 
-# 3. Evaluate it: speculative vs plain decoding of the toy target, T=1 (greedy beside it), on the
-#    toy target's held-out prompts and HumanEval; report, plots, calibration, scheduler simulation.
+stage 4 "eval: speculative vs plain decoding (T=1, greedy beside it)"
 python eval/eval.py target=toy drafter_path="$RUN_DIR/train/best" run_dir="$RUN_DIR/eval" \
   'datasets=[{name:toy_heldout,path:deepspec/assets/toy_prompts/heldout.jsonl,max_prompts:'"$PROMPTS"'},{name:humaneval,path:deepspec/assets/eval_prompts/humaneval.jsonl,max_prompts:'"$PROMPTS"'}]' \
   max_new_tokens=96
 
+stage 5 "summary"
+python - "$RUN_DIR" <<'EOF'
+import json, sys, textwrap
+from pathlib import Path
+run = Path(sys.argv[1])
+summary = (run / "eval" / "summary.md").read_text().split("\n\n")[1]  # the plain-words paragraph
+print(textwrap.fill(summary.replace("**", ""), 100))
+results = json.loads((run / "eval" / "results.json").read_text())
+for name, entry in results["datasets"].items():
+    s, g = entry["sampled"], entry.get("greedy", {})
+    line = f"  {name}: tau {s['tau']:.2f}, speedup {s['speedup']:.2f}x (T=1)"
+    if g:
+        line += f"; greedy tau {g['tau']:.2f}, identical to plain greedy: {'yes' if g['greedy_identical_to_plain'] else 'NO'}"
+    print(line)
+EOF
 echo
 echo "cache manifest: $RUN_DIR/cache/manifest.json"
 echo "cache report:   $RUN_DIR/cache_stats.json"
 echo "training:       $RUN_DIR/train (metrics.jsonl, best/, export/)"
 echo "eval report:    $RUN_DIR/eval/summary.md"
+echo "demo finished in $(( (SECONDS - START) / 60 ))m$(( (SECONDS - START) % 60 ))s (set-up not counted)"

@@ -7,6 +7,7 @@ import hydra
 from omegaconf import DictConfig
 
 from deepspec.config import CONFIG_DIR, EvalStageConfig, register_configs, to_dataclass
+from deepspec.process_exit import run_entry_point
 
 log = logging.getLogger("deepspec.eval")
 
@@ -32,8 +33,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    register_configs()
-    _hydra_main()
+    run_entry_point(lambda: (register_configs(), _hydra_main()))
 
 
 if __name__ == "__main__":

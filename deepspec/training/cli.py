@@ -14,6 +14,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from deepspec.config import CONFIG_DIR, TrainStageConfig, register_configs, to_dataclass
+from deepspec.process_exit import run_entry_point
 
 log = logging.getLogger("deepspec.train")
 
@@ -44,8 +45,7 @@ def _cuda() -> bool:
 
 
 def main() -> None:
-    register_configs()
-    _hydra_main()
+    run_entry_point(lambda: (register_configs(), _hydra_main()))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,75 @@
+"""How every entry point ends: its work written, then a clean, deterministic exit status.
+
+A training process once died with ``terminate called without an active exception`` (SIGABRT)
+*after* it had logged ``done``: a native thread (a C++ ``std::thread`` owned by a library: the
+process group's, oneDNN's, DeepSpeed's) was still joinable when the interpreter tore down its
+modules, so a run that had finished reported failure and the demo stopped before eval. Python
+cannot join native threads it did not start, and the order of interpreter teardown is not ours.
+
+So ``run_entry_point`` runs the stage, joins the Python threads that are still running (a shard
+writer, a logger; each should already be joined by its owner, and a straggler is named in the
+log), flushes logging and the standard streams, and ends the process with ``os._exit``: the exit
+status is the stage's own, whatever native threads remain. Everything a stage writes is closed
+by the stage itself before it returns (files, W&B runs, process groups), never left to teardown.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import traceback
+from typing import Callable, NoReturn
+
+log = logging.getLogger(__name__)
+
+
+def exit_status(exc: SystemExit) -> int:
+    """The status ``sys.exit(x)`` asks for: None -> 0, int -> itself, anything else printed -> 1."""
+    if exc.code is None:
+        return 0
+    if isinstance(exc.code, int):
+        return exc.code
+    print(exc.code, file=sys.stderr)
+    return 1
+
+
+def join_python_threads(timeout_s: float = 30.0) -> list[str]:
+    """Join every non-daemon thread but this one; -> the names of those still alive after ``timeout_s``."""
+    left = []
+    for t in threading.enumerate():
+        if t is threading.current_thread() or t.daemon:
+            continue
+        t.join(timeout_s)
+        if t.is_alive():
+            left.append(t.name)
+    return left
+
+
+def run_entry_point(main: Callable[[], object]) -> NoReturn:
+    """Run ``main`` and end the process with its exit status (0 when it returns)."""
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = exit_status(e)
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException:  # noqa: BLE001 -- reported here, then the status says it failed
+        traceback.print_exc()
+        code = 1
+    if "wandb" in sys.modules:  # wait for wandb's service to write what the stage logged (normal exit does this)
+        try:
+            sys.modules["wandb"].teardown()
+        except Exception:  # noqa: BLE001 -- a tracking failure must not change a finished stage's status
+            log.exception("wandb teardown failed")
+    left = join_python_threads()
+    if left:
+        log.warning("threads still running at exit: %s", ", ".join(left))
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
