@@ -44,7 +44,10 @@ def test_simulation_confidence_scheduling_beats_fixed_length_under_load():
 
 
 # ----------------------------------------------------------------------------- the runtime scheduler
-from deepspec.decoding.scheduler import DraftGate, VerifyCostModel, choose_lengths  # noqa: E402
+import pytest  # noqa: E402
+
+from deepspec.config.decoding import ScheduleConfig  # noqa: E402
+from deepspec.decoding.scheduler import DraftGate, VerifyCostModel, VerifyScheduler, choose_lengths  # noqa: E402
 
 
 def test_column_algorithm_stops_at_the_first_column_that_lowers_throughput():
@@ -81,6 +84,43 @@ def test_gate_decodes_plainly_when_drafting_cannot_pay_and_probes_with_backoff()
     gate.observe_draft(8, 0.1)
     compute_bound = torch.ones(8, 2, dtype=torch.float64)  # at 8 rows verifying costs W x a step: no width pays
     assert not any(gate.should_draft(compute_bound, cost) for _ in range(20))
+
+
+def test_gate_scales_each_arm_by_its_measured_round_time():
+    """The profile says a drafted round pays; measured rounds say the loop loses -> the gate stops drafting."""
+    cost = VerifyCostModel([1], [1, 2, 3], [[1.0, 1.1, 1.2]], {})
+    gate = DraftGate(max_interval=64)
+    good = torch.full((1, 2), 0.6, dtype=torch.float64)
+    gate.observe_draft(1, 0.3)
+    assert gate.should_draft(good, cost)  # predicted 2.2 / 1.5 = 1.47 tokens/s > 1
+    for _ in range(20):  # drafted rounds really take 2x their prediction; plain rounds as predicted
+        gate.observe_round(1, True, 3, 2 * (1.2 + 0.3), cost)
+        gate.observe_round(1, False, 1, 1.0, cost)
+    assert gate.slowdown[True] == pytest.approx(2.0, rel=1e-3) and gate.slowdown[False] == pytest.approx(1.0)
+    decisions = [gate.should_draft(good, cost) for _ in range(12)]
+    assert decisions.count(True) <= 4  # probes only
+    for _ in range(20):  # and when plain rounds are the slow ones (say, a plain step's bookkeeping), drafting wins again
+        gate.observe_round(1, False, 1, 3.0, cost)
+    assert all(gate.should_draft(good, cost) for _ in range(5))
+
+
+def test_cost_profile_is_made_monotone():
+    """A stall while profiling (a 1-row step "costing" 30x an 8-row one) is repaired: a forward never costs
+    more than a larger one."""
+    m = VerifyCostModel([1, 2, 8], [1, 2], [[0.3, 0.011], [0.010, 0.3], [0.012, 0.015]], {})
+    assert m.seconds == [[0.010, 0.011], [0.010, 0.015], [0.012, 0.015]]
+
+
+def test_a_new_generation_starts_from_the_acceptance_seen_so_far():
+    sched = VerifyScheduler(ScheduleConfig(policy="scheduled_with_draft_cost"), 3,
+                            VerifyCostModel([1], [1, 2, 3, 4], [[1.0, 1.0, 1.0, 1.0]], {}))
+    sched.start(2)
+    assert sched.online.tolist() == [[0.5] * 3] * 2
+    rows = torch.tensor([0, 1])
+    for _ in range(40):  # both rows: slot 1 always accepted, slot 2 always rejected
+        sched.observe(rows, True, torch.tensor([3, 3]), torch.tensor([1, 1]), 0.01)
+    sched.start(1)
+    assert sched.online[0, 0] > 0.95 and sched.online[0, 1] < 0.05 and sched.online[0, 2] == 0.5  # slot 3 never verified
 
 
 def test_cost_model_interpolates_and_is_cached_per_target(tmp_path, tiny_target):

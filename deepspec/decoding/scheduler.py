@@ -92,6 +92,23 @@ class VerifyCostModel:
     seconds: list[list[float]]  # [i][j]: rows[i] x widths[j]
     key: dict
 
+    def __post_init__(self):
+        """Make the table monotone: a forward of fewer rows or tokens never costs more than a larger one.
+
+        A stall during profiling (another process taking the cores) shows up as a small forward
+        that "costs" 30x a bigger one; the engine would then believe a plain step is slow and draft
+        when it should not. Each entry becomes the minimum over the entries at least as large (the
+        larger forward bounds it), which also repairs a profile cached before this rule.
+        """
+        t = [list(line) for line in self.seconds]
+        for i in reversed(range(len(t))):
+            for j in reversed(range(len(t[i]))):
+                if i + 1 < len(t):
+                    t[i][j] = min(t[i][j], t[i + 1][j])
+                if j + 1 < len(t[i]):
+                    t[i][j] = min(t[i][j], t[i][j + 1])
+        self.seconds = t
+
     def __call__(self, R: int, W: int) -> float:
         """Interpolated linearly in R (extrapolated beyond the largest profiled R); W clamped to the profile."""
         j = min(max(W, self.widths[0]), self.widths[-1]) - self.widths[0]
@@ -176,20 +193,22 @@ def best_rate(survival: torch.Tensor, verify_seconds: Callable[[int], float], dr
 class DraftGate:
     """Whether to draft at all this round (scheduled_with_draft_cost): a round costs draft + verify.
 
-    Drafting runs when the predicted rate of a drafted round beats a plain step's, R / t_verify(R, 1):
-    the prediction takes the rows' *observed* acceptance per slot (an EMA of verification outcomes,
-    so a miscalibrated confidence cannot talk the engine into losing), the measured draft time and
-    the profiled verify cost. While drafting loses, it re-probes after 1, 2, 4, ... plain steps
-    (capped), and never when even an always-accepted draft could not beat a plain step.
+    Drafting runs when the predicted rate of a drafted round beats a plain step's. Both predictions
+    come from measurements, not from the confidences: the rows' *observed* acceptance per slot (an
+    EMA of verification outcomes, so a miscalibrated confidence cannot talk the engine into
+    losing), the measured draft time and the profiled verify cost, each arm scaled by the ratio of
+    its measured round time to its predicted one (the loop's own overhead, and any error of the
+    profile, are paid per round and differ between the arms). While drafting loses it re-probes
+    after 1, 2, 4, ... plain steps, capped at ``max_interval``; the backoff carries over from one
+    generation to the next, since whether drafting pays is mostly a property of the target, the
+    drafter, the machine and the load. It never drafts when even an always-accepted draft could not
+    beat a plain step.
     """
 
     def __init__(self, max_interval: int, ema: float = 0.3):
         self.max_interval, self.ema = max_interval, ema
         self.draft_seconds: dict[int, float] = {}  # measured draft time by number of rows (EMA)
-        self.reset()
-
-    def reset(self) -> None:
-        """A new generation: probe from the shortest interval again (the measured draft cost is kept)."""
+        self.slowdown = {True: 1.0, False: 1.0}  # measured / predicted round seconds, drafted and plain rounds (EMA)
         self.interval, self.skipped = 1, 0
 
     def draft_cost(self, R: int) -> float:
@@ -200,10 +219,11 @@ class DraftGate:
     def should_draft(self, observed_survival: torch.Tensor, cost: VerifyCostModel) -> bool:
         R, g = observed_survival.shape
         verify = lambda W: cost(R, W)  # noqa: E731
-        plain, draft = R / verify(1), self.draft_cost(R)
-        if best_rate(torch.ones(R, g, dtype=torch.float64), verify, draft) <= plain:
+        plain, draft = R / (verify(1) * self.slowdown[False]), self.draft_cost(R)
+        rate = lambda survival: best_rate(survival, verify, draft) / self.slowdown[True]  # noqa: E731
+        if rate(torch.ones(R, g, dtype=torch.float64)) <= plain:
             return False  # drafting cannot pay even if every draft were accepted
-        if not self.draft_seconds or best_rate(observed_survival, verify, draft) > plain:
+        if not self.draft_seconds or rate(observed_survival) > plain:
             self.interval = 1
             return True
         if self.skipped >= self.interval:  # probe: drafting may pay again (an easier stretch of text)
@@ -215,6 +235,11 @@ class DraftGate:
     def observe_draft(self, R: int, seconds: float) -> None:
         old = self.draft_seconds.get(R)
         self.draft_seconds[R] = seconds if old is None else self.ema * seconds + (1 - self.ema) * old
+
+    def observe_round(self, R: int, drafted: bool, width: int, seconds: float, cost: VerifyCostModel) -> None:
+        """A whole round's wall time (draft, verify, acceptance, bookkeeping) against its prediction."""
+        predicted = cost(R, width) + (self.draft_cost(R) if drafted else 0.0)
+        self.slowdown[drafted] = self.ema * seconds / predicted + (1 - self.ema) * self.slowdown[drafted]
 
 
 class VerifyScheduler:
@@ -230,13 +255,13 @@ class VerifyScheduler:
         self.cfg, self.g, self.cost = cfg, block_size, cost
         self.temperatures = cfg.temperatures if cfg.temperatures is not None else temperatures
         self.gate = DraftGate(cfg.max_probe_interval_rounds) if cfg.policy == "scheduled_with_draft_cost" else None
+        self.prior = torch.full((block_size,), 0.5, dtype=torch.float64)  # conditional acceptance per slot, all rows so far
         self.start(1)
 
     def start(self, batch_size: int) -> None:
-        """A new generation of ``batch_size`` rows: fresh acceptance estimates (the measured draft cost is kept)."""
-        self.online = torch.full((batch_size, self.g), 0.5, dtype=torch.float64)  # conditional acceptance per slot
-        if self.gate is not None:
-            self.gate.reset()
+        """A new generation of ``batch_size`` rows: each row's acceptance estimate starts from what earlier
+        generations observed (the measured costs and the gate's backoff are kept too)."""
+        self.online = self.prior.expand(batch_size, -1).clone()  # conditional acceptance per row and slot
 
     def should_draft(self, rows: torch.Tensor) -> bool:
         """1. before drafting: False = decode this round plainly (scheduled_with_draft_cost only)."""
@@ -262,14 +287,22 @@ class VerifyScheduler:
         extra = draft_seconds if self.cfg.policy == "scheduled_with_draft_cost" else 0.0
         return choose_lengths(self.survival(rows, confidence), lambda W: self.cost(N, W), extra).to(rows.device)
 
-    def observe(self, rows: torch.Tensor, drafted: bool, verified: torch.Tensor, accepted: torch.Tensor) -> None:
-        """After a drafted round: the online acceptance estimate (read by the gate and by ``confidence=online``)
-        learns from what was verified."""
+    def observe(self, rows: torch.Tensor, drafted: bool, verified: torch.Tensor, accepted: torch.Tensor,
+                seconds: float) -> None:
+        """After a round of ``seconds``: the gate compares it with its prediction; after a drafted round the
+        online acceptance estimate (read by the gate and by ``confidence=online``) learns from what was verified."""
+        if self.gate is not None:
+            self.gate.observe_round(len(rows), drafted, 1 + int(verified.max()), seconds, self.cost)
         if not drafted or (self.gate is None and self.cfg.confidence != "online"):
             return
         r, L, m = rows.cpu(), verified.cpu(), accepted.cpu()
         k = torch.arange(self.g)
         seen = k[None] <= torch.minimum(m, L - 1)[:, None]  # slot k+1 verified with all earlier ones accepted
         hit = (k[None] < m[:, None]).double()
+        ema = self.cfg.online_ema
         cur = self.online[r]
-        self.online[r] = torch.where(seen, self.cfg.online_ema * hit + (1 - self.cfg.online_ema) * cur, cur)
+        self.online[r] = torch.where(seen, ema * hit + (1 - ema) * cur, cur)
+        n = seen.sum(0)
+        slot_mean = (hit * seen).sum(0) / n.clamp_min(1)
+        weight = 1 - (1 - ema / 4) ** n.double()  # the prior moves slower than a row: it averages over rows
+        self.prior = torch.where(n > 0, weight * slot_mean + (1 - weight) * self.prior, self.prior)

@@ -162,7 +162,7 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
             for r, c in zip(rows_l, draft.confidence.float().tolist()):
                 batch.results[r].confidences.append(c)
         t4 = time.perf_counter()
-        scheduler.observe(rows, drafted, L, m)
+        scheduler.observe(rows, drafted, L, m, t4 - t0)
         seconds["draft"] += t1 - t0
         seconds["schedule"] += t2 - t1
         seconds["verify"] += t3 - t2
