@@ -55,6 +55,13 @@ MUTATIONS = [
     ("survival per slot, not cumulative", "deepspec/calibration.py", "    return torch.cumprod(conf.double(), dim=-1)", "    return conf.double()", SCHED + " " + METRICS),
     ("token-level Algorithm 1 admits zero survival", "deepspec/decoding/scheduler.py", "        if a <= 0 or (tau + a) * sps(B + 1) <= tau * sps(B):",
      "        if (tau + a) * sps(B + 1) < tau * sps(B):", SCHED),
+    # the draft-cost gate and the verify-cost profile
+    ("gate ignores the drafted rounds' measured slowdown", "deepspec/decoding/scheduler.py",
+     "best_rate(survival, verify, draft) / self.slowdown[True]", "best_rate(survival, verify, draft)", SCHED),
+    ("cost profile not monotone in rows", "deepspec/decoding/scheduler.py", "t[i][j] = min(t[i][j], t[i + 1][j])", "t[i][j] = t[i][j]", SCHED),
+    ("a new generation forgets the acceptance seen so far", "deepspec/decoding/scheduler.py",
+     "self.online = self.prior.expand(batch_size, -1).clone()", "self.online = torch.full((batch_size, self.g), 0.5, dtype=torch.float64)",
+     SCHED),
     # STS and calibration metrics
     ("STS fits each position independently", "deepspec/calibration.py", "            trial = temps[:k] + [t] + [1.0] * (g - k - 1)",
      "            trial = [1.0] * k + [t] + [1.0] * (g - k - 1)", METRICS),

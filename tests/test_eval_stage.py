@@ -33,7 +33,12 @@ def test_eval_cli_writes_a_lossless_report(tiny_target, tmp_path, policy):
     results = json.loads((run / "results.json").read_text())
     entry = results["datasets"]["heldout"]
     assert entry["greedy"]["greedy_identical_to_plain"] is True
-    assert entry["sampled"]["tau"] >= 1.0 and (run / "summary.md").exists()
+    assert entry["sampled"]["tau"] >= 1.0
+    opening = (run / "summary.md").read_text().split("\n\n")[1]  # plain words for a newcomer, before any table
+    s = entry["sampled"]
+    assert opening.startswith("A DSpark drafter (1 layer, ") and f"{s['speedup']:.2f}x" in opening
+    assert f"kept {s['tau']:.2f} tokens on average" in opening and "plain decoding steps of drafting" in opening
+    assert results["drafter"]["kind"] == "DSpark" and results["drafter"]["trainable_parameters"] > 0
     if policy == "fixed":  # every round drafted: calibration and the serving replay are reported
         assert "calibration" in entry["sampled"] and "serving_simulation" in entry
     else:  # the verify cost was profiled once and cached for the next run

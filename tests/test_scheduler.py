@@ -118,7 +118,7 @@ def test_a_new_generation_starts_from_the_acceptance_seen_so_far():
     assert sched.online.tolist() == [[0.5] * 3] * 2
     rows = torch.tensor([0, 1])
     for _ in range(40):  # both rows: slot 1 always accepted, slot 2 always rejected
-        sched.observe(rows, True, torch.tensor([3, 3]), torch.tensor([1, 1]), 0.01)
+        sched.observe(rows, torch.tensor([3, 3]), torch.tensor([1, 1]), 0.01)
     sched.start(1)
     assert sched.online[0, 0] > 0.95 and sched.online[0, 1] < 0.05 and sched.online[0, 2] == 0.5  # slot 3 never verified
 

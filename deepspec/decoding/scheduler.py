@@ -287,12 +287,14 @@ class VerifyScheduler:
         extra = draft_seconds if self.cfg.policy == "scheduled_with_draft_cost" else 0.0
         return choose_lengths(self.survival(rows, confidence), lambda W: self.cost(N, W), extra).to(rows.device)
 
-    def observe(self, rows: torch.Tensor, drafted: bool, verified: torch.Tensor, accepted: torch.Tensor,
+    def observe(self, rows: torch.Tensor, verified: torch.Tensor | None, accepted: torch.Tensor | None,
                 seconds: float) -> None:
-        """After a round of ``seconds``: the gate compares it with its prediction; after a drafted round the
-        online acceptance estimate (read by the gate and by ``confidence=online``) learns from what was verified."""
+        """3. after a round of ``seconds`` (verified/accepted (N,) per row; None after a plain step): the gate
+        compares it with its prediction; after a drafted round the online acceptance estimate (read by the
+        gate and by ``confidence=online``) learns from what was verified."""
+        drafted = verified is not None
         if self.gate is not None:
-            self.gate.observe_round(len(rows), drafted, 1 + int(verified.max()), seconds, self.cost)
+            self.gate.observe_round(len(rows), drafted, 1 + int(verified.max()) if drafted else 1, seconds, self.cost)
         if not drafted or (self.gate is None and self.cfg.confidence != "online"):
             return
         r, L, m = rows.cpu(), verified.cpu(), accepted.cpu()

@@ -3,9 +3,10 @@
 One round, after speculative sampling (Leviathan et al. 2023, Chen et al. 2023) with DSpark's
 confidence-scheduled verification (Algorithm 1), for the R active rows at once:
 
+    0. gate      with ``scheduled_with_draft_cost``, when drafting cannot pay for itself now the round
+                 is one plain decoding step (the baseline's own step function) and nothing below runs
     1. draft     one drafter pass proposes d_1..d_g after each row's anchor (the last emitted token),
-                 from the drafter's cached context (``sessions``); skipped when the scheduler
-                 decodes plainly this round
+                 from the drafter's cached context (``sessions``)
     2. schedule  drafts verified per row, L_r in 0..g (fixed, or Algorithm 1 on calibrated survival)
     3. verify    one target forward over [anchor, d_1..d_L] of every row, padded to W = 1 + max L
     4. accept    ``verify_block``: per row the accepted prefix d_1..d_m and the next token (a
@@ -107,6 +108,19 @@ def _emit(batch: _Batch, rows: list[int], block: torch.Tensor, m: list[int], nxt
         res.verified_per_round.append(verified[i])
 
 
+def _plain_step(target: TargetModel, batch: _Batch, rows: torch.Tensor, sampling: SamplingConfig, generator) -> tuple:
+    """One plain decoding step of the active ``rows`` (N,): -> layer features (B, 1, L*d) and next tokens (N,).
+
+    The baseline's step and the engine's undrafted rounds are this same function, so a round the
+    scheduler decodes plainly costs exactly what plain decoding costs. The caller sets the anchors.
+    """
+    step = batch.active.long()[:, None]
+    batch.mask = torch.cat([batch.mask, step], dim=1)
+    layer_hidden, final = target.decoder_with_positions(batch.anchors[:, None], batch.mask, batch.lengths[:, None], batch.cache)
+    batch.lengths += step[:, 0]
+    return layer_hidden, next_token(target.lm_head(final[rows, 0]), sampling, generator)
+
+
 @torch.no_grad()
 def speculative_generate_batch(target: TargetModel, session, prompts: list[torch.Tensor], max_new_tokens: int,
                                sampling: SamplingConfig, eos_token_id: int | None = None,
@@ -124,12 +138,19 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
         t0 = time.perf_counter()
         rows = batch.active.nonzero()[:, 0]
         N = len(rows)
-        drafted = scheduler.should_draft(rows)
-        draft = session.draft(rows, batch.anchors[rows], sampling, generator) if drafted else None  # 1. draft
+        if not scheduler.should_draft(rows):  # 0. drafting does not pay now (scheduled_with_draft_cost): a plain step
+            step_tokens, step_valid = batch.anchors[:, None].clone(), batch.active[:, None].clone()
+            layer_hidden, nxt = _plain_step(target, batch, rows, sampling, generator)
+            session.extend(layer_hidden, step_tokens, step_valid)
+            batch.anchors[rows] = nxt
+            _emit(batch, rows.tolist(), step_tokens, [0] * N, nxt.tolist(), [0] * N, max_new_tokens, eos_token_id)
+            seconds["verify"] += time.perf_counter() - t0
+            scheduler.observe(rows, None, None, time.perf_counter() - t0)
+            continue
+        draft = session.draft(rows, batch.anchors[rows], sampling, generator)  # 1. draft
         sync()
         t1 = time.perf_counter()
-        L = (scheduler.lengths(rows, draft.confidence, t1 - t0) if drafted  # 2. schedule
-             else torch.zeros(N, dtype=torch.long, device=dev))
+        L = scheduler.lengths(rows, draft.confidence, t1 - t0)  # 2. schedule
         W = 1 + int(L.max())
         t2 = time.perf_counter()
         block = torch.zeros(B, W, dtype=torch.long, device=dev)  # 3. verify [anchor, d_1..d_L] per row
@@ -158,11 +179,10 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
         batch.anchors[rows] = nxt
         rows_l, m_l = rows.tolist(), m.tolist()
         _emit(batch, rows_l, block, m_l, nxt.tolist(), L.tolist(), max_new_tokens, eos_token_id)
-        if drafted:
-            for r, c in zip(rows_l, draft.confidence.float().tolist()):
-                batch.results[r].confidences.append(c)
+        for r, c in zip(rows_l, draft.confidence.float().tolist()):
+            batch.results[r].confidences.append(c)
         t4 = time.perf_counter()
-        scheduler.observe(rows, drafted, L, m, t4 - t0)
+        scheduler.observe(rows, L, m, t4 - t0)
         seconds["draft"] += t1 - t0
         seconds["schedule"] += t2 - t1
         seconds["verify"] += t3 - t2
@@ -180,11 +200,7 @@ def autoregressive_generate_batch(target: TargetModel, prompts: list[torch.Tenso
     t1 = time.perf_counter()
     while bool(batch.active.any()):
         rows = batch.active.nonzero()[:, 0]
-        step_mask = batch.active.long()[:, None]
-        batch.mask = torch.cat([batch.mask, step_mask], dim=1)
-        _, final = target.decoder_with_positions(batch.anchors[:, None], batch.mask, batch.lengths[:, None], batch.cache)
-        nxt = next_token(target.lm_head(final[rows, 0]), sampling, generator)
-        batch.lengths += step_mask[:, 0]
+        _, nxt = _plain_step(target, batch, rows, sampling, generator)
         batch.anchors[rows] = nxt
         for r, tok in zip(rows.tolist(), nxt.tolist()):
             batch.results[r].tokens.append(tok)

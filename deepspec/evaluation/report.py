@@ -19,7 +19,9 @@ def plain_words(results: dict) -> str:
     r = results["datasets"][name]["sampled"]
     d = results.get("drafter", {})
     kind = d.get("kind", "speculative")
-    shape = f" ({d['num_hidden_layers']} layers, {d['trainable_parameters'] / 1e6:.1f}M parameters of its own)" if "num_hidden_layers" in d else ""
+    layers = d.get("num_hidden_layers")
+    shape = (f" ({layers} layer{'s' if layers != 1 else ''}, {d['trainable_parameters'] / 1e6:.1f}M parameters of its own)"
+             if layers else "")
     plain_step = 1.0 / max(r["plain"]["tokens_per_s"], 1e-9)  # seconds per token of plain decoding
     round_s = r["tau"] / max(r["speculative"]["tokens_per_s"], 1e-9)  # seconds per speculative round
     split = r["speculative"]["time_split"]
