@@ -71,16 +71,26 @@ def test_draft_cost_widens_the_verified_prefix_and_zero_survival_is_never_verifi
     assert choose_lengths(a, free).tolist() == [2]  # survival 0: never admitted, even when free
 
 
-def test_gate_decodes_plainly_when_drafting_cannot_pay_and_probes_with_backoff():
+def test_gate_decodes_plainly_when_drafting_cannot_pay_and_probes_within_its_budget():
     cost = VerifyCostModel([1, 8], [1, 2, 3], [[1.0, 1.1, 1.2], [8.0, 16.0, 24.0]], {})
-    gate = DraftGate(max_interval=4)
+    gate = DraftGate(budget=0.1)
     high = torch.ones(1, 2, dtype=torch.float64)
     assert gate.should_draft(high, cost)  # nothing measured yet: draft to learn the draft's cost
     gate.observe_draft(1, 0.1)
-    assert gate.should_draft(high, cost)  # 3 tokens / 1.3 s beats 1 / 1 s
+    assert gate.should_draft(high, cost) and not gate.probing  # 3 tokens / 1.3 s beats 1 / 1 s
     low = torch.full((1, 2), 0.01, dtype=torch.float64)
-    decisions = [gate.should_draft(low, cost) for _ in range(12)]
-    assert decisions[:2] == [False, True] and 3 <= decisions.count(True) <= 4  # probes after 1, 2, 4, 4 plain steps
+    rounds, probe_seconds, plain_seconds = 0, 0.0, 0.0
+    for _ in range(200):  # plain wins; each probe takes 2.3 s for 1 token where a plain step takes 1 s
+        if gate.should_draft(low, cost):
+            assert gate.probing
+            gate.observe_round(1, True, 3, 1, 2.3, cost)
+            probe_seconds += 2.3 - 1.0
+        else:
+            gate.observe_round(1, False, 1, 1, 1.0, cost)
+            plain_seconds += 1.0
+        rounds += 1
+    assert 10 <= probe_seconds / 1.3 <= 20  # probes happen, about one per 1.3 / 0.1 = 13 plain steps
+    assert probe_seconds <= 0.1 * plain_seconds + 1.3  # and cost no more than the budget (plus the first)
     gate.observe_draft(8, 0.1)
     compute_bound = torch.ones(8, 2, dtype=torch.float64)  # at 8 rows verifying costs W x a step: no width pays
     assert not any(gate.should_draft(compute_bound, cost) for _ in range(20))
@@ -89,18 +99,22 @@ def test_gate_decodes_plainly_when_drafting_cannot_pay_and_probes_with_backoff()
 def test_gate_scales_each_arm_by_its_measured_round_time():
     """The profile says a drafted round pays; measured rounds say the loop loses -> the gate stops drafting."""
     cost = VerifyCostModel([1], [1, 2, 3], [[1.0, 1.1, 1.2]], {})
-    gate = DraftGate(max_interval=64)
+    gate = DraftGate(budget=0.02)
     good = torch.full((1, 2), 0.6, dtype=torch.float64)
     gate.observe_draft(1, 0.3)
     assert gate.should_draft(good, cost)  # predicted 2.2 / 1.5 = 1.47 tokens/s > 1
     for _ in range(20):  # drafted rounds really take 2x their prediction; plain rounds as predicted
-        gate.observe_round(1, True, 3, 2 * (1.2 + 0.3), cost)
-        gate.observe_round(1, False, 1, 1.0, cost)
+        gate.observe_round(1, True, 3, 2, 2 * (1.2 + 0.3), cost)
+        gate.observe_round(1, False, 1, 1, 1.0, cost)
     assert gate.slowdown[True] == pytest.approx(2.0, rel=1e-3) and gate.slowdown[False] == pytest.approx(1.0)
-    decisions = [gate.should_draft(good, cost) for _ in range(12)]
-    assert decisions.count(True) <= 4  # probes only
+    decisions = []
+    for _ in range(12):
+        decisions.append(gate.should_draft(good, cost))
+        gate.observe_round(1, decisions[-1], 3 if decisions[-1] else 1, 2 if decisions[-1] else 1,
+                           3.0 if decisions[-1] else 1.0, cost)
+    assert decisions.count(True) == 1  # one probe (it costs 1 s more than plain: repaid over 50 plain seconds)
     for _ in range(20):  # and when plain rounds are the slow ones (say, a plain step's bookkeeping), drafting wins again
-        gate.observe_round(1, False, 1, 3.0, cost)
+        gate.observe_round(1, False, 1, 1, 3.0, cost)
     assert all(gate.should_draft(good, cost) for _ in range(5))
 
 

@@ -27,8 +27,9 @@ class ScheduleConfig:
     """STS temperatures per slot; None = the drafter's saved ones (``confidence_temperatures.json``)."""
     online_ema: float = 0.3
     """online: weight of the newest observation."""
-    max_probe_interval_rounds: int = 64
-    """scheduled_with_draft_cost: longest run of plain steps between two probing drafts."""
+    probe_budget: float = 0.02
+    """scheduled_with_draft_cost: while plain decoding wins, the fraction of wall time the engine may
+    lose to probing drafts (which tell it when drafting pays again)."""
 
     def problems(self, prefix: str = "") -> list[str]:
         out = []
@@ -42,8 +43,8 @@ class ScheduleConfig:
             out.append(f"{prefix}threshold={self.threshold} must be in [0, 1]")
         if not 0.0 < self.online_ema <= 1.0:
             out.append(f"{prefix}online_ema={self.online_ema} must be in (0, 1]")
-        if self.max_probe_interval_rounds < 1:
-            out.append(f"{prefix}max_probe_interval_rounds={self.max_probe_interval_rounds} must be >= 1")
+        if not 0.0 <= self.probe_budget < 1.0:
+            out.append(f"{prefix}probe_budget={self.probe_budget} must be in [0, 1)")
         if self.temperatures is not None and any(t <= 0 for t in self.temperatures):
             out.append(f"{prefix}temperatures={self.temperatures} must all be > 0")
         return out

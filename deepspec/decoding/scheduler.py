@@ -197,49 +197,59 @@ class DraftGate:
     come from measurements, not from the confidences: the rows' *observed* acceptance per slot (an
     EMA of verification outcomes, so a miscalibrated confidence cannot talk the engine into
     losing), the measured draft time and the profiled verify cost, each arm scaled by the ratio of
-    its measured round time to its predicted one (the loop's own overhead, and any error of the
-    profile, are paid per round and differ between the arms). While drafting loses it re-probes
-    after 1, 2, 4, ... plain steps, capped at ``max_interval``; the backoff carries over from one
-    generation to the next, since whether drafting pays is mostly a property of the target, the
-    drafter, the machine and the load. It never drafts when even an always-accepted draft could not
-    beat a plain step.
+    its measured round time to its predicted one (the loop's own overhead, the sampling and any
+    error of the profile are paid per round and differ between the arms).
+
+    While plain decoding wins, the gate still probes with a drafted round now and then (text gets
+    easier), on a budget: a losing probe's extra seconds (its round time minus what a plain step
+    would have taken for the tokens it produced) are a debt, each plain round repays ``budget`` of
+    its own time, and the next probe waits until the debt is paid. So probing costs at most
+    ``budget`` of the wall time, whatever the load, and the state carries over from one generation
+    to the next (whether drafting pays is mostly a property of the target, the drafter, the machine
+    and the load). It never drafts when even an always-accepted draft could not beat a plain step.
     """
 
-    def __init__(self, max_interval: int, ema: float = 0.3):
-        self.max_interval, self.ema = max_interval, ema
+    def __init__(self, budget: float, ema: float = 0.3):
+        self.budget, self.ema = budget, ema
         self.draft_seconds: dict[int, float] = {}  # measured draft time by number of rows (EMA)
         self.slowdown = {True: 1.0, False: 1.0}  # measured / predicted round seconds, drafted and plain rounds (EMA)
-        self.interval, self.skipped = 1, 0
+        self.debt, self.probing = 0.0, False
 
     def draft_cost(self, R: int) -> float:
         if not self.draft_seconds:
             return 0.0
         return self.draft_seconds[min(self.draft_seconds, key=lambda r: abs(r - R))]
 
+    def plain_seconds(self, R: int, cost: VerifyCostModel) -> float:
+        """Predicted seconds of a plain step of R rows."""
+        return cost(R, 1) * self.slowdown[False]
+
     def should_draft(self, observed_survival: torch.Tensor, cost: VerifyCostModel) -> bool:
         R, g = observed_survival.shape
         verify = lambda W: cost(R, W)  # noqa: E731
-        plain, draft = R / (verify(1) * self.slowdown[False]), self.draft_cost(R)
+        plain, draft = R / self.plain_seconds(R, cost), self.draft_cost(R)
         rate = lambda survival: best_rate(survival, verify, draft) / self.slowdown[True]  # noqa: E731
+        self.probing = False
         if rate(torch.ones(R, g, dtype=torch.float64)) <= plain:
             return False  # drafting cannot pay even if every draft were accepted
         if not self.draft_seconds or rate(observed_survival) > plain:
-            self.interval = 1
             return True
-        if self.skipped >= self.interval:  # probe: drafting may pay again (an easier stretch of text)
-            self.skipped, self.interval = 0, min(2 * self.interval, self.max_interval)
-            return True
-        self.skipped += 1
-        return False
+        self.probing = self.debt <= 0.0  # plain wins: probe once the last probes are paid for
+        return self.probing
 
     def observe_draft(self, R: int, seconds: float) -> None:
         old = self.draft_seconds.get(R)
         self.draft_seconds[R] = seconds if old is None else self.ema * seconds + (1 - self.ema) * old
 
-    def observe_round(self, R: int, drafted: bool, width: int, seconds: float, cost: VerifyCostModel) -> None:
-        """A whole round's wall time (draft, verify, acceptance, bookkeeping) against its prediction."""
+    def observe_round(self, R: int, drafted: bool, width: int, tokens: int, seconds: float, cost: VerifyCostModel) -> None:
+        """A whole round's wall time (draft, verify, acceptance, bookkeeping) and the tokens it produced."""
+        plain_per_token = self.plain_seconds(R, cost) / R  # before this round updates the estimate
         predicted = cost(R, width) + (self.draft_cost(R) if drafted else 0.0)
         self.slowdown[drafted] = self.ema * seconds / predicted + (1 - self.ema) * self.slowdown[drafted]
+        if drafted and self.probing:
+            self.debt += max(seconds - tokens * plain_per_token, 0.0)
+        elif not drafted:
+            self.debt = max(self.debt - self.budget * seconds, 0.0)
 
 
 class VerifyScheduler:
@@ -254,7 +264,7 @@ class VerifyScheduler:
             raise ValueError("; ".join(problems))
         self.cfg, self.g, self.cost = cfg, block_size, cost
         self.temperatures = cfg.temperatures if cfg.temperatures is not None else temperatures
-        self.gate = DraftGate(cfg.max_probe_interval_rounds) if cfg.policy == "scheduled_with_draft_cost" else None
+        self.gate = DraftGate(cfg.probe_budget) if cfg.policy == "scheduled_with_draft_cost" else None
         self.prior = torch.full((block_size,), 0.5, dtype=torch.float64)  # conditional acceptance per slot, all rows so far
         self.start(1)
 
@@ -294,7 +304,8 @@ class VerifyScheduler:
         gate and by ``confidence=online``) learns from what was verified."""
         drafted = verified is not None
         if self.gate is not None:
-            self.gate.observe_round(len(rows), drafted, 1 + int(verified.max()) if drafted else 1, seconds, self.cost)
+            width, tokens = (1 + int(verified.max()), len(rows) + int(accepted.sum())) if drafted else (1, len(rows))
+            self.gate.observe_round(len(rows), drafted, width, tokens, seconds, self.cost)
         if not drafted or (self.gate is None and self.cfg.confidence != "online"):
             return
         r, L, m = rows.cpu(), verified.cpu(), accepted.cpu()
