@@ -4,7 +4,10 @@
     python scripts/bench_serving.py [--drafter-path runs/x/export] [--threads 2] [--out runs/bench/serving.json]
 
 Real generations through the batched loop (not a replay), the same prompts for every policy, in
-one process, policies interleaved and each run ``--repeats`` times (the fastest counts):
+one process, policies interleaved and each run ``--repeats`` times (the fastest counts). On a
+noisy machine that is not enough to see a few percent, so plain and scheduled_with_draft_cost are
+then run ``--paired-repeats`` more times alternately, and the median of their paired ratios is
+reported (``vs_plain_paired_median``, with min and max):
 
     plain                      autoregressive decoding of the R requests as one batch
     fixed_g<L>                 draft every round, verify the first L drafts of every row (L = 1..g)
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -43,6 +47,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--paired-repeats", type=int, default=7,
+                    help="extra alternating runs of plain and scheduled_with_draft_cost per load: their ratio's median")
     ap.add_argument("--calibration-prompts", type=int, default=12, help="STS fit when the export has no temperatures")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work-dir", default="runs/bench/targets")
@@ -69,16 +75,20 @@ def main() -> None:
     for R in args.loads:
         ps = prompts(tok, R, offset=0)
         best: dict[str, dict] = {}
+
+        def run(name: str, seed: int):
+            gen = torch.Generator().manual_seed(seed)
+            t = time.perf_counter()
+            if name == "plain":
+                res = autoregressive_generate_batch(target, ps, args.max_new_tokens, sampling, None, gen)
+            else:
+                res = speculative_generate_batch(target, make_session(drafter, R), ps, args.max_new_tokens, sampling, None,
+                                                 gen, schedulers[name])
+            return res, time.perf_counter() - t
+
         for rep in range(args.repeats):
             for name in policies:
-                gen = torch.Generator().manual_seed(rep)
-                t = time.perf_counter()
-                if name == "plain":
-                    res = autoregressive_generate_batch(target, ps, args.max_new_tokens, sampling, None, gen)
-                else:
-                    res = speculative_generate_batch(target, make_session(drafter, R), ps, args.max_new_tokens, sampling, None,
-                                                     gen, schedulers[name])
-                sec = time.perf_counter() - t
+                res, sec = run(name, rep)
                 tokens = sum(len(r.tokens) for r in res)
                 rounds = sum(len(r.emitted_per_round) for r in res) / R
                 entry = {"throughput_tokens_per_s": tokens / sec, "seconds": sec, "tokens": tokens,
@@ -89,6 +99,12 @@ def main() -> None:
                                            max(sum(len(r.verified_per_round) for r in res), 1)) if name != "plain" else 0.0}
                 if name not in best or entry["seconds"] < best[name]["seconds"]:
                     best[name] = entry
+        ratios = []  # paired: plain then scheduled_with_draft_cost on the same seed, alternating order
+        for rep in range(args.paired_repeats):
+            order = ["plain", "scheduled_with_draft_cost"][:: 1 if rep % 2 == 0 else -1]
+            out = {name: run(name, args.repeats + rep) for name in order}
+            tok = {name: sum(len(r.tokens) for r in res) / sec for name, (res, sec) in out.items()}
+            ratios.append(tok["scheduled_with_draft_cost"] / tok["plain"])
         fixed = {k: v for k, v in best.items() if k.startswith("fixed_g")}
         top = max(fixed, key=lambda k: fixed[k]["throughput_tokens_per_s"])
         row = {"concurrent_requests": R, **best, "fixed_g7": best.get("fixed_g7", best[f"fixed_g{g}"]),
@@ -96,13 +112,18 @@ def main() -> None:
         for k in ("scheduled", "scheduled_with_draft_cost"):
             row[k]["vs_best_fixed"] = row[k]["throughput_tokens_per_s"] / row["best_fixed"]["throughput_tokens_per_s"]
             row[k]["vs_plain"] = row[k]["throughput_tokens_per_s"] / row["plain"]["throughput_tokens_per_s"]
+        if ratios:
+            row["scheduled_with_draft_cost"].update(vs_plain_paired_median=statistics.median(ratios),
+                                                    vs_plain_paired_min=min(ratios), vs_plain_paired_max=max(ratios))
         loads.append(row)
         print(f"R={R:3d}  tokens/s  plain {best['plain']['throughput_tokens_per_s']:8.1f}  fixed_g{g} "
               f"{row['fixed_g7']['throughput_tokens_per_s']:8.1f}  best_fixed({top}) {fixed[top]['throughput_tokens_per_s']:8.1f}  "
               f"scheduled {row['scheduled']['throughput_tokens_per_s']:8.1f}  +draft_cost "
               f"{row['scheduled_with_draft_cost']['throughput_tokens_per_s']:8.1f}  "
               f"(vs best_fixed {row['scheduled_with_draft_cost']['vs_best_fixed']:.2f}, vs plain "
-              f"{row['scheduled_with_draft_cost']['vs_plain']:.2f}, drafted {row['scheduled_with_draft_cost']['drafted_round_fraction']:.2f})",
+              f"{row['scheduled_with_draft_cost']['vs_plain']:.2f}, paired median "
+              f"{row['scheduled_with_draft_cost'].get('vs_plain_paired_median', float('nan')):.2f}, "
+              f"drafted {row['scheduled_with_draft_cost']['drafted_round_fraction']:.2f})",
               flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -108,9 +108,15 @@ class VerifyCostModel:
                 if j + 1 < len(t[i]):
                     t[i][j] = min(t[i][j], t[i][j + 1])
         self.seconds = t
+        self._memo: dict[tuple[int, int], float] = {}  # the engine asks for the same few (R, W) every round
 
     def __call__(self, R: int, W: int) -> float:
         """Interpolated linearly in R (extrapolated beyond the largest profiled R); W clamped to the profile."""
+        if (R, W) not in self._memo:
+            self._memo[R, W] = self._interpolate(R, W)
+        return self._memo[R, W]
+
+    def _interpolate(self, R: int, W: int) -> float:
         j = min(max(W, self.widths[0]), self.widths[-1]) - self.widths[0]
         col = [s[j] for s in self.seconds]
         if R <= self.rows[0]:
@@ -183,11 +189,15 @@ def cost_key(target, context: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- the runtime scheduler
-def best_rate(survival: torch.Tensor, verify_seconds: Callable[[int], float], draft_seconds: float) -> float:
-    """Expected tokens per second of the best verification width: max_W (R + sum_{j<W} a_{.,j}) / (t_draft + t_verify(W))."""
-    R, g = survival.shape
-    gains = torch.cat([torch.zeros(1, dtype=torch.float64), survival.sum(0).cumsum(0)])  # expected drafts accepted by width
-    return max((R + float(gains[W - 1])) / (draft_seconds + verify_seconds(W)) for W in range(1, g + 2))
+def best_rate(R: int, column_gains: list[float], verify_seconds: Callable[[int], float], draft_seconds: float) -> float:
+    """Expected tokens per second of the best verification width for R rows:
+    max_W (R + sum_{j<W} gain_j) / (t_draft + t_verify(W)), gain_j = sum_r a_{r,j} (expected drafts accepted in column j).
+    Plain Python: it runs every round, on g + 1 numbers."""
+    tokens, best = float(R), R / (draft_seconds + verify_seconds(1))
+    for W, gain in enumerate(column_gains, start=2):
+        tokens += gain
+        best = max(best, tokens / (draft_seconds + verify_seconds(W)))
+    return best
 
 
 class DraftGate:
@@ -228,11 +238,11 @@ class DraftGate:
         R, g = observed_survival.shape
         verify = lambda W: cost(R, W)  # noqa: E731
         plain, draft = R / self.plain_seconds(R, cost), self.draft_cost(R)
-        rate = lambda survival: best_rate(survival, verify, draft) / self.slowdown[True]  # noqa: E731
+        rate = lambda gains: best_rate(R, gains, verify, draft) / self.slowdown[True]  # noqa: E731
         self.probing = False
-        if rate(torch.ones(R, g, dtype=torch.float64)) <= plain:
+        if rate([float(R)] * g) <= plain:
             return False  # drafting cannot pay even if every draft were accepted
-        if not self.draft_seconds or rate(observed_survival) > plain:
+        if not self.draft_seconds or rate(observed_survival.sum(0).tolist()) > plain:
             return True
         self.probing = self.debt <= 0.0  # plain wins: probe once the last probes are paid for
         return self.probing
