@@ -103,8 +103,8 @@ def main() -> None:
         for rep in range(args.paired_repeats):
             order = ["plain", "scheduled_with_draft_cost"][:: 1 if rep % 2 == 0 else -1]
             out = {name: run(name, args.repeats + rep) for name in order}
-            tok = {name: sum(len(r.tokens) for r in res) / sec for name, (res, sec) in out.items()}
-            ratios.append(tok["scheduled_with_draft_cost"] / tok["plain"])
+            rate = {name: sum(len(r.tokens) for r in res) / sec for name, (res, sec) in out.items()}
+            ratios.append(rate["scheduled_with_draft_cost"] / rate["plain"])
         fixed = {k: v for k, v in best.items() if k.startswith("fixed_g")}
         top = max(fixed, key=lambda k: fixed[k]["throughput_tokens_per_s"])
         row = {"concurrent_requests": R, **best, "fixed_g7": best.get("fixed_g7", best[f"fixed_g{g}"]),
