@@ -57,7 +57,7 @@ MUTATIONS = [
      "        if (tau + a) * sps(B + 1) < tau * sps(B):", SCHED),
     # the draft-cost gate and the verify-cost profile
     ("gate ignores the drafted rounds' measured slowdown", "deepspec/decoding/scheduler.py",
-     "best_rate(survival, verify, draft) / self.slowdown[True]", "best_rate(survival, verify, draft)", SCHED),
+     "best_rate(R, gains, verify, draft) / self.slowdown[True]", "best_rate(R, gains, verify, draft)", SCHED),
     ("probes ignore their budget", "deepspec/decoding/scheduler.py", "self.probing = self.debt <= 0.0", "self.probing = True", SCHED),
     ("cost profile not monotone in rows", "deepspec/decoding/scheduler.py", "t[i][j] = min(t[i][j], t[i + 1][j])", "t[i][j] = t[i][j]", SCHED),
     ("a new generation forgets the acceptance seen so far", "deepspec/decoding/scheduler.py",
