@@ -1,12 +1,20 @@
 """Checkpoints: DeepSpeed's (weights, optimizer, scheduler) plus each rank's data position and RNG
 states, published with a ``complete`` marker once every rank has written its part.
 
-Layout: ``<run_dir>/checkpoints/step_00000100/{DeepSpeed files, trainer_state_rank{r}.pt, complete}``.
-``resume=auto`` takes the newest complete checkpoint (a save cut short by a kill has no marker and
-is ignored); ``resume=never`` starts fresh; any other value is a checkpoint directory.
+Layout: ``<run_dir>/checkpoints/step_00000100/{DeepSpeed files, trainer_state_rank{r}.json and
+.safetensors, complete}``. ``resume=auto`` takes the newest complete checkpoint (a save cut short by a
+kill has no marker and is ignored); ``resume=never`` starts fresh; any other value is a checkpoint
+directory.
+
+A checkpoint may come from elsewhere (``resume=<path>``), and a pickle can run code when loaded.
+So the trainer's own state is JSON (step, data position, Python/NumPy RNG) plus safetensors (torch
+RNG states), and before DeepSpeed unpickles its files each ``.pt`` is read once with
+``weights_only=True``: tensors, plain containers and the three DeepSpeed classes its ZeRO 0-3
+checkpoints hold (``DEEPSPEED_SAFE_GLOBALS``); any other object refuses the whole checkpoint.
 """
 from __future__ import annotations
 
+import json
 import logging
 import random
 import shutil
@@ -14,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from deepspec import distributed
 
@@ -21,17 +30,63 @@ log = logging.getLogger(__name__)
 MARKER = "complete"
 
 
-def rng_states() -> dict:
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "python": random.getstate(), "numpy": np.random.get_state()}
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds objects that loading would have to execute code to build."""
 
 
-def set_rng_states(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+def deepspeed_safe_globals() -> list:
+    """The non-tensor classes DeepSpeed writes into ZeRO 0-3 checkpoints (optimizer states; checked on CPU, fp32)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def check_no_code(path: Path) -> None:
+    """Read every ``.pt`` under ``path`` with the weights-only unpickler (nothing executed); raise
+    UnsafeCheckpointError naming the file and what it holds if one needs more than data."""
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        for f in sorted(path.glob("*.pt")):
+            try:
+                torch.load(f, weights_only=True, map_location="cpu", mmap=True)
+            except Exception as e:  # noqa: BLE001 -- the unpickler's refusal, or a corrupt file: both refuse
+                first = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "global" in line),
+                             str(e).splitlines()[0] if str(e) else type(e).__name__)
+                raise UnsafeCheckpointError(f"{f}: refused, loading it would need more than tensors and plain data "
+                                            f"({first[:300]})") from None
+
+
+def save_trainer_state(path: Path, rank: int, state: dict) -> None:
+    """``state`` (JSON-able) and this rank's RNG states -> trainer_state_rank{r}.json + .safetensors."""
+    py_version, py_internal, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    rng = {"python": [py_version, list(py_internal), py_gauss],
+           "numpy": [np_name, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)]}
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(tensors, str(path / f"trainer_state_rank{rank}.safetensors"))
+    (path / f"trainer_state_rank{rank}.json").write_text(json.dumps({**state, "rng": rng}))
+
+
+def load_trainer_state(path: Path, rank: int) -> dict:
+    """Restore this rank's RNG states from ``path``; -> the rest of its trainer state."""
+    meta = path / f"trainer_state_rank{rank}.json"
+    if not meta.exists():
+        raise FileNotFoundError(f"{meta} missing: was the checkpoint written by a run with another number of ranks "
+                                "(or by an older deepspec, whose pickled trainer state is no longer loaded)?")
+    state = json.loads(meta.read_text())
+    rng, tensors = state.pop("rng"), load_file(str(path / f"trainer_state_rank{rank}.safetensors"))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    return state
 
 
 class CheckpointManager:
@@ -69,7 +124,7 @@ class CheckpointManager:
             (path / MARKER).unlink()  # re-saving a step (after resume=never): not complete until done again
         distributed.barrier()
         engine.save_checkpoint(str(self.dir), tag=tag, client_state={"step": step})
-        torch.save({**trainer_state, "rng": rng_states()}, path / f"trainer_state_rank{self.rank}.pt")
+        save_trainer_state(path, self.rank, trainer_state)
         distributed.barrier()
         if self.rank == 0:
             (path / MARKER).write_text(str(step))
@@ -79,13 +134,10 @@ class CheckpointManager:
         return path
 
     def load(self, engine, path: Path) -> dict:
-        """Restore engine state from ``path``; returns this rank's trainer state (RNG already restored)."""
+        """Restore engine state from ``path``; returns this rank's trainer state (RNG already restored).
+        Refuses (UnsafeCheckpointError) a checkpoint whose files would run code when unpickled."""
+        check_no_code(path)
         load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
-        state_file = path / f"trainer_state_rank{self.rank}.pt"
-        if not state_file.exists():
-            raise FileNotFoundError(f"{state_file} missing: was the checkpoint written by a run with another number of ranks?")
-        state = torch.load(state_file, weights_only=False)
-        set_rng_states(state.pop("rng"))
-        return state
+        return load_trainer_state(path, self.rank)

@@ -77,7 +77,22 @@ def load_manifest(cache_dir: str | Path) -> dict:
     manifest = json.loads(path.read_text())
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CacheMismatchError(f"{path}: format_version {manifest.get('format_version')} is not {FORMAT_VERSION}")
+    for shard in manifest.get("shards", []):
+        check_inside(Path(cache_dir), shard.get("file"), f"{path}: shard {shard.get('index')}")
     return manifest
+
+
+def check_inside(cache_dir: Path, file, where: str) -> Path:
+    """A manifest's shard entry must name a file directly in the cache folder: not absolute, no
+    directories or '..', and not a symlink that leads out of it (a manifest may come from elsewhere,
+    and readers open what it lists). -> the path; ValueError naming the entry otherwise."""
+    if not isinstance(file, str) or not file or Path(file).name != file or file in (".", ".."):
+        raise ValueError(f"{where}: file {file!r} is not a plain file name inside the cache (refused)")
+    path = cache_dir / file
+    root = cache_dir.resolve()
+    if path.is_symlink() and root not in path.resolve().parents:
+        raise ValueError(f"{where}: {file} is a symlink to {path.resolve()}, outside the cache {root} (refused)")
+    return path
 
 
 def check_target(manifest: dict, identity: TargetIdentity, layer_ids: list[int] | None, cache_dir) -> None:
