@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from deepspec.config.data import TargetConfig
 from deepspec.precision import resolve_dtype
 
+log = logging.getLogger(__name__)
 TOY_TARGET_DIR = Path(__file__).resolve().parent / "assets" / "toy_target"
 # Fields of config.json that do not change what the model computes.
 _VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures", "use_cache")
@@ -87,8 +89,19 @@ class TargetIdentity:
                 for k in keys if getattr(self, k) != getattr(other, k)]
 
 
+_REMOTE_CODE_WARNED: set[str] = set()
+
+
+def trust_remote_code(cfg: TargetConfig) -> bool:
+    """``target.trust_remote_code`` (off by default), logged once per target when on."""
+    if cfg.trust_remote_code and cfg.name_or_path not in _REMOTE_CODE_WARNED:
+        _REMOTE_CODE_WARNED.add(cfg.name_or_path)
+        log.warning("target.trust_remote_code=true: transformers will run the Python code shipped with %s", cfg.name_or_path)
+    return cfg.trust_remote_code
+
+
 def load_tokenizer(cfg: TargetConfig) -> PreTrainedTokenizerBase:
-    tok = AutoTokenizer.from_pretrained(resolve_target_path(cfg.name_or_path), trust_remote_code=cfg.trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(resolve_target_path(cfg.name_or_path), trust_remote_code=trust_remote_code(cfg))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -97,7 +110,7 @@ def load_tokenizer(cfg: TargetConfig) -> PreTrainedTokenizerBase:
 def target_identity(cfg: TargetConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> TargetIdentity:
     """Identity of the configured target from its config and tokenizer only (no weights loaded)."""
     path = resolve_target_path(cfg.name_or_path)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code(cfg))
     text = getattr(config, "text_config", None) or config
     tokenizer = tokenizer or load_tokenizer(cfg)
     return TargetIdentity(cfg.name_or_path, config_sha256(config), tokenizer_sha256(tokenizer), weights_fingerprint(path),
@@ -141,7 +154,7 @@ class TargetModel(nn.Module):
         path = resolve_target_path(cfg.name_or_path)
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=resolve_dtype(cfg.dtype, resolve_device(cfg.device)), attn_implementation=cfg.attn_implementation,
-            trust_remote_code=cfg.trust_remote_code,
+            trust_remote_code=trust_remote_code(cfg),
         )
         return cls(model, cfg.layer_ids).to(resolve_device(cfg.device))
 
@@ -231,7 +244,7 @@ def load_frozen_embeddings(cfg: TargetConfig, device: str | torch.device = "cpu"
         from huggingface_hub import snapshot_download
 
         path = Path(snapshot_download(cfg.name_or_path, allow_patterns=["*.json", "*.safetensors"]))
-    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code(cfg))
     text = getattr(config, "text_config", None) or config
     index = path / "model.safetensors.index.json"
     files = ({name: path / f for name, f in json.loads(index.read_text())["weight_map"].items()} if index.exists()

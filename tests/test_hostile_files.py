@@ -95,3 +95,17 @@ def test_a_symlinked_shard_leading_out_of_the_cache_is_refused(tmp_path):
     (cache / "shard-000000.parquet").unlink()
     (cache / "shard-000000.parquet").symlink_to(cache / "shard-000001.parquet")  # a link inside the cache is fine
     assert len(load_manifest(cache)["shards"]) == 2
+
+
+def test_remote_code_is_off_by_default_and_logged_when_on(tiny_target, caplog):
+    import logging
+
+    from deepspec.config.data import TargetConfig
+    from deepspec.target import load_tokenizer
+
+    assert TargetConfig().trust_remote_code is False
+    with caplog.at_level(logging.WARNING, logger="deepspec.target"):
+        load_tokenizer(TargetConfig(name_or_path=str(tiny_target)))
+        assert not caplog.records
+        load_tokenizer(TargetConfig(name_or_path=str(tiny_target), trust_remote_code=True))
+    assert "trust_remote_code=true: transformers will run the Python code shipped with" in caplog.records[0].getMessage()
