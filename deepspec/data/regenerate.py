@@ -167,7 +167,7 @@ def _read_done(path: Path) -> dict[str, list[dict]]:
             data = data[: data.rfind(b"\n") + 1]
             with open(path, "r+b") as f:
                 f.truncate(len(data))
-        for line in data.decode("utf-8").splitlines():
+        for line in data.decode("utf-8").split("\n"):  # not splitlines(): U+2028 may sit inside a JSON string
             try:
                 row = json.loads(line)
                 done.setdefault(row["id"], row["messages"])

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
+from deepspec.config.data import InputConfig
 from deepspec.config.eval import EvalDatasetConfig, EvalStageConfig
+from deepspec.data.sources import iter_raw_rows
 from deepspec.decoding.scheduler import VerifyCostModel, VerifyScheduler
 from deepspec.decoding.speculative import autoregressive_generate, speculative_generate
 from deepspec.decoding.verify import SamplingConfig
@@ -32,10 +34,21 @@ log = logging.getLogger(__name__)
 
 
 def load_prompts(ds: EvalDatasetConfig, seed: int) -> list[list[str]]:
-    rows = [json.loads(line) for line in Path(ds.path).read_text().splitlines() if line.strip()]
-    bad = [i + 1 for i, r in enumerate(rows) if not (isinstance(r.get("turns"), list) and r["turns"])]
+    """The dataset's rows ({"turns": [str, ...]}) -> their turns, read by the data stage's row reader
+    (JSONL split at newlines only, never at U+2028/U+2029 inside a string; or Parquet). A bad row is
+    named by file and line."""
+    rows, bad = [], []
+    for raw in iter_raw_rows(InputConfig(paths=[ds.path])):
+        try:
+            row = json.loads(raw.payload) if isinstance(raw.payload, str) else raw.payload
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{raw.file}:{raw.line}: not a JSON object ({e.msg} at column {e.colno})") from None
+        turns = row.get("turns") if isinstance(row, dict) else None
+        if not (isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)):
+            bad.append(raw.line)
+        rows.append(row)
     if bad:
-        raise ValueError(f"{ds.path}: rows {bad[:10]} have no non-empty 'turns' list")
+        raise ValueError(f"{ds.path}: lines {bad[:10]} have no non-empty 'turns' list of strings")
     if ds.shuffle:
         random.Random(seed).shuffle(rows)
     return [r["turns"] for r in rows[: ds.max_prompts]]
