@@ -133,7 +133,7 @@ def parse_row(raw: RawRow) -> Sample | MalformedRow:
                 return bad(f"turn {i} is not an object")
             role = turn.get("role", turn.get("from"))
             content = turn.get("content", turn.get("value"))
-            if role not in ROLE_ALIASES:
+            if not isinstance(role, str) or role not in ROLE_ALIASES:  # a list/dict role is unhashable
                 return bad(f"turn {i} has unknown role {role!r}")
             if not isinstance(content, str):
                 return bad(f"turn {i} has no string 'content'")
