@@ -24,6 +24,10 @@ class CacheMismatchError(ValueError):
     """A cache that does not belong to the configured target (or to the settings of a resumed build)."""
 
 
+class CacheCorruptError(ValueError):
+    """A shard's bytes are not what the manifest recorded (flipped, truncated, replaced or missing)."""
+
+
 def stats_name(index: int) -> str:
     return f"shard-{index:06d}.stats.json"
 

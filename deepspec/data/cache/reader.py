@@ -26,8 +26,8 @@ from typing import Iterator
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from deepspec.data.cache.manifest import check_target, load_manifest
-from deepspec.data.cache.shards import parquet_row_groups, read_parquet_shard, read_webdataset_shard
+from deepspec.data.cache.manifest import CacheCorruptError, check_target, load_manifest
+from deepspec.data.cache.shards import parquet_row_groups, read_parquet_shard, read_webdataset_shard, sha256_file
 from deepspec.data.cache.verify import codec_for
 from deepspec.target import TargetIdentity
 
@@ -56,14 +56,39 @@ class TargetCacheDataset(IterableDataset):
             rank, world_size = rank_and_world()
         self.rank, self.world_size = rank, world_size
         fmt = self.manifest["format"]
+        self.shards = {s["file"]: s for s in self.manifest["shards"]}
+        self.verified: set[str] = set()  # shards whose checksum this process has checked
         self.units: list[tuple[str, int | None]] = []
         for shard in self.manifest["shards"]:
             if shard["samples"] == 0:
                 continue
             if fmt == "parquet":
-                self.units += [(shard["file"], g) for g in range(parquet_row_groups(self.cache_dir / shard["file"]))]
+                try:
+                    groups = parquet_row_groups(self.cache_dir / shard["file"])
+                except Exception as e:  # noqa: BLE001 -- truncated/garbled footer, missing file: all corruption
+                    raise self.corrupt(shard["file"], f"unreadable ({type(e).__name__}: {str(e)[:120]})") from None
+                self.units += [(shard["file"], g) for g in range(groups)]
             else:
                 self.units.append((shard["file"], None))
+
+    def corrupt(self, file: str, what: str) -> CacheCorruptError:
+        return CacheCorruptError(
+            f"{self.cache_dir / file}: {what}; the cache is corrupt. `deepspec-data verify out_dir={self.cache_dir}` lists "
+            f"every bad shard; delete them and rerun the build: it rebuilds only the missing shards.")
+
+    def check_shard(self, file: str) -> None:
+        """Before this process first reads a shard: its size and sha256 equal the manifest's (a flipped
+        byte would otherwise become silently wrong training data)."""
+        if file in self.verified:
+            return
+        path, shard = self.cache_dir / file, self.shards[file]
+        if not path.exists():
+            raise self.corrupt(file, "missing")
+        if path.stat().st_size != shard["bytes"]:
+            raise self.corrupt(file, f"{path.stat().st_size} bytes, the manifest says {shard['bytes']}")
+        if sha256_file(path) != shard["sha256"]:
+            raise self.corrupt(file, "sha256 differs from the manifest's")
+        self.verified.add(file)
 
     def set_epoch(self, epoch: int, skip_batches: int = 0, batch_size: int = 1) -> None:
         """Next iteration is epoch ``epoch``, resuming after this rank consumed ``skip_batches`` batches.
@@ -93,6 +118,7 @@ class TargetCacheDataset(IterableDataset):
 
     def _records(self) -> Iterator:
         for file, group in self._my_units():
+            self.check_shard(file)
             path = self.cache_dir / file
             records = read_webdataset_shard(path) if group is None else read_parquet_shard(path, [group])
             yield from (r for r in records if self.in_split(r.sample_id))
