@@ -19,12 +19,19 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from deepspec.config.train import LossConfig
+from deepspec.target import apply_softcap, final_logit_softcap
+
+
+def target_logits(drafter, target_h: torch.Tensor) -> torch.Tensor:
+    """The target's own logits (fp32) from its cached final hidden states, through the drafter's frozen copy
+    of its LM head and the target's final-logit soft-capping (Gemma-2/3), exactly as the target computes them."""
+    return apply_softcap(drafter.lm_head(target_h).float(), final_logit_softcap(drafter.target_config))
 
 
 def _chunk_terms(drafter, h, prev, labels, target_h):
     """One chunk: h (n, g, d), prev/labels (n, g), target_h (n, g, d) -> per-slot ce, l1, bce, conf_prob (n, g)."""
     logp_d = torch.log_softmax(drafter.logits(h, prev).float(), dim=-1)  # (n, g, V)
-    p_t = torch.softmax(drafter.lm_head(target_h).float(), dim=-1)  # (n, g, V)
+    p_t = torch.softmax(target_logits(drafter, target_h), dim=-1)  # (n, g, V)
     ce = -logp_d.gather(-1, labels[..., None]).squeeze(-1)
     l1 = (logp_d.exp() - p_t).abs().sum(-1)
     acc = (1 - 0.5 * l1).clamp(0, 1).detach()
@@ -83,10 +90,10 @@ def block_draft_loss(drafter, h: torch.Tensor, blocks, target_final: torch.Tenso
     return {"loss": loss, **metrics}
 
 
-def _soft_ce_terms(lm_head, h, target_h):
+def _soft_ce_terms(drafter, h, target_h):
     """h, target_h (n, d) -> soft CE -sum p_t log p_d, and L1 sum |p_d - p_t| (n,)."""
-    logp_d = torch.log_softmax(lm_head(h).float(), dim=-1)
-    p_t = torch.softmax(lm_head(target_h).float(), dim=-1)
+    logp_d = torch.log_softmax(drafter.lm_head(h).float(), dim=-1)
+    p_t = torch.softmax(target_logits(drafter, target_h), dim=-1)
     return -(p_t * logp_d).sum(-1), (logp_d.exp() - p_t).abs().sum(-1)
 
 
@@ -109,7 +116,7 @@ def eagle3_loss(drafter, h_steps: torch.Tensor, loss_mask: torch.Tensor, valid: 
         h, tgt = h_steps[:, k][ok], torch.gather(target_final, 1, teacher_pos[..., None].expand(-1, -1, d))[ok]  # (n, d)
         parts = []
         for i in range(0, h.shape[0], cfg.chunk_positions):
-            args = (drafter.lm_head, h[i : i + cfg.chunk_positions], tgt[i : i + cfg.chunk_positions])
+            args = (drafter, h[i : i + cfg.chunk_positions], tgt[i : i + cfg.chunk_positions])
             parts.append(checkpoint(_soft_ce_terms, *args, use_reentrant=False) if torch.is_grad_enabled() else _soft_ce_terms(*args))
         ce, l1 = (torch.cat(x) for x in zip(*parts)) if parts else (h.new_zeros(0), h.new_zeros(0))
         mean_ce = ce.sum() / max(ce.numel(), 1)

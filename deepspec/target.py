@@ -125,6 +125,16 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def final_logit_softcap(config) -> float | None:
+    """The family's final-logit soft-capping (Gemma-2/3: logits = cap * tanh(logits / cap)), else None."""
+    text = getattr(config, "text_config", None) or config
+    return getattr(text, "final_logit_softcapping", None) or None
+
+
+def apply_softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
 def check_layer_ids(layer_ids: list[int], num_hidden_layers: int, where: str = "target.layer_ids") -> None:
     bad = [i for i in layer_ids if not -1 <= i < num_hidden_layers]
     if bad:
@@ -190,6 +200,11 @@ class TargetModel(nn.Module):
     @property
     def lm_head(self) -> nn.Module:
         return self.model.get_output_embeddings()
+
+    def logits(self, final_hidden: torch.Tensor) -> torch.Tensor:
+        """(..., d) final-norm hidden states -> (..., V) logits exactly as the HF model computes them: the LM
+        head, then the family's final-logit soft-capping where its config has one (Gemma-2/3)."""
+        return apply_softcap(self.lm_head(final_hidden), final_logit_softcap(self.model.config))
 
     @property
     def embed_tokens(self) -> nn.Module:

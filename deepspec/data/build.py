@@ -157,7 +157,7 @@ def forward_batches(target: TargetModel, rendered: list[RenderedSample], batch_s
             topk_out = None
             if topk:
                 pos = supervised_positions(r.loss_mask).to(dev)
-                logp = torch.log_softmax(target.lm_head(final_hidden[i, pos]).float(), dim=-1)  # (P, V)
+                logp = torch.log_softmax(target.logits(final_hidden[i, pos]).float(), dim=-1)  # (P, V)
                 vals, idx = logp.topk(topk, dim=-1)
                 topk_out = (idx.cpu(), vals.cpu())
             items.append((r.sample_id, r.input_ids, r.loss_mask, layer_hidden[i, :n].cpu(), final_hidden[i, :n].cpu(), topk_out))

@@ -81,7 +81,7 @@ def _prefill(target: TargetModel, prompts: list[torch.Tensor], sampling: Samplin
         ids[i, P - len(p):], mask[i, P - len(p):] = p.to(dev), 1
     cache = DynamicCache()
     features, final = target.decoder_with_positions(ids, mask, (mask.cumsum(1) - 1).clamp_min(0), cache)
-    first = next_token(target.lm_head(final[:, -1]), sampling, generator)  # (B,)
+    first = next_token(target.logits(final[:, -1]), sampling, generator)  # (B,)
     results = [GenerationResult([tok]) for tok in first.tolist()]
     seconds = results[0].seconds
     for res in results[1:]:
@@ -118,7 +118,7 @@ def _plain_step(target: TargetModel, batch: _Batch, rows: torch.Tensor, sampling
     batch.mask = torch.cat([batch.mask, step], dim=1)
     layer_hidden, final = target.decoder_with_positions(batch.anchors[:, None], batch.mask, batch.lengths[:, None], batch.cache)
     batch.lengths += step[:, 0]
-    return layer_hidden, next_token(target.lm_head(final[rows, 0]), sampling, generator)
+    return layer_hidden, next_token(target.logits(final[rows, 0]), sampling, generator)
 
 
 @torch.no_grad()
@@ -163,7 +163,7 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
         block_valid[rows] = (steps[None] <= L[:, None]).long()
         batch.mask = torch.cat([batch.mask, block_valid], dim=1)
         layer_hidden, final = target.decoder_with_positions(block, batch.mask, batch.lengths[:, None] + steps, batch.cache)
-        logits = target.lm_head(final[rows])  # (N, W, V)
+        logits = target.logits(final[rows])  # (N, W, V)
         sync()
         t3 = time.perf_counter()
         if W > 1:  # 4. accept
