@@ -30,28 +30,27 @@ LONG = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 @functools.cache
+def _cpuinfo() -> dict[str, str]:
+    """The first CPU's fields in Linux ``/proc/cpuinfo`` ({} where it cannot be read)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return {}
+    fields: dict[str, str] = {}
+    for key, _, value in (line.partition(":") for line in lines):
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
 def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU's model name, else what ``platform`` knows."""
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
-@functools.cache
 def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (Linux ``/proc/cpuinfo``; empty where it cannot be read)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+    """The CPU's feature flags (x86 "flags", Arm "Features"; empty where unknown)."""
+    info = _cpuinfo()
+    return frozenset((info.get("flags") or info.get("Features") or "").split())
 
 
 def native_bf16(device: torch.device, flags: frozenset[str] | None = None) -> tuple[bool, str]:

@@ -27,8 +27,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from deepspec.data.cache.manifest import CacheCorruptError, check_target, load_manifest
-from deepspec.data.cache.shards import parquet_row_groups, read_parquet_shard, read_webdataset_shard, sha256_file
-from deepspec.data.cache.verify import codec_for
+from deepspec.data.cache.shards import parquet_row_groups, read_parquet_shard, read_webdataset_shard
+from deepspec.data.cache.verify import codec_for, shard_file_problems
 from deepspec.target import TargetIdentity
 
 
@@ -81,13 +81,9 @@ class TargetCacheDataset(IterableDataset):
         byte would otherwise become silently wrong training data)."""
         if file in self.verified:
             return
-        path, shard = self.cache_dir / file, self.shards[file]
-        if not path.exists():
-            raise self.corrupt(file, "missing")
-        if path.stat().st_size != shard["bytes"]:
-            raise self.corrupt(file, f"{path.stat().st_size} bytes, the manifest says {shard['bytes']}")
-        if sha256_file(path) != shard["sha256"]:
-            raise self.corrupt(file, "sha256 differs from the manifest's")
+        problems = shard_file_problems(self.cache_dir / file, self.shards[file])
+        if problems:
+            raise self.corrupt(file, "; ".join(problems))
         self.verified.add(file)
 
     def set_epoch(self, epoch: int, skip_batches: int = 0, batch_size: int = 1) -> None:

@@ -21,6 +21,20 @@ def codec_for(manifest: dict) -> RecordCodec:
     return RecordCodec(manifest["storage_dtype"], manifest["num_layers"], manifest["hidden_size"], manifest["topk_logprobs"])
 
 
+def shard_file_problems(path: Path, shard: dict) -> list[str]:
+    """What is wrong with one shard file against its manifest entry (missing, size, sha256); [] if nothing.
+    Shared by ``verify`` and the reader, which checks each shard before it first reads it."""
+    if not path.exists():
+        return ["listed in the manifest but missing"]
+    out, size = [], path.stat().st_size
+    if size != shard["bytes"]:
+        out.append(f"{size} bytes on disk, manifest says {shard['bytes']}")
+    digest = sha256_file(path)
+    if digest != shard["sha256"]:
+        out.append(f"sha256 mismatch (manifest {shard['sha256'][:16]}..., file {digest[:16]}...)")
+    return out
+
+
 def verify_cache(cache_dir: str | Path, decode: bool = True) -> dict:
     """Check a cache; returns {"ok", "problems", "shards", "samples", "tokens"} (never raises on bad shards)."""
     cache_dir = Path(cache_dir)
@@ -29,15 +43,9 @@ def verify_cache(cache_dir: str | Path, decode: bool = True) -> dict:
     samples = tokens = 0
     for shard in manifest["shards"]:
         path = cache_dir / shard["file"]
+        problems += [f"{shard['file']}: {p}" for p in shard_file_problems(path, shard)]
         if not path.exists():
-            problems.append(f"{shard['file']}: listed in the manifest but missing")
             continue
-        size = path.stat().st_size
-        if size != shard["bytes"]:
-            problems.append(f"{shard['file']}: {size} bytes on disk, manifest says {shard['bytes']}")
-        digest = sha256_file(path)
-        if digest != shard["sha256"]:
-            problems.append(f"{shard['file']}: sha256 mismatch (manifest {shard['sha256'][:16]}..., file {digest[:16]}...)")
         if not decode:
             continue
         n = t = 0
