@@ -46,7 +46,8 @@ def serving_config(drafter, name: str, include_frozen: bool, target: TargetConfi
     if name == "eagle3":
         cfg.update(architectures=["LlamaForCausalLMEagle3"], model_type="llama", num_hidden_layers=1, layer_types=["full_attention"],
                    draft_vocab_size=tc["vocab_size"], target_hidden_size=tc["hidden_size"],
-                   eagle_config={"eagle_aux_hidden_state_layer_ids": list(c.target_layer_ids)})
+                   eagle_config={"eagle_aux_hidden_state_layer_ids": list(c.target_layer_ids)},
+                   intermediate_size=c.intermediate_size or tc["intermediate_size"])
     else:
         dspark = name == "dspark"
         rank = c.markov_rank if dspark else 0

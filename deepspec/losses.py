@@ -64,11 +64,11 @@ def block_draft_loss(drafter, h: torch.Tensor, blocks, target_final: torch.Tenso
     v = valid.flatten(0, 1)[sel].float()  # (n, g)
     w = v * torch.exp(-torch.arange(g, device=h.device, dtype=torch.float32) / cfg.decay_gamma)
 
-    parts = []
+    parts, recompute = [], cfg.recompute_logits and torch.is_grad_enabled()
     for i in range(0, h_blocks.shape[0], cfg.chunk_blocks):
         args = (h_blocks[i : i + cfg.chunk_blocks], prev[i : i + cfg.chunk_blocks], labels[i : i + cfg.chunk_blocks],
                 tgt[i : i + cfg.chunk_blocks])
-        parts.append(checkpoint(_chunk_terms, drafter, *args, use_reentrant=False) if torch.is_grad_enabled() else _chunk_terms(drafter, *args))
+        parts.append(checkpoint(_chunk_terms, drafter, *args, use_reentrant=False) if recompute else _chunk_terms(drafter, *args))
     ce, l1, bce, conf = (torch.cat(t, 0) for t in zip(*parts)) if parts else (torch.zeros_like(w),) * 4
     wsum = w.sum().clamp_min(1e-6)
     ce_m, l1_m, bce_m = ((t * w).sum() / wsum for t in (ce, l1, bce))
@@ -117,7 +117,8 @@ def eagle3_loss(drafter, h_steps: torch.Tensor, loss_mask: torch.Tensor, valid: 
         parts = []
         for i in range(0, h.shape[0], cfg.chunk_positions):
             args = (drafter, h[i : i + cfg.chunk_positions], tgt[i : i + cfg.chunk_positions])
-            parts.append(checkpoint(_soft_ce_terms, *args, use_reentrant=False) if torch.is_grad_enabled() else _soft_ce_terms(*args))
+            recompute = cfg.recompute_logits and torch.is_grad_enabled()
+            parts.append(checkpoint(_soft_ce_terms, *args, use_reentrant=False) if recompute else _soft_ce_terms(*args))
         ce, l1 = (torch.cat(x) for x in zip(*parts)) if parts else (h.new_zeros(0), h.new_zeros(0))
         mean_ce = ce.sum() / max(ce.numel(), 1)
         total = total + step_decay**k * mean_ce

@@ -43,14 +43,14 @@ def reference_block_loss(model, h, blocks, target_final, cfg: LossConfig):
 
 
 @pytest.mark.parametrize("kind", ["vanilla", "gated", "rnn", "dflash"])
-@pytest.mark.parametrize("chunk", [2, 1000])
-def test_block_loss_matches_direct_computation_and_its_gradients(parts, kind, chunk):
+@pytest.mark.parametrize("chunk,recompute", [(2, True), (1000, True), (2, False)])
+def test_block_loss_matches_direct_computation_and_its_gradients(parts, kind, chunk, recompute):
     model = make(kind, parts)
     ids, loss_mask, valid, hidden = batch()
     target_final = torch.randn(2, 30, 64, generator=torch.Generator().manual_seed(5)) * 0.3
     anchors, keep = sample_anchors(loss_mask, model.cfg.num_anchors, [1, 2])
     blocks = make_blocks(ids, loss_mask, anchors, keep, model.cfg.block_size, MASK_ID)
-    cfg = LossConfig(chunk_blocks=chunk)
+    cfg = LossConfig(chunk_blocks=chunk, recompute_logits=recompute)  # kept logits: the same loss and gradients
     h = model(hidden, valid, blocks)
     out = block_draft_loss(model, h, blocks, target_final, cfg)
     grads = torch.autograd.grad(out["loss"], [p for p in model.parameters() if p.requires_grad], allow_unused=True)

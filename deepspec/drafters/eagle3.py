@@ -38,6 +38,9 @@ class Eagle3Config:
     """Step k's loss is weighted decay**k."""
     target_layer_ids: list[int] = field(default_factory=lambda: [1, 17, 33])
     """Target layers fused by fc (3 keeps the export loadable by SGLang/vLLM)."""
+    intermediate_size: int = 0
+    """MLP width of the midlayer; 0 = the target's. Widening it matches another drafter's parameter count
+    (equal-budget comparisons); the export's config.json carries it, as Eagle3 loaders read it."""
     attention_backend: str = "sdpa"
     """sdpa (explicit mask, any device) | flex (flex attention, CUDA)."""
 
@@ -95,7 +98,7 @@ class Eagle3Drafter(nn.Module):
         self.cfg, self.target_config = cfg, tc
         self.embed_tokens, self.lm_head = embed_tokens.requires_grad_(False), lm_head.requires_grad_(False)
         self.fc = nn.Linear(L * d, d, bias=False)
-        self.midlayer = Eagle3Midlayer(d, tc.intermediate_size, tc.num_attention_heads, tc.num_key_value_heads, head_dim, tc.rms_norm_eps)
+        self.midlayer = Eagle3Midlayer(d, cfg.intermediate_size or tc.intermediate_size, tc.num_attention_heads, tc.num_key_value_heads, head_dim, tc.rms_norm_eps)
         self.norm = RMSNorm(d, tc.rms_norm_eps)
         self.rotary = RotaryEmbedding(tc)
         self.apply(init_trainable)

@@ -1,0 +1,240 @@
+"""The reproduction study: the paper's claims tested at small scale, end to end, with the real loop.
+
+    1. cache     the target answers ``rows`` training prompts itself (regeneration), then its features
+                 are cached once (data stage); every run reads the same cache
+    2. train     every drafter x block size x seed of every experiment, at the same budget (steps, batch,
+                 learning rate, data, parameters within ``param_tolerance``), through the train stage
+    3. converge  read each run's validation curve: converged when the last ``convergence_window`` of
+                 training improved the best validation loss by less than ``convergence_tolerance``
+    4. eval      each run through the eval stage on held-out prompt sets: real speculative decoding at
+                 T = 1 (sampled, STS fitted on the calibration prompts) and T = 0 (checked token for token
+                 against plain greedy); one JSON per run under ``results_dir/runs``
+    5. report    ``study_report.write_report``: tables, plots and a verdict per claim
+
+Every stage runs as its own process through its entry point (what a user runs), so a study is also a
+test of the pipeline. Finished steps are skipped on a rerun (a killed study resumes where it stopped).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from deepspec.config.base import check
+from deepspec.config.study import BLOCK_DRAFTERS, StudyConfig
+
+log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[2]
+
+
+def load_study_config(path: str | Path, quick: bool = False, overrides: list[str] = ()) -> StudyConfig:
+    """YAML (+ its ``quick`` block when ``quick``) + dotlist overrides -> a validated StudyConfig."""
+    raw = OmegaConf.load(path)
+    merged = OmegaConf.merge(OmegaConf.structured(StudyConfig), raw)
+    if quick:
+        merged = OmegaConf.merge(merged, OmegaConf.create(OmegaConf.to_container(merged.quick)))
+    merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+    cfg = OmegaConf.to_object(merged)
+    check(cfg)
+    return cfg
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def device_info() -> dict:
+    """What ran the study: CPU model, threads, torch, the precision ``auto`` resolves to, GPU if any."""
+    import torch
+
+    from deepspec.precision import cpu_name, resolve_precision
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    dev = torch.device("cuda" if gpu else "cpu")
+    return {"device": gpu or cpu_name(), "cuda": bool(gpu), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "precision": resolve_precision("auto", dev, "training")}
+
+
+class Study:
+    def __init__(self, cfg: StudyConfig, work_dir: str | Path, results_dir: str | Path, quick: bool = False):
+        self.cfg, self.quick = cfg, quick
+        self.work, self.results = Path(work_dir), Path(results_dir)
+        self.cache_dir = self.work / "cache"
+        (self.results / "runs").mkdir(parents=True, exist_ok=True)
+        (self.work / "logs").mkdir(parents=True, exist_ok=True)
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _run(self, name: str, argv: list[str]) -> float:
+        """Run one stage's entry point (python <script> overrides...), its output in logs/<name>.log.
+        Returns the wall time; a failure raises with the log's tail."""
+        log_path = self.work / "logs" / f"{name}.log"
+        env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled"), "PYTHONUNBUFFERED": "1"}
+        t = time.perf_counter()
+        with open(log_path, "w") as f:
+            rc = subprocess.run([sys.executable, *argv], cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        if rc != 0:
+            tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-25:])
+            raise RuntimeError(f"{name} failed (exit {rc}); log {log_path}:\n{tail}")
+        return time.perf_counter() - t
+
+    def runs(self) -> list[dict]:
+        """The unique (drafter, block size, seed) runs of all experiments, each with the experiments using it."""
+        out: dict[str, dict] = {}
+        for exp_name, exp in self.cfg.experiments.items():
+            for d in exp.drafters:
+                for g in exp.block_sizes:
+                    for s in exp.seeds:
+                        run_id = f"{d}_g{g}_s{s}"
+                        out.setdefault(run_id, {"id": run_id, "drafter": d, "block_size": g, "seed": s, "experiments": []})
+                        out[run_id]["experiments"].append(exp_name)
+        return list(out.values())
+
+    # -- 1. cache ------------------------------------------------------------------------------------
+    def build_cache(self) -> dict:
+        c = self.cfg
+        manifest = self.cache_dir / "manifest.json"
+        seconds = 0.0
+        if not manifest.exists():  # written last: its presence means the cache is complete
+            seconds = self._run("cache", [
+                "data/cache.py", "build", f"target={c.target}", f"cache={c.cache}", f"input.paths=[{c.train_source}]",
+                f"input.max_rows={c.rows}", "regenerate.enabled=true", f"regenerate.max_new_tokens={c.regenerate_max_new_tokens}",
+                "regenerate.batch_size=32", f"out_dir={self.cache_dir}"])
+            self._run("cache_verify", ["data/cache.py", "verify", f"target={c.target}", f"out_dir={self.cache_dir}"])
+        m = json.loads(manifest.read_text())
+        return {"manifest_sha256": sha256_file(manifest), "counts": m["counts"], "build_seconds": seconds,
+                "train_source_sha256": sha256_file(REPO / c.train_source)}
+
+    # -- 2. train ------------------------------------------------------------------------------------
+    def train_argv(self, run: dict) -> list[str]:
+        c, d = self.cfg, self.cfg.drafters[run["drafter"]]
+        block_key = "ttt_steps" if d.preset.startswith("eagle3") else "block_size"
+        argv = ["train/train.py", f"target={c.target}", f"drafter={d.preset}", f"cache_dir={self.cache_dir}",
+                f"run_dir={self.work / 'runs' / run['id']}", f"max_steps={c.steps}", f"seed={run['seed']}",
+                f"global_batch_size={c.global_batch_size}", f"micro_batch_size={c.global_batch_size}", f"optim.lr={c.lr}",
+                f"drafter.{block_key}={run['block_size']}", f"eval.val_fraction={c.val_fraction}",
+                f"eval.every_steps={c.val_every_steps}", f"eval.max_samples={c.val_max_samples}",
+                f"checkpoint.every_steps={c.steps}", "checkpoint.keep_last=1", f"logging.every_steps={c.val_every_steps}",
+                "loss.recompute_logits=false"]  # small vocabularies: keep the logits, a third fewer matmuls
+        if d.preset.split("_")[0] in BLOCK_DRAFTERS:
+            argv.append(f"drafter.num_anchors={c.num_anchors}")
+        argv += [f"drafter.{k}={v}" for k, v in d.fields.items()]
+        return argv + list(c.train_overrides)
+
+    def train(self, run: dict) -> dict:
+        run_dir = self.work / "runs" / run["id"]
+        result = run_dir / "result.json"
+        seconds = None
+        if not result.exists():
+            seconds = self._run(f"train_{run['id']}", self.train_argv(run))
+        curve = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        val = [(r["step"], r["val/loss"], r.get("val/expected_tau")) for r in curve if "val/loss" in r]
+        tokens_per_s = [r["tokens_per_s"] for r in curve if "tokens_per_s" in r]
+        return {"seconds": seconds, "steps": self.cfg.steps, "val_curve": val,
+                "tokens_per_s": sum(tokens_per_s) / max(len(tokens_per_s), 1),
+                "steps_per_s": self.cfg.steps / seconds if seconds else None,
+                "convergence": convergence(val, self.cfg.steps, self.cfg.convergence_window, self.cfg.convergence_tolerance),
+                "best_val_expected_tau": json.loads(result.read_text())["best_val_expected_tau"]}
+
+    # -- 4. eval -------------------------------------------------------------------------------------
+    def eval_argv(self, run: dict) -> list[str]:
+        c = self.cfg
+        sets = ",".join(f"{{name:{s.name},path:{s.path},max_prompts:{s.max_prompts}}}" for s in c.eval_sets)
+        run_dir = self.work / "runs" / run["id"]
+        return ["eval/eval.py", f"target={c.target}", f"drafter_path={run_dir / 'best'}", f"run_dir={run_dir / 'eval'}",
+                f"datasets=[{sets}]", f"max_new_tokens={c.max_new_tokens}", "temperature=1.0", "also_greedy=true",
+                "peers=false", f"seed={c.eval_seed}", f"calibration_fraction={c.calibration_fraction}", "serving_loads=[1,4,16]"]
+
+    def evaluate(self, run: dict) -> dict:
+        out = self.work / "runs" / run["id"] / "eval" / "results.json"
+        seconds = None
+        if not out.exists():
+            seconds = self._run(f"eval_{run['id']}", self.eval_argv(run))
+        res = json.loads(out.read_text())
+        keep = ("tau", "turns", "rounds", "conditional_acceptance", "prefix_survival", "accept_length_histogram",
+                "draft_acceptance_rate", "speedup", "greedy_identical_to_plain", "greedy_mismatched_prompts")
+        sets = {}
+        for name, entry in res["datasets"].items():
+            sets[name] = {"T1": {k: entry["sampled"][k] for k in keep if k in entry["sampled"]},
+                          "T0": {k: entry["greedy"][k] for k in keep if k in entry["greedy"]}}
+            cal = entry["sampled"].get("calibration")
+            if cal:
+                sets[name]["T1"]["calibration"] = {
+                    "sts_temperatures": cal["sts_temperatures"], "fit_rounds": cal["fit_rounds"], "report_rounds": cal["report_rounds"],
+                    **{when: {k: cal[when][k] for k in ("ece", "auroc", "brier", "reliability")} for when in ("before", "after")}}
+                sim = entry.get("serving_simulation")
+                if sim:
+                    sets[name]["T1"]["serving_simulation"] = sim
+        return {"seconds": seconds, "trainable_parameters": res["drafter"]["trainable_parameters"], "sets": sets}
+
+    # -- the whole study -------------------------------------------------------------------------------
+    def run(self) -> dict:
+        from deepspec.evaluation.study_report import write_report
+
+        start = time.perf_counter()
+        c = self.cfg
+        dev = device_info()
+        log.info("study: %d runs on %s (%s), quick=%s", len(self.runs()), dev["device"], dev["precision"], self.quick)
+        data = self.build_cache()
+        data["eval_sets"] = {s.name: sha256_file(REPO / s.path) for s in c.eval_sets}
+        data["train_eval_overlap"] = prompt_overlap(REPO / c.train_source, [(REPO / s.path, s.max_prompts) for s in c.eval_sets])
+        records = []
+        for run in self.runs():
+            path = self.results / "runs" / f"{run['id']}.json"
+            t = time.perf_counter()
+            train = self.train(run)
+            ev = self.evaluate(run)
+            record = {**run, "drafter_config": asdict(c.drafters[run["drafter"]]), "train_argv": self.train_argv(run),
+                      "eval_argv": self.eval_argv(run), "data": data, "device": dev, "train": train, "eval": ev,
+                      "wall_seconds": time.perf_counter() - t, "quick": self.quick}
+            path.write_text(json.dumps(record, indent=1, default=str))
+            records.append(record)
+            log.info("%s: converged=%s, tau T1 %s", run["id"], train["convergence"]["converged"],
+                     {k: round(v["T1"]["tau"], 2) for k, v in ev["sets"].items()})
+        study = {"config": asdict(c), "quick": self.quick, "device": dev, "data": data,
+                 "wall_seconds": time.perf_counter() - start, "runs": [r["id"] for r in records]}
+        write_report(study, records, self.results)
+        return study
+
+
+def convergence(val_curve: list, steps: int, window: float, tolerance: float) -> dict:
+    """Converged when the best validation loss within the last ``window`` of the steps is less than
+    ``tolerance`` (relative) below the best before it. ``val_curve``: [(step, loss, expected_tau), ...]."""
+    cut = steps * (1 - window)
+    before = [loss for step, loss, _ in val_curve if step <= cut]
+    after = [loss for step, loss, _ in val_curve if step > cut]
+    if not before or not after:
+        return {"converged": False, "relative_improvement": None, "rule": "too few validation points"}
+    gain = (min(before) - min(after)) / abs(min(before))
+    return {"converged": gain < tolerance, "relative_improvement": gain, "best_before": min(before), "best_after": min(after),
+            "rule": f"best val loss of the last {window:.0%} of steps improves < {tolerance:.0%} on the best before"}
+
+
+def prompt_overlap(train_source: Path, eval_sets: list[tuple[Path, int]]) -> dict:
+    """Held-out prompts must not be training prompts: per set, how many of the first ``max_prompts`` rows
+    (the ones evaluated) have a first turn found in the training source. ``eval_sets``: [(path, max_prompts)]."""
+    def first_turns(path: Path, limit: int | None = None) -> set[str]:
+        out = set()
+        for line in path.read_text().splitlines()[:limit]:
+            if line.strip():
+                row = json.loads(line)
+                turns = row.get("turns") or [m.get("content", "") for m in row.get("conversations", []) if m.get("role") == "user"]
+                if not turns and "text" in row:
+                    turns = [row["text"]]
+                out.add((turns or [""])[0].strip())
+        return out
+
+    train = first_turns(train_source)
+    return {p.name: len(first_turns(p, n) & train) for p, n in eval_sets}

@@ -1,0 +1,144 @@
+"""The reproduction study's config, convergence rule, verdict rules and report, on synthetic run records
+(the study itself runs in scripts/reproduce.py; its quick mode is what a reviewer reruns)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from deepspec.config.base import ConfigError
+from deepspec.evaluation.study import Study, convergence, load_study_config, prompt_overlap
+from deepspec.evaluation.study_report import claims, verdict_from_ratios, write_report
+
+CONFIG = "configs/reproduce/toy.yaml"
+
+
+def test_the_committed_study_config_is_valid_with_and_without_quick():
+    full, quick = load_study_config(CONFIG), load_study_config(CONFIG, quick=True)
+    assert quick.steps < full.steps and quick.rows < full.rows
+    assert {s.name for s in quick.eval_sets} == {s.name for s in full.eval_sets}  # the same study, smaller
+    ids = [r["id"] for r in Study(full, "/tmp/unused", "/tmp/unused/res").runs()]
+    assert len(ids) == len(set(ids)) and "dspark_g7_s1" in ids and "dflash_g12_s0" in ids
+
+
+def test_a_study_config_that_cannot_work_names_every_bad_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: 0\nval_fraction: 0.9\ndrafters: {a: {preset: medusa}}\n"
+                   "experiments: {headline: {drafters: [a, missing], seeds: [0]}}\neval_sets: []\n")
+    with pytest.raises(ConfigError) as e:
+        load_study_config(bad)
+    msg = str(e.value)
+    for key in ("steps=0", "val_fraction=0.9", "'missing' is not in drafters", "preset='medusa'", "eval_sets is empty"):
+        assert key in msg
+
+
+def test_equal_budget_means_equal_parameters():
+    """The committed drafters of each comparison have trainable parameter counts within the tolerance."""
+    import torch
+    from transformers import AutoConfig
+
+    from deepspec.config.train import drafter_config
+    from deepspec.drafters import DRAFTERS
+
+    cfg = load_study_config(CONFIG)
+    tc = AutoConfig.from_pretrained("deepspec/assets/toy_target")
+    emb, head = torch.nn.Embedding(tc.vocab_size, tc.hidden_size), torch.nn.Linear(tc.hidden_size, tc.vocab_size, bias=False)
+    counts = {}
+    for name, d in cfg.drafters.items():
+        preset = {"dspark": {"name": "dspark"}, "dflash": {"name": "dflash"}, "eagle3": {"name": "eagle3"}}[d.preset]
+        dc = drafter_config({**preset, **d.fields})
+        dc.target_layer_ids = [0, 2, 4]
+        model = DRAFTERS[preset["name"]].model_class(dc, tc, emb, head)
+        counts[name] = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("embed_tokens", "lm_head")))
+    low = min(counts.values())
+    assert max(counts.values()) <= low * (1 + cfg.param_tolerance), counts
+
+
+def test_convergence_rule():
+    flat = [(s, 2.0 - 0.5 * (s < 50), None) for s in range(10, 101, 10)]
+    assert convergence(flat, 100, 0.25, 0.01)["converged"]
+    falling = [(s, 3.0 - s / 100, None) for s in range(10, 101, 10)]  # still 10%/quarter down: not converged
+    res = convergence(falling, 100, 0.25, 0.01)
+    assert not res["converged"] and res["relative_improvement"] > 0.05
+    assert not convergence([(100, 1.0, None)], 100, 0.25, 0.01)["converged"]  # no point before the window
+
+
+def test_verdict_rules():
+    assert verdict_from_ratios([1.1, 1.2], [2.2, 2.4], [2.0, 2.0]) == "reproduced"
+    assert verdict_from_ratios([1.1, 0.98], [2.2, 2.0], [2.0, 2.05]) == "inconclusive"
+    assert verdict_from_ratios([1.02, 1.03], [2.04, 2.1], [2.0, 2.08]) == "inconclusive"  # ranges overlap
+    assert verdict_from_ratios([0.8, 0.9], [1.6, 1.8], [2.0, 2.0]) == "not reproduced"
+    assert verdict_from_ratios([], [], []) == "inconclusive"
+
+
+def _record(drafter, g, seed, tau, cond, head="vanilla"):
+    """A run record as Study writes it, with made-up figures."""
+    cal = {"sts_temperatures": [1.0] * g, "fit_rounds": 10, "report_rounds": 10,
+           "before": {"ece": [0.08] * g, "auroc": [0.8] * g, "brier": [0.2] * g, "reliability": [[{"bin": 5, "predicted": 0.3, "observed": 0.2, "count": 4}]] * g},
+           "after": {"ece": [0.02] * g, "auroc": [0.82] * g, "brier": [0.18] * g, "reliability": [[{"bin": 5, "predicted": 0.25, "observed": 0.24, "count": 4}]] * g}}
+    t1 = {"tau": tau, "conditional_acceptance": cond, "greedy_identical_to_plain": True}
+    if drafter.startswith("dspark"):
+        t1 = {**t1, "calibration": cal, "serving_simulation": {"loads": [{"concurrent_requests": 1, "fixed": {"throughput_tokens_per_s": 10.0},
+                                                                            "confidence": {"throughput_tokens_per_s": 12.0}}]}}
+    sets = {name: {"T1": t1, "T0": {"tau": tau + 0.3, "conditional_acceptance": cond, "greedy_identical_to_plain": True}}
+            for name in ("a", "b")}
+    return {"id": f"{drafter}_g{g}_s{seed}", "drafter": drafter, "block_size": g, "seed": seed,
+            "drafter_config": {"preset": drafter.split("_")[0], "fields": {"markov_head_type": head}},
+            "train": {"convergence": {"converged": True, "relative_improvement": 0.004}, "val_curve": [(10, 2.0, 1.5), (20, 1.9, 1.6)]},
+            "eval": {"trainable_parameters": 2_560_000, "sets": sets}}
+
+
+@pytest.fixture
+def study_records():
+    recs = []
+    for s, jitter in ((0, 0.0), (1, 0.02)):
+        recs.append(_record("dspark", 7, s, 2.4 + jitter, [0.6, 0.55, 0.55, 0.5, 0.5, 0.5, 0.5]))
+        recs.append(_record("dflash", 7, s, 2.0 + jitter, [0.6, 0.45, 0.4, 0.3, 0.3, 0.25, 0.2]))
+        recs.append(_record("eagle3", 7, s, 1.8 + jitter, [0.55, 0.4, 0.35, 0.3, 0.3, 0.25, 0.2]))
+    recs.append(_record("dspark", 12, 0, 2.7, [0.6] * 12))
+    recs.append(_record("dflash", 12, 0, 2.0, [0.5] * 12))
+    recs.append(_record("dspark_gated", 7, 0, 2.3, [0.6] * 7, "gated"))
+    recs.append(_record("dspark_rnn", 7, 0, 1.9, [0.6] * 7, "rnn"))
+    cfg = {"experiments": {"headline": {"block_sizes": [7]}, "block_size": {"block_sizes": [12]}}, "target": "toy",
+           "train_source": "x.jsonl", "steps": 20, "global_batch_size": 8, "lr": 1e-3, "max_new_tokens": 8,
+           "eval_sets": [{"name": "a", "max_prompts": 2}, {"name": "b", "max_prompts": 2}]}
+    return recs, cfg
+
+
+def test_claims_follow_the_figures(study_records):
+    recs, cfg = study_records
+    found = {c["claim"]: c for c in claims(recs, cfg)}
+    assert found[1]["verdict"] == "reproduced"  # 2.4 vs 2.0 / 1.8 on both seeds
+    assert found[2]["verdict"] == "reproduced"  # ratio 1.35 at g12 vs 1.2 at g7
+    assert found[3]["verdict"] == "reproduced"  # late positions 0.5 vs 0.26
+    assert found[4]["verdict"] == "reproduced"  # ECE 0.08 -> 0.02, AUROC 0.82
+    assert found[5]["verdict"] == "not reproduced"  # the RNN head (1.9) loses to DFlash (2.0-2.02)
+    assert "dspark_gated (gated head): tau T=1 2.300 (1 seed) vs DFlash 2.010 (2.000-2.020, 2 seeds) -> reproduced" in found[5]["evidence"]
+    # the other way round: DFlash beating DSpark is "not reproduced", not silently "inconclusive"
+    swapped = [{**r, "drafter": {"dspark": "dflash", "dflash": "dspark"}.get(r["drafter"], r["drafter"])} for r in recs]
+    assert {c["claim"]: c for c in claims(swapped, cfg)}[1]["verdict"] == "not reproduced"
+
+
+def test_report_is_written_with_every_claim_and_plot(study_records, tmp_path):
+    recs, cfg = study_records
+    study = {"config": cfg, "quick": True, "device": {"device": "cpu", "threads": 2, "torch": "x", "precision": "fp32"},
+             "data": {"counts": {"samples": 10, "loss_tokens": 100}, "manifest_sha256": "ab" * 32, "train_eval_overlap": {"a": 0}},
+             "wall_seconds": 60.0, "runs": [r["id"] for r in recs]}
+    (tmp_path / "NOTES.md").write_text("## Why claim 5 is partial\nhand-written")
+    readme = write_report(study, recs, tmp_path).read_text()
+    for n in range(1, 6):
+        assert f"### Claim {n}:" in readme
+    assert "hand-written" in readme and "dspark_g7_s1" in readme
+    for png in ("acceptance_by_position", "tau_by_drafter", "calibration", "validation_loss"):
+        assert (tmp_path / f"{png}.png").stat().st_size > 1000
+    assert len(json.loads((tmp_path / "study.json").read_text())["claims"]) == 5
+
+
+def test_held_out_sets_share_no_prompt_with_the_training_source():
+    from pathlib import Path
+
+    cfg = load_study_config(CONFIG)
+    overlap = prompt_overlap(Path(cfg.train_source), [(Path(s.path), s.max_prompts) for s in cfg.eval_sets])
+    assert overlap == {Path(s.path).name: 0 for s in cfg.eval_sets}
+    # the check can fail: rows 455 and 458 of the held-out split repeat training prompts (same function, two modules)
+    assert prompt_overlap(Path(cfg.train_source), [(Path(cfg.eval_sets[0].path), 462)]) == {"heldout.jsonl": 2}
