@@ -10,6 +10,7 @@ DFlash, Eagle3) at its batch (8 samples) and anchors (32). Settings, each adding
     micro_batch     one micro-batch of 8 samples (one forward/backward per step)
     kept_logits     + loss.recompute_logits=false (a third fewer vocabulary matmuls)
     bf16            + deepspeed.precision=bf16 (fast only where the CPU has AMX/AVX512_BF16)
+    bf16_micro1     bf16 and kept logits with micro-batches of 1 (no padding: Eagle3 runs every position)
 
 Settings are interleaved ``--repeats`` times in one process (the fastest counts), after one warm-up
 step each. ``--profile`` adds the top operators of the last setting (torch.profiler, self CPU time).
@@ -34,6 +35,7 @@ SETTINGS = {
     "micro_batch": ["micro_batch_size=8", "loss.recompute_logits=true", "deepspeed.precision=fp32"],
     "kept_logits": ["micro_batch_size=8", "loss.recompute_logits=false", "deepspeed.precision=fp32"],
     "bf16": ["micro_batch_size=8", "loss.recompute_logits=false", "deepspeed.precision=bf16"],
+    "bf16_micro1": ["micro_batch_size=1", "loss.recompute_logits=false", "deepspeed.precision=bf16"],
 }
 
 

@@ -168,3 +168,29 @@ def test_markov_heads_follow_their_recurrences(parts):
         s = torch.sigmoid(gk) * s + (1 - torch.sigmoid(gk)) * torch.tanh(ck)
         zs.append(torch.tanh(ok))
     assert torch.allclose(rnn(prev, h), torch.stack(zs, 1), atol=1e-6)
+
+
+@pytest.mark.parametrize("step", [0, 1, 3])
+def test_ttt_attend_equals_sdpa_over_the_full_ttt_mask_with_gradients(step):
+    """Eagle3's decomposed TTT attention (step-0 keys + each later step's own position) against SDPA over
+    every concatenated key with the full mask: outputs and gradients, grouped-query heads, a padded row."""
+    import torch.nn.functional as F
+
+    from deepspec.drafters.eagle3 import ttt_attend, ttt_mask
+
+    g = torch.Generator().manual_seed(step)
+    B, H, Hkv, T, hd = 2, 4, 2, 9, 8
+    q = torch.randn(B, H, T, hd, generator=g, requires_grad=True)
+    kv = [(torch.randn(B, Hkv, T, hd, generator=g, requires_grad=True), torch.randn(B, Hkv, T, hd, generator=g, requires_grad=True))
+          for _ in range(step + 1)]
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, 6:] = False
+    out = ttt_attend(q, kv, ttt_mask(T, 0, valid))
+    K, V = torch.cat([k for k, _ in kv], 2), torch.cat([v for _, v in kv], 2)
+    ref = F.scaled_dot_product_attention(q, K, V, attn_mask=ttt_mask(T, step, valid), enable_gqa=True)
+    assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+    leaves = [q] + [t for pair in kv for t in pair]
+    grads = torch.autograd.grad(out.square().sum(), leaves)
+    ref_grads = torch.autograd.grad(ref.square().sum(), leaves)
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()

@@ -93,3 +93,15 @@ def test_export_round_trip_gives_identical_logits(tiny_target, tmp_path, name, i
                 "layers.0.self_attn.q_norm.weight"} <= names
     if name == "eagle3":
         assert {"midlayer.self_attn.q_proj.weight", "midlayer.hidden_norm.weight", "fc.weight", "norm.weight"} <= names
+
+
+def test_a_widened_eagle3_exports_its_own_mlp_width(tiny_target, tmp_path):
+    """Eagle3 with intermediate_size (parameter-matched comparisons): config.json carries the midlayer's
+    width (what Eagle3 loaders read) and the export loads back with the same weights."""
+    cfg = train_cfg(tiny_target, [], {**DRAFTER["eagle3"], "intermediate_size": 100}, cache_dir="unused")
+    drafter, _ = build_drafter(cfg, torch.device("cpu"))
+    assert drafter.midlayer.mlp.up_proj.weight.shape[0] == 100
+    out = export_drafter(drafter, tmp_path / "export", target=cfg.target)
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == 100
+    loaded = load_drafter(out)
+    assert torch.equal(loaded.midlayer.mlp.down_proj.weight, drafter.midlayer.mlp.down_proj.weight)

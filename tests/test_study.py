@@ -76,11 +76,16 @@ def _record(drafter, g, seed, tau, cond, head="vanilla"):
     cal = {"sts_temperatures": [1.0] * g, "fit_rounds": 10, "report_rounds": 10,
            "before": {"ece": [0.08] * g, "auroc": [0.8] * g, "brier": [0.2] * g, "reliability": [[{"bin": 5, "predicted": 0.3, "observed": 0.2, "count": 4}]] * g},
            "after": {"ece": [0.02] * g, "auroc": [0.82] * g, "brier": [0.18] * g, "reliability": [[{"bin": 5, "predicted": 0.25, "observed": 0.24, "count": 4}]] * g}}
-    t1 = {"tau": tau, "conditional_acceptance": cond, "greedy_identical_to_plain": True}
+    reach = [1000.0]  # rounds reaching position k, from the conditional acceptance
+    for c in cond:
+        reach.append(reach[-1] * c)
+    hist = {str(i + 1): round(reach[i] - (reach[i + 1] if i < g else 0)) for i in range(g + 1)}
+    t1 = {"tau": tau, "conditional_acceptance": cond, "accept_length_histogram": hist, "greedy_identical_to_plain": True}
     if drafter.startswith("dspark"):
         t1 = {**t1, "calibration": cal, "serving_simulation": {"loads": [{"concurrent_requests": 1, "fixed": {"throughput_tokens_per_s": 10.0},
                                                                             "confidence": {"throughput_tokens_per_s": 12.0}}]}}
-    sets = {name: {"T1": t1, "T0": {"tau": tau + 0.3, "conditional_acceptance": cond, "greedy_identical_to_plain": True}}
+    sets = {name: {"T1": t1, "T0": {"tau": tau + 0.3, "conditional_acceptance": cond, "accept_length_histogram": hist,
+                                    "greedy_identical_to_plain": True}}
             for name in ("a", "b")}
     return {"id": f"{drafter}_g{g}_s{seed}", "drafter": drafter, "block_size": g, "seed": seed,
             "drafter_config": {"preset": drafter.split("_")[0], "fields": {"markov_head_type": head}},
@@ -111,12 +116,21 @@ def test_claims_follow_the_figures(study_records):
     assert found[1]["verdict"] == "reproduced"  # 2.4 vs 2.0 / 1.8 on both seeds
     assert found[2]["verdict"] == "reproduced"  # ratio 1.35 at g12 vs 1.2 at g7
     assert found[3]["verdict"] == "reproduced"  # late positions 0.5 vs 0.26
+    assert "conditional acceptance at positions 4-7 (T=1, pooled rounds): DSpark 0.49" in found[3]["evidence"][0]
     assert found[4]["verdict"] == "reproduced"  # ECE 0.08 -> 0.02, AUROC 0.82
     assert found[5]["verdict"] == "not reproduced"  # the RNN head (1.9) loses to DFlash (2.0-2.02)
     assert "dspark_gated (gated head): tau T=1 2.300 (1 seed) vs DFlash 2.010 (2.000-2.020, 2 seeds) -> reproduced" in found[5]["evidence"]
     # the other way round: DFlash beating DSpark is "not reproduced", not silently "inconclusive"
     swapped = [{**r, "drafter": {"dspark": "dflash", "dflash": "dspark"}.get(r["drafter"], r["drafter"])} for r in recs]
     assert {c["claim"]: c for c in claims(swapped, cfg)}[1]["verdict"] == "not reproduced"
+
+
+def test_late_positions_reached_by_too_few_rounds_are_inconclusive(study_records):
+    recs, cfg = study_records
+    for r in recs:  # almost nothing accepted beyond position 2
+        for st in r["eval"]["sets"].values():
+            st["T1"]["accept_length_histogram"] = {"1": 500, "2": 400, "3": 5, **{str(i): 0 for i in range(4, r["block_size"] + 2)}}
+    assert {c["claim"]: c for c in claims(recs, cfg)}[3]["verdict"] == "inconclusive"
 
 
 def test_report_is_written_with_every_claim_and_plot(study_records, tmp_path):

@@ -22,6 +22,9 @@ class StudyDrafter:
     """configs/drafter/<preset>.yaml (it sets the drafter's loss weights too)."""
     fields: dict[str, Any] = field(default_factory=dict)
     """drafter.<key>=<value> overrides (e.g. markov_rank, num_hidden_layers, intermediate_size)."""
+    micro_batch_size: int = 0
+    """Samples per forward (0 = the whole global batch in one). The same optimizer steps either way; 1 suits
+    Eagle3, which runs every position, so padding a batch to its longest sample costs more than it saves."""
 
 
 @dataclass

@@ -123,7 +123,7 @@ class Study:
         block_key = "ttt_steps" if d.preset.startswith("eagle3") else "block_size"
         argv = ["train/train.py", f"target={c.target}", f"drafter={d.preset}", f"cache_dir={self.cache_dir}",
                 f"run_dir={self.work / 'runs' / run['id']}", f"max_steps={c.steps}", f"seed={run['seed']}",
-                f"global_batch_size={c.global_batch_size}", f"micro_batch_size={c.global_batch_size}", f"optim.lr={c.lr}",
+                f"global_batch_size={c.global_batch_size}", f"micro_batch_size={d.micro_batch_size or c.global_batch_size}", f"optim.lr={c.lr}",
                 f"drafter.{block_key}={run['block_size']}", f"eval.val_fraction={c.val_fraction}",
                 f"eval.every_steps={c.val_every_steps}", f"eval.max_samples={c.val_max_samples}",
                 f"checkpoint.every_steps={c.steps}", "checkpoint.keep_last=1", f"logging.every_steps={c.val_every_steps}",
