@@ -113,6 +113,11 @@ class Study:
                 f"input.max_rows={c.rows}", "regenerate.enabled=true", f"regenerate.max_new_tokens={c.regenerate_max_new_tokens}",
                 "regenerate.batch_size=32", f"out_dir={self.cache_dir}"])
             self._run("cache_verify", ["data/cache.py", "verify", f"target={c.target}", f"out_dir={self.cache_dir}"])
+        timing = self.work / "cache_build_seconds.json"  # kept for a resumed study's report
+        if seconds:
+            timing.write_text(json.dumps(seconds))
+        elif timing.exists():
+            seconds = json.loads(timing.read_text())
         m = json.loads(manifest.read_text())
         return {"manifest_sha256": sha256_file(manifest), "counts": m["counts"], "build_seconds": seconds,
                 "train_source_sha256": sha256_file(REPO / c.train_source)}
@@ -199,6 +204,12 @@ class Study:
             record = {**run, "drafter_config": asdict(c.drafters[run["drafter"]]), "train_argv": self.train_argv(run),
                       "eval_argv": self.eval_argv(run), "data": data, "device": dev, "train": train, "eval": ev,
                       "wall_seconds": time.perf_counter() - t, "quick": self.quick}
+            if path.exists() and (train["seconds"] is None or ev["seconds"] is None):  # resumed: keep the measured times
+                old = json.loads(path.read_text())
+                train["seconds"] = train["seconds"] or old["train"]["seconds"]
+                train["steps_per_s"] = train["steps_per_s"] or old["train"].get("steps_per_s")
+                ev["seconds"] = ev["seconds"] or old["eval"]["seconds"]
+                record["wall_seconds"] = old["wall_seconds"]
             path.write_text(json.dumps(record, indent=1, default=str))
             records.append(record)
             log.info("%s: converged=%s, tau T1 %s", run["id"], train["convergence"]["converged"],
