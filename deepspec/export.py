@@ -26,9 +26,11 @@ from safetensors.torch import load_file, save_file
 
 from deepspec.config.data import TargetConfig
 from deepspec.drafters import DRAFTERS
+from deepspec.integrity import SELF_DIGEST_KEY, checksum_problems, file_checksums, read_json_checked, with_self_digest
 
 FROZEN = ("embed_tokens.weight", "lm_head.weight")
 STS_FILE = "confidence_temperatures.json"
+CHECKSUMS_FILE = "checksums.json"
 
 
 def gathered_state_dict(engine) -> dict:
@@ -69,7 +71,8 @@ def serving_config(drafter, name: str, include_frozen: bool, target: TargetConfi
         cfg["markov_head_type"] = c.markov_head_type if dspark else "vanilla"
         if not dspark:
             cfg["dflash_config"] = {"mask_token_id": c.mask_token_id, "target_layer_ids": list(c.target_layer_ids), "block_size": c.block_size}
-    cfg["deepspec"] = {"drafter": name, "config": c.to_dict(), "frozen_from_target": None if include_frozen else (target.name_or_path if target else True)}
+    cfg["deepspec"] = {"drafter": name, "config": c.to_dict(), "frozen_from_target": None if include_frozen else (target.name_or_path if target else True),
+                       "checksums": CHECKSUMS_FILE}
     return cfg
 
 
@@ -87,7 +90,27 @@ def export_drafter(drafter, out_dir: str | Path, state_dict: dict | None = None,
         tensors[k] = v.detach().to("cpu").contiguous().clone()  # clone: tied embed/lm_head must not share storage
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(serving_config(drafter, name, include_frozen, target), indent=2, default=str))
+    # sha256 of both files, checked by load_drafter (engines ignore the extra file; `sha256sum` users can read it too)
+    (out / CHECKSUMS_FILE).write_text(json.dumps(with_self_digest(file_checksums(out, ["config.json", "model.safetensors"])), indent=1))
     return out
+
+
+def check_export_files(path: Path) -> None:
+    """Refuse an export of ours whose files are not the ones written (flipped, truncated, replaced, deleted),
+    naming the file. Folders written by other tools (no checksums, no ``deepspec`` block) are read as they are."""
+    sums = path / CHECKSUMS_FILE
+    if not sums.exists():
+        try:
+            expected = (json.loads((path / "config.json").read_text()).get("deepspec") or {}).get("checksums")
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path / 'config.json'}: unreadable ({e}); the export is corrupt") from None
+        if expected:
+            raise ValueError(f"{sums}: missing (the export recorded its checksums there); the export is incomplete")
+        return
+    recorded = read_json_checked(sums, "the export's checksums")
+    problems = checksum_problems(path, {k: v for k, v in recorded.items() if k != SELF_DIGEST_KEY})
+    if problems:
+        raise ValueError(f"{path}: the export is corrupt:\n  " + "\n  ".join(problems))
 
 
 def load_drafter(path: str | Path, target: TargetConfig | None = None, device: str | torch.device = "cpu",
@@ -98,6 +121,7 @@ def load_drafter(path: str | Path, target: TargetConfig | None = None, device: s
     from deepspec.target import load_frozen_embeddings
 
     path = Path(path)
+    check_export_files(path)
     raw = json.loads((path / "config.json").read_text())
     meta = raw.get("deepspec")
     if meta is not None:

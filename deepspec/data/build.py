@@ -29,7 +29,8 @@ from deepspec import distributed
 from deepspec.config.data import DataStageConfig
 from deepspec.data.cache.manifest import FORMAT_VERSION, check_or_write_plan, finalize, stats_name
 from deepspec.data.cache.records import RecordCodec, supervised_positions
-from deepspec.data.cache.shards import WRITERS, commit_file, sha256_file, shard_name, write_json_atomic
+from deepspec.data.cache.shards import WRITERS, commit_file, shard_name, write_json_atomic
+from deepspec.integrity import sha256_file
 from deepspec.data.chat import RenderedSample, render_sample
 from deepspec.data.regenerate import HFAnswerGenerator, OpenAIAnswerGenerator, regenerate_samples
 from deepspec.data.sources import MalformedRow, Sample, file_sha256, iter_raw_rows, parse_row

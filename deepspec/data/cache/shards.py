@@ -11,7 +11,6 @@ manifest (not the tar) holds the layout.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import uuid
@@ -35,14 +34,6 @@ SHARD_SUFFIX = {"parquet": ".parquet", "webdataset": ".tar"}
 
 def shard_name(index: int, fmt: str) -> str:
     return f"shard-{index:06d}{SHARD_SUFFIX[fmt]}"
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def commit_file(tmp: Path, final: Path) -> None:
