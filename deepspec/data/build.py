@@ -196,8 +196,11 @@ def build_shard(cfg: DataStageConfig, plan: dict, index: int, samples: list[Samp
             thread.put(items)
             bar.update(len(items), tokens=sum(len(i[1]) for i in items))
         stats = thread.close()
-    except BaseException:
+    except BaseException as e:
         thread.abort()
+        writer.tmp.unlink(missing_ok=True)  # never leave a partial shard taking the space a rerun needs
+        if isinstance(e, OSError) and not e.filename:  # pyarrow's write errors do not say which file
+            raise OSError(e.errno, e.strerror or str(e), str(writer.tmp)) from e
         raise
     bar.close()
     # Stats go to disk before the shard is published: a shard under its final name always has them.

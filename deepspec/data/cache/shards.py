@@ -52,8 +52,12 @@ def write_json_atomic(path: Path, obj) -> None:
     # A tmp name of this process's own: independent parts (Slurm array tasks) write plan.json and
     # manifest.json concurrently; each publishes a complete, identical file.
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    commit_file(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+        commit_file(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class ParquetShardWriter:
