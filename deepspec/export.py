@@ -4,9 +4,13 @@ load, and load them back.
 * DSpark / DFlash: the DeepSpec reference layout (``Qwen3DSparkModel``): the target's config
   fields plus block_size, mask_token_id, target_layer_ids, markov_* and confidence fields; tensors
   ``embed_tokens``, ``layers.i.*``, ``norm``, ``fc``, ``hidden_norm``, ``lm_head``, ``markov_head.*``,
-  ``confidence_head.proj.*``. DFlash is the same layout with markov_rank 0 and no confidence head.
+  ``confidence_head.proj.*``. DFlash is the same layout with markov_rank 0 and no confidence head,
+  named ``DFlashDraftModel`` (what vLLM, SGLang and TensorRT-LLM load DFlash as).
 * Eagle3: the SpecForge/SGLang/vLLM layout (``LlamaForCausalLMEagle3``): ``midlayer.*``, ``fc``,
-  ``norm``, ``lm_head`` (+ ``embed_tokens``), ``eagle_config.eagle_aux_hidden_state_layer_ids``.
+  ``norm``, ``lm_head`` (+ ``embed_tokens``), ``eagle_config.eagle_aux_hidden_state_layer_ids``
+  (layer outputs, SGLang) and the top-level ``eagle_aux_hidden_state_layer_ids`` (layer inputs, vLLM).
+
+What each engine's loader reads, and a check of an export against it: ``deepspec/serving_loaders.py``.
 
 ``include_frozen=False`` leaves out the frozen embedding and LM head (they are the target's); the
 config records it under ``deepspec.frozen_from_target`` and ``load_drafter`` restores them from
@@ -22,9 +26,11 @@ from safetensors.torch import load_file, save_file
 
 from deepspec.config.data import TargetConfig
 from deepspec.drafters import DRAFTERS
+from deepspec.integrity import SELF_DIGEST_KEY, checksum_problems, file_checksums, read_json_checked, with_self_digest
 
 FROZEN = ("embed_tokens.weight", "lm_head.weight")
 STS_FILE = "confidence_temperatures.json"
+CHECKSUMS_FILE = "checksums.json"
 
 
 def gathered_state_dict(engine) -> dict:
@@ -44,21 +50,29 @@ def serving_config(drafter, name: str, include_frozen: bool, target: TargetConfi
     cfg = {k: v for k, v in tc.items() if k not in ("architectures", "auto_map", "_name_or_path", "transformers_version")}
     cfg["tie_word_embeddings"] = False
     if name == "eagle3":
+        ids = list(c.target_layer_ids)
+        # SGLang reads the nested ids as layer outputs (ours) and adds +1 itself; vLLM reads the top-level ids as
+        # layer inputs: the same layers are ours + 1 there (docs/serving_loaders.md).
         cfg.update(architectures=["LlamaForCausalLMEagle3"], model_type="llama", num_hidden_layers=1, layer_types=["full_attention"],
                    draft_vocab_size=tc["vocab_size"], target_hidden_size=tc["hidden_size"],
-                   eagle_config={"eagle_aux_hidden_state_layer_ids": list(c.target_layer_ids)},
-                   intermediate_size=c.intermediate_size or tc["intermediate_size"])
+                   eagle_config={"eagle_aux_hidden_state_layer_ids": ids}, eagle_aux_hidden_state_layer_ids=[i + 1 for i in ids],
+                   norm_before_residual=False, intermediate_size=c.intermediate_size or tc["intermediate_size"])
     else:
         dspark = name == "dspark"
         rank = c.markov_rank if dspark else 0
         conf = dspark and c.enable_confidence_head
-        cfg.update(architectures=["Qwen3DSparkModel"], num_target_layers=tc["num_hidden_layers"],
+        # DFlash loads as DFlashDraftModel everywhere (vLLM, SGLang, TensorRT-LLM); under Qwen3DSparkModel SGLang would
+        # build a DSpark and refuse markov_rank 0. TensorRT-LLM reads DFlash's ids from dflash_config only.
+        cfg.update(architectures=["Qwen3DSparkModel" if dspark else "DFlashDraftModel"], num_target_layers=tc["num_hidden_layers"],
                    num_hidden_layers=c.num_hidden_layers, block_size=c.block_size, mask_token_id=c.mask_token_id,
                    target_layer_ids=list(c.target_layer_ids), num_anchors=c.num_anchors, enable_confidence_head=conf,
                    markov_rank=rank, layer_types=["full_attention"] * c.num_hidden_layers)
         cfg["confidence_head_with_markov"] = bool(conf and c.confidence_head_with_markov and rank > 0)
         cfg["markov_head_type"] = c.markov_head_type if dspark else "vanilla"
-    cfg["deepspec"] = {"drafter": name, "config": c.to_dict(), "frozen_from_target": None if include_frozen else (target.name_or_path if target else True)}
+        if not dspark:
+            cfg["dflash_config"] = {"mask_token_id": c.mask_token_id, "target_layer_ids": list(c.target_layer_ids), "block_size": c.block_size}
+    cfg["deepspec"] = {"drafter": name, "config": c.to_dict(), "frozen_from_target": None if include_frozen else (target.name_or_path if target else True),
+                       "checksums": CHECKSUMS_FILE}
     return cfg
 
 
@@ -71,12 +85,32 @@ def export_drafter(drafter, out_dir: str | Path, state_dict: dict | None = None,
     state = state_dict if state_dict is not None else drafter.state_dict()
     tensors = {}
     for k, v in state.items():
-        if k.startswith("rotary.") or (not include_frozen and k in FROZEN):
-            continue
+        if k.startswith("rotary.") or (not include_frozen and k in FROZEN and not (name == "eagle3" and k == "lm_head.weight")):
+            continue  # Eagle3 keeps its LM head: SGLang's loader expects it in the file whenever draft_vocab_size is set
         tensors[k] = v.detach().to("cpu").contiguous().clone()  # clone: tied embed/lm_head must not share storage
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(serving_config(drafter, name, include_frozen, target), indent=2, default=str))
+    # sha256 of both files, checked by load_drafter (engines ignore the extra file; `sha256sum` users can read it too)
+    (out / CHECKSUMS_FILE).write_text(json.dumps(with_self_digest(file_checksums(out, ["config.json", "model.safetensors"])), indent=1))
     return out
+
+
+def check_export_files(path: Path) -> None:
+    """Refuse an export of ours whose files are not the ones written (flipped, truncated, replaced, deleted),
+    naming the file. Folders written by other tools (no checksums, no ``deepspec`` block) are read as they are."""
+    sums = path / CHECKSUMS_FILE
+    if not sums.exists():
+        try:
+            expected = (json.loads((path / "config.json").read_text()).get("deepspec") or {}).get("checksums")
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path / 'config.json'}: unreadable ({e}); the export is corrupt") from None
+        if expected:
+            raise ValueError(f"{sums}: missing (the export recorded its checksums there); the export is incomplete")
+        return
+    recorded = read_json_checked(sums, "the export's checksums")
+    problems = checksum_problems(path, {k: v for k, v in recorded.items() if k != SELF_DIGEST_KEY})
+    if problems:
+        raise ValueError(f"{path}: the export is corrupt:\n  " + "\n  ".join(problems))
 
 
 def load_drafter(path: str | Path, target: TargetConfig | None = None, device: str | torch.device = "cpu",
@@ -87,17 +121,18 @@ def load_drafter(path: str | Path, target: TargetConfig | None = None, device: s
     from deepspec.target import load_frozen_embeddings
 
     path = Path(path)
+    check_export_files(path)
     raw = json.loads((path / "config.json").read_text())
     meta = raw.get("deepspec")
     if meta is not None:
         name, fields = meta["drafter"], meta["config"]
-    elif raw.get("architectures") == ["Qwen3DSparkModel"]:  # a reference-layout folder not written by us
+    elif raw.get("architectures") in (["Qwen3DSparkModel"], ["DFlashDraftModel"]):  # a reference-layout folder not written by us
         name = "dspark" if raw.get("markov_rank", 0) or raw.get("enable_confidence_head") else "dflash"
         keys = DRAFTERS[name].config_class.__dataclass_fields__
         fields = {k: raw[k] for k in keys if k in raw}
         fields["num_hidden_layers"] = raw["num_hidden_layers"]
     else:
-        raise ValueError(f"{path}: config.json is neither a deepspec export nor a Qwen3DSparkModel folder")
+        raise ValueError(f"{path}: config.json is neither a deepspec export nor a Qwen3DSparkModel/DFlashDraftModel folder")
     spec = DRAFTERS[name]
     dcfg = spec.config_class(**fields)
     tconf_dict = {k: v for k, v in raw.items() if k != "deepspec"}

@@ -14,6 +14,8 @@ by the stage itself before it returns (files, W&B runs, process groups), never l
 """
 from __future__ import annotations
 
+import errno
+import functools
 import logging
 import os
 import sys
@@ -22,6 +24,31 @@ import traceback
 from typing import Callable, NoReturn
 
 log = logging.getLogger(__name__)
+
+
+EX_IOERR = 74  # sysexits.h: an input/output error (full disk, read-only or forbidden output)
+STORAGE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                  errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied", errno.EPERM: "not permitted"}
+
+
+def storage_errors_in_one_line(stage: str):
+    """Decorator for a stage's main: a full disk, a read-only or forbidden output folder ends the stage with one
+    line naming the file and what to do (exit status 74), not a traceback. The stages publish files atomically
+    (temporary name, then rename), so what was finished is complete and what was not is not mistaken for it."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except OSError as e:
+                if e.errno not in STORAGE_ERRNOS:
+                    raise
+                where = e.filename or "its output"
+                log.error("%s stopped: %s writing %s. Finished work is kept; free space (or make the folder writable) "
+                          "and rerun the same command to continue.", stage, STORAGE_ERRNOS[e.errno], where)
+                raise SystemExit(EX_IOERR) from None
+        return run
+    return wrap
 
 
 def exit_status(exc: SystemExit) -> int:

@@ -216,12 +216,40 @@ class TargetModel(nn.Module):
         """Like ``forward`` on a KV cache, with an attention mask over past + new positions (holes allowed)
         and explicit position ids (B, S_new). Used by batched speculative decoding."""
         self._captured.clear()
-        self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                     past_key_values=past_key_values, use_cache=True)
+        self.decoder(input_ids=input_ids, attention_mask=self._positional_masks(attention_mask, position_ids),
+                     position_ids=position_ids, past_key_values=past_key_values, use_cache=True)
         layer_hidden = torch.cat([self._captured[i] for i in self.layer_ids], dim=-1)
         final_hidden = self._captured["final"]
         self._captured.clear()
         return layer_hidden, final_hidden
+
+    def _positional_masks(self, mask: torch.Tensor, position_ids: torch.Tensor):
+        """(B, K) slot mask (1 = a real token, 0 = padding or hole) -> what the decoder gets.
+
+        Without sliding-window layers: the 2D mask; HF builds the causal mask from it. With them, HF would
+        measure the window in cache slots, and the holes the batched engine leaves where drafts were rejected
+        would shrink the window below the target's (outputs that differ from plain decoding). So they get
+        explicit additive 4D masks (B, 1, Q, K) in logical positions, per layer type: a key is seen when it is
+        real and not after the query, and, in a sliding layer, fewer than ``sliding_window`` positions back.
+        """
+        cfg = getattr(self.model.config, "text_config", None) or self.model.config
+        window = getattr(cfg, "sliding_window", None)
+        types = list(getattr(cfg, "layer_types", None) or [])
+        slides = bool(window) and ("sliding_attention" in types if types else getattr(cfg, "use_sliding_window", True))
+        if not slides:
+            return mask
+        Q, K = position_ids.shape[1], mask.shape[1]
+        kv_pos = mask.cumsum(1) - 1  # (B, K) logical position of each real slot
+        seen = mask.bool()[:, None, :] & (kv_pos[:, None, :] <= position_ids[:, :, None])  # (B, Q, K)
+        own = torch.zeros(Q, K, dtype=torch.bool, device=mask.device)
+        own[torch.arange(Q), K - Q + torch.arange(Q)] = True  # a padded query still sees its own slot: no empty rows
+        dtype = next(self.model.parameters()).dtype
+
+        def additive(allowed):
+            return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(~(allowed | own), torch.finfo(dtype).min)[:, None]
+
+        near = additive(seen & (position_ids[:, :, None] - kv_pos[:, None, :] < window))
+        return {"full_attention": additive(seen), "sliding_attention": near} if types else near
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

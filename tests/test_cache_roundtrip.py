@@ -19,7 +19,8 @@ from deepspec.data.build import build_cache
 from deepspec.data.cache import quantize
 from deepspec.data.cache.reader import TargetCacheDataset
 from deepspec.data.cache.records import CacheRecord, RecordCodec
-from deepspec.data.cache.shards import WRITERS, commit_file, read_shard, sha256_file
+from deepspec.data.cache.shards import WRITERS, commit_file, read_shard
+from deepspec.integrity import sha256_file
 from deepspec.data.chat import render_sample
 from deepspec.data.sources import Sample, iter_raw_rows, parse_row
 from deepspec.target import TargetModel, load_tokenizer

@@ -15,22 +15,58 @@ from deepspec.decoding.verify import SamplingConfig
 from deepspec.target import TargetModel, final_logit_softcap
 
 
-def save_tiny(path: Path, family: str) -> Path:
-    from transformers import Gemma2Config, Gemma2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+def family_classes(family: str):
+    """(config class, model class, family-specific config fields) of a tiny random text model."""
+    import transformers as T
 
+    return {
+        "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, {"tie_word_embeddings": True}),
+        "gemma2": (T.Gemma2Config, T.Gemma2ForCausalLM, {"final_logit_softcapping": 2.0, "attn_logit_softcapping": 50.0,
+                                                         "sliding_window": 8, "query_pre_attn_scalar": 32}),
+        "llama": (T.LlamaConfig, T.LlamaForCausalLM, {}),
+        "mistral": (T.MistralConfig, T.MistralForCausalLM, {"sliding_window": 8}),
+        "qwen3_moe": (T.Qwen3MoeConfig, T.Qwen3MoeForCausalLM, {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}),
+        "gemma3": (T.Gemma3TextConfig, T.Gemma3ForCausalLM, {"sliding_window": 8, "query_pre_attn_scalar": 32}),
+        "gemma4": (T.Gemma4TextConfig, T.Gemma4ForCausalLM, {"sliding_window": 8}),
+        "qwen3_5": (T.Qwen3_5TextConfig, T.Qwen3_5ForCausalLM, {}),  # hybrid: gated delta-net (linear attention) layers
+    }[family]
+
+
+FAMILIES = ["qwen3", "gemma2", "llama", "mistral", "qwen3_moe", "gemma3", "gemma4", "qwen3_5"]
+UNSUPPORTED_DRAFTING = {"gemma4": "per-layer head sizes: refused by name (test_unsupported_families_are_refused_by_name)",
+                        "qwen3_5": "recurrent linear-attention state: refused by name (test_unsupported_families_are_refused_by_name)"}
+
+
+def save_tiny(path: Path, family: str) -> Path:
     common = dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
                   num_key_value_heads=1, head_dim=32, bos_token_id=0, eos_token_id=2, pad_token_id=0, initializer_range=0.1)
+    config_cls, model_cls, extra = family_classes(family)
     torch.manual_seed(0)
-    if family == "gemma2":
-        model = Gemma2ForCausalLM(Gemma2Config(**common, final_logit_softcapping=2.0, attn_logit_softcapping=50.0,
-                                               sliding_window=8, query_pre_attn_scalar=32))
-    else:
-        model = Qwen3ForCausalLM(Qwen3Config(**common, tie_word_embeddings=True))
+    model = model_cls(config_cls(**common, **extra))
     path.mkdir(parents=True)
     model.save_pretrained(path)
     for f in TOKENIZER_FILES:
         shutil.copy(TOY_DIR / f, path / f)
     return path
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_target_logits_and_layers_equal_hf(tmp_path, family):
+    """Every family's logits and chosen layers (embedding output, layer outputs) are HF's own, to fp32 tolerance:
+    embedding scaling (Gemma), sliding windows, MoE routing, hybrid linear attention (Qwen3.5) included."""
+    from transformers import AutoModelForCausalLM
+
+    path = save_tiny(tmp_path / family, family)
+    target = TargetModel.from_config(TargetConfig(name_or_path=str(path), layer_ids=[-1, 0, 2], dtype="float32", device="cpu",
+                                                  attn_implementation="eager"))
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    ids = torch.randint(4, 4096, (2, 12), generator=torch.Generator().manual_seed(0))
+    layers, final = target(ids, torch.ones_like(ids))
+    with torch.no_grad():
+        out = hf(ids, output_hidden_states=True)
+    hs = out.hidden_states  # hs[0] = embedding output, hs[i + 1] = layer i's output (the last one is after the norm)
+    torch.testing.assert_close(layers, torch.cat([hs[0], hs[1], hs[3]], -1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(target.logits(final), out.logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family,cap", [("gemma2", 2.0), ("qwen3", None)])
@@ -55,11 +91,15 @@ def test_target_logits_equal_hf_logits(tmp_path, family, cap):
         assert (target.lm_head(final) - expected).abs().max() > 1e-2  # the raw head differs: the cap matters here
 
 
-def test_gemma2_speculative_greedy_equals_plain_greedy(tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_speculative_greedy_equals_plain_greedy_per_family(tmp_path, family):
+    """The batched engine (KV cache with holes, crops, explicit positions) on every family: lossless."""
     from deepspec.drafters import DSparkConfig, DSparkDrafter
     from deepspec.target import load_frozen_embeddings
 
-    path = save_tiny(tmp_path / "gemma2", "gemma2")
+    path = save_tiny(tmp_path / family, family)
+    if family in UNSUPPORTED_DRAFTING:
+        pytest.skip(UNSUPPORTED_DRAFTING[family])
     tcfg = TargetConfig(name_or_path=str(path), layer_ids=[0, 2], dtype="float32", device="cpu", mask_token_id=3,
                         attn_implementation="eager")
     target = TargetModel.from_config(tcfg)
@@ -78,3 +118,22 @@ def test_gemma2_speculative_greedy_equals_plain_greedy(tmp_path):
     for n in (5, 9):
         prompt = torch.randint(4, 4096, (n,))
         assert speculative_generate(target, drafter, prompt, 20, greedy).tokens == autoregressive_generate(target, prompt, 20, greedy).tokens
+
+
+def test_unsupported_families_are_refused_by_name(tmp_path):
+    """Gemma-4 (per-layer head sizes) cannot get a drafter yet, Qwen3.5 (recurrent layers) cannot be verified
+    speculatively yet: each says so by family, instead of an IndexError deep in the cache or a wrong output."""
+    from deepspec.decoding.speculative import check_speculative_support
+    from deepspec.drafters import DSparkConfig, DSparkDrafter
+    from deepspec.target import load_frozen_embeddings
+
+    path = save_tiny(tmp_path / "gemma4", "gemma4")
+    tcfg = TargetConfig(name_or_path=str(path), layer_ids=[0, 2], dtype="float32", device="cpu", mask_token_id=3)
+    target = TargetModel.from_config(tcfg)
+    embed, head = load_frozen_embeddings(tcfg)
+    with pytest.raises(ValueError, match="gemma4.*head_dim differs per layer"):
+        DSparkDrafter(DSparkConfig(block_size=3, num_hidden_layers=1, markov_rank=8, target_layer_ids=[0, 2], mask_token_id=3),
+                      target.model.config, embed, head)
+    path = save_tiny(tmp_path / "qwen3_5", "qwen3_5")
+    with pytest.raises(NotImplementedError, match="qwen3_5.*linear_attention.*recurrent state"):
+        check_speculative_support(TargetModel.from_config(TargetConfig(name_or_path=str(path), layer_ids=[0, 2], dtype="float32", device="cpu")))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from deepspec.config.base import ConfigError, WandbConfig, check
 from deepspec.config.data import CacheConfig, DataStageConfig, InputConfig, RegenerateConfig, TargetConfig
@@ -38,10 +39,30 @@ def to_dataclass(cfg: DictConfig, schema: type):
     """Merge a Hydra DictConfig onto ``schema``, convert to the dataclass and validate it."""
     # Through a plain container: keys appended with `+key=...` must meet the schema too.
     plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    merged = OmegaConf.merge(OmegaConf.structured(schema), plain)
+    base = OmegaConf.structured(schema)
+    try:
+        merged = OmegaConf.merge(base, plain)
+    except OmegaConfBaseException as e:
+        key = _first_unmergeable_key(base, plain)
+        if key is None:
+            raise
+        raise ConfigError(f"invalid configuration:\n  - {key}: {str(e).splitlines()[0]}") from None
     obj = OmegaConf.to_object(merged)
     check(obj)
     return obj
+
+
+def _first_unmergeable_key(base: DictConfig, plain: DictConfig, prefix: str = "") -> str | None:
+    """The full key of the first value that cannot merge onto the schema (OmegaConf's own message may not name it)."""
+    for key, value in plain.items():
+        try:
+            OmegaConf.merge(base, {key: value})
+        except OmegaConfBaseException:
+            node = base.get(key) if key in base else None
+            if isinstance(node, DictConfig) and isinstance(value, DictConfig):
+                return _first_unmergeable_key(node, value, f"{prefix}{key}.") or f"{prefix}{key}"
+            return f"{prefix}{key}"
+    return None
 
 
 __all__ = [

@@ -6,6 +6,8 @@ the full key to change (``cache.storage_dtype``). ``check(cfg)`` gathers them an
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
@@ -20,12 +22,35 @@ def one_of(prefix: str, key: str, value: Any, allowed: Iterable[Any]) -> list[st
 
 
 def at_least(prefix: str, key: str, value: float, low: float) -> list[str]:
+    if isinstance(value, float) and not math.isfinite(value):
+        return [f"{prefix}{key}={value!r} must be a finite number >= {low}"]
     return [] if value >= low else [f"{prefix}{key}={value!r} must be >= {low}"]
+
+
+def non_finite(cfg: Any, prefix: str = "") -> list[str]:
+    """Every float anywhere in a config dataclass tree (lists and dicts included) that is inf or NaN, by full key:
+    no setting means "infinitely much", and NaN passes every comparison-based check silently."""
+    if dataclasses.is_dataclass(cfg):
+        items = [(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg)]
+    elif isinstance(cfg, dict):
+        items = list(cfg.items())
+    elif isinstance(cfg, (list, tuple)):
+        items = [(f"[{i}]", v) for i, v in enumerate(cfg)]
+    else:
+        return []
+    out = []
+    for name, value in items:
+        key = f"{prefix}{name}" if str(name).startswith("[") or not prefix else f"{prefix}.{name}"
+        if isinstance(value, float) and not math.isfinite(value):
+            out.append(f"{key}={value!r} must be a finite number")
+        else:
+            out += non_finite(value, key)
+    return out
 
 
 def check(cfg: Any, prefix: str = "") -> None:
     """Raise one ConfigError listing every problem of ``cfg`` (a config dataclass)."""
-    problems = cfg.problems(prefix)
+    problems = non_finite(cfg, prefix.rstrip(".")) or cfg.problems(prefix)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 

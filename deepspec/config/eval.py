@@ -65,6 +65,12 @@ class EvalStageConfig:
         if not self.drafter_path:
             out.append(f"{prefix}drafter_path is required (an exported drafter folder)")
         out += at_least(prefix, "max_new_tokens", self.max_new_tokens, 1) + at_least(prefix, "temperature", self.temperature, 0.0)
+        out += at_least(prefix, "top_k", self.top_k, 0) + at_least(prefix, "sps_max_tokens", self.sps_max_tokens, 1)
+        if not 0.0 < self.top_p <= 1.0:
+            out.append(f"{prefix}top_p={self.top_p} must be in (0, 1]")
+        out += [f"{prefix}serving_loads: {r} requests < 1" for r in self.serving_loads if r < 1]
+        for i, ds in enumerate(self.datasets):
+            out += at_least(f"{prefix}datasets[{i}].", "max_prompts", ds.max_prompts, 1)
         if not self.datasets:
             out.append(f"{prefix}datasets is empty")
         if not 0.0 <= self.calibration_fraction < 1.0:

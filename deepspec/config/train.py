@@ -170,6 +170,8 @@ class TrainStageConfig:
         out = []
         if not self.online and not self.cache_dir:
             out.append(f"{prefix}cache_dir is required unless {prefix}online=true")
+        out += at_least(prefix, "max_length", self.max_length, 2) + at_least(prefix, "min_loss_tokens", self.min_loss_tokens, 1)
+        out += at_least(prefix, "num_workers", self.num_workers, 0)
         if self.online:
             out += self.input.problems(prefix + "input.")
             if self.num_workers:
@@ -178,9 +180,11 @@ class TrainStageConfig:
         out += one_of(prefix, "drafter.name", self.drafter.get("name"), DRAFTER_NAMES)
         out += at_least(prefix, "micro_batch_size", self.micro_batch_size, 1)
         out += at_least(prefix, "global_batch_size", self.global_batch_size, 1)
-        if self.global_batch_size % self.micro_batch_size:
+        if self.micro_batch_size >= 1 and self.global_batch_size % self.micro_batch_size:
             out.append(f"{prefix}global_batch_size={self.global_batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}")
         out += at_least(prefix, "max_steps", self.max_steps, 0)
+        if not self.online and self.input.max_rows is not None:  # online reads input (checked above); offline ignores it
+            out += at_least(prefix + "input.", "max_rows", self.input.max_rows, 1)
         out += self.target.problems(prefix + "target.")
         for name in ("optim", "deepspeed", "checkpoint", "logging", "wandb", "eval"):
             out += getattr(self, name).problems(f"{prefix}{name}.")

@@ -29,7 +29,8 @@ from deepspec import distributed
 from deepspec.config.data import DataStageConfig
 from deepspec.data.cache.manifest import FORMAT_VERSION, check_or_write_plan, finalize, stats_name
 from deepspec.data.cache.records import RecordCodec, supervised_positions
-from deepspec.data.cache.shards import WRITERS, commit_file, sha256_file, shard_name, write_json_atomic
+from deepspec.data.cache.shards import WRITERS, commit_file, shard_name, write_json_atomic
+from deepspec.integrity import sha256_file
 from deepspec.data.chat import RenderedSample, render_sample
 from deepspec.data.regenerate import HFAnswerGenerator, OpenAIAnswerGenerator, regenerate_samples
 from deepspec.data.sources import MalformedRow, Sample, file_sha256, iter_raw_rows, parse_row
@@ -195,8 +196,11 @@ def build_shard(cfg: DataStageConfig, plan: dict, index: int, samples: list[Samp
             thread.put(items)
             bar.update(len(items), tokens=sum(len(i[1]) for i in items))
         stats = thread.close()
-    except BaseException:
+    except BaseException as e:
         thread.abort()
+        writer.tmp.unlink(missing_ok=True)  # never leave a partial shard taking the space a rerun needs
+        if isinstance(e, OSError) and not e.filename:  # pyarrow's write errors do not say which file
+            raise OSError(e.errno, e.strerror or str(e), str(writer.tmp)) from e
         raise
     bar.close()
     # Stats go to disk before the shard is published: a shard under its final name always has them.

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from deepspec.config import CONFIG_DIR, DataStageConfig, register_configs, to_dataclass
 from deepspec.data.cache.manifest import check_target, load_manifest
 from deepspec.data.cache.verify import cache_stats, verify_cache
-from deepspec.process_exit import run_entry_point
+from deepspec.process_exit import run_entry_point, storage_errors_in_one_line
 
 log = logging.getLogger("deepspec.data")
 COMMANDS = ("build", "verify", "stats", "estimate", "finalize")
@@ -80,6 +80,7 @@ def log_manifest_to_wandb(cfg: DataStageConfig, manifest: dict) -> None:
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="data", version_base=None)
+@storage_errors_in_one_line("data")
 def _hydra_main(cfg: DictConfig) -> None:
     code = run(to_dataclass(cfg, DataStageConfig))
     if code:

@@ -122,11 +122,24 @@ def _plain_step(target: TargetModel, batch: _Batch, rows: torch.Tensor, sampling
 
 
 @torch.no_grad()
+def check_speculative_support(target: TargetModel) -> None:
+    """Refuse, by name, targets the engine cannot verify losslessly: layers whose cache is a recurrent state
+    (Qwen3.5/Qwen3-Next linear attention) cannot drop rejected drafts by masking or cropping, so they would keep
+    state from tokens the target never emitted."""
+    cfg = getattr(target.config, "text_config", None) or target.config
+    recurrent = sorted({t for t in (getattr(cfg, "layer_types", None) or []) if t not in ("full_attention", "sliding_attention")})
+    if recurrent:
+        raise NotImplementedError(
+            f"{cfg.model_type}: layers of type {recurrent} keep a recurrent state, which speculative decoding would have to "
+            "snapshot and roll back on rejection; this engine does not yet (caching features and training work)")
+
+
 def speculative_generate_batch(target: TargetModel, session, prompts: list[torch.Tensor], max_new_tokens: int,
                                sampling: SamplingConfig, eos_token_id: int | None = None,
                                generator: torch.Generator | None = None,
                                scheduler: VerifyScheduler | None = None) -> list[GenerationResult]:
     """Speculative decoding of several prompts ((P_i,) token ids) with one drafter session of ``len(prompts)`` rows."""
+    check_speculative_support(target)
     sync = torch.cuda.synchronize if target.device.type == "cuda" else (lambda: None)
     batch, features, ids, prompt_mask = _prefill(target, prompts, sampling, generator, max_new_tokens, eos_token_id)
     session.extend(features, ids, prompt_mask)

@@ -7,6 +7,7 @@ row (which would give NaN).
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
@@ -52,7 +53,12 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
-        # Qwen3RotaryEmbedding only reads the generic RoPE fields (rope_parameters, head_dim).
+        # Qwen3RotaryEmbedding only reads the generic RoPE fields (rope_parameters, head_dim). Targets whose RoPE
+        # differs per layer type (Gemma-3: local vs global base) give the drafter their full-attention RoPE.
+        params = getattr(config, "rope_parameters", None)
+        if isinstance(params, dict) and "full_attention" in params:
+            config = copy.copy(config)
+            config.rope_parameters = params["full_attention"]
         rope = Qwen3RotaryEmbedding(config)
         self.inv_freq_fp32 = rope.inv_freq.detach().float().clone()  # a plain attribute: never cast, never saved
         self.attention_scaling = rope.attention_scaling

@@ -28,6 +28,16 @@ def init_trainable(m: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def target_head_dim(tc) -> int:
+    """The attention head size the drafter's layers copy from the target; a clear error where the target's
+    differs per layer (Gemma-4's global vs local heads), since the drafter's layers are one shape."""
+    try:
+        return getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    except Exception as e:  # noqa: BLE001 -- transformers' per-layer attribute guard
+        raise ValueError(f"{tc.model_type}: the target's head_dim differs per layer ({type(e).__name__}); the drafters copy "
+                         "one layer shape from the target and do not support this family yet") from None
+
+
 class BlockDraftBackbone(nn.Module):
     """fc + hidden_norm + context-injected layers + norm, over a frozen embedding and LM head."""
 
@@ -36,7 +46,7 @@ class BlockDraftBackbone(nn.Module):
         super().__init__()
         tc = target_config
         d, L = tc.hidden_size, len(target_layer_ids)
-        head_dim = getattr(tc, "head_dim", None) or d // tc.num_attention_heads
+        head_dim = target_head_dim(tc)
         self.target_config, self.attention_backend = tc, attention_backend
         self.embed_tokens, self.lm_head = embed_tokens.requires_grad_(False), lm_head.requires_grad_(False)
         self.fc = nn.Linear(L * d, d, bias=False)

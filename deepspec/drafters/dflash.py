@@ -37,7 +37,7 @@ class DFlashConfig:
 
 
 class DFlashDrafter(BlockDraftBackbone):
-    architecture = "Qwen3DSparkModel"  # same layout as DSpark with markov_rank=0 and no confidence head
+    architecture = "DFlashDraftModel"  # DSpark's layout with markov_rank=0 and no confidence head, under the engines' DFlash name
 
     def __init__(self, cfg: DFlashConfig, target_config, embed_tokens: nn.Embedding, lm_head: nn.Linear):
         super().__init__(cfg.num_hidden_layers, cfg.target_layer_ids, cfg.attention_backend, target_config, embed_tokens, lm_head)

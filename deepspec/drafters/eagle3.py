@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepspec.drafters.attention import MLP, RMSNorm, RotaryEmbedding, apply_rope, attend, flex_block_mask
-from deepspec.drafters.block_backbone import init_trainable
+from deepspec.drafters.block_backbone import init_trainable, target_head_dim
 
 
 @dataclass
@@ -116,7 +116,7 @@ class Eagle3Drafter(nn.Module):
         super().__init__()
         tc = target_config
         d, L = tc.hidden_size, len(cfg.target_layer_ids)
-        head_dim = getattr(tc, "head_dim", None) or d // tc.num_attention_heads
+        head_dim = target_head_dim(tc)
         self.cfg, self.target_config = cfg, tc
         self.embed_tokens, self.lm_head = embed_tokens.requires_grad_(False), lm_head.requires_grad_(False)
         self.fc = nn.Linear(L * d, d, bias=False)

@@ -7,12 +7,13 @@ import hydra
 from omegaconf import DictConfig
 
 from deepspec.config import CONFIG_DIR, EvalStageConfig, register_configs, to_dataclass
-from deepspec.process_exit import run_entry_point
+from deepspec.process_exit import run_entry_point, storage_errors_in_one_line
 
 log = logging.getLogger("deepspec.eval")
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="eval", version_base=None)
+@storage_errors_in_one_line("eval")
 def _hydra_main(cfg: DictConfig) -> None:
     stage = to_dataclass(cfg, EvalStageConfig)
     from deepspec.evaluation.harness import EvalHarness

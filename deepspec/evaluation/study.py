@@ -16,7 +16,6 @@ test of the pipeline. Finished steps are skipped on a rerun (a killed study resu
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from omegaconf import OmegaConf
 
 from deepspec.config.base import check
 from deepspec.config.study import BLOCK_DRAFTERS, StudyConfig
+from deepspec.integrity import sha256_file
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
@@ -46,14 +46,6 @@ def load_study_config(path: str | Path, quick: bool = False, overrides: list[str
     cfg = OmegaConf.to_object(merged)
     check(cfg)
     return cfg
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def device_info() -> dict:

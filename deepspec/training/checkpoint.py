@@ -2,9 +2,11 @@
 states, published with a ``complete`` marker once every rank has written its part.
 
 Layout: ``<run_dir>/checkpoints/step_00000100/{DeepSpeed files, trainer_state_rank{r}.json and
-.safetensors, complete}``. ``resume=auto`` takes the newest complete checkpoint (a save cut short by a
-kill has no marker and is ignored); ``resume=never`` starts fresh; any other value is a checkpoint
-directory.
+.safetensors, complete}``. The ``complete`` marker is JSON: the step and the sha256 of every file of the
+checkpoint, checked before anything is loaded. ``resume=auto`` takes the newest complete checkpoint that
+checks out (a save cut short by a kill has no marker and is ignored; a corrupt one is skipped, loudly,
+for the one before it); ``resume=never`` starts fresh; any other value is a checkpoint directory, which
+must check out.
 
 A checkpoint may come from elsewhere (``resume=<path>``), and a pickle can run code when loaded.
 So the trainer's own state is JSON (step, data position, Python/NumPy RNG) plus safetensors (torch
@@ -25,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from deepspec import distributed
+from deepspec.integrity import checksum_problems, read_json_checked, sha256_file, with_self_digest
 
 log = logging.getLogger(__name__)
 MARKER = "complete"
@@ -32,6 +35,42 @@ MARKER = "complete"
 
 class UnsafeCheckpointError(ValueError):
     """A checkpoint file holds objects that loading would have to execute code to build."""
+
+
+class CheckpointCorruptError(ValueError):
+    """A checkpoint file's bytes are not the ones its ``complete`` marker recorded (or it is missing)."""
+
+
+def write_marker(path: Path, step: int) -> None:
+    """Publish a checkpoint: the marker lists every file's sha256 (written last, so its presence means complete)."""
+    files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() and not p.name.endswith(MARKER + ".tmp")
+                   and p.name != MARKER)
+    tmp = path / f".{MARKER}.tmp"
+    marker = with_self_digest({"step": step, "sha256": {f: sha256_file(path / f) for f in files}})
+    tmp.write_text(json.dumps(marker, indent=1, sort_keys=True))
+    tmp.replace(path / MARKER)
+
+
+def verify_checkpoint(path: Path) -> list[str]:
+    """Problems of a checkpoint directory against its marker (empty: every file is as written)."""
+    marker = path / MARKER
+    if marker.read_bytes().strip().isdigit():  # a marker from before checksums: the step only
+        log.warning("%s: written without checksums (an older deepspec); its files are not verified", path)
+        return []
+    try:
+        recorded = read_json_checked(marker, "the checkpoint marker", CheckpointCorruptError)
+    except (OSError, CheckpointCorruptError) as e:
+        return [str(e)]
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("sha256"), dict):
+        return [f"{marker}: no file checksums (corrupt)"]
+    out = []
+    for name, digest in sorted(recorded["sha256"].items()):
+        parts = Path(name).parts
+        if Path(name).is_absolute() or ".." in parts:
+            out.append(f"{marker}: entry {name!r} points outside the checkpoint (refused)")
+            continue
+        out += checksum_problems(path / Path(name).parent, {Path(name).name: digest})
+    return out
 
 
 def deepspeed_safe_globals() -> list:
@@ -105,15 +144,20 @@ class CheckpointManager:
                             "(they will be overwritten as training reaches their steps)", self.dir)
             return None
         if resume == "auto":
-            found = self.complete()
-            if not found:
-                log.warning("RESUME: resume=auto, no complete checkpoint in %s: starting from scratch", self.dir)
-                return None
-            path = found[-1]
-        else:
-            path = Path(resume)
-            if not (path / MARKER).exists():
-                raise FileNotFoundError(f"checkpoint.resume={resume}: not a complete checkpoint (no '{MARKER}' marker)")
+            for path in reversed(self.complete()):
+                problems = verify_checkpoint(path)
+                if not problems:
+                    log.warning("RESUME: resuming from %s", path)
+                    return path
+                log.error("RESUME: skipping the corrupt checkpoint %s:\n  %s", path, "\n  ".join(problems[:10]))
+            log.warning("RESUME: resume=auto, no complete, intact checkpoint in %s: starting from scratch", self.dir)
+            return None
+        path = Path(resume)
+        if not (path / MARKER).exists():
+            raise FileNotFoundError(f"checkpoint.resume={resume}: not a complete checkpoint (no '{MARKER}' marker)")
+        problems = verify_checkpoint(path)
+        if problems:
+            raise CheckpointCorruptError(f"checkpoint.resume={resume} is corrupt:\n  " + "\n  ".join(problems[:10]))
         log.warning("RESUME: resuming from %s", path)
         return path
 
@@ -127,7 +171,7 @@ class CheckpointManager:
         save_trainer_state(path, self.rank, trainer_state)
         distributed.barrier()
         if self.rank == 0:
-            (path / MARKER).write_text(str(step))
+            write_marker(path, step)
             for old in self.complete()[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         distributed.barrier()

@@ -14,12 +14,13 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from deepspec.config import CONFIG_DIR, TrainStageConfig, register_configs, to_dataclass
-from deepspec.process_exit import run_entry_point
+from deepspec.process_exit import run_entry_point, storage_errors_in_one_line
 
 log = logging.getLogger("deepspec.train")
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base=None)
+@storage_errors_in_one_line("train")
 def _hydra_main(cfg: DictConfig) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _cuda() else "cpu")
     stage = to_dataclass(cfg, TrainStageConfig)

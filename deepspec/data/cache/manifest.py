@@ -3,7 +3,8 @@
 A build first writes ``plan.json`` (the settings that fix the cache's bytes: target identity,
 layers, dtype, format, sources, ...). Each finished shard has a sidecar ``shard-K.stats.json``
 with its counts and sha256. Once every shard exists, ``finalize`` folds plan and sidecars into
-``manifest.json``. A cache is complete exactly when manifest.json exists.
+``manifest.json``, which carries the sha256 of its own content (``content_sha256``), checked with
+the shards' at read time. A cache is complete exactly when manifest.json exists.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 from pathlib import Path
 
 from deepspec.data.cache.shards import shard_name, write_json_atomic
+from deepspec.integrity import read_json_checked, with_self_digest
 from deepspec.target import TargetIdentity
 
 FORMAT_VERSION = 1
@@ -69,6 +71,7 @@ def finalize(out_dir: Path) -> dict:
         "bytes_per_token": total_bytes / max(counts["tokens"], 1),
         "shards": shards,
     }
+    manifest = with_self_digest(manifest)  # a flipped byte in the manifest itself is caught at read time
     write_json_atomic(out_dir / MANIFEST, manifest)
     return manifest
 
@@ -78,7 +81,7 @@ def load_manifest(cache_dir: str | Path) -> dict:
     if not path.exists():
         hint = " (a build is in progress or was interrupted: rerun it to resume)" if (Path(cache_dir) / PLAN).exists() else ""
         raise FileNotFoundError(f"{path} not found: {cache_dir} is not a finished deepspec cache{hint}")
-    manifest = json.loads(path.read_text())
+    manifest = read_json_checked(path, "the cache manifest", CacheCorruptError)
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CacheMismatchError(f"{path}: format_version {manifest.get('format_version')} is not {FORMAT_VERSION}")
     for shard in manifest.get("shards", []):

@@ -11,7 +11,6 @@ manifest (not the tar) holds the layout.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import uuid
@@ -37,14 +36,6 @@ def shard_name(index: int, fmt: str) -> str:
     return f"shard-{index:06d}{SHARD_SUFFIX[fmt]}"
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def commit_file(tmp: Path, final: Path) -> None:
     """fsync ``tmp``, rename it to ``final`` and fsync the directory (atomic publish)."""
     with open(tmp, "rb+") as f:
@@ -61,8 +52,12 @@ def write_json_atomic(path: Path, obj) -> None:
     # A tmp name of this process's own: independent parts (Slurm array tasks) write plan.json and
     # manifest.json concurrently; each publishes a complete, identical file.
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    commit_file(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+        commit_file(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class ParquetShardWriter:

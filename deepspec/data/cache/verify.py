@@ -12,7 +12,8 @@ from pathlib import Path
 
 from deepspec.data.cache.manifest import load_manifest
 from deepspec.data.cache.records import RecordCodec
-from deepspec.data.cache.shards import read_shard, sha256_file
+from deepspec.data.cache.shards import read_shard
+from deepspec.integrity import sha256_file
 
 SHARD_RE = re.compile(r"^shard-\d{6}\.(parquet|tar)$")
 

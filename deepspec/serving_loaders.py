@@ -1,0 +1,189 @@
+"""What the serving engines' draft loaders read from a drafter folder, as data, and a check of an export
+against it. ``docs/serving_loaders.md`` renders the same table (``requirements_markdown``) with the notes.
+
+Read from the engines' public source (file and commit of the version read in ``source``); nothing here
+runs an engine. Layer-id conventions differ between engines, so they are spelled out:
+``target_layer_ids`` (ours, DeepSpec's, SGLang's nested Eagle3 ids) name layer *outputs* (HF
+``hidden_states[i + 1]``); vLLM's top-level ``eagle_aux_hidden_state_layer_ids`` name layer *inputs*
+(``hidden_states[i]``), so they are ours + 1.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from safetensors import safe_open
+
+Check = tuple[str, Callable[[dict, dict], bool]]  # (what must hold, predicate(config, {tensor name: shape}))
+
+
+@dataclass(frozen=True)
+class LoaderRequirements:
+    engine: str
+    drafter: str  # dspark | dflash | eagle3
+    source: str  # repo/path@commit of the loader version read
+    architectures: tuple[str, ...]
+    config_keys: tuple[str, ...]  # required; dotted = nested
+    tensors: tuple[str, ...]  # regexes every export must contain a match for
+    checks: tuple[Check, ...] = field(default_factory=tuple)
+    notes: str = ""
+
+
+def _get(cfg: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(cfg, dict) or part not in cfg:
+            return None
+        cfg = cfg[part]
+    return cfg
+
+
+def _names(tensors: dict, pattern: str) -> list[str]:
+    return [n for n in tensors if re.fullmatch(pattern, n)]
+
+
+BACKBONE = (r"layers\.\d+\.self_attn\.[qkvo]_proj\.weight", r"layers\.\d+\.self_attn\.[qk]_norm\.weight",
+            r"layers\.\d+\.mlp\.(gate|up|down)_proj\.weight", r"layers\.\d+\.(input|post_attention)_layernorm\.weight",
+            r"fc\.weight", r"hidden_norm\.weight", r"norm\.weight")
+EAGLE3 = (r"midlayer\.self_attn\.[qkvo]_proj\.weight", r"midlayer\.mlp\.(gate|up|down)_proj\.weight",
+          r"midlayer\.(input_layernorm|hidden_norm|post_attention_layernorm)\.weight", r"fc\.weight", r"norm\.weight")
+QWEN3_SHAPE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+               "intermediate_size", "rms_norm_eps", "vocab_size")
+
+_full_vocab_or_d2t: Check = ("a reduced draft vocabulary ships d2t (offset: target id = draft id + d2t[id]) and lm_head",
+                             lambda c, t: (c.get("draft_vocab_size") or c["vocab_size"]) >= c["vocab_size"]
+                             or ("d2t" in t and "lm_head.weight" in t))
+_no_unknown_markov: Check = ("no markov_head.* tensors beyond the head type's own",
+                             lambda c, t: all(re.fullmatch(r"markov_head\.(markov_w[12]\.weight|gate_proj\.(weight|bias)|joint_proj\.(weight|bias))", n)
+                                              for n in t if n.startswith("markov_head.")))
+
+REQUIREMENTS: tuple[LoaderRequirements, ...] = (
+    LoaderRequirements(
+        "vLLM", "dspark", "vllm-project/vllm vllm/model_executor/models/qwen3_dspark.py@0302ff40 (+ qwen3_dflash.py@036a00d1, "
+        "v1/worker/gpu/spec_decode/eagle/eagle3_utils.py@0cfdd2e1, config/speculative.py@002e77c1)",
+        ("Qwen3DSparkModel",), (*QWEN3_SHAPE, "markov_rank", "mask_token_id", "target_layer_ids"),
+        (*BACKBONE, r"markov_head\.markov_w1\.weight", r"markov_head\.markov_w2\.weight"),
+        (("markov_rank > 0", lambda c, t: (c.get("markov_rank") or 0) > 0),
+         ("markov_head_type is vanilla (the Qwen3 loader builds only the vanilla head)",
+          lambda c, t: c.get("markov_head_type", "vanilla") == "vanilla"),
+         ("confidence_head_with_markov written (its default differs between engines)", lambda c, t: "confidence_head_with_markov" in c),
+         ("an enabled confidence head ships proj.weight and proj.bias",
+          lambda c, t: not c.get("enable_confidence_head") or {"confidence_head.proj.weight", "confidence_head.proj.bias"} <= set(t)),
+         _full_vocab_or_d2t,
+         ("no rotary/mask tensors (AutoWeightsLoader refuses unknown names)",
+          lambda c, t: not any(n.startswith(("rotary", "mask_hidden", "mask_embedding")) for n in t))),
+        "block_size is not read: pass num_speculative_tokens = block_size. Never name the architecture DSparkDraftModel "
+        "(vLLM <= 0.28 maps it to the DeepSeek-V4 drafter)."),
+    LoaderRequirements(
+        "vLLM", "dflash", "vllm-project/vllm vllm/model_executor/models/qwen3_dflash.py@036a00d1",
+        ("DFlashDraftModel",), (*QWEN3_SHAPE, "mask_token_id", "target_layer_ids"), BACKBONE,
+        (("no markov_head/confidence_head tensors", lambda c, t: not any(n.startswith(("markov_head", "confidence_head")) for n in t)),
+         _full_vocab_or_d2t),
+        "method=dflash wraps the config and prefixes 'DFlash' to any architecture not already named DFlash*, "
+        "so a DFlash export named Qwen3DSparkModel would not load."),
+    LoaderRequirements(
+        "vLLM", "eagle3", "vllm-project/vllm vllm/model_executor/models/llama_eagle3.py@00bd1493 (+ eagle3_utils.py@0cfdd2e1)",
+        ("LlamaForCausalLMEagle3",), (*QWEN3_SHAPE, "eagle_aux_hidden_state_layer_ids"), EAGLE3,
+        (("top-level eagle_aux_hidden_state_layer_ids = layer inputs = target_layer_ids + 1",
+          lambda c, t: c.get("eagle_aux_hidden_state_layer_ids") == [i + 1 for i in (_get(c, "eagle_config.eagle_aux_hidden_state_layer_ids") or [])]),
+         ("norm_before_residual written false (the midlayer's residual is the un-normed hidden state)",
+          lambda c, t: c.get("norm_before_residual") is False),
+         _full_vocab_or_d2t),
+        "vLLM reads the top-level ids as layer inputs (no +1); the V2 runner ignores the nested ids."),
+    LoaderRequirements(
+        "SGLang", "dspark", "sgl-project/sglang python/sglang/srt/models/dspark.py@01f47623 "
+        "(+ speculative/dspark_components/dspark_config.py@01f47623)",
+        ("Qwen3DSparkModel",), (*QWEN3_SHAPE, "markov_rank", "markov_head_type", "mask_token_id", "target_layer_ids",
+                                "num_target_layers", "confidence_head_with_markov"),
+        (*BACKBONE, r"markov_head\.markov_w1\.weight", r"markov_head\.markov_w2\.weight", r"confidence_head\.proj\.(weight|bias)"),
+        (("markov_rank > 0", lambda c, t: (c.get("markov_rank") or 0) > 0),
+         ("markov_head_type in vanilla/gated/rnn with its tensors",
+          lambda c, t: {"vanilla": True, "gated": bool(_names(t, r"markov_head\.gate_proj\.(weight|bias)")),
+                        "rnn": bool(_names(t, r"markov_head\.joint_proj\.(weight|bias)"))}.get(c.get("markov_head_type"), False)),
+         ("target_layer_ids inside num_target_layers", lambda c, t: all(-1 <= i < c["num_target_layers"] for i in c["target_layer_ids"])),
+         _no_unknown_markov,
+         ("no speculators_model_type (the speculators slot convention is refused)", lambda c, t: "speculators_model_type" not in c)),
+        "The confidence head is built in every non-static ragged-verify mode whatever enable_confidence_head says, so its "
+        "weights must be present. embed_tokens/lm_head are skipped (the target's are used); draft_vocab_size is ignored."),
+    LoaderRequirements(
+        "SGLang", "dflash", "sgl-project/sglang python/sglang/srt/models/dflash.py@003b23d7",
+        ("DFlashDraftModel",), (*QWEN3_SHAPE, "mask_token_id", "target_layer_ids", "num_target_layers", "block_size"), BACKBONE,
+        (("target_layer_ids inside num_target_layers", lambda c, t: all(-1 <= i < c["num_target_layers"] for i in c["target_layer_ids"])),),
+        "A DFlash folder named Qwen3DSparkModel would load SGLang's DSpark class and fail on markov_rank 0."),
+    LoaderRequirements(
+        "SGLang", "eagle3", "sgl-project/sglang python/sglang/srt/models/llama_eagle3.py@03d5a777",
+        ("LlamaForCausalLMEagle3",), (*QWEN3_SHAPE, "draft_vocab_size", "eagle_config.eagle_aux_hidden_state_layer_ids"),
+        (*EAGLE3, r"lm_head\.weight"),
+        (("tie_word_embeddings false", lambda c, t: c.get("tie_word_embeddings") is False),
+         ("three aux layers (fc is target_hidden_size x 3 in the versions read)",
+          lambda c, t: len(_get(c, "eagle_config.eagle_aux_hidden_state_layer_ids") or []) == 3)),
+        "SGLang reads only the nested ids (layer outputs; it adds +1 itself). With draft_vocab_size set, lm_head must be in "
+        "the file: a missing one is not detected and stays uninitialised."),
+    LoaderRequirements(
+        "TensorRT-LLM", "eagle3", "NVIDIA/TensorRT-LLM tensorrt_llm/_torch/models/modeling_speculative.py@00679c66",
+        ("LlamaForCausalLMEagle3",), (*QWEN3_SHAPE,), EAGLE3, (_full_vocab_or_d2t,),
+        "Capture layers come from the LLM API's eagle3_layers_to_capture (layer outputs), not the checkpoint."),
+    LoaderRequirements(
+        "TensorRT-LLM", "dflash", "NVIDIA/TensorRT-LLM tensorrt_llm/_torch/models/modeling_dflash.py@7c7504c0",
+        ("DFlashDraftModel",), (*QWEN3_SHAPE, "dflash_config.target_layer_ids", "dflash_config.mask_token_id", "block_size"),
+        BACKBONE, (),
+        "Reads target_layer_ids only from dflash_config. TensorRT-LLM has no merged Qwen3 DSpark loader (PR #16813 closed)."),
+)
+
+
+def read_export(path: str | Path) -> tuple[dict, dict]:
+    """-> (config.json, {tensor name: shape}) without loading tensor data."""
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        tensors = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    return config, tensors
+
+
+def export_kind(config: dict) -> str:
+    meta = config.get("deepspec") or {}
+    if meta.get("drafter"):
+        return meta["drafter"]
+    arch = (config.get("architectures") or [""])[0]
+    return "eagle3" if "Eagle3" in arch else "dflash" if arch.startswith("DFlash") else "dspark"
+
+
+def check_export(path: str | Path) -> dict[str, list[str]]:
+    """Every loader of this drafter kind -> the requirements the export at ``path`` misses (empty = it should load)."""
+    config, tensors = read_export(path)
+    kind = export_kind(config)
+    out = {}
+    for req in REQUIREMENTS:
+        if req.drafter != kind:
+            continue
+        problems = []
+        if not set(config.get("architectures") or []) & set(req.architectures):
+            problems.append(f"architectures {config.get('architectures')} is not one of {list(req.architectures)}")
+        problems += [f"config key '{k}' missing" for k in req.config_keys if _get(config, k) is None]
+        problems += [f"no tensor matches '{p}'" for p in req.tensors if not _names(tensors, p)]
+        problems += [f"fails: {desc}" for desc, ok in req.checks if not _safe(ok, config, tensors)]
+        out[f"{req.engine} {req.drafter}"] = problems
+    return out
+
+
+def _safe(pred, config, tensors) -> bool:
+    try:
+        return bool(pred(config, tensors))
+    except (KeyError, TypeError):
+        return False
+
+
+def requirements_markdown() -> str:
+    """The table of ``docs/serving_loaders.md``."""
+    lines = ["| engine | drafter | architectures | config keys required | tensors required | also checked | loader read |",
+             "|---|---|---|---|---|---|---|"]
+    for r in REQUIREMENTS:
+        tensors = ", ".join(f"`{p}`" for p in r.tensors if not p.startswith("layers"))
+        if any(p.startswith("layers") for p in r.tensors):
+            tensors = "`layers.{i}.*` (Qwen3 names), " + tensors
+        keys = ", ".join(f"`{k}`" for k in r.config_keys if k not in QWEN3_SHAPE)
+        lines.append(f"| {r.engine} | {r.drafter} | {', '.join(f'`{a}`' for a in r.architectures)} | the Qwen3 shape keys, {keys or '-'} | "
+                     f"{tensors} | {'; '.join(d for d, _ in r.checks) or '-'} | {r.source} |")
+    return "\n".join(lines)

@@ -1,0 +1,53 @@
+"""A full disk stops a stage with one line naming the file, leaves no partial file, and a rerun after freeing
+space finishes the cache byte-identical to an uninterrupted build. Uses a real size-limited tmpfs (needs
+root to mount; skipped elsewhere)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mnt = tmp_path / f"tmpfs-{uuid.uuid4().hex[:6]}"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def build(out: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", "DEEPSPEC_AUTO_PRECISION": "fp32"}
+    return subprocess.run([sys.executable, "data/cache.py", "build", "target=toy", "input.paths=[deepspec/assets/toy_prompts/train.jsonl]",
+                           "input.max_rows=16", "cache.samples_per_shard=4", f"out_dir={out}", "hydra.run.dir=" + str(out.parent / "hydra"),
+                           "progress=false"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_disk_full_is_one_line_no_partial_file_and_a_rerun_finishes_identically(small_disk, tmp_path):
+    out = small_disk / "cache"
+    full = build(out)
+    assert full.returncode == 74, full.stderr[-2000:]
+    said = full.stdout + full.stderr
+    line = next(ln for ln in said.splitlines() if "data stopped: no space left on the device writing" in ln)
+    assert str(out) in line and "rerun the same command" in line
+    assert "Traceback" not in said, said[-3000:]
+    assert not list(out.rglob("*.tmp")), "a partial file was left behind"
+    finished = sorted(p.name for p in out.glob("shard-*.parquet"))
+    assert not (out / "manifest.json").exists() and len(finished) < 4
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    again = build(out)
+    assert again.returncode == 0, again.stderr[-2000:]
+    reference = build(tmp_path / "reference")
+    assert reference.returncode == 0
+    shards = lambda p: [(s["file"], s["sha256"]) for s in json.loads((p / "manifest.json").read_text())["shards"]]
+    assert shards(out) == shards(tmp_path / "reference")

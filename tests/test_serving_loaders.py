@@ -1,0 +1,78 @@
+"""Exports against what vLLM's, SGLang's and TensorRT-LLM's draft loaders read (deepspec/serving_loaders.py),
+and docs/serving_loaders.md rendering the same table."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from deepspec.export import export_drafter, load_drafter
+from deepspec.serving_loaders import check_export, requirements_markdown
+from deepspec.training.trainer import build_drafter
+from test_online_and_export import DRAFTER, train_cfg
+
+KINDS = {"dspark": DRAFTER["dspark"], "dspark_gated": {**DRAFTER["dspark"], "markov_head_type": "gated"},
+         "dspark_rnn": {**DRAFTER["dspark"], "markov_head_type": "rnn"}, "dflash": DRAFTER["dflash"], "eagle3": DRAFTER["eagle3"]}
+# what is expected not to load, with the reason the table gives
+EXPECTED = {("dspark_gated", "vLLM dspark"): "markov_head_type is vanilla", ("dspark_rnn", "vLLM dspark"): "markov_head_type is vanilla"}
+
+
+def export(tiny_target, tmp_path, kind: str, include_frozen: bool = True) -> Path:
+    cfg = train_cfg(tiny_target, [], KINDS[kind], cache_dir="unused")
+    drafter, _ = build_drafter(cfg, torch.device("cpu"))
+    return export_drafter(drafter, tmp_path / f"{kind}-{include_frozen}", include_frozen=include_frozen, target=cfg.target)
+
+
+@pytest.mark.parametrize("include_frozen", [True, False])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_every_export_meets_its_loaders_requirements(tiny_target, tmp_path, kind, include_frozen):
+    report = check_export(export(tiny_target, tmp_path, kind, include_frozen))
+    assert report, "no loader checked"
+    for loader, problems in report.items():
+        expected = EXPECTED.get((kind, loader))
+        if expected:
+            assert problems and all(expected in p for p in problems), problems
+        else:
+            assert problems == [], (loader, problems)
+
+
+def _rewrite(path: Path, config_edit=None, drop: tuple[str, ...] = ()) -> Path:
+    cfg = json.loads((path / "config.json").read_text())
+    if config_edit:
+        config_edit(cfg)
+    (path / "config.json").write_text(json.dumps(cfg))
+    tensors = {k: v for k, v in load_file(path / "model.safetensors").items() if k not in drop}
+    save_file(tensors, path / "model.safetensors")
+    return path
+
+
+def test_exports_the_loaders_would_refuse_are_caught(tiny_target, tmp_path):
+    # the old DFlash layout: named like DSpark, which SGLang would build as a DSpark with markov_rank 0
+    old = _rewrite(export(tiny_target, tmp_path, "dflash"), lambda c: c.update(architectures=["Qwen3DSparkModel"]))
+    assert all(any("architectures" in p for p in problems) for problems in check_export(old).values())
+    # Eagle3 ids only nested: vLLM would read layer inputs one layer early (or fall back to its default layers)
+    nested = _rewrite(export(tiny_target, tmp_path, "eagle3"), lambda c: c.pop("eagle_aux_hidden_state_layer_ids"))
+    assert check_export(nested)["vLLM eagle3"] and not check_export(nested)["SGLang eagle3"]
+    # SGLang range-checks the target layers against num_target_layers; a missing confidence bias is refused
+    no_n = _rewrite(export(tiny_target, tmp_path, "dspark"), lambda c: c.pop("num_target_layers"), drop=("confidence_head.proj.bias",))
+    report = check_export(no_n)
+    assert any("num_target_layers" in p for p in report["SGLang dspark"])
+    assert any("proj.bias" in p or "confidence_head" in p for p in report["vLLM dspark"])
+    # Eagle3 with draft_vocab_size but no LM head: SGLang would leave it uninitialised
+    headless = _rewrite(export(tiny_target, tmp_path, "eagle3"), drop=("lm_head.weight",))
+    assert any("lm_head" in p for p in check_export(headless)["SGLang eagle3"])
+
+
+def test_reference_layout_dflash_folders_load(tiny_target, tmp_path):
+    """A DFlashDraftModel folder without our metadata (as another tool writes it) loads as a DFlash drafter."""
+    path = _rewrite(export(tiny_target, tmp_path, "dflash"), lambda c: c.pop("deepspec"))
+    cfg = train_cfg(tiny_target, [], KINDS["dflash"], cache_dir="unused")
+    assert type(load_drafter(path, target=cfg.target)).__name__ == "DFlashDrafter"
+
+
+def test_the_docs_table_is_the_checked_table():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "serving_loaders.md").read_text()
+    assert requirements_markdown() in doc, "docs/serving_loaders.md is stale: paste deepspec.serving_loaders.requirements_markdown()"
