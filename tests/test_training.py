@@ -123,3 +123,21 @@ def test_overfitting_a_tiny_cache_drives_expected_tau_up(toy_cache, tmp_path):
     assert last > first + 0.3, [round(r["expected_tau"], 2) for r in logs]
     assert logs[-1]["loss"] < logs[0]["loss"]
     assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))  # W&B offline wrote its run file
+
+
+def test_a_stale_extension_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
+    """A killed DeepSpeed op build leaves torch's cpp_extension lock; every later start would wait on it forever."""
+    import os
+    import time
+
+    from deepspec.training.engine import clear_stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale, fresh = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock", tmp_path / "py311_cpu" / "other_op" / "lock"
+    for lock in (stale, fresh):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    assert clear_stale_build_locks() == [str(stale)]
+    assert not stale.exists() and fresh.exists()

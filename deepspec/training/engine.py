@@ -7,6 +7,7 @@ CPU (gloo, no DeepSpeed CUDA ops to build) and on GPUs.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -50,9 +51,38 @@ def warmup_cosine(total_steps: int, warmup_ratio: float, min_ratio: float):
     return factor
 
 
+def clear_stale_build_locks(max_age_s: float = 900.0) -> list[str]:
+    """Remove torch C++-extension build locks older than ``max_age_s``; -> the paths removed.
+
+    DeepSpeed builds its ops (on the CPU: ``deepspeed_shm_comm``) with torch's cpp_extension, which takes a
+    ``lock`` file and waits on it without a timeout. A process killed mid-build (a preemption, a SIGKILL) leaves
+    the lock, and every later start then hangs silently (seen: a training run stuck 11 minutes at start-up). A
+    build takes about a minute here; a lock this old has no owner."""
+    import logging
+    import time
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    removed = []
+    for lock in Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()).glob("*/*/lock"):
+        try:
+            if time.time() - lock.stat().st_mtime > max_age_s:
+                lock.unlink()
+                removed.append(str(lock))
+        except OSError:
+            continue
+    if removed:
+        logging.getLogger(__name__).warning("removed stale extension build locks (a killed build left them; DeepSpeed "
+                                            "would wait on them forever): %s", ", ".join(removed))
+    return removed
+
+
 def build_engine(model: torch.nn.Module, cfg: TrainStageConfig, total_steps: int, world: int):
     """-> (DeepSpeed engine, lr scheduler). The scheduler steps with every optimizer step."""
     import deepspeed
+
+    clear_stale_build_locks()
 
     params = [p for p in model.parameters() if p.requires_grad]
     fused = torch.cuda.is_available()
