@@ -38,7 +38,15 @@ def main() -> None:
         from deepspec.evaluation.study_report import write_report
 
         records = [json.loads(p.read_text()) for p in sorted((results / "runs").glob("*.json"))]
-        write_report(json.loads((results / "study.json").read_text()), records, results)
+        wanted = {r["id"] for r in study.runs()}
+        records = [r for r in records if r["id"] in wanted]
+        missing = sorted(wanted - {r["id"] for r in records})
+        if missing:  # a study stopped before its last runs: their claims read "inconclusive"
+            print(f"runs not finished (left out of the report): {', '.join(missing)}")
+        from dataclasses import asdict
+
+        write_report({"config": asdict(cfg), "quick": args.quick, "device": records[0]["device"], "data": records[0]["data"],
+                      "runs": [r["id"] for r in records], "missing_runs": missing}, records, results)
     else:
         study.run()
     print(f"report: {results / 'README.md'}")

@@ -206,6 +206,8 @@ def write_report(study: dict, records: list[dict], results_dir: str | Path) -> P
         f"{sets}, {cfg['max_new_tokens']} new tokens "
         f"per turn. Training prompts found in the held-out sets: {sum(data['train_eval_overlap'].values())}.",
         "",
+        *([f"**Runs not finished, left out (their claims read inconclusive where they were needed): "
+           f"{', '.join(study['missing_runs'])}.**", ""] if study.get("missing_runs") else []),
         "## Verdicts",
         "",
         "Rules: *reproduced* = the paper's sign on every seed and beyond the seed spread; *not reproduced* = the opposite "
