@@ -25,16 +25,12 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 
 def stage_config(precision: str, cache: Path, run_dir: Path):
-    from hydra import compose, initialize_config_dir
+    """The demo's DSpark settings at one precision (bench_train.py builds the stage config)."""
+    from bench_train import stage_config as train_stage_config
 
-    from deepspec.config import CONFIG_DIR, TrainStageConfig, register_configs, to_dataclass
+    from deepspec.config.study import StudyDrafter
 
-    register_configs()
-    overrides = ["target=toy", "drafter=dspark", f"cache_dir={cache}", f"run_dir={run_dir}", "global_batch_size=8",
-                 "drafter.num_anchors=64", f"deepspeed.precision={precision}", "logging.progress=false", "eval.val_fraction=0",
-                 "checkpoint.every_steps=1000000", "max_steps=1000"]
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        return to_dataclass(compose("train", overrides=overrides), TrainStageConfig)
+    return train_stage_config(StudyDrafter("dspark"), cache, run_dir, [f"deepspeed.precision={precision}"], anchors=64)
 
 
 def main() -> None:
@@ -48,18 +44,13 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from deepspec.config.data import DataStageConfig, InputConfig, TargetConfig
-    from deepspec.data.build import build_cache
+    from bench_train import small_cache
     from deepspec.precision import cpu_flags, cpu_name, native_bf16, resolve_precision
     from deepspec.training.trainer import Trainer
 
     torch.set_num_threads(args.threads)
     work = Path(args.work_dir)
-    cache = work / "cache"
-    if not (cache / "manifest.json").exists():
-        build_cache(DataStageConfig(out_dir=str(cache), target=TargetConfig(name_or_path="toy", dtype="float32"),
-                                    input=InputConfig(paths=[str(REPO / "deepspec/assets/toy_prompts/train.jsonl")], max_rows=64),
-                                    progress=False))
+    cache = small_cache(work / "cache", 64)
     timings: dict[str, list[float]] = {p: [] for p in args.precisions}
     for rep in range(args.repeats):
         for p in args.precisions:

@@ -39,6 +39,18 @@ SETTINGS = {
 }
 
 
+def small_cache(cache: Path, rows: int) -> Path:
+    """A toy cache of ``rows`` training prompts, built once (shared with bench_precision.py)."""
+    from deepspec.config.data import DataStageConfig, InputConfig, TargetConfig
+    from deepspec.data.build import build_cache
+
+    if not (cache / "manifest.json").exists():
+        build_cache(DataStageConfig(out_dir=str(cache), target=TargetConfig(name_or_path="toy", dtype="float32"),
+                                    input=InputConfig(paths=[str(REPO / "deepspec/assets/toy_prompts/train.jsonl")], max_rows=rows),
+                                    progress=False))
+    return cache
+
+
 def stage_config(drafter, cache: Path, run_dir: Path, setting: list[str], anchors: int):
     from hydra import compose, initialize_config_dir
 
@@ -68,8 +80,6 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from deepspec.config.data import DataStageConfig, InputConfig, TargetConfig
-    from deepspec.data.build import build_cache
     from deepspec.evaluation.study import device_info, load_study_config
     from deepspec.precision import cpu_flags
     from deepspec.training.trainer import Trainer
@@ -77,11 +87,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     study = load_study_config(args.study_config)
     work = Path(args.work_dir)
-    cache = work / "cache"
-    if not (cache / "manifest.json").exists():
-        build_cache(DataStageConfig(out_dir=str(cache), target=TargetConfig(name_or_path="toy", dtype="float32"),
-                                    input=InputConfig(paths=[str(REPO / "deepspec/assets/toy_prompts/train.jsonl")], max_rows=96),
-                                    progress=False))
+    cache = small_cache(work / "cache", 96)
     seconds: dict = {d: {s: [] for s in args.settings} for d in args.drafters}
     profile = None
     for rep in range(args.repeats):
