@@ -156,6 +156,7 @@ class TargetModel(nn.Module):
         if self.norm is None:
             raise ValueError(f"{type(model).__name__}: cannot find the final norm (expected `model.norm`)")
         self._captured: dict[int, torch.Tensor] = {}
+        self._sliding = sliding_window_of(model.config)  # read once: decoder_with_positions runs every decoding step
         self._hooks = [self._hook(i) for i in sorted(set(self.layer_ids))]
         self._hooks.append(self.norm.register_forward_hook(self._save("final")))
 
@@ -232,11 +233,8 @@ class TargetModel(nn.Module):
         explicit additive 4D masks (B, 1, Q, K) in logical positions, per layer type: a key is seen when it is
         real and not after the query, and, in a sliding layer, fewer than ``sliding_window`` positions back.
         """
-        cfg = getattr(self.model.config, "text_config", None) or self.model.config
-        window = getattr(cfg, "sliding_window", None)
-        types = list(getattr(cfg, "layer_types", None) or [])
-        slides = bool(window) and ("sliding_attention" in types if types else getattr(cfg, "use_sliding_window", True))
-        if not slides:
+        window, per_type = self._sliding
+        if not window:
             return mask
         Q, K = position_ids.shape[1], mask.shape[1]
         kv_pos = mask.cumsum(1) - 1  # (B, K) logical position of each real slot
@@ -249,7 +247,7 @@ class TargetModel(nn.Module):
             return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(~(allowed | own), torch.finfo(dtype).min)[:, None]
 
         near = additive(seen & (position_ids[:, :, None] - kv_pos[:, None, :] < window))
-        return {"full_attention": additive(seen), "sliding_attention": near} if types else near
+        return {"full_attention": additive(seen), "sliding_attention": near} if per_type else near
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -270,6 +268,15 @@ class TargetModel(nn.Module):
         final_hidden = self._captured["final"]  # (B, S, d)
         self._captured.clear()
         return layer_hidden, final_hidden
+
+
+def sliding_window_of(config) -> tuple[int | None, bool]:
+    """(window, per layer type) when some layer attends through a sliding window, else (None, False)."""
+    cfg = getattr(config, "text_config", None) or config
+    window = getattr(cfg, "sliding_window", None)
+    types = list(getattr(cfg, "layer_types", None) or [])
+    slides = bool(window) and ("sliding_attention" in types if types else getattr(cfg, "use_sliding_window", True))
+    return (window, bool(types)) if slides else (None, False)
 
 
 def load_frozen_embeddings(cfg: TargetConfig, device: str | torch.device = "cpu",
