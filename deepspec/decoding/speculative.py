@@ -11,14 +11,15 @@ confidence-scheduled verification (Algorithm 1), for the R active rows at once:
     3. verify    one target forward over [anchor, d_1..d_L] of every row, padded to W = 1 + max L
     4. accept    ``verify_block``: per row the accepted prefix d_1..d_m and the next token (a
                  correction from the residual, or the bonus token after the last verified draft)
-    5. commit    the rows' rejected positions become holes in the target's KV cache; the drafter
+    5. commit    the rows' rejected positions become holes in the target's KV cache (the slots every
+                 row rejected are cropped, so a batch of one has none); the drafter
                  queues the accepted tokens' target features; the next token becomes the anchor
 
 A single prompt is the batch of one. Rows stop at ``max_new_tokens`` or after emitting
 ``eos_token_id``; finished rows ride along with their mask at zero.
 
-The batched KV cache grows by W positions per round for every row; positions a row did not
-accept stay as holes that the attention mask hides, and explicit position ids count only a row's
+The batched KV cache grows by up to W positions per round for every row; positions a row did not
+accept, while another row kept them, stay as holes that the attention mask hides, and explicit position ids count only a row's
 real tokens, so each row computes exactly what it would alone.
 """
 from __future__ import annotations
@@ -108,6 +109,15 @@ def _emit(batch: _Batch, rows: list[int], block: torch.Tensor, m: list[int], nxt
         res.verified_per_round.append(verified[i])
 
 
+def _drop_trailing_holes(batch: _Batch, n: int) -> None:
+    """Crop the last ``n`` cache slots, which no row kept: rejections are a suffix of each row's block, so the
+    slots after the longest kept prefix are holes in every row. A batch of one then never has holes, and
+    the target attends over the tokens it emitted, not over every verified draft."""
+    if n > 0:
+        batch.cache.crop(-n)
+        batch.mask = batch.mask[:, :-n]
+
+
 def _plain_step(target: TargetModel, batch: _Batch, rows: torch.Tensor, sampling: SamplingConfig, generator) -> tuple:
     """One plain decoding step of the active ``rows`` (N,): -> layer features (B, 1, L*d) and next tokens (N,).
 
@@ -188,6 +198,7 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
         keep = torch.zeros(B, W, dtype=torch.long, device=dev)  # 5. commit
         keep[rows] = (steps[None] <= m[:, None]).long()
         batch.mask[:, -W:] = keep  # rejected positions become holes
+        _drop_trailing_holes(batch, W - int(keep.sum(1).max()))
         session.extend(layer_hidden, block, keep.bool())
         batch.lengths += keep.sum(1)
         batch.anchors[rows] = nxt

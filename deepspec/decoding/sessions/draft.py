@@ -40,7 +40,8 @@ class BlockBackboneSession(IncrementalSession):
         self.kv = [RaggedKV(batch_size, tc.num_key_value_heads, head_dim, w.dtype, w.device) for _ in drafter.layers]
 
     def _context(self, rows: torch.Tensor) -> tuple[list, torch.Tensor]:
-        """Append the rows' queued features to the cache -> per-layer (k, v) (N, Hkv, C, hd) and valid (N, C)."""
+        """Append the rows' queued features to the cache -> per-layer (k, v) (N, Hkv, C+g, hd), whose last g
+        slots are free for the block's own keys, and the context's valid (N, C)."""
         feats, _, counts = self.pending.take(rows)
         start = self.length[rows]
         lengths = start + counts
@@ -48,11 +49,11 @@ class BlockBackboneSession(IncrementalSession):
         if feats.shape[1]:
             n, t, b, p = scatter_index(rows, start, counts, feats.shape[1])
             pos = start[:, None] + torch.arange(feats.shape[1], device=feats.device)  # (N, T) positions of the new tokens
-            for cache, (k, v) in zip(self.kv, self.d.context_kv(feats, pos)):
+            for cache, (k, v) in zip(self.kv, self.d.context_kv(feats, pos, decoding=True)):
                 cache.write(b, p, k[n, :, t], v[n, :, t], C)
             self.length[rows] = lengths
         view = None if all_rows(rows, len(self.length)) else rows
-        return [c.read(view, C) for c in self.kv], torch.arange(C, device=lengths.device) < lengths[:, None]
+        return [c.read(view, C + self.g) for c in self.kv], torch.arange(C, device=lengths.device) < lengths[:, None]
 
     def block_hidden(self, rows: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
         """One backbone pass over [anchor, MASK x (g-1)] for every row: -> h (N, g, d)."""
@@ -63,4 +64,4 @@ class BlockBackboneSession(IncrementalSession):
         pos = self.length[rows, None] + torch.arange(g, device=ids.device)  # the anchor sits at position = context length
         # (N, 1, g, C+g): a block sees its row's whole context (every token before its anchor) and itself
         mask = torch.cat([ctx_valid[:, None, :].expand(N, g, -1), ctx_valid.new_ones(N, g, g)], dim=-1)[:, None]
-        return self.d.block_hidden(ids, pos, ctx, mask, backend="sdpa")  # g queries: flex gains nothing here
+        return self.d.block_hidden(ids, pos, ctx, mask, backend="sdpa", decoding=True)  # g queries: flex gains nothing here

@@ -82,15 +82,20 @@ class RaggedKV:
     def write(self, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int) -> None:
         """Entry i goes to row rows[i], slot positions[i]: rows, positions (M,); k, v (M, Hkv, hd);
         ``length`` = the longest row after the write (grows the buffer geometrically: amortised O(1) per token)."""
+        self._reserve(length)
+        self.k[rows, :, positions] = k
+        self.v[rows, :, positions] = v
+
+    def _reserve(self, length: int) -> None:
         if length > self.k.shape[2]:
             extra = max(length, 2 * self.k.shape[2]) - self.k.shape[2]
             pad = self.k.new_zeros(self.k.shape[0], self.k.shape[1], extra, self.k.shape[3])
             self.k, self.v = torch.cat([self.k, pad], 2), torch.cat([self.v, pad.clone()], 2)
-        self.k[rows, :, positions] = k
-        self.v[rows, :, positions] = v
 
     def read(self, rows: torch.Tensor | None, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys/values of ``rows`` (N,) (None = every row, a view) up to ``length`` slots: (N, Hkv, length, hd) each."""
+        """Keys/values of ``rows`` (N,) (None = every row, a view) up to ``length`` slots: (N, Hkv, length, hd) each.
+        Slots past a row's length are scratch: a round writes its block's keys there."""
+        self._reserve(length)
         if rows is None:
             return self.k[:, :, :length], self.v[:, :, :length]
         return self.k[rows, :, :length], self.v[rows, :, :length]
