@@ -195,3 +195,24 @@ def test_batched_greedy_with_ragged_acceptance_equals_plain_greedy(toy, name):
         full = got[longest].accepted_per_round
         assert got[(longest + 1) % 4].tau == 1.0
         assert len(full) > 2 and all(m == 4 for m in full[:-1]), full  # the row's history survives full rounds
+
+
+@pytest.mark.parametrize("corrupt", [[set(range(99))], [{3, 11, 12, 25}], [{2, 7}, set(range(99))]])
+def test_target_cache_keeps_no_slot_that_every_row_rejected(toy, corrupt, monkeypatch):
+    """Rejections are a suffix of each row's block, so the slots after the longest kept prefix are holes in
+    every row and are cropped: every cache column a round starts from was kept by some row, and a batch of
+    one attends over exactly the tokens it emitted (no holes)."""
+    target, tok = toy
+    greedy = SamplingConfig(temperature=0)
+    ids = prompts(tok, len(corrupt))
+    refs = [autoregressive_generate(target, p, 24, greedy).tokens for p in ids]
+    calls = []  # (new tokens, the mask over cache + new) of every target forward after the prefill
+    real = target.decoder_with_positions
+    monkeypatch.setattr(target, "decoder_with_positions", lambda i, m, *a: calls.append((i.shape[1], m.clone())) or real(i, m, *a))
+    session = ReplaySession(refs, 4, corrupt, [len(p) for p in ids])
+    got = speculative_generate_batch(target, session, ids, 24, greedy)
+    assert [r.tokens for r in got] == refs
+    for width, mask in calls[1:]:
+        assert bool(mask[:, :-width].any(0).all()), "a cache column that no row kept survived a round"
+        if len(ids) == 1:
+            assert bool(mask.all()), "a batch of one attended over a hole"

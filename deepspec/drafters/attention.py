@@ -37,26 +37,8 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(d, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, d, bias=False)
 
-    def forward(self, x: torch.Tensor, decoding: bool = False) -> torch.Tensor:
-        """x (B, T, d) -> (B, T, d). ``decoding``: gate and up in one GEMM (stacked weights)."""
-        if decoding:
-            gate, up = F.linear(x, stacked_weight(self, "gate_proj", "up_proj")).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
-
-
-def stacked_weight(module: nn.Module, *names: str) -> torch.Tensor:
-    """The weights of ``module``'s Linear children ``names`` stacked on the output dim: one GEMM instead of
-    several, as serving engines load qkv_proj / gate_up_proj. Decoding only (never under training or ZeRO-3,
-    where each child's weight exists only inside its own forward). Cached on ``module`` until a weight
-    changes (in-place optimizer updates bump the tensor's version)."""
-    weights = [getattr(module, n).weight for n in names]
-    key = (names, tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights))
-    cache = module.__dict__.setdefault("_stacked_weights", {})
-    if cache.get(names, (None,))[0] != key:
-        cache[names] = (key, torch.cat([w.detach() for w in weights], dim=0))
-    return cache[names][1]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class RotaryEmbedding(nn.Module):
@@ -150,33 +132,25 @@ class ContextAttention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, n, self.head_dim).transpose(1, 2)  # (B, n, T, hd)
 
-    def _kv(self, k: torch.Tensor, v: torch.Tensor, rope: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        """Projected k, v (B, T, Hkv*hd) -> normed, rotated k and v (B, Hkv, T, hd)."""
-        return apply_rope(self.k_norm(self._heads(k, self.num_kv_heads)), *rope), self._heads(v, self.num_kv_heads)
+    def _kv(self, x: torch.Tensor, rope: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.k_norm(self._heads(self.k_proj(x), self.num_kv_heads))
+        return apply_rope(k, *rope), self._heads(self.v_proj(x), self.num_kv_heads)
 
-    def context_kv(self, ctx: torch.Tensor, rope_ctx: tuple, decoding: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """ctx (B, C, d) projected context features, RoPE at their positions -> k, v (B, Hkv, C, hd).
-        ``decoding``: k and v in one GEMM (stacked weights)."""
-        if decoding:
-            return self._kv(*F.linear(ctx, stacked_weight(self, "k_proj", "v_proj")).chunk(2, dim=-1), rope_ctx)
-        return self._kv(self.k_proj(ctx), self.v_proj(ctx), rope_ctx)
+    def context_kv(self, ctx: torch.Tensor, rope_ctx: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """ctx (B, C, d) projected context features, RoPE at their positions -> k, v (B, Hkv, C, hd)."""
+        return self._kv(ctx, rope_ctx)
 
     def forward(self, x: torch.Tensor, ctx_k: torch.Tensor, ctx_v: torch.Tensor, rope_q: tuple, mask, backend: str,
                 decoding: bool = False) -> torch.Tensor:
         """x (B, Q, d) block tokens; ctx_k/ctx_v (B, Hkv, C, hd) from ``context_kv``; rope_q at the Q block positions.
 
-        ``decoding`` (a decoding session's round): q, k, v come from one GEMM, and ctx_k/ctx_v (B, Hkv, C+Q, hd)
-        arrive with Q free slots after the context, where the block's own keys are written in place (the
-        context is not copied per layer per round).
+        ``decoding`` (a session's round): ctx_k/ctx_v (B, Hkv, C+Q, hd) arrive with Q free slots after the context,
+        where the block's own keys are written in place. The cat would copy the cached context per layer per
+        round: O(context) memory traffic in a round that is otherwise O(block) apart from attention's reads.
         """
         Q = x.shape[1]
-        if decoding:
-            sizes = [self.num_heads * self.head_dim] + 2 * [self.num_kv_heads * self.head_dim]
-            q, k, v = F.linear(x, stacked_weight(self, "q_proj", "k_proj", "v_proj")).split(sizes, dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = apply_rope(self.q_norm(self._heads(q, self.num_heads)), *rope_q)
-        k, v = self._kv(k, v, rope_q)
+        q = apply_rope(self.q_norm(self._heads(self.q_proj(x), self.num_heads)), *rope_q)
+        k, v = self._kv(x, rope_q)
         if decoding:
             ctx_k[:, :, -Q:], ctx_v[:, :, -Q:] = k, v
             k, v = ctx_k, ctx_v
@@ -198,4 +172,4 @@ class ContextDecoderLayer(nn.Module):
 
     def forward(self, x, ctx_k, ctx_v, rope_q, mask, backend: str, decoding: bool = False) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), ctx_k, ctx_v, rope_q, mask, backend, decoding)
-        return x + self.mlp(self.post_attention_layernorm(x), decoding)
+        return x + self.mlp(self.post_attention_layernorm(x))

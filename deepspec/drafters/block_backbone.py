@@ -57,21 +57,21 @@ class BlockDraftBackbone(nn.Module):
         self.norm = RMSNorm(d, tc.rms_norm_eps)
         self.rotary = RotaryEmbedding(tc)
 
-    def context_kv(self, hidden: torch.Tensor, positions: torch.Tensor, decoding: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def context_kv(self, hidden: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """hidden (B, C, L*d) target features at ``positions`` (B, C) -> per layer (k, v), each (B, Hkv, C, hd).
 
         Depends on the context alone: decoding sessions cache it and append only new tokens.
         """
         ctx = self.hidden_norm(self.fc(hidden))  # (B, C, d)
         rope = self.rotary(ctx, positions)
-        return [layer.self_attn.context_kv(ctx, rope, decoding) for layer in self.layers]
+        return [layer.self_attn.context_kv(ctx, rope) for layer in self.layers]
 
     def block_hidden(self, block_ids: torch.Tensor, block_pos: torch.Tensor, ctx_kv: list, mask,
                      backend: str | None = None, decoding: bool = False) -> torch.Tensor:
         """block_ids, block_pos (B, Q) -> h (B, Q, d): the layers over the block, attending to ``ctx_kv`` and itself.
 
-        ``decoding``: a session's round, with stacked projections and Q free key slots after each layer's
-        context (``ContextAttention.forward``)."""
+        ``decoding``: a session's round, whose ``ctx_kv`` have Q free key slots after the context
+        (``ContextAttention.forward``)."""
         x = self.embed_tokens(block_ids).to(ctx_kv[0][0].dtype)  # (B, Q, d)
         rope_q = self.rotary(x, block_pos)
         for layer, (k, v) in zip(self.layers, ctx_kv):

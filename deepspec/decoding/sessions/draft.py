@@ -49,7 +49,7 @@ class BlockBackboneSession(IncrementalSession):
         if feats.shape[1]:
             n, t, b, p = scatter_index(rows, start, counts, feats.shape[1])
             pos = start[:, None] + torch.arange(feats.shape[1], device=feats.device)  # (N, T) positions of the new tokens
-            for cache, (k, v) in zip(self.kv, self.d.context_kv(feats, pos, decoding=True)):
+            for cache, (k, v) in zip(self.kv, self.d.context_kv(feats, pos)):
                 cache.write(b, p, k[n, :, t], v[n, :, t], C)
             self.length[rows] = lengths
         view = None if all_rows(rows, len(self.length)) else rows
