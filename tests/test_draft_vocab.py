@@ -354,6 +354,7 @@ def test_full_vocabulary_exports_are_unchanged(tiny_target, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- training
+@pytest.mark.slow
 def test_the_train_entry_point_trains_and_exports_a_reduced_vocabulary(tiny_target, small_cache, tmp_path):
     import subprocess
     import sys
