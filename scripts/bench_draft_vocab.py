@@ -10,8 +10,8 @@ heads, MLP 768, untied embedding and LM head, built in memory, nothing downloade
 * parameters: trainable, frozen (the target's embedding and LM head the drafter holds), and exported
   (what ``export_drafter(include_frozen=False)`` writes);
 * one training step (the train stage's ``DrafterWithLoss`` forward, loss, backward, AdamW step; no
-  DeepSpeed) on a synthetic 1 x 1,024-token sample with 64 anchors (block drafters): median seconds
-  over ``--steps`` after one warm-up;
+  DeepSpeed) on a synthetic 1 x 1,024-token sample with 64 anchors (block drafters): median wall and CPU
+  (all threads) seconds over ``--steps`` after one warm-up, the fastest of ``--repeats`` interleaved runs;
 * memory: peak resident set size (``ru_maxrss``) of a fresh subprocess per setting, and its growth over
   the RSS measured after building the drafter and optimizer (torch on the CPU has no allocator
   statistics; the growth is the step's activations, gradients and optimizer state).
@@ -90,18 +90,20 @@ def size_child(name: str, reduced: bool, steps: int, threads: int, seq: int) -> 
              "hidden": torch.randn(1, seq, len(layers) * d, generator=g), "final_hidden": torch.randn(1, seq, d, generator=g),
              "sample_seed": torch.tensor([1])}
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
+    times, cpu = [], []
     for step in range(steps + 1):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = model(batch, step)
         out["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)  # CPU seconds of all threads: less sensitive than wall time to a busy machine
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = sorted(times[1:])
+    times, cpu = sorted(times[1:]), sorted(cpu[1:])
     return {"drafter": name, "vocab": N_BIG if reduced else V_BIG, "trainable_parameters": trainable, "frozen_parameters": frozen,
             "exported_elements": exported, "step_seconds_median": times[len(times) // 2], "step_seconds_min": times[0],
+            "step_cpu_seconds_median": cpu[len(cpu) // 2],
             "peak_rss_mib": peak / 1024, "rss_after_setup_mib": rss_before / 1024, "step_rss_growth_mib": (peak - rss_before) / 1024}
 
 
@@ -122,10 +124,12 @@ def part_size(args) -> dict:
         key = f"{r['drafter']}/{'reduced' if r['vocab'] == N_BIG else 'full'}"
         b = best.setdefault(key, dict(r))
         b["step_seconds_median"] = min(b["step_seconds_median"], r["step_seconds_median"])
+        b["step_cpu_seconds_median"] = min(b["step_cpu_seconds_median"], r["step_cpu_seconds_median"])
         b["peak_rss_mib"] = max(b["peak_rss_mib"], r["peak_rss_mib"])
         b["step_rss_growth_mib"] = max(b["step_rss_growth_mib"], r["step_rss_growth_mib"])
     ratios = {n: {"trainable": best[f"{n}/reduced"]["trainable_parameters"] / best[f"{n}/full"]["trainable_parameters"],
                   "step_time": best[f"{n}/reduced"]["step_seconds_median"] / best[f"{n}/full"]["step_seconds_median"],
+                  "step_cpu_time": best[f"{n}/reduced"]["step_cpu_seconds_median"] / best[f"{n}/full"]["step_cpu_seconds_median"],
                   "step_rss_growth": best[f"{n}/reduced"]["step_rss_growth_mib"] / best[f"{n}/full"]["step_rss_growth_mib"]}
               for n in args.drafters}
     return {"vocab_size": V_BIG, "draft_vocab_size": N_BIG, "target_shape": {k: getattr(qwen3_shape(), k) for k in (
@@ -239,9 +243,9 @@ def main() -> None:
     if out_path.exists():  # parts measured in an earlier run are kept
         out = {**json.loads(out_path.read_text()), **out}
     if "size" in args.parts:
-        out["size"] = part_size(args)
+        out["size"] = {**part_size(args), "command": out["command"]}
     if "toy" in args.parts:
-        out["toy"] = part_toy(args)
+        out["toy"] = {**part_toy(args), "command": out["command"]}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(out, indent=1))
     print(json.dumps({k: v for k, v in out.items() if k in ("machine",)}, indent=1))
