@@ -79,8 +79,9 @@ def size_child(name: str, reduced: bool, steps: int, threads: int, seq: int) -> 
     frozen = sum(p.numel() for p in params if not p.requires_grad)
     # what export_drafter(include_frozen=False) writes: no embedding; the LM head where the file carries it (a reduced
     # vocabulary's own head, and Eagle3's always: SGLang expects it)
+    head_in_file = reduced or name == "eagle3"
     exported = sum(v.numel() for k, v in drafter.state_dict().items()
-                   if not k.startswith(TRAINING_ONLY) and k != "embed_tokens.weight" and (reduced or name == "eagle3" or k != "lm_head.weight"))
+                   if not k.startswith(TRAINING_ONLY) and k != "embed_tokens.weight" and (head_in_file or k != "lm_head.weight"))
     model = DrafterWithLoss(drafter, spec.kind, LossConfig())
     opt = torch.optim.AdamW([p for p in drafter.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(5, V_BIG, (1, seq), generator=g)

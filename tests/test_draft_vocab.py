@@ -17,7 +17,6 @@ from deepspec.config.data import InputConfig, TargetConfig
 from deepspec.config.train import LossConfig, TrainStageConfig
 from deepspec.decoding import kernels
 from deepspec.decoding.kernels import reference
-from deepspec.decoding.sessions import make_session
 from deepspec.decoding.speculative import autoregressive_generate, speculative_generate
 from deepspec.decoding.verify import SamplingConfig
 from deepspec.drafters import DFlashConfig, DFlashDrafter, DSparkConfig, DSparkDrafter, Eagle3Config, Eagle3Drafter
@@ -192,7 +191,8 @@ def test_the_walk_feeds_target_ids_to_w1_in_the_reference_and_the_triton_kernel(
     N, g, Vt, R = 3, 4, 300, 16
     vocab = random_vocab(120, 1, Vt)
     gen = torch.Generator().manual_seed(0)
-    base, w1, w2 = torch.randn(N, g, vocab.size, generator=gen), torch.randn(Vt, R, generator=gen), torch.randn(vocab.size, R, generator=gen)
+    base, w1 = torch.randn(N, g, vocab.size, generator=gen), torch.randn(Vt, R, generator=gen)  # W1 rows: target ids
+    w2 = torch.randn(vocab.size, R, generator=gen)  # W2 rows: draft ids
     x0, noise = torch.randint(Vt, (N,), generator=gen), reference.gumbel(torch.rand(N, g, vocab.size, generator=gen))
     noise = None if temperature == 0 else noise
     tokens, logits = reference.markov_walk(base, w1, w2, x0, temperature, noise, vocab.d2t)
@@ -231,8 +231,8 @@ TOY_DRAFTERS = {"dspark": {"name": "dspark", "block_size": 5, "num_hidden_layers
 def test_greedy_speculative_with_a_reduced_vocabulary_equals_plain_greedy(toy, tmp_path, name):
     target, tok = toy
     map_file = random_vocab(1024, 3).save(tmp_path / "map.safetensors")
-    drafter, _ = build_drafter(TrainStageConfig(target=TOY, drafter={**TOY_DRAFTERS[name], "draft_vocab_size": 1024,
-                                                                     "draft_vocab_file": str(map_file)}, cache_dir="x"), torch.device("cpu"))
+    dcfg = {**TOY_DRAFTERS[name], "draft_vocab_size": 1024, "draft_vocab_file": str(map_file)}
+    drafter, _ = build_drafter(TrainStageConfig(target=TOY, drafter=dcfg, cache_dir="x"), torch.device("cpu"))
     assert drafter.lm_head.weight.shape[0] == 1024 and drafter.d2t is not None
     greedy = SamplingConfig(temperature=0)
     accepted = 0
