@@ -117,6 +117,8 @@ MUTATIONS = [
      "        if k.startswith(TRAINING_ONLY) or k in left_out or k == 'd2t':", DV + " -k export"),
     ("vocab: reduced head re-initialised at random", "deepspec/drafters/block_backbone.py",
      "m.weight.requires_grad and not isinstance(m, DraftLMHead):", "m.weight.requires_grad:", DV + " -k 'greedy and dspark'"),
+    ("vocab: a label's draft id off by one", VOCAB_MAP, "        index = self.t2d.long().cumsum(0) - 1",
+     "        index = self.t2d.long().cumsum(0)", DV + " -k loss"),
     ("vocab: draft_vocab_size not range-checked", "deepspec/config/train.py", "    if n < 1 or (vocab_size is not None and n > vocab_size):",
      "    if n < -10:", DV + " -k config"),
 ]
