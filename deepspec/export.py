@@ -12,6 +12,11 @@ load, and load them back.
 
 What each engine's loader reads, and a check of an export against it: ``deepspec/serving_loaders.py``.
 
+A reduced draft vocabulary (``drafter.draft_vocab_size`` N < V) adds ``draft_vocab_size`` to the
+config and ``d2t`` (N,) int64 (offsets: target id = draft id + d2t[draft id]) and ``t2d`` (V,) bool
+to the tensors; ``lm_head.weight`` is then the drafter's own (N, d), always written, and DSpark's
+``markov_head.markov_w2.weight`` is (N, r). The target's full LM head (the losses' p_t) is not exported.
+
 ``include_frozen=False`` leaves out the frozen embedding and LM head (they are the target's); the
 config records it under ``deepspec.frozen_from_target`` and ``load_drafter`` restores them from
 the target. Our own loader reads both forms; ``deepspec`` in config.json holds the drafter config.
@@ -26,9 +31,11 @@ from safetensors.torch import load_file, save_file
 
 from deepspec.config.data import TargetConfig
 from deepspec.drafters import DRAFTERS
+from deepspec.drafters.draft_vocab import DraftVocab
 from deepspec.integrity import SELF_DIGEST_KEY, checksum_problems, file_checksums, read_json_checked, with_self_digest
 
-FROZEN = ("embed_tokens.weight", "lm_head.weight")
+FROZEN = ("embed_tokens.weight", "lm_head.weight")  # the target's, at full vocabulary
+TRAINING_ONLY = ("rotary.", "target_lm_head.")  # never exported: recomputed / the target's own head
 STS_FILE = "confidence_temperatures.json"
 CHECKSUMS_FILE = "checksums.json"
 
@@ -71,6 +78,8 @@ def serving_config(drafter, name: str, include_frozen: bool, target: TargetConfi
         cfg["markov_head_type"] = c.markov_head_type if dspark else "vanilla"
         if not dspark:
             cfg["dflash_config"] = {"mask_token_id": c.mask_token_id, "target_layer_ids": list(c.target_layer_ids), "block_size": c.block_size}
+    if drafter.d2t is not None:  # reduced: every engine sizes lm_head / markov_w2 / logits from it
+        cfg["draft_vocab_size"] = drafter.draft_vocab_size
     cfg["deepspec"] = {"drafter": name, "config": c.to_dict(), "frozen_from_target": None if include_frozen else (target.name_or_path if target else True),
                        "checksums": CHECKSUMS_FILE}
     return cfg
@@ -83,10 +92,13 @@ def export_drafter(drafter, out_dir: str | Path, state_dict: dict | None = None,
     out.mkdir(parents=True, exist_ok=True)
     name = drafter_name(drafter)
     state = state_dict if state_dict is not None else drafter.state_dict()
+    # Eagle3 keeps its LM head: SGLang's loader expects it in the file whenever draft_vocab_size is set; a reduced
+    # vocabulary's LM head is trained, not the target's, so it is always written.
+    left_out = () if include_frozen else ("embed_tokens.weight",) if name == "eagle3" or drafter.d2t is not None else FROZEN
     tensors = {}
     for k, v in state.items():
-        if k.startswith("rotary.") or (not include_frozen and k in FROZEN and not (name == "eagle3" and k == "lm_head.weight")):
-            continue  # Eagle3 keeps its LM head: SGLang's loader expects it in the file whenever draft_vocab_size is set
+        if k.startswith(TRAINING_ONLY) or k in left_out:
+            continue
         tensors[k] = v.detach().to("cpu").contiguous().clone()  # clone: tied embed/lm_head must not share storage
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(serving_config(drafter, name, include_frozen, target), indent=2, default=str))
@@ -141,18 +153,26 @@ def load_drafter(path: str | Path, target: TargetConfig | None = None, device: s
     tconf_dict.pop("layer_types", None)
     tconf = AutoConfig.for_model(tconf_dict.pop("model_type", "qwen3"), **tconf_dict)
     state = load_file(path / "model.safetensors")
-    if all(k in state for k in FROZEN):
+    vocab = DraftVocab.from_d2t(state["d2t"], tconf.vocab_size) if "d2t" in state else None
+    frozen = FROZEN if vocab is None else ("embed_tokens.weight",)  # a reduced vocabulary's lm_head is the drafter's own
+    if all(k in state for k in frozen):
         V, d = state["embed_tokens.weight"].shape
         embed = torch.nn.Embedding(V, d, _weight=state.pop("embed_tokens.weight").to(dtype), _freeze=True)
-        head = torch.nn.Linear(d, V, bias=False, device="meta")
-        head.weight = torch.nn.Parameter(state.pop("lm_head.weight").to(dtype), requires_grad=False)
+        head = None  # reduced: the target's full head only serves the losses; from the target when it is given
+        if vocab is None:
+            head = torch.nn.Linear(d, V, bias=False, device="meta")
+            head.weight = torch.nn.Parameter(state.pop("lm_head.weight").to(dtype), requires_grad=False)
+        elif target is not None:
+            head = load_frozen_embeddings(target, "cpu", dtype)[1]
     else:
         if target is None:
             raise ValueError(f"{path} was exported without the frozen embedding/LM head: pass the target to restore them")
         embed, head = load_frozen_embeddings(target, "cpu", dtype)
-    model = spec.model_class(dcfg, tconf, embed, head)
+    model = spec.model_class(dcfg, tconf, embed, head, vocab)
+    if vocab is not None and "t2d" not in state:  # engines do not need t2d; other tools may leave it out
+        state["t2d"] = vocab.t2d
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not m.startswith("rotary.") and m not in FROZEN]
+    missing = [m for m in missing if not m.startswith(TRAINING_ONLY) and m not in frozen]
     if missing or unexpected:
         raise ValueError(f"{path}: tensors missing {missing[:5]} / unexpected {unexpected[:5]}")
     sts = path / STS_FILE

@@ -8,7 +8,16 @@ Block drafters (DSpark, DFlash), per supervised block slot k (weights w_k = exp(
     loss = (a_ce CE + a_l1 L1 + a_conf BCE) summed with weights w_k, divided by sum w_k
 
 p_t at slot k comes from the target's final hidden state at position anchor+k through the frozen
-LM head. Weights and chunk sizes: ``deepspec.config.train.LossConfig``. Memory: the (blocks, g, V) logits exist for ``chunk_blocks`` blocks at a time and are
+LM head.
+
+Reduced draft vocabulary (N of V tokens, ``drafters/draft_vocab.py``): the drafter's q is a law over
+the full vocabulary that is zero outside the draft ids, so with p_t split into its draft-vocabulary
+part and the mass m_out it puts elsewhere,
+
+    L1   = sum_{v in draft} |p_d(v) - p_t(v)| + m_out      (still exactly 2 x total variation: 1 - L1/2 = acceptance)
+    CE   = as above on labels inside the draft vocabulary; labels outside are masked (q gives them 0) and
+           counted (``label_outside_draft_vocab``)
+    Eagle3's soft CE: against p_t restricted to the draft vocabulary and renormalised. Weights and chunk sizes: ``deepspec.config.train.LossConfig``. Memory: the (blocks, g, V) logits exist for ``chunk_blocks`` blocks at a time and are
 recomputed in backward (activation checkpointing per chunk), so peak memory does not grow with
 num_anchors x block_size x vocab.
 """
@@ -25,21 +34,33 @@ from deepspec.target import apply_softcap, final_logit_softcap
 def target_logits(drafter, target_h: torch.Tensor) -> torch.Tensor:
     """The target's own logits (fp32) from its cached final hidden states, through the drafter's frozen copy
     of its LM head and the target's final-logit soft-capping (Gemma-2/3), exactly as the target computes them."""
-    return apply_softcap(drafter.lm_head(target_h).float(), final_logit_softcap(drafter.target_config))
+    return apply_softcap(drafter.target_head(target_h).float(), final_logit_softcap(drafter.target_config))
+
+
+def split_target_probs(drafter, p_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """p_t (..., V) -> (p_t on the draft vocabulary (..., N), the target's mass outside it (...)).
+    Full vocabulary: (p_t, 0.0), so the losses below are unchanged to the bit."""
+    if drafter.d2t is None:
+        return p_t, 0.0
+    draft_ids = torch.arange(len(drafter.d2t), device=p_t.device) + drafter.d2t
+    return p_t.index_select(-1, draft_ids), p_t.masked_fill(drafter.t2d, 0.0).sum(-1)  # summed directly: no 1 - sum cancellation
 
 
 def _chunk_terms(drafter, h, prev, labels, target_h):
-    """One chunk: h (n, g, d), prev/labels (n, g), target_h (n, g, d) -> per-slot ce, l1, bce, conf_prob (n, g)."""
-    logp_d = torch.log_softmax(drafter.logits(h, prev).float(), dim=-1)  # (n, g, V)
-    p_t = torch.softmax(target_logits(drafter, target_h), dim=-1)  # (n, g, V)
-    ce = -logp_d.gather(-1, labels[..., None]).squeeze(-1)
-    l1 = (logp_d.exp() - p_t).abs().sum(-1)
+    """One chunk: h (n, g, d), prev/labels (n, g) target ids, target_h (n, g, d) -> per-slot ce, l1, bce, conf_prob,
+    label_in_vocab (n, g)."""
+    logp_d = torch.log_softmax(drafter.logits(h, prev).float(), dim=-1)  # (n, g, N)
+    p_in, p_out = split_target_probs(drafter, torch.softmax(target_logits(drafter, target_h), dim=-1))  # (n, g, N), (n, g)
+    draft_labels = drafter.target_to_draft(labels)  # -1 outside the draft vocabulary
+    in_vocab = (draft_labels >= 0).float()
+    ce = -logp_d.gather(-1, draft_labels.clamp_min(0)[..., None]).squeeze(-1) * in_vocab
+    l1 = (logp_d.exp() - p_in).abs().sum(-1) + p_out
     acc = (1 - 0.5 * l1).clamp(0, 1).detach()
     conf = drafter.confidence_logits(h, prev)
     if conf is None:
-        return ce, l1, torch.zeros_like(ce), torch.full_like(ce, float("nan"))
+        return ce, l1, torch.zeros_like(ce), torch.full_like(ce, float("nan")), in_vocab
     bce = F.binary_cross_entropy_with_logits(conf.float(), acc, reduction="none")
-    return ce, l1, bce, torch.sigmoid(conf.float()).detach()
+    return ce, l1, bce, torch.sigmoid(conf.float()).detach(), in_vocab
 
 
 def block_draft_loss(drafter, h: torch.Tensor, blocks, target_final: torch.Tensor, cfg: LossConfig) -> dict:
@@ -69,9 +90,10 @@ def block_draft_loss(drafter, h: torch.Tensor, blocks, target_final: torch.Tenso
         args = (h_blocks[i : i + cfg.chunk_blocks], prev[i : i + cfg.chunk_blocks], labels[i : i + cfg.chunk_blocks],
                 tgt[i : i + cfg.chunk_blocks])
         parts.append(checkpoint(_chunk_terms, drafter, *args, use_reentrant=False) if recompute else _chunk_terms(drafter, *args))
-    ce, l1, bce, conf = (torch.cat(t, 0) for t in zip(*parts)) if parts else (torch.zeros_like(w),) * 4
+    ce, l1, bce, conf, in_vocab = (torch.cat(t, 0) for t in zip(*parts)) if parts else (torch.zeros_like(w),) * 5
     wsum = w.sum().clamp_min(1e-6)
-    ce_m, l1_m, bce_m = ((t * w).sum() / wsum for t in (ce, l1, bce))
+    l1_m, bce_m = ((t * w).sum() / wsum for t in (l1, bce))
+    ce_m = (ce * w).sum() / (w * in_vocab).sum().clamp_min(1e-6)  # labels outside the draft vocabulary are not trained
     has_conf = getattr(drafter, "confidence_head", None) is not None
     loss = cfg.ce_weight * ce_m + cfg.l1_weight * l1_m + (cfg.confidence_weight * bce_m if has_conf else 0.0)
     if not parts:  # no supervised slot in this micro-batch: a zero loss that still reaches every parameter
@@ -84,6 +106,8 @@ def block_draft_loss(drafter, h: torch.Tensor, blocks, target_final: torch.Tenso
         "acc_sum": (acc * v).sum(0), "acc_count": v.sum(0),
         "tau_sum": (1 + survive.sum(-1)).sum(), "tau_count": torch.tensor(float(v.shape[0]), device=h.device),
     }
+    if drafter.d2t is not None:  # fraction of supervised labels the draft vocabulary cannot propose
+        metrics["label_outside_draft_vocab"] = ((1 - in_vocab) * v).sum() / v.sum().clamp_min(1)
     if has_conf:  # always present with the head, so every rank all-reduces the same keys
         metrics["conf_bias_sum"] = torch.nan_to_num((conf - acc) * v).sum()
         metrics["conf_abs_sum"] = torch.nan_to_num((conf - acc).abs() * v).sum()
@@ -91,10 +115,14 @@ def block_draft_loss(drafter, h: torch.Tensor, blocks, target_final: torch.Tenso
 
 
 def _soft_ce_terms(drafter, h, target_h):
-    """h, target_h (n, d) -> soft CE -sum p_t log p_d, and L1 sum |p_d - p_t| (n,)."""
-    logp_d = torch.log_softmax(drafter.lm_head(h).float(), dim=-1)
-    p_t = torch.softmax(target_logits(drafter, target_h), dim=-1)
-    return -(p_t * logp_d).sum(-1), (logp_d.exp() - p_t).abs().sum(-1)
+    """h, target_h (n, d) -> soft CE -sum p_t log p_d, and L1 sum |p_d - p_t| (n,).
+
+    Reduced vocabulary: the soft label is p_t restricted to the draft vocabulary and renormalised (the drafter
+    cannot put mass elsewhere; a target law entirely outside it gives a zero label); L1 adds the mass outside."""
+    logp_d = torch.log_softmax(drafter.lm_head(h).float(), dim=-1)  # (n, N)
+    p_in, p_out = split_target_probs(drafter, torch.softmax(target_logits(drafter, target_h), dim=-1))
+    soft = p_in if drafter.d2t is None else p_in / p_in.sum(-1, keepdim=True).clamp_min(1e-30)
+    return -(soft * logp_d).sum(-1), (logp_d.exp() - p_in).abs().sum(-1) + p_out
 
 
 def eagle3_loss(drafter, h_steps: torch.Tensor, loss_mask: torch.Tensor, valid: torch.Tensor,

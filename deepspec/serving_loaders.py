@@ -52,9 +52,17 @@ EAGLE3 = (r"midlayer\.self_attn\.[qkvo]_proj\.weight", r"midlayer\.mlp\.(gate|up
 QWEN3_SHAPE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
                "intermediate_size", "rms_norm_eps", "vocab_size")
 
-_full_vocab_or_d2t: Check = ("a reduced draft vocabulary ships d2t (offset: target id = draft id + d2t[id]) and lm_head",
-                             lambda c, t: (c.get("draft_vocab_size") or c["vocab_size"]) >= c["vocab_size"]
-                             or ("d2t" in t and "lm_head.weight" in t))
+def _draft_vocab(c: dict) -> int:
+    return c.get("draft_vocab_size") or c["vocab_size"]
+
+
+_full_vocab_or_d2t: Check = ("a reduced draft vocabulary ships d2t (offset: target id = draft id + d2t[id]) and lm_head, each with "
+                             "draft_vocab_size rows (as markov_w2 where there is one)",
+                             lambda c, t: _draft_vocab(c) >= c["vocab_size"]
+                             or (t.get("d2t") == (_draft_vocab(c),) and t.get("lm_head.weight", (0,))[0] == _draft_vocab(c)
+                                 and t.get("markov_head.markov_w2.weight", (_draft_vocab(c),))[0] == _draft_vocab(c)))
+_full_vocab_only: Check = ("the full vocabulary (this loader always uses the target's LM head; it reads neither draft_vocab_size nor d2t)",
+                           lambda c, t: _draft_vocab(c) >= c["vocab_size"])
 _no_unknown_markov: Check = ("no markov_head.* tensors beyond the head type's own",
                              lambda c, t: all(re.fullmatch(r"markov_head\.(markov_w[12]\.weight|gate_proj\.(weight|bias)|joint_proj\.(weight|bias))", n)
                                               for n in t if n.startswith("markov_head.")))
@@ -104,13 +112,15 @@ REQUIREMENTS: tuple[LoaderRequirements, ...] = (
                         "rnn": bool(_names(t, r"markov_head\.joint_proj\.(weight|bias)"))}.get(c.get("markov_head_type"), False)),
          ("target_layer_ids inside num_target_layers", lambda c, t: all(-1 <= i < c["num_target_layers"] for i in c["target_layer_ids"])),
          _no_unknown_markov,
-         ("no speculators_model_type (the speculators slot convention is refused)", lambda c, t: "speculators_model_type" not in c)),
+         ("no speculators_model_type (the speculators slot convention is refused)", lambda c, t: "speculators_model_type" not in c),
+         _full_vocab_only),
         "The confidence head is built in every non-static ragged-verify mode whatever enable_confidence_head says, so its "
         "weights must be present. embed_tokens/lm_head are skipped (the target's are used); draft_vocab_size is ignored."),
     LoaderRequirements(
         "SGLang", "dflash", "sgl-project/sglang python/sglang/srt/models/dflash.py@003b23d7",
         ("DFlashDraftModel",), (*QWEN3_SHAPE, "mask_token_id", "target_layer_ids", "num_target_layers", "block_size"), BACKBONE,
-        (("target_layer_ids inside num_target_layers", lambda c, t: all(-1 <= i < c["num_target_layers"] for i in c["target_layer_ids"])),),
+        (("target_layer_ids inside num_target_layers", lambda c, t: all(-1 <= i < c["num_target_layers"] for i in c["target_layer_ids"])),
+         _full_vocab_only),
         "A DFlash folder named Qwen3DSparkModel would load SGLang's DSpark class and fail on markov_rank 0."),
     LoaderRequirements(
         "SGLang", "eagle3", "sgl-project/sglang python/sglang/srt/models/llama_eagle3.py@03d5a777",
@@ -118,7 +128,8 @@ REQUIREMENTS: tuple[LoaderRequirements, ...] = (
         (*EAGLE3, r"lm_head\.weight"),
         (("tie_word_embeddings false", lambda c, t: c.get("tie_word_embeddings") is False),
          ("three aux layers (fc is target_hidden_size x 3 in the versions read)",
-          lambda c, t: len(_get(c, "eagle_config.eagle_aux_hidden_state_layer_ids") or []) == 3)),
+          lambda c, t: len(_get(c, "eagle_config.eagle_aux_hidden_state_layer_ids") or []) == 3),
+         _full_vocab_or_d2t),
         "SGLang reads only the nested ids (layer outputs; it adds +1 itself). With draft_vocab_size set, lm_head must be in "
         "the file: a missing one is not detected and stays uninitialised."),
     LoaderRequirements(
@@ -128,7 +139,7 @@ REQUIREMENTS: tuple[LoaderRequirements, ...] = (
     LoaderRequirements(
         "TensorRT-LLM", "dflash", "NVIDIA/TensorRT-LLM tensorrt_llm/_torch/models/modeling_dflash.py@7c7504c0",
         ("DFlashDraftModel",), (*QWEN3_SHAPE, "dflash_config.target_layer_ids", "dflash_config.mask_token_id", "block_size"),
-        BACKBONE, (),
+        BACKBONE, (_full_vocab_only,),
         "Reads target_layer_ids only from dflash_config. TensorRT-LLM has no merged Qwen3 DSpark loader (PR #16813 closed)."),
 )
 

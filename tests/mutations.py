@@ -19,6 +19,8 @@ DRAFTERS = "tests/test_drafters.py"
 SPEC = "tests/test_speculative.py -m 'not slow'"
 
 REF = "deepspec/decoding/kernels/reference.py"
+DV = "tests/test_draft_vocab.py -m 'not slow'"
+VOCAB_MAP = "deepspec/drafters/draft_vocab.py"
 MUTATIONS = [
     # acceptance rule, residual, bonus position (PyTorch reference of the verify kernel)
     ("accept ratio inverted", REF, "(u_accept < p_d / q_d.clamp_min(1e-30))", "(u_accept < q_d / p_d.clamp_min(1e-30))", FAST_LAW),
@@ -83,6 +85,40 @@ MUTATIONS = [
      "            return e_prev, None", DRAFTERS),
     ("RNN state not carried", "deepspec/drafters/heads.py", "        state = torch.sigmoid(g) * state + (1 - torch.sigmoid(g)) * torch.tanh(c)",
      "        state = torch.tanh(c)", DRAFTERS),
-    ("Markov walk conditions on the anchor every slot", "deepspec/decoding/sessions/dspark.py", "            prev = sample(qk, generator)",
-     "            sample(qk, generator); prev = anchors", SESSIONS),
+    ("Markov walk conditions on the anchor every slot", "deepspec/decoding/sessions/dspark.py", "            prev = self.d.draft_to_target(sample(qk, generator))",
+     "            self.d.draft_to_target(sample(qk, generator)); prev = anchors", SESSIONS),
+    # reduced draft vocabulary (tests/test_draft_vocab.py)
+    ("vocab: map ties broken by the larger id", VOCAB_MAP, "order = torch.sort(-counts.to(torch.int64), stable=True).indices",
+     "order = torch.sort(-counts.to(torch.int64).flip(0), stable=True).indices.flip(0)", DV + " -k map"),
+    ("vocab: d2t holds target ids, not offsets", VOCAB_MAP, "return self.draft_ids - torch.arange(self.size, dtype=torch.int64)",
+     "return self.draft_ids.clone()", DV + " -k 'map or export'"),
+    ("vocab: counts every token, not the labels", "deepspec/data/cache/token_counts.py", "return np.asarray(input_ids)[1:][np.asarray(loss_mask)[1:] != 0]",
+     "return np.asarray(input_ids)[1:]", DV + " -k counts"),
+    ("vocab: counts the label's previous token", "deepspec/data/cache/token_counts.py", "return np.asarray(input_ids)[1:][np.asarray(loss_mask)[1:] != 0]",
+     "return np.asarray(input_ids)[:-1][np.asarray(loss_mask)[1:] != 0]", DV + " -k counts"),
+    ("vocab: L1 drops the target mass outside the draft vocabulary", "deepspec/losses.py",
+     "    l1 = (logp_d.exp() - p_in).abs().sum(-1) + p_out", "    l1 = (logp_d.exp() - p_in).abs().sum(-1)", DV + " -k loss"),
+    ("vocab: CE trains labels outside the draft vocabulary as draft id 0", "deepspec/losses.py",
+     "    ce = -logp_d.gather(-1, draft_labels.clamp_min(0)[..., None]).squeeze(-1) * in_vocab",
+     "    ce = -logp_d.gather(-1, draft_labels.clamp_min(0)[..., None]).squeeze(-1)", DV + " -k loss"),
+    ("vocab: Eagle3 soft label not renormalised", "deepspec/losses.py",
+     "    soft = p_in if drafter.d2t is None else p_in / p_in.sum(-1, keepdim=True).clamp_min(1e-30)", "    soft = p_in", DV + " -k eagle3_soft"),
+    ("vocab: q scattered to the first N ids", VOCAB_MAP, "        draft_ids = torch.arange(len(self.d2t), device=x.device) + self.d2t",
+     "        draft_ids = torch.arange(len(self.d2t), device=x.device)", DV + " -k law"),
+    ("vocab: drafted draft ids returned as target ids", VOCAB_MAP, "        return draft_ids if self.d2t is None else draft_ids + self.d2t[draft_ids]",
+     "        return draft_ids", DV + " -k law"),
+    ("vocab: the walk feeds W1 the draft id", REF, "        x = x if d2t is None else x + d2t[x]\n        tokens.append(x)",
+     "        tokens.append(x if d2t is None else x + d2t[x])", DV + " -k 'walk or law'"),
+    ("vocab: the Triton walk feeds W1 the draft id", "deepspec/decoding/kernels/__init__.py",
+     "        x = x if d2t is None else x + d2t[x]  # draft id -> target id (one gather per slot)", "", DV + " -k walk"),
+    ("vocab: Eagle3 chain feeds back draft ids", "deepspec/decoding/sessions/eagle3.py",
+     "            tok = d.draft_to_target(sample(qk, generator))  # (N,) target ids", "            tok = sample(qk, generator)", DV + " -k 'law and eagle3'"),
+    ("vocab: export drops d2t", "deepspec/export.py", "        if k.startswith(TRAINING_ONLY) or k in left_out:",
+     "        if k.startswith(TRAINING_ONLY) or k in left_out or k == 'd2t':", DV + " -k export"),
+    ("vocab: reduced head re-initialised at random", "deepspec/drafters/block_backbone.py",
+     "m.weight.requires_grad and not isinstance(m, DraftLMHead):", "m.weight.requires_grad:", DV + " -k 'greedy and dspark'"),
+    ("vocab: a label's draft id off by one", VOCAB_MAP, "        index = self.t2d.long().cumsum(0) - 1",
+     "        index = self.t2d.long().cumsum(0)", DV + " -k loss"),
+    ("vocab: draft_vocab_size not range-checked", "deepspec/config/train.py", "    if n < 1 or (vocab_size is not None and n > vocab_size):",
+     "    if n < -10:", DV + " -k config"),
 ]

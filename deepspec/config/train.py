@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from deepspec.config.base import WandbConfig, at_least, one_of
+from deepspec.config.base import ConfigError, WandbConfig, at_least, one_of
 from deepspec.config.data import InputConfig, TargetConfig
 
 DRAFTER_NAMES = ("dspark", "dflash", "eagle3")
@@ -178,6 +178,10 @@ class TrainStageConfig:
                 out.append(f"{prefix}num_workers={self.num_workers} with online=true: the target runs in the training "
                            "process; set num_workers=0")
         out += one_of(prefix, "drafter.name", self.drafter.get("name"), DRAFTER_NAMES)
+        out += draft_vocab_problems(self.drafter, prefix)
+        if self.online and self.drafter.get("draft_vocab_size") is not None and not self.drafter.get("draft_vocab_file"):
+            out.append(f"{prefix}drafter.draft_vocab_size with online=true needs {prefix}drafter.draft_vocab_file (a map: "
+                       "there is no cache to count the supervised tokens of)")
         out += at_least(prefix, "micro_batch_size", self.micro_batch_size, 1)
         out += at_least(prefix, "global_batch_size", self.global_batch_size, 1)
         if self.micro_batch_size >= 1 and self.global_batch_size % self.micro_batch_size:
@@ -204,3 +208,24 @@ def drafter_config(d: dict) -> Any:
     if unknown:
         raise ValueError(f"drafter.{unknown[0]} is not a field of {cls.__name__} (fields: {sorted(cls.__dataclass_fields__)})")
     return cls(**fields)
+
+
+def draft_vocab_problems(drafter: dict, prefix: str = "", vocab_size: int | None = None) -> list[str]:
+    """``drafter.draft_vocab_size``: None (the full vocabulary) or 1 <= N <= the target's vocabulary (checked again
+    once the target's config is read, ``check_draft_vocab``)."""
+    n = drafter.get("draft_vocab_size")
+    if n is None:
+        return []
+    if isinstance(n, bool) or not isinstance(n, int):
+        return [f"{prefix}drafter.draft_vocab_size={n!r} must be an integer or null (null = the target's whole vocabulary)"]
+    if n < 1 or (vocab_size is not None and n > vocab_size):
+        upper = f"the target's vocab_size {vocab_size}" if vocab_size is not None else "the target's vocab_size"
+        return [f"{prefix}drafter.draft_vocab_size={n} must be in [1, {upper}] (or null for the whole vocabulary)"]
+    return []
+
+
+def check_draft_vocab(drafter: dict, vocab_size: int) -> None:
+    """Start-up check against the target's vocabulary size, raising one ConfigError that names the key."""
+    problems = draft_vocab_problems(drafter, "", vocab_size)
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))

@@ -8,8 +8,9 @@
 ``context_kv`` (the per-layer K/V of H_ctx) depends on the context only, so decoding caches it
 per token (``deepspec/decoding/sessions``); ``block_hidden`` is the per-round work.
 
-The embedding and LM head are the target's, frozen and shared (never copied). Parameter names
-match the reference checkpoint layout (fc, hidden_norm, layers.i.*, norm).
+The embedding and LM head are the target's, frozen and shared (never copied); with a reduced draft
+vocabulary the LM head is the drafter's own (``draft_vocab.py``). Parameter names match the
+reference checkpoint layout (fc, hidden_norm, layers.i.*, norm, lm_head, d2t, t2d).
 """
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ from torch import nn
 
 from deepspec.drafters.attention import ContextDecoderLayer, RMSNorm, RotaryEmbedding, flex_block_mask
 from deepspec.drafters.blocks import Blocks, block_attention_mask, flex_mask_mod
+from deepspec.drafters.draft_vocab import DraftLMHead, DraftVocab, DraftVocabMixin
 
 
 def init_trainable(m: nn.Module) -> None:
-    """Normal(0, 0.02) for trainable Linear/Embedding weights, zero biases (HF's default init)."""
-    if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.requires_grad:
+    """Normal(0, 0.02) for trainable Linear/Embedding weights, zero biases (HF's default init). A reduced-vocabulary
+    LM head keeps its start, the target's rows."""
+    if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.requires_grad and not isinstance(m, DraftLMHead):
         nn.init.normal_(m.weight, std=0.02)
         if getattr(m, "bias", None) is not None:
             nn.init.zeros_(m.bias)
@@ -38,17 +41,19 @@ def target_head_dim(tc) -> int:
                          "one layer shape from the target and do not support this family yet") from None
 
 
-class BlockDraftBackbone(nn.Module):
-    """fc + hidden_norm + context-injected layers + norm, over a frozen embedding and LM head."""
+class BlockDraftBackbone(DraftVocabMixin, nn.Module):
+    """fc + hidden_norm + context-injected layers + norm, over a frozen embedding and the LM head
+    (the target's, frozen, or the drafter's own over a reduced vocabulary)."""
 
     def __init__(self, num_layers: int, target_layer_ids: list[int], attention_backend: str, target_config,
-                 embed_tokens: nn.Embedding, lm_head: nn.Linear):
+                 embed_tokens: nn.Embedding, lm_head: nn.Linear | None, draft_vocab: DraftVocab | None = None):
         super().__init__()
         tc = target_config
         d, L = tc.hidden_size, len(target_layer_ids)
         head_dim = target_head_dim(tc)
         self.target_config, self.attention_backend = tc, attention_backend
-        self.embed_tokens, self.lm_head = embed_tokens.requires_grad_(False), lm_head.requires_grad_(False)
+        self.embed_tokens = embed_tokens.requires_grad_(False)
+        self.attach_lm_heads(lm_head, draft_vocab, d)
         self.fc = nn.Linear(L * d, d, bias=False)
         self.hidden_norm = RMSNorm(d, tc.rms_norm_eps)
         self.layers = nn.ModuleList(

@@ -2,17 +2,20 @@
 
     h        = backbone(target features, [anchor, MASK, ...])         (B, A, g, d)
     logits_k = lm_head(h_k)                                           trained with CE only
+                                                                      (B, A, g, N), N = draft vocabulary
 
 It is DSpark without the sequential and confidence heads: the baseline that shows what they add.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 import torch
 from torch import nn
 
 from deepspec.drafters.block_backbone import BlockDraftBackbone, init_trainable
+from deepspec.drafters.draft_vocab import DraftVocab
 
 
 @dataclass
@@ -31,6 +34,12 @@ class DFlashConfig:
     """Target layers whose hidden states form the context."""
     attention_backend: str = "sdpa"
     """sdpa (explicit mask, any device) | flex (flex attention, CUDA)."""
+    draft_vocab_size: Optional[int] = None
+    """Tokens the drafter predicts (None = the target's whole vocabulary, its frozen LM head); N < V trains an
+    own LM head over the N most frequent supervised tokens of the cache (deepspec/drafters/draft_vocab.py)."""
+    draft_vocab_file: Optional[str] = None
+    """A draft vocabulary map (.safetensors with d2t) to use instead of counting the cache; its size must be
+    draft_vocab_size."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -39,13 +48,15 @@ class DFlashConfig:
 class DFlashDrafter(BlockDraftBackbone):
     architecture = "DFlashDraftModel"  # DSpark's layout with markov_rank=0 and no confidence head, under the engines' DFlash name
 
-    def __init__(self, cfg: DFlashConfig, target_config, embed_tokens: nn.Embedding, lm_head: nn.Linear):
-        super().__init__(cfg.num_hidden_layers, cfg.target_layer_ids, cfg.attention_backend, target_config, embed_tokens, lm_head)
+    def __init__(self, cfg: DFlashConfig, target_config, embed_tokens: nn.Embedding, lm_head: nn.Linear | None,
+                 draft_vocab: DraftVocab | None = None):
+        super().__init__(cfg.num_hidden_layers, cfg.target_layer_ids, cfg.attention_backend, target_config, embed_tokens, lm_head,
+                         draft_vocab)
         self.cfg = cfg
         self.apply(init_trainable)
 
     def logits(self, h: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-        """h (N, g, d) -> (N, g, V); prev is unused (no sequential head)."""
+        """h (n, g, d) -> (n, g, N) over the draft vocabulary (N = V at full vocabulary); prev is unused."""
         return self.lm_head(h)
 
     def confidence_logits(self, h: torch.Tensor, prev: torch.Tensor) -> None:

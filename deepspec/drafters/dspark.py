@@ -7,17 +7,20 @@ Read top to bottom (the backbone is block_backbone.py, shared with DFlash):
     conf_k   = sigmoid(proj([h_k; W1[x_{k-1}]]))                      (confidence head)
 
 The embedding and LM head are the target's, frozen; only fc, hidden_norm, the layers, norm and
-the two heads train. ``logits`` and ``confidence_logits`` work on any subset of blocks, so the
+the two heads train. With a reduced draft vocabulary of N tokens (``draft_vocab.py``) the drafter's
+own LM head (N, d) trains too, W2 maps r -> N, and W1 stays (V, r): x_{k-1} is a target id. ``logits`` and ``confidence_logits`` work on any subset of blocks, so the
 loss can walk the vocabulary-sized part in chunks.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 import torch
 from torch import nn
 
 from deepspec.drafters.block_backbone import BlockDraftBackbone, init_trainable
+from deepspec.drafters.draft_vocab import DraftVocab
 from deepspec.drafters.heads import ConfidenceHead, MarkovHead
 
 
@@ -45,6 +48,12 @@ class DSparkConfig:
     """Target layers whose hidden states form the context."""
     attention_backend: str = "sdpa"
     """sdpa (explicit mask, any device) | flex (flex attention, CUDA)."""
+    draft_vocab_size: Optional[int] = None
+    """Tokens the drafter predicts (None = the target's whole vocabulary, its frozen LM head); N < V trains an
+    own LM head over the N most frequent supervised tokens of the cache (deepspec/drafters/draft_vocab.py)."""
+    draft_vocab_file: Optional[str] = None
+    """A draft vocabulary map (.safetensors with d2t) to use instead of counting the cache; its size must be
+    draft_vocab_size."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,18 +64,21 @@ class DSparkDrafter(BlockDraftBackbone):
 
     architecture = "Qwen3DSparkModel"
 
-    def __init__(self, cfg: DSparkConfig, target_config, embed_tokens: nn.Embedding, lm_head: nn.Linear):
-        super().__init__(cfg.num_hidden_layers, cfg.target_layer_ids, cfg.attention_backend, target_config, embed_tokens, lm_head)
+    def __init__(self, cfg: DSparkConfig, target_config, embed_tokens: nn.Embedding, lm_head: nn.Linear | None,
+                 draft_vocab: DraftVocab | None = None):
+        super().__init__(cfg.num_hidden_layers, cfg.target_layer_ids, cfg.attention_backend, target_config, embed_tokens, lm_head,
+                         draft_vocab)
         self.cfg = cfg
         d, V, r = target_config.hidden_size, target_config.vocab_size, cfg.markov_rank
-        self.markov_head = MarkovHead(V, d, r, cfg.markov_head_type) if r > 0 else None
+        self.markov_head = MarkovHead(V, d, r, cfg.markov_head_type, self.draft_vocab_size) if r > 0 else None
         with_markov = cfg.confidence_head_with_markov and r > 0
         self.confidence_head = ConfidenceHead(d, r if with_markov else 0) if cfg.enable_confidence_head else None
         self.apply(init_trainable)
 
     # ------------------------------------------------------------------ heads (any subset of blocks)
     def logits(self, h: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-        """h (N, g, d), prev (N, g) -> draft logits (N, g, V) = lm_head(h) + Markov bias."""
+        """h (n, g, d), prev (n, g) target ids -> draft logits (n, g, N) = lm_head(h) + Markov bias, over the draft
+        vocabulary (N = V at full vocabulary)."""
         base = self.lm_head(h)
         if self.markov_head is None:
             return base

@@ -5,7 +5,7 @@ and the embedding of token t+1, and predicts token t+2:
 
     x_t   = [input_layernorm(embed(token_{t+1})) ; hidden_norm(g_t)]        (B, T, 2d)
     h_t   = midlayer(x_t)   (attention from 2d, causal)                      (B, T, d)
-    logits = lm_head(norm(h_t))
+    logits = lm_head(norm(h_t))                                              (B, T, N), N = draft vocabulary
 
 Training-time test (TTT) unrolls ``ttt_steps`` steps: step k feeds its own h (instead of g) and
 token t+1+k at position t, and predicts token t+2+k. A query at step k sees the step-0 keys at
@@ -14,11 +14,13 @@ the drafter sees at inference when it drafts k tokens past the verified prefix.
 
 Parameter names follow the SpecForge / SGLang / vLLM Eagle3 layout (midlayer.*, fc, norm, lm_head),
 so the export loads in those engines when 3 target layers are used. The embedding and LM head are
-the target's, frozen and shared.
+the target's, frozen and shared; with a reduced draft vocabulary (``draft_vocab.py``) the LM head
+is the drafter's own (N, d) and the chain feeds back target ids.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,7 @@ from torch import nn
 
 from deepspec.drafters.attention import MLP, RMSNorm, RotaryEmbedding, apply_rope, attend, flex_block_mask
 from deepspec.drafters.block_backbone import init_trainable, target_head_dim
+from deepspec.drafters.draft_vocab import DraftVocab, DraftVocabMixin
 
 
 @dataclass
@@ -43,6 +46,12 @@ class Eagle3Config:
     (equal-budget comparisons); the export's config.json carries it, as Eagle3 loaders read it."""
     attention_backend: str = "sdpa"
     """sdpa (explicit mask, any device) | flex (flex attention, CUDA)."""
+    draft_vocab_size: Optional[int] = None
+    """Tokens the drafter predicts (None = the target's whole vocabulary, its frozen LM head); N < V trains an
+    own LM head over the N most frequent supervised tokens of the cache (deepspec/drafters/draft_vocab.py)."""
+    draft_vocab_file: Optional[str] = None
+    """A draft vocabulary map (.safetensors with d2t) to use instead of counting the cache; its size must be
+    draft_vocab_size."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,16 +118,18 @@ def ttt_attend(q: torch.Tensor, past_kv: list, causal: torch.Tensor) -> torch.Te
     return out.reshape(B, H, T, hd)
 
 
-class Eagle3Drafter(nn.Module):
+class Eagle3Drafter(DraftVocabMixin, nn.Module):
     architecture = "LlamaForCausalLMEagle3"
 
-    def __init__(self, cfg: Eagle3Config, target_config, embed_tokens: nn.Embedding, lm_head: nn.Linear):
+    def __init__(self, cfg: Eagle3Config, target_config, embed_tokens: nn.Embedding, lm_head: nn.Linear | None,
+                 draft_vocab: DraftVocab | None = None):
         super().__init__()
         tc = target_config
         d, L = tc.hidden_size, len(cfg.target_layer_ids)
         head_dim = target_head_dim(tc)
         self.cfg, self.target_config = cfg, tc
-        self.embed_tokens, self.lm_head = embed_tokens.requires_grad_(False), lm_head.requires_grad_(False)
+        self.embed_tokens = embed_tokens.requires_grad_(False)
+        self.attach_lm_heads(lm_head, draft_vocab, d)
         self.fc = nn.Linear(L * d, d, bias=False)
         self.midlayer = Eagle3Midlayer(d, cfg.intermediate_size or tc.intermediate_size, tc.num_attention_heads, tc.num_key_value_heads, head_dim, tc.rms_norm_eps)
         self.norm = RMSNorm(d, tc.rms_norm_eps)

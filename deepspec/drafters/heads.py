@@ -4,8 +4,9 @@ A Markov head makes draft token k depend on token k-1 through a rank-r bias on t
 
     logits_k = U_k + W2 z_k,   z_k = f(W1[x_{k-1}], h_k, state)
 
-with x_0 the anchor token. The heads return z (B, g, r); the caller multiplies by W2 (V x r) in
-vocabulary chunks, so no head ever materialises (B, g, V) on its own.
+with x_0 the anchor token. The heads return z (B, g, r); the caller multiplies by W2 (N x r) in
+vocabulary chunks, so no head ever materialises (B, g, N) on its own. W1 (V x r) is indexed by the
+previous token's target id; W2 has a row per draft-vocabulary token (N = V at full vocabulary).
 
     vanilla: z_k = W1[x_{k-1}]
     gated:   z_k = sigmoid(gate_proj([h_k; W1[x_{k-1}]])) * W1[x_{k-1}]
@@ -26,13 +27,13 @@ MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
 class MarkovHead(nn.Module):
     """Names follow the reference checkpoint: markov_w1, markov_w2, gate_proj, joint_proj."""
 
-    def __init__(self, vocab_size: int, d: int, rank: int, kind: str = "vanilla"):
+    def __init__(self, vocab_size: int, d: int, rank: int, kind: str = "vanilla", draft_vocab_size: int | None = None):
         super().__init__()
         if kind not in MARKOV_HEAD_TYPES:
             raise ValueError(f"markov_head_type={kind!r} is not one of {MARKOV_HEAD_TYPES}")
         self.kind, self.rank = kind, rank
         self.markov_w1 = nn.Embedding(vocab_size, rank)
-        self.markov_w2 = nn.Linear(rank, vocab_size, bias=False)
+        self.markov_w2 = nn.Linear(rank, draft_vocab_size or vocab_size, bias=False)
         if kind == "gated":
             self.gate_proj = nn.Linear(d + rank, rank)
         elif kind == "rnn":

@@ -161,8 +161,7 @@ class EvalHarness:
         d = self.drafter
         results = {"config": asdict(cfg), "device": str(self.target.device), "datasets": {},
                    "drafter": {"kind": type(d).__name__.removesuffix("Drafter"), **d.cfg.to_dict(), "block": self.block_size,
-                               "trainable_parameters": sum(p.numel() for n, p in d.named_parameters()
-                                                           if not n.startswith(("embed_tokens", "lm_head")))}}
+                               "trainable_parameters": sum(p.numel() for p in d.parameters() if p.requires_grad)}}
         for ds in cfg.datasets:
             entry = {"sampled": self.run_dataset(ds, self.sampling)}
             if cfg.also_greedy and not self.sampling.greedy:

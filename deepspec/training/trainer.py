@@ -12,8 +12,10 @@ from pathlib import Path
 import torch
 
 from deepspec import distributed
-from deepspec.config.train import TrainStageConfig, drafter_config
+from deepspec.config.base import ConfigError
+from deepspec.config.train import TrainStageConfig, check_draft_vocab, drafter_config
 from deepspec.drafters import DRAFTERS
+from deepspec.drafters.draft_vocab import DraftVocab
 from deepspec.target import load_frozen_embeddings, target_identity
 from deepspec.training.checkpoint import CheckpointManager
 from deepspec.training.data import DataPosition, EpochBatches, build_datasets, collate
@@ -23,10 +25,12 @@ from deepspec.training.preemption import StopRequest
 from deepspec.training.step import DrafterWithLoss, anchor_seed
 
 log = logging.getLogger(__name__)
+DRAFT_VOCAB_FILE = "draft_vocab.safetensors"
 
 
 def build_drafter(cfg: TrainStageConfig, device: torch.device) -> tuple[torch.nn.Module, str]:
-    """The drafter named by ``cfg.drafter`` over the target's frozen embedding and LM head."""
+    """The drafter named by ``cfg.drafter`` over the target's frozen embedding and LM head (and, with
+    ``drafter.draft_vocab_size``, its own LM head over the draft vocabulary, ``draft_vocabulary``)."""
     from transformers import AutoConfig
 
     from deepspec.target import resolve_target_path
@@ -39,10 +43,34 @@ def build_drafter(cfg: TrainStageConfig, device: torch.device) -> tuple[torch.nn
         dcfg.mask_token_id = cfg.target.mask_token_id
     tc = AutoConfig.from_pretrained(resolve_target_path(cfg.target.name_or_path))
     tc = getattr(tc, "text_config", None) or tc
+    check_draft_vocab(cfg.drafter, tc.vocab_size)
+    vocab = draft_vocabulary(cfg, tc.vocab_size)
     embed, head = load_frozen_embeddings(cfg.target, device, torch.float32)
     spec = DRAFTERS[cfg.drafter["name"]]
     torch.manual_seed(cfg.seed)
-    return spec.model_class(dcfg, tc, embed, head).to(device), spec.kind
+    return spec.model_class(dcfg, tc, embed, head, vocab).to(device), spec.kind
+
+
+def draft_vocabulary(cfg: TrainStageConfig, vocab_size: int) -> DraftVocab | None:
+    """None (full vocabulary), the map file ``drafter.draft_vocab_file``, or the ``drafter.draft_vocab_size``
+    most frequent labels of the cache's training split (every rank counts its share; the sums are equal on all)."""
+    size, file = cfg.drafter.get("draft_vocab_size"), cfg.drafter.get("draft_vocab_file")
+    if size is None:
+        return None
+    if file:
+        vocab = DraftVocab.load(file, vocab_size)
+        if vocab.size != size:
+            raise ConfigError(f"invalid configuration:\n  - drafter.draft_vocab_file={file} maps {vocab.size} tokens, "
+                              f"drafter.draft_vocab_size={size}")
+        return vocab
+    from deepspec.data.cache.token_counts import supervised_token_counts
+
+    rank, world = distributed.rank_and_world()
+    counts = supervised_token_counts(cfg.cache_dir, vocab_size, cfg.eval.val_fraction, rank, world)
+    vocab = DraftVocab.from_counts(counts, size)
+    covered = float(counts[vocab.draft_ids].sum() / counts.sum().clamp_min(1))
+    log.info("draft vocabulary: the %d most frequent of %d tokens cover %.2f%% of the training labels", size, vocab_size, 100 * covered)
+    return vocab
 
 
 def write_run_info(run_dir: Path, cfg: TrainStageConfig, world: int, resumed_from: Path | None) -> None:
@@ -86,6 +114,8 @@ class Trainer:
         self.stop = StopRequest()
         if self.rank == 0:
             write_run_info(self.run_dir, cfg, self.world, resume)
+            if drafter.d2t is not None:  # the run's draft vocabulary, next to its config (the export carries it too)
+                DraftVocab.from_d2t(drafter.d2t.cpu(), len(drafter.t2d)).save(self.run_dir / DRAFT_VOCAB_FILE)
             log.info("drafter %s: %.2fM trainable parameters; %d optimizer steps of %d samples (%d ranks x %d micro x %d accumulation)",
                      cfg.drafter["name"], sum(p.numel() for p in drafter.parameters() if p.requires_grad) / 1e6,
                      self.total_steps, cfg.global_batch_size, self.world, cfg.micro_batch_size, self.accum)

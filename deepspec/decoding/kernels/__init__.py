@@ -19,13 +19,17 @@ def use_triton(t: torch.Tensor) -> bool:
     return triton_kernels is not None and t.is_cuda
 
 
-def markov_walk(base, w1, w2, x0, temperature, noise_g):
-    """A block's sequential walk: one Triton step per slot on CUDA, the three-op reference elsewhere."""
+def markov_walk(base, w1, w2, x0, temperature, noise_g, d2t=None):
+    """A block's sequential walk: one Triton step per slot on CUDA, the three-op reference elsewhere.
+
+    With a reduced draft vocabulary (``d2t`` (N,) offsets) a step samples a draft id, and the next step's
+    W1 row is that token's target id: the kernel takes and the walk returns target ids (see ``reference``)."""
     if not use_triton(base):
-        return reference.markov_walk(base, w1, w2, x0, temperature, noise_g)
+        return reference.markov_walk(base, w1, w2, x0, temperature, noise_g, d2t)
     x, tokens, logits = x0, [], []
     for k in range(base.shape[1]):
         x, lk = triton_kernels.markov_step(base[:, k], w1, w2, x, temperature, None if noise_g is None else noise_g[:, k])
+        x = x if d2t is None else x + d2t[x]  # draft id -> target id (one gather per slot)
         tokens.append(x)
         logits.append(lk)
     return torch.stack(tokens, 1), torch.stack(logits, 1)

@@ -5,6 +5,8 @@ sampling from softmax(l) is argmax(l + G) with G = -log(-log(U)) Gumbel noise (e
 
 markov_step: one sequential-head step of DSpark, for one draft slot of N rows
     logits = base + W1[x] @ W2^T          (base (N, V), W1 (V', r), W2 (V, r), x (N,) the previous tokens)
+    (with a reduced draft vocabulary V is the draft vocabulary, V' the target's, x a target id, and the
+    returned token a draft id; the walk maps it to the next step's target id with d2t)
     token  = argmax(logits)                                     greedy
            = argmax(logits / T + G)                             sampling at temperature T
     (G = -log(-log U) is passed in: a block's noise is drawn, and transformed, once for all its slots)
@@ -34,16 +36,19 @@ def markov_step(base: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, x: torch
 
 
 def markov_walk(base: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, x0: torch.Tensor, temperature: float,
-                noise_g: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                noise_g: torch.Tensor | None, d2t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """All g slots of ``markov_step`` for a block: base (N, g, V), x0 (N,) anchors, noise_g (N, g, V) or None
     -> (tokens (N, g), logits (N, g, V) fp32). Three ops per slot: the slot's keys are
-    base/T + G + W1[x] W2^T / T in one addmm; the logits are rebuilt for the whole block in one product."""
+    base/T + G + W1[x] W2^T / T in one addmm; the logits are rebuilt for the whole block in one product.
+    Reduced draft vocabulary: V is the draft vocabulary, ``d2t`` (V,) its offsets; the argmax is a draft id and
+    x_k = draft id + d2t[draft id] its target id, which the next W1 row and the returned tokens are."""
     base, w2t = base.float(), w2.float().T  # (N, g, V), (r, V)
     keys = base if temperature == 0 else (base + noise_g if temperature == 1 else base / temperature + noise_g)
     alpha = 1.0 if temperature in (0, 1) else 1.0 / temperature
     x, tokens = x0, []
     for k in range(base.shape[1]):
         x = torch.addmm(keys[:, k], w1[x].float(), w2t, alpha=alpha).argmax(-1)  # the walk: x_k from x_{k-1}
+        x = x if d2t is None else x + d2t[x]
         tokens.append(x)
     tokens = torch.stack(tokens, 1)  # (N, g)
     prev = torch.cat([x0[:, None], tokens[:, :-1]], dim=1)

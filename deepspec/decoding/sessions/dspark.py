@@ -11,6 +11,10 @@ takes the fused walk (``kernels.markov_walk``: per slot, gather, W2 product and 
 in one Triton kernel on CUDA; three ops per slot in the PyTorch reference elsewhere), with all
 slots' noise drawn at once and q computed for the whole block after the walk (it is the softmax
 the Gumbel-max drew from).
+
+Reduced draft vocabulary (N of V tokens): logits and sampling live in the draft vocabulary, the walk
+feeds W1 the previous token's target id, and the Draft carries target ids and q over the full
+vocabulary (zeros outside the draft ids), so verification is unchanged.
 """
 from __future__ import annotations
 
@@ -27,11 +31,11 @@ class DSparkSession(BlockBackboneSession):
         """rows (N,), anchors (N,) -> a block of g drafts per row, with confidences."""
         d, markov = self.d, self.d.markov_head
         h = self.block_hidden(rows, anchors)  # (N, g, d)
-        base = d.lm_head(h)  # (N, g, V)
+        base = d.lm_head(h)  # (N, g, V_draft)
         if markov is None:  # rank 0: no sequential head, every slot from the parallel pass
             logits = base.float()
             q = sampling.probs(logits)
-            tokens = sample(q, generator)
+            tokens = d.draft_to_target(sample(q, generator))
         elif markov.kind == "vanilla" and not sampling.top_k and sampling.top_p >= 1.0:
             tokens, logits = self._fused_walk(base, anchors, sampling, generator)
             q = sampling.probs(logits)
@@ -40,23 +44,24 @@ class DSparkSession(BlockBackboneSession):
         prev = torch.cat([anchors[:, None], tokens[:, :-1]], dim=1)  # x_{k-1} per slot (N, g)
         conf = d.confidence_logits(h, prev)
         conf = top_probability(logits) if conf is None else torch.sigmoid(conf.float())
-        return Draft(tokens, None if sampling.greedy else q, conf)
+        return Draft(tokens, None if sampling.greedy else d.to_target_vocab(q), conf)
 
     def _fused_walk(self, base, anchors, sampling, generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Vanilla head: x_k = argmax((U_k + W2 W1[x_{k-1}]) / T + G_k) -> tokens (N, g), logits (N, g, V) fp32."""
+        """Vanilla head: x_k = argmax((U_k + W2 W1[x_{k-1}]) / T + G_k) -> tokens (N, g) target ids, logits
+        (N, g, V_draft) fp32."""
         w1, w2 = self.d.markov_head.markov_w1.weight, self.d.markov_head.markov_w2.weight
-        noise = None if sampling.greedy else gumbel_noise(base.shape, generator, base.device)  # (N, g, V), one draw
-        return kernels.markov_walk(base, w1, w2, anchors, sampling.temperature, noise)
+        noise = None if sampling.greedy else gumbel_noise(base.shape, generator, base.device)  # (N, g, V_draft), one draw
+        return kernels.markov_walk(base, w1, w2, anchors, sampling.temperature, noise, self.d.d2t)
 
     def _walk(self, h, base, anchors, sampling, generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Any head, any sampling: z_k from the head's step, q_k = probs(U_k + W2 z_k), x_k ~ q_k."""
+        """Any head, any sampling: z_k from the head's step, q_k = probs(U_k + W2 z_k), x_k ~ q_k (a target id)."""
         markov = self.d.markov_head
         prev, state, tokens, logits, probs = anchors, None, [], [], []
         for k in range(self.g):
             z, state = markov.step(markov.embed_prev(prev), h[:, k], state)
-            lk = base[:, k].float() + markov.markov_w2(z).float()  # (N, V)
+            lk = base[:, k].float() + markov.markov_w2(z).float()  # (N, V_draft)
             qk = sampling.probs(lk)
-            prev = sample(qk, generator)
+            prev = self.d.draft_to_target(sample(qk, generator))
             tokens.append(prev)
             logits.append(lk)
             probs.append(qk)

@@ -4,7 +4,9 @@ Step 0 at position t reads the target's features at t and the token at t+1, so a
 computed once, when its next token is known: the row's queued positions run in one batched
 pass at its next draft (the last queued position pairs with the anchor). The chain then runs g
 steps at the last position, each attending to every cached step-0 key and to the chain so far,
-exactly the training-time-test pattern (``deepspec/drafters/eagle3.py``).
+exactly the training-time-test pattern (``deepspec/drafters/eagle3.py``). With a reduced draft
+vocabulary each step samples a draft id and feeds back (and returns) its target id, with q over the
+full vocabulary (zeros outside the draft ids).
 """
 from __future__ import annotations
 
@@ -56,9 +58,9 @@ class Eagle3Session(IncrementalSession):
         ctx_valid = torch.arange(K.shape[2], device=K.device) < self.length[rows, None]  # (N, C)
         ks, vs, tokens, probs, conf = [K], [V], [], [], []
         for k in range(self.g):
-            logits = d.lm_head(d.norm(h))  # (N, V)
+            logits = d.lm_head(d.norm(h))  # (N, V_draft)
             qk = sampling.probs(logits)
-            tok = sample(qk, generator)  # (N,)
+            tok = d.draft_to_target(sample(qk, generator))  # (N,) target ids
             tokens.append(tok)
             probs.append(qk)
             conf.append(top_probability(logits))
@@ -73,4 +75,5 @@ class Eagle3Session(IncrementalSession):
             out = attend(q, torch.cat(ks, 2), torch.cat(vs, 2), mask)
             hh = h[:, None] + m.self_attn.o_proj(out.transpose(1, 2).reshape(N, 1, -1))
             h = (hh + m.mlp(m.post_attention_layernorm(hh)))[:, 0]
-        return Draft(torch.stack(tokens, 1), None if sampling.greedy else torch.stack(probs, 1), torch.stack(conf, 1))
+        q = None if sampling.greedy else d.to_target_vocab(torch.stack(probs, 1))  # (N, g, V)
+        return Draft(torch.stack(tokens, 1), q, torch.stack(conf, 1))
