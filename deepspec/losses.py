@@ -17,8 +17,10 @@ part and the mass m_out it puts elsewhere,
     L1   = sum_{v in draft} |p_d(v) - p_t(v)| + m_out      (still exactly 2 x total variation: 1 - L1/2 = acceptance)
     CE   = as above on labels inside the draft vocabulary; labels outside are masked (q gives them 0) and
            counted (``label_outside_draft_vocab``)
-    Eagle3's soft CE: against p_t restricted to the draft vocabulary and renormalised. Weights and chunk sizes: ``deepspec.config.train.LossConfig``. Memory: the (blocks, g, V) logits exist for ``chunk_blocks`` blocks at a time and are
-recomputed in backward (activation checkpointing per chunk), so peak memory does not grow with
+    Eagle3's soft CE: against p_t restricted to the draft vocabulary and renormalised.
+
+Weights and chunk sizes: ``deepspec.config.train.LossConfig``. Memory: the (blocks, g, V) logits exist for
+``chunk_blocks`` blocks at a time and are recomputed in backward (activation checkpointing per chunk), so peak memory does not grow with
 num_anchors x block_size x vocab.
 """
 from __future__ import annotations
