@@ -51,6 +51,36 @@ def storage_errors_in_one_line(stage: str):
     return wrap
 
 
+def hydra_errors_in_one_line(stage: str, hydra_main: Callable[[], object]) -> None:
+    """Run a stage's ``@hydra.main`` so that what Hydra itself hits before the stage starts is one line too.
+
+    Hydra creates the run folder (``hydra.run.dir``, inside the stage's output) before calling the stage, and
+    reports any error with a trimmed traceback and status 1: a read-only or full output disk would never reach
+    ``storage_errors_in_one_line``. With ``HYDRA_FULL_ERROR=1`` Hydra re-raises instead; here a storage error
+    ends in the same one line and status 74; a Hydra error (an unknown config group, a bad override) or a config
+    the stage refuses (``ConfigError``) in its message alone, status 1. Anything else propagates unchanged
+    (``run_entry_point`` prints it with its traceback).
+    """
+    from hydra.errors import HydraException
+
+    from deepspec.config.base import ConfigError
+
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        hydra_main()
+    except ConfigError as e:  # the stage's own validation: its message lists every bad key
+        raise SystemExit(f"{stage}: {e}") from None
+    except HydraException as e:  # first: a missing config is also an OSError (errno None)
+        cause = f" ({type(e.__cause__).__name__}: {e.__cause__})" if e.__cause__ else ""
+        raise SystemExit(f"{stage}: {type(e).__name__}: {e}{cause}") from None
+    except OSError as e:
+        if e.errno not in STORAGE_ERRNOS:
+            raise
+        log.error("%s stopped before starting: %s creating %s. Nothing was written; make the output folder writable "
+                  "(or free space) and rerun the same command.", stage, STORAGE_ERRNOS[e.errno], e.filename or "its output")
+        raise SystemExit(EX_IOERR) from None
+
+
 def exit_status(exc: SystemExit) -> int:
     """The status ``sys.exit(x)`` asks for: None -> 0, int -> itself, anything else printed -> 1."""
     if exc.code is None:

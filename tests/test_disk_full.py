@@ -51,3 +51,32 @@ def test_disk_full_is_one_line_no_partial_file_and_a_rerun_finishes_identically(
     assert reference.returncode == 0
     shards = lambda p: [(s["file"], s["sha256"]) for s in json.loads((p / "manifest.json").read_text())["shards"]]
     assert shards(out) == shards(tmp_path / "reference")
+
+
+@pytest.fixture
+def read_only_disk(tmp_path):
+    mnt = tmp_path / f"ro-{uuid.uuid4().hex[:6]}"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.mark.parametrize("stage,cmd", [
+    ("data", ["data/cache.py", "build", "target=toy", "input.paths=[deepspec/assets/toy_prompts/train.jsonl]", "out_dir={out}",
+              "hydra.run.dir={out}/hydra"]),
+    ("train", ["train/train.py", "cache_dir={out}/cache", "run_dir={out}/run"]),
+    ("eval", ["eval/eval.py", "drafter_path={out}/export", "run_dir={out}/eval"]),
+])
+def test_read_only_output_is_one_line_before_anything_starts(read_only_disk, stage, cmd):
+    """Hydra creates the run folder before the stage runs: on a read-only disk that is the first write, and it
+    must end like any storage error of the stage (one line, status 74), not with Hydra's traceback."""
+    out = read_only_disk / "out"
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable] + [c.format(out=out) for c in cmd], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    said = proc.stdout + proc.stderr
+    assert proc.returncode == 74, said[-3000:]
+    assert f"{stage} stopped before starting: the file system is read-only creating {out}" in said, said[-3000:]
+    assert "Traceback" not in said, said[-3000:]

@@ -48,3 +48,17 @@ def test_short_trainings_exit_zero_every_time(tiny_target, tiny_cache, tmp_path)
         proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=600, env=env())
         assert proc.returncode == 0, (i, precision, proc.returncode, proc.stderr[-3000:])
         assert (tmp_path / f"run{i}" / "result.json").exists() and (tmp_path / f"run{i}" / "export").is_dir()
+
+
+@pytest.mark.parametrize("override,says", [
+    ("drafter=nonexistent", "train: MissingConfigException: In 'train': Could not find 'drafter/nonexistent'"),
+    ("max_steps=abc", "train: ConfigCompositionException: Error merging override max_steps=abc (ValidationError"),
+    ("max_steps=-1", "  - max_steps=-1 must be >= 0"),
+])
+def test_a_config_the_cli_refuses_is_its_message_not_a_traceback(override, says):
+    """Hydra's own errors (unknown group, bad override) and the stage's validation end in their message, status 1."""
+    proc = subprocess.run([sys.executable, "train/train.py", override, "cache_dir=/nonexistent"], capture_output=True,
+                          text=True, timeout=120, cwd=REPO, env=env())
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert says in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]

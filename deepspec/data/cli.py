@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from deepspec.config import CONFIG_DIR, DataStageConfig, register_configs, to_dataclass
 from deepspec.data.cache.manifest import check_target, load_manifest
 from deepspec.data.cache.verify import cache_stats, verify_cache
-from deepspec.process_exit import run_entry_point, storage_errors_in_one_line
+from deepspec.process_exit import hydra_errors_in_one_line, run_entry_point, storage_errors_in_one_line
 
 log = logging.getLogger("deepspec.data")
 COMMANDS = ("build", "verify", "stats", "estimate", "finalize")
@@ -91,7 +91,7 @@ def main() -> None:
     register_configs()
     if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:  # `deepspec-data verify ...` -> `command=verify`
         sys.argv[1] = f"command={sys.argv[1]}"
-    run_entry_point(_hydra_main)
+    run_entry_point(lambda: hydra_errors_in_one_line("data", _hydra_main))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import hydra
 from omegaconf import DictConfig
 
 from deepspec.config import CONFIG_DIR, EvalStageConfig, register_configs, to_dataclass
-from deepspec.process_exit import run_entry_point, storage_errors_in_one_line
+from deepspec.process_exit import hydra_errors_in_one_line, run_entry_point, storage_errors_in_one_line
 
 log = logging.getLogger("deepspec.eval")
 
@@ -34,7 +34,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    run_entry_point(lambda: (register_configs(), _hydra_main()))
+    run_entry_point(lambda: (register_configs(), hydra_errors_in_one_line("eval", _hydra_main)))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from deepspec.config import CONFIG_DIR, TrainStageConfig, register_configs, to_dataclass
-from deepspec.process_exit import run_entry_point, storage_errors_in_one_line
+from deepspec.process_exit import hydra_errors_in_one_line, run_entry_point, storage_errors_in_one_line
 
 log = logging.getLogger("deepspec.train")
 
@@ -46,7 +46,7 @@ def _cuda() -> bool:
 
 
 def main() -> None:
-    run_entry_point(lambda: (register_configs(), _hydra_main()))
+    run_entry_point(lambda: (register_configs(), hydra_errors_in_one_line("train", _hydra_main)))
 
 
 if __name__ == "__main__":
