@@ -1,6 +1,6 @@
 """A full disk stops a stage with one line naming the file, leaves no partial file, and a rerun after freeing
-space finishes the cache byte-identical to an uninterrupted build. Uses a real size-limited tmpfs (needs
-root to mount; skipped elsewhere)."""
+space finishes the cache byte-identical to an uninterrupted build; a read-only output stops every stage in one line
+before it starts. Uses real tmpfs mounts (size-limited, read-only; root only, skipped elsewhere)."""
 from __future__ import annotations
 
 import json
@@ -16,14 +16,19 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def small_disk(tmp_path):
+def mounted_tmpfs(tmp_path: Path, options: str):
+    """A tmpfs mounted with ``options`` for the test's duration (skips where mounting is not allowed)."""
     mnt = tmp_path / f"tmpfs-{uuid.uuid4().hex[:6]}"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here (not root?)")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    yield from mounted_tmpfs(tmp_path, "size=1m")
 
 
 def build(out: Path) -> subprocess.CompletedProcess:
@@ -55,12 +60,7 @@ def test_disk_full_is_one_line_no_partial_file_and_a_rerun_finishes_identically(
 
 @pytest.fixture
 def read_only_disk(tmp_path):
-    mnt = tmp_path / f"ro-{uuid.uuid4().hex[:6]}"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (not root?)")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    yield from mounted_tmpfs(tmp_path, "ro,size=1m")
 
 
 @pytest.mark.parametrize("stage,cmd", [
