@@ -44,8 +44,7 @@ def split_target_probs(drafter, p_t: torch.Tensor) -> tuple[torch.Tensor, torch.
     Full vocabulary: (p_t, 0.0), so the losses below are unchanged to the bit."""
     if drafter.d2t is None:
         return p_t, 0.0
-    draft_ids = torch.arange(len(drafter.d2t), device=p_t.device) + drafter.d2t
-    return p_t.index_select(-1, draft_ids), p_t.masked_fill(drafter.t2d, 0.0).sum(-1)  # summed directly: no 1 - sum cancellation
+    return p_t.index_select(-1, drafter.draft_ids), p_t.masked_fill(drafter.t2d, 0.0).sum(-1)  # summed directly: no 1 - sum cancellation
 
 
 def _chunk_terms(drafter, h, prev, labels, target_h):

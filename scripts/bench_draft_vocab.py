@@ -139,17 +139,6 @@ def part_size(args) -> dict:
             "reduced_over_full": ratios, "all": rows}
 
 
-def toy_cache(path: Path, rows: int) -> Path:
-    from deepspec.config.data import DataStageConfig, InputConfig, TargetConfig
-    from deepspec.data.build import build_cache
-
-    if not (path / "manifest.json").exists():
-        build_cache(DataStageConfig(out_dir=str(path), target=TargetConfig(name_or_path="toy", dtype="float32"),
-                                    input=InputConfig(paths=[str(REPO / "deepspec/assets/toy_prompts/train.jsonl")], max_rows=rows),
-                                    progress=False))
-    return path
-
-
 def real_tau(export: Path, prompts: int, max_new: int) -> dict:
     """Speculative decoding with the exported drafter on held-out toy prompts: tau (bonus included) at T=0 and T=1."""
     import torch
@@ -183,7 +172,9 @@ def part_toy(args) -> dict:
     from deepspec.drafters.draft_vocab import DraftVocab
 
     work = Path(args.work_dir)
-    cache = toy_cache(work / "cache", args.toy_rows)
+    from bench_train import small_cache  # the same toy cache builder as the other training benches
+
+    cache = small_cache(work / "cache", args.toy_rows)
     counts = supervised_token_counts(cache, V_TOY, args.val_fraction)
     covered = float(counts[DraftVocab.from_counts(counts, N_TOY).draft_ids].sum() / counts.sum())
     runs = {}

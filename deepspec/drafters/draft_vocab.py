@@ -130,6 +130,11 @@ class DraftVocabMixin:
                                "load_drafter to compute losses (decoding does not need it)")
         return head
 
+    @property
+    def draft_ids(self) -> torch.Tensor | None:
+        """(N,) the target ids of the draft vocabulary, ascending (None at full vocabulary)."""
+        return None if self.d2t is None else torch.arange(len(self.d2t), device=self.d2t.device) + self.d2t
+
     def draft_to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
         """(...) draft ids -> (...) target ids (identity at full vocabulary)."""
         return draft_ids if self.d2t is None else draft_ids + self.d2t[draft_ids]
@@ -145,6 +150,4 @@ class DraftVocabMixin:
         """(..., N) values over the draft vocabulary -> (..., V) with zeros outside it (identity at full vocabulary)."""
         if self.d2t is None:
             return x
-        draft_ids = torch.arange(len(self.d2t), device=x.device) + self.d2t
-        out = x.new_zeros(*x.shape[:-1], len(self.t2d))
-        return out.index_copy_(-1, draft_ids, x)
+        return x.new_zeros(*x.shape[:-1], len(self.t2d)).index_copy_(-1, self.draft_ids, x)
