@@ -56,6 +56,9 @@ def serving_config(drafter, name: str, include_frozen: bool, target: TargetConfi
     c = drafter.cfg
     cfg = {k: v for k, v in tc.items() if k not in ("architectures", "auto_map", "_name_or_path", "transformers_version")}
     cfg["tie_word_embeddings"] = False
+    # The drafter's MLP is SwiGLU whatever the target's is; vLLM builds the drafter's MLP from hidden_act and refuses any
+    # other, and Gemma configs carry none (theirs is hidden_activation, the target's own, left as it is).
+    cfg["hidden_act"] = "silu"
     if name == "eagle3":
         ids = list(c.target_layer_ids)
         # SGLang reads the nested ids as layer outputs (ours) and adds +1 itself; vLLM reads the top-level ids as

@@ -63,6 +63,8 @@ _full_vocab_or_d2t: Check = ("a reduced draft vocabulary ships d2t (offset: targ
                                  and t.get("markov_head.markov_w2.weight", (_draft_vocab(c),))[0] == _draft_vocab(c)))
 _full_vocab_only: Check = ("the full vocabulary (this loader always uses the target's LM head; it reads neither draft_vocab_size nor d2t)",
                            lambda c, t: _draft_vocab(c) >= c["vocab_size"])
+_silu_mlp: Check = ("hidden_act is silu (the drafter's SwiGLU MLP; vLLM's Qwen3 MLP refuses any other, and Gemma "
+                    "configs carry none)", lambda c, t: c.get("hidden_act") == "silu")
 _no_unknown_markov: Check = ("no markov_head.* tensors beyond the head type's own",
                              lambda c, t: all(re.fullmatch(r"markov_head\.(markov_w[12]\.weight|gate_proj\.(weight|bias)|joint_proj\.(weight|bias))", n)
                                               for n in t if n.startswith("markov_head.")))
@@ -70,7 +72,7 @@ _no_unknown_markov: Check = ("no markov_head.* tensors beyond the head type's ow
 REQUIREMENTS: tuple[LoaderRequirements, ...] = (
     LoaderRequirements(
         "vLLM", "dspark", "vllm-project/vllm vllm/model_executor/models/qwen3_dspark.py@0302ff40 (+ qwen3_dflash.py@036a00d1, "
-        "v1/worker/gpu/spec_decode/eagle/eagle3_utils.py@0cfdd2e1, config/speculative.py@002e77c1)",
+        "qwen2.py@cb24295e, v1/worker/gpu/spec_decode/eagle/eagle3_utils.py@0cfdd2e1, config/speculative.py@002e77c1)",
         ("Qwen3DSparkModel",), (*QWEN3_SHAPE, "markov_rank", "mask_token_id", "target_layer_ids"),
         (*BACKBONE, r"markov_head\.markov_w1\.weight", r"markov_head\.markov_w2\.weight"),
         (("markov_rank > 0", lambda c, t: (c.get("markov_rank") or 0) > 0),
@@ -79,16 +81,16 @@ REQUIREMENTS: tuple[LoaderRequirements, ...] = (
          ("confidence_head_with_markov written (its default differs between engines)", lambda c, t: "confidence_head_with_markov" in c),
          ("an enabled confidence head ships proj.weight and proj.bias",
           lambda c, t: not c.get("enable_confidence_head") or {"confidence_head.proj.weight", "confidence_head.proj.bias"} <= set(t)),
-         _full_vocab_or_d2t,
+         _full_vocab_or_d2t, _silu_mlp,
          ("no rotary/mask tensors (AutoWeightsLoader refuses unknown names)",
           lambda c, t: not any(n.startswith(("rotary", "mask_hidden", "mask_embedding")) for n in t))),
         "block_size is not read: pass num_speculative_tokens = block_size. Never name the architecture DSparkDraftModel "
         "(vLLM <= 0.28 maps it to the DeepSeek-V4 drafter)."),
     LoaderRequirements(
-        "vLLM", "dflash", "vllm-project/vllm vllm/model_executor/models/qwen3_dflash.py@036a00d1",
+        "vLLM", "dflash", "vllm-project/vllm vllm/model_executor/models/qwen3_dflash.py@036a00d1 (+ qwen2.py@cb24295e)",
         ("DFlashDraftModel",), (*QWEN3_SHAPE, "mask_token_id", "target_layer_ids"), BACKBONE,
         (("no markov_head/confidence_head tensors", lambda c, t: not any(n.startswith(("markov_head", "confidence_head")) for n in t)),
-         _full_vocab_or_d2t),
+         _full_vocab_or_d2t, _silu_mlp),
         "method=dflash wraps the config and prefixes 'DFlash' to any architecture not already named DFlash*, "
         "so a DFlash export named Qwen3DSparkModel would not load."),
     LoaderRequirements(

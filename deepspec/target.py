@@ -5,6 +5,10 @@ so no other layer's output is kept) and the final-norm hidden state, from which 
 head recovers the logits. Layer id ``i`` is the output of decoder layer ``i`` (0-based);
 ``-1`` is the embedding output, i.e. what enters decoder layer 0 (this includes any embedding
 scale such as Gemma's sqrt(d)).
+
+A drafter's own token input is not that: it is the raw rows of the target's ``embed_tokens.weight``
+(``load_frozen_embeddings``), unscaled for every family, because that is what vLLM's drafter loaders
+embed with (docs/targets.md, "What a drafter sees").
 """
 from __future__ import annotations
 
@@ -207,10 +211,6 @@ class TargetModel(nn.Module):
         head, then the family's final-logit soft-capping where its config has one (Gemma-2/3)."""
         return apply_softcap(self.lm_head(final_hidden), final_logit_softcap(self.model.config))
 
-    @property
-    def embed_tokens(self) -> nn.Module:
-        return self.model.get_input_embeddings()
-
     @torch.no_grad()
     def decoder_with_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                                past_key_values) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,6 +285,9 @@ def load_frozen_embeddings(cfg: TargetConfig, device: str | torch.device = "cpu"
 
     A drafter needs these two matrices, not the whole target: loading them alone keeps a second
     copy of the target out of every training rank. Tied embeddings give one shared tensor.
+    The embedding is the stored rows as they are: no family scale (Gemma-2/3 multiply by sqrt(d) inside
+    their own forward pass, HF's Gemma-3 inside its embedding module), since vLLM's DSpark/DFlash/Eagle3
+    drafters embed with the bare target table too (docs/targets.md, "What a drafter sees").
     Returns (embed_tokens (V, d), lm_head (V, d)), frozen.
     """
     from safetensors import safe_open

@@ -1,5 +1,7 @@
 """The target returns what HF's own model returns, per family: Gemma-2's final-logit soft-capping
-is applied wherever the engine, the cache or the losses compute the target's logits."""
+is applied wherever the engine, the cache or the losses compute the target's logits. The drafters
+compute what vLLM's drafters compute (bare embedding rows, uncapped draft logits; docs/targets.md),
+and every family that can have a drafter runs cache -> train -> export -> reload -> decode."""
 from __future__ import annotations
 
 import shutil
@@ -137,3 +139,145 @@ def test_unsupported_families_are_refused_by_name(tmp_path):
     path = save_tiny(tmp_path / "qwen3_5", "qwen3_5")
     with pytest.raises(NotImplementedError, match="qwen3_5.*linear_attention.*recurrent state"):
         check_speculative_support(TargetModel.from_config(TargetConfig(name_or_path=str(path), layer_ids=[0, 2], dtype="float32", device="cpu")))
+
+
+# ----------------------------------------------------------------------------- what a drafter sees (docs/targets.md)
+DRAFT_LAYER_IDS = [-1, 1, 3]  # the tiny targets have 4 layers; three ids also suit SGLang's Eagle3 loader
+
+
+def tiny_drafter(path: Path, name: str):
+    """The drafter ``name`` (tests/test_online_and_export.py's tiny configs) over the family target at ``path``,
+    moved off its init so a load that kept the init would show."""
+    from test_online_and_export import DRAFTER, train_cfg
+
+    from deepspec.training.trainer import build_drafter
+
+    cfg = train_cfg(path, [], DRAFTER[name], cache_dir="unused")
+    drafter, _ = build_drafter(cfg, torch.device("cpu"))
+    for p in drafter.parameters():
+        if p.requires_grad:
+            p.data.add_(torch.randn_like(p) * 0.05)
+    return drafter, cfg
+
+
+def first_layer_token_input(drafter, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids (1, S) -> (token part of what enters the drafter's first layer, the token ids it embeds).
+
+    Block drafters: the block [anchor, MASK, ...] entering layers.0, (1, A*g, d). Eagle3: the embedding half of the
+    midlayer input at TTT step 0, i.e. what enters input_layernorm, (1, S, d) (token t+1 at position t)."""
+    import torch.nn.functional as F
+
+    from deepspec.drafters.blocks import make_blocks
+
+    seen = []
+    hidden = torch.randn(1, ids.shape[1], len(DRAFT_LAYER_IDS) * drafter.target_config.hidden_size)
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        if hasattr(drafter, "midlayer"):
+            hook = drafter.midlayer.input_layernorm.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+            drafter(hidden, ids, valid)
+            hook.remove()
+            return seen[0], F.pad(ids[:, 1:], (0, 1))
+        mask = torch.zeros_like(ids, dtype=torch.uint8)
+        mask[:, 2:] = 1
+        g = drafter.cfg.block_size
+        blocks = make_blocks(ids, mask, torch.tensor([[2, 6]]), torch.tensor([[True, True]]), g, drafter.cfg.mask_token_id)
+        hook = drafter.layers[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        drafter(hidden, valid, blocks)
+        hook.remove()
+        return seen[0], blocks.input_ids.view(1, -1)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "qwen3"])
+def test_drafters_embed_the_bare_target_rows_as_vllm_does(tmp_path, family):
+    """Every drafter's token input is the stored rows of the target's embed_tokens.weight, with no sqrt(d) scale for
+    Gemma: vLLM's DSpark/DFlash/Eagle3 drafters embed with the target's bare table (the scale lives in the Gemma
+    model's own forward), so a drafter trained on scaled rows would be served unscaled ones. The target's own
+    embedding output (layer id -1, a context feature) does carry the scale. Also after export -> reload."""
+    from safetensors.torch import load_file
+
+    from deepspec.export import export_drafter, load_drafter
+
+    path = save_tiny(tmp_path / family, family)
+    rows = load_file(path / "model.safetensors")["model.embed_tokens.weight"]  # (V, d) as stored
+    ids = torch.randint(4, 4096, (1, 12), generator=torch.Generator().manual_seed(0))
+    target = TargetModel.from_config(TargetConfig(name_or_path=str(path), layer_ids=[-1], dtype="float32", device="cpu",
+                                                  attn_implementation="eager"))
+    target_embedding_output, _ = target(ids, torch.ones_like(ids))
+    scale = 64 ** 0.5 if family.startswith("gemma") else 1.0  # hidden_size 64
+    torch.testing.assert_close(target_embedding_output, rows[ids] * scale)
+    for name in ("dspark", "dflash", "eagle3"):
+        drafter, cfg = tiny_drafter(path, name)
+        loaded = load_drafter(export_drafter(drafter, tmp_path / f"{family}-{name}", target=cfg.target))
+        for model in (drafter, loaded):
+            seen, token_ids = first_layer_token_input(model, ids)
+            torch.testing.assert_close(seen, rows[token_ids], rtol=0, atol=0, msg=f"{name}: not the bare target rows")
+
+
+@pytest.mark.parametrize("name", ["dspark", "dflash"])
+def test_draft_logits_are_not_soft_capped_where_the_target_is(tmp_path, name):
+    """Gemma-2 soft-caps its final logits (the tiny config at 2.0); the target's logits here are capped (HF's), the
+    drafter's are not: vLLM's DSpark/DFlash heads build their logits processor without the target's soft-cap, so
+    the q the engine samples drafts from is uncapped, and so is the q the losses train."""
+    path = save_tiny(tmp_path / "gemma2", "gemma2")
+    drafter, _ = tiny_drafter(path, name)
+    h = torch.randn(2, drafter.cfg.block_size, 64, generator=torch.Generator().manual_seed(0)) * 10
+    prev = torch.randint(4, 4096, (2, drafter.cfg.block_size))
+    with torch.no_grad():
+        draft = drafter.logits(h, prev)
+    assert draft.abs().max() > 2.0 * 1.5, "draft logits look soft-capped at the target's 2.0"
+    target = TargetModel.from_config(TargetConfig(name_or_path=str(path), layer_ids=[0], dtype="float32", device="cpu",
+                                                  attn_implementation="eager"))
+    assert target.logits(h).abs().max() <= 2.0
+
+
+# ----------------------------------------------------------------------------- each family end to end
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in UNSUPPORTED_DRAFTING])
+def test_each_family_cache_train_export_reload_decodes_losslessly(tmp_path, chat_jsonl, family):
+    """cache (a few chat rows) -> 3 DSpark steps (micro batch 1, fp32) -> export -> vLLM DSpark loader table ->
+    load_drafter -> speculative greedy decoding equal to plain greedy, with the reloaded drafter drafting exactly
+    what the trained one drafts (so an export or reload that loses a tensor fails here, not only a lossless check)."""
+    from test_online_and_export import DRAFTER, train_cfg
+
+    from conftest import data_config
+    from deepspec.config.train import LossConfig
+    from deepspec.data.build import build_cache
+    from deepspec.data.cache.reader import TargetCacheDataset
+    from deepspec.export import TRAINING_ONLY, export_drafter, load_drafter
+    from deepspec.serving_loaders import check_export
+    from deepspec.training.data import collate
+    from deepspec.training.step import DrafterWithLoss
+    from deepspec.training.trainer import build_drafter
+
+    path = save_tiny(tmp_path / family, family)
+    target_fields = {"dtype": "float32", "attn_implementation": "eager", "mask_token_id": 3}  # eager: Gemma-2's attention cap
+    build_cache(data_config(path, [chat_jsonl], tmp_path / "cache", input={"max_rows": 6}, max_length=128, target=target_fields))
+    cfg = train_cfg(path, [], DRAFTER["dspark"], cache_dir=str(tmp_path / "cache"))
+    drafter, kind = build_drafter(cfg, torch.device("cpu"))
+    model = DrafterWithLoss(drafter, kind, LossConfig())
+    optimizer = torch.optim.AdamW([p for p in drafter.parameters() if p.requires_grad], lr=3e-3)
+    samples = list(TargetCacheDataset(tmp_path / "cache", shuffle=False, prefetch=0))[:3]
+    assert len(samples) == 3  # rows with too few loss tokens in 128 are dropped
+    for step, sample in enumerate(samples):
+        loss = model(collate([sample]), anchor_seed=step)["loss"]
+        assert torch.isfinite(loss)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    out = export_drafter(drafter.eval(), tmp_path / "export", target=cfg.target)
+    assert check_export(out)["vLLM dspark"] == []
+    loaded = load_drafter(out)
+    trained = {k: v for k, v in drafter.state_dict().items() if not k.startswith(TRAINING_ONLY)}
+    reloaded = loaded.state_dict()
+    assert not [k for k, v in trained.items() if k not in reloaded or not torch.equal(reloaded[k], v)]
+
+    target = TargetModel.from_config(TargetConfig(name_or_path=str(path), layer_ids=cfg.target.layer_ids, device="cpu",
+                                                  **target_fields))
+    greedy = SamplingConfig(temperature=0)
+    prompt = torch.tensor(samples[0]["input_ids"][:10].tolist())
+    plain = autoregressive_generate(target, prompt, 16, greedy)
+    spec_trained, spec_loaded = (speculative_generate(target, d, prompt, 16, greedy) for d in (drafter, loaded))
+    assert spec_loaded.tokens == plain.tokens
+    assert spec_loaded.accepted_per_round == spec_trained.accepted_per_round
+    assert spec_loaded.confidences == spec_trained.confidences

@@ -77,6 +77,8 @@ class BlockDraftBackbone(DraftVocabMixin, nn.Module):
 
         ``decoding``: a session's round, whose ``ctx_kv`` have Q free key slots after the context
         (``ContextAttention.forward``)."""
+        # The bare target rows, no family scale (not Gemma's sqrt(d) either): what vLLM's DSpark/DFlash loaders feed
+        # the drafter (docs/targets.md, "What a drafter sees").
         x = self.embed_tokens(block_ids).to(ctx_kv[0][0].dtype)  # (B, Q, d)
         rope_q = self.rotary(x, block_pos)
         for layer, (k, v) in zip(self.layers, ctx_kv):

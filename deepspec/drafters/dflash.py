@@ -56,7 +56,8 @@ class DFlashDrafter(BlockDraftBackbone):
         self.apply(init_trainable)
 
     def logits(self, h: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-        """h (n, g, d) -> (n, g, N) over the draft vocabulary (N = V at full vocabulary); prev is unused."""
+        """h (n, g, d) -> (n, g, N) over the draft vocabulary (N = V at full vocabulary); prev is unused. Never
+        soft-capped (vLLM's DFlash head applies no cap; docs/targets.md)."""
         return self.lm_head(h)
 
     def confidence_logits(self, h: torch.Tensor, prev: torch.Tensor) -> None:

@@ -78,7 +78,8 @@ class DSparkDrafter(BlockDraftBackbone):
     # ------------------------------------------------------------------ heads (any subset of blocks)
     def logits(self, h: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         """h (n, g, d), prev (n, g) target ids -> draft logits (n, g, N) = lm_head(h) + Markov bias, over the draft
-        vocabulary (N = V at full vocabulary)."""
+        vocabulary (N = V at full vocabulary). No final-logit soft-capping, even where the target has one (Gemma-2):
+        vLLM's DSpark head applies none (docs/targets.md, "What a drafter sees")."""
         base = self.lm_head(h)
         if self.markov_head is None:
             return base

@@ -163,7 +163,7 @@ class Eagle3Drafter(DraftVocabMixin, nn.Module):
         outs, h = [], g
         for k in range(self.cfg.ttt_steps):
             shifted = F.pad(input_ids[:, 1 + k :], (0, 1 + k))  # token t+1+k, 0 past the end
-            emb = self.embed_tokens(shifted).to(g.dtype)
+            emb = self.embed_tokens(shifted).to(g.dtype)  # bare target rows, unscaled for every family, as in vLLM
             rope = self.rotary(emb, pos + k)
             mask = self._mask(S, k, valid, hidden.device)
             h = self._layer(emb, h, rope, past_kv, mask)
