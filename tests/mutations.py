@@ -121,4 +121,10 @@ MUTATIONS = [
      "        index = self.t2d.long().cumsum(0)", DV + " -k loss"),
     ("vocab: draft_vocab_size not range-checked", "deepspec/config/train.py", "    if n < 1 or (vocab_size is not None and n > vocab_size):",
      "    if n < -10:", DV + " -k config"),
+    # elastic resume: the data position across a change of rank count
+    ("elastic: earlier segments forgotten", "deepspec/data/cache/reader.py", "            consumed = consumed | taken\n",
+     "            consumed = taken\n", "tests/test_verify_and_reader.py -k other_rank"),
+    ("elastic: worker interleaving ignored", "deepspec/data/cache/reader.py",
+     "return max(0, -(-(self.batches[rank] - worker) // self.workers)) * self.micro_batch_size",
+     "return self.batches[rank] // self.workers * self.micro_batch_size", "tests/test_verify_and_reader.py -k other_rank"),
 ]

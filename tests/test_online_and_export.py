@@ -106,3 +106,51 @@ def test_a_widened_eagle3_exports_its_own_mlp_width(tiny_target, tmp_path):
     assert json.loads((out / "config.json").read_text())["intermediate_size"] == 100
     loaded = load_drafter(out)
     assert torch.equal(loaded.midlayer.mlp.down_proj.weight, drafter.midlayer.mlp.down_proj.weight)
+
+
+@pytest.mark.parametrize("head_type", ["vanilla", "gated", "rnn"])
+def test_a_folder_in_the_reference_layout_imports_with_every_tensor(tiny_target, tmp_path, head_type):
+    """A DSpark checkpoint written by another tool in the reference layout (shared/reference/dspark.md: the target's
+    config plus the drafter keys, the listed tensor names and shapes; built here from that list, not by our exporter)
+    loads with every tensor in place, and our own export of the loaded drafter names the same tensors and shapes."""
+    from safetensors.torch import load_file, save_file
+
+    target_config = json.loads((tiny_target / "config.json").read_text())
+    d, V, r, layers, L = target_config["hidden_size"], target_config["vocab_size"], 16, 2, 3
+    with_markov = head_type != "rnn"  # both settings of confidence_head_with_markov (engines default it differently)
+    heads, kv, hd, inter = (target_config[k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size"))
+    shapes = {"embed_tokens.weight": (V, d), "norm.weight": (d,), "fc.weight": (d, L * d), "hidden_norm.weight": (d,),
+              "lm_head.weight": (V, d), "markov_head.markov_w1.weight": (V, r), "markov_head.markov_w2.weight": (V, r),
+              "confidence_head.proj.weight": (1, d + r if with_markov else d), "confidence_head.proj.bias": (1,)}
+    for i in range(layers):
+        shapes |= {f"layers.{i}.self_attn.q_proj.weight": (heads * hd, d), f"layers.{i}.self_attn.k_proj.weight": (kv * hd, d),
+                   f"layers.{i}.self_attn.v_proj.weight": (kv * hd, d), f"layers.{i}.self_attn.o_proj.weight": (d, heads * hd),
+                   f"layers.{i}.self_attn.q_norm.weight": (hd,), f"layers.{i}.self_attn.k_norm.weight": (hd,),
+                   f"layers.{i}.mlp.gate_proj.weight": (inter, d), f"layers.{i}.mlp.up_proj.weight": (inter, d),
+                   f"layers.{i}.mlp.down_proj.weight": (d, inter), f"layers.{i}.input_layernorm.weight": (d,),
+                   f"layers.{i}.post_attention_layernorm.weight": (d,)}
+    if head_type == "gated":
+        shapes |= {"markov_head.gate_proj.weight": (r, d + r), "markov_head.gate_proj.bias": (r,)}
+    if head_type == "rnn":
+        shapes |= {"markov_head.joint_proj.weight": (3 * r, 2 * r + d), "markov_head.joint_proj.bias": (3 * r,)}
+    g = torch.Generator().manual_seed(1)
+    tensors = {name: torch.randn(shape, generator=g) * 0.1 for name, shape in shapes.items()}
+    folder = tmp_path / "reference"
+    folder.mkdir()
+    save_file(tensors, folder / "model.safetensors")
+    config = {**target_config, "architectures": ["Qwen3DSparkModel"], "num_target_layers": target_config["num_hidden_layers"],
+              "num_hidden_layers": layers, "block_size": 4, "mask_token_id": 3, "target_layer_ids": [-1, 1, 3],
+              "num_anchors": 32, "enable_confidence_head": True, "confidence_head_with_markov": with_markov, "markov_rank": r,
+              "markov_head_type": head_type, "layer_types": ["full_attention"] * layers}
+    (folder / "config.json").write_text(json.dumps(config))
+
+    loaded = load_drafter(folder)
+    state = loaded.state_dict()
+    for name, tensor in tensors.items():
+        assert torch.equal(state[name], tensor), f"{name} not loaded from the file"
+    assert loaded.cfg.markov_head_type == head_type and loaded.cfg.num_hidden_layers == layers
+    out = export_drafter(loaded, tmp_path / "again", target=TargetConfig(name_or_path=str(tiny_target), layer_ids=[-1, 1, 3],
+                                                                         mask_token_id=3))
+    again = load_file(out / "model.safetensors")
+    assert {k: tuple(v.shape) for k, v in again.items()} == shapes  # both ways: the same names and shapes
+    assert all(torch.equal(again[k], tensors[k]) for k in shapes)

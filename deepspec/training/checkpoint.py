@@ -13,6 +13,13 @@ So the trainer's own state is JSON (step, data position, Python/NumPy RNG) plus 
 RNG states), and before DeepSpeed unpickles its files each ``.pt`` is read once with
 ``weights_only=True``: tensors, plain containers and the three DeepSpeed classes its ZeRO 0-3
 checkpoints hold (``DEEPSPEED_SAFE_GLOBALS``); any other object refuses the whole checkpoint.
+
+Elastic resume: a checkpoint written by N ranks resumes on M. ZeRO-1/2/3 partition the optimizer
+state by rank and DeepSpeed refuses to load it on another data-parallel size, so the checkpoint is
+first converted (once, by rank 0) to DeepSpeed's universal format (per-parameter fp32 weights and
+Adam moments, ``checkpoints/universal/step_*``) and loaded from there; ZeRO-0 keeps the whole
+optimizer state in one file and loads as is. The data position continues the same epoch without the
+samples the N ranks had consumed (``DataPosition.after_resize``).
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ from deepspec.integrity import checksum_problems, read_json_checked, sha256_file
 
 log = logging.getLogger(__name__)
 MARKER = "complete"
+UNIVERSAL_INFO = "universal_checkpoint_info"  # deepspeed.checkpoint.constants.UNIVERSAL_CHECKPOINT_INFO
 
 
 class UnsafeCheckpointError(ValueError):
@@ -109,11 +117,24 @@ def save_trainer_state(path: Path, rank: int, state: dict) -> None:
     (path / f"trainer_state_rank{rank}.json").write_text(json.dumps({**state, "rng": rng}))
 
 
+def saved_trainer_states(path: Path) -> list[dict]:
+    """Every rank's trainer state (JSON part, RNG left out) of the checkpoint at ``path``, in rank order."""
+    states = []
+    while (meta := path / f"trainer_state_rank{len(states)}.json").exists():
+        state = json.loads(meta.read_text())
+        state.pop("rng", None)
+        states.append(state)
+    if not states:
+        raise FileNotFoundError(f"{path / 'trainer_state_rank0.json'} missing: written by an older deepspec, whose "
+                                "pickled trainer state is no longer loaded")
+    return states
+
+
 def load_trainer_state(path: Path, rank: int) -> dict:
     """Restore this rank's RNG states from ``path``; -> the rest of its trainer state."""
     meta = path / f"trainer_state_rank{rank}.json"
     if not meta.exists():
-        raise FileNotFoundError(f"{meta} missing: was the checkpoint written by a run with another number of ranks "
+        raise FileNotFoundError(f"{meta} missing: was the checkpoint written by a run with fewer ranks "
                                 "(or by an older deepspec, whose pickled trainer state is no longer loaded)?")
     state = json.loads(meta.read_text())
     rng, tensors = state.pop("rng"), load_file(str(path / f"trainer_state_rank{rank}.safetensors"))
@@ -167,21 +188,46 @@ class CheckpointManager:
         if self.rank == 0 and (path / MARKER).exists():
             (path / MARKER).unlink()  # re-saving a step (after resume=never): not complete until done again
         distributed.barrier()
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state={"step": step})
+        # The universal-checkpoint marker lets an elastic resume convert this checkpoint (see the module doc).
+        engine.save_checkpoint(str(self.dir), tag=tag, client_state={"step": step, UNIVERSAL_INFO: {"universal_checkpoint_version": 0.2}})
         save_trainer_state(path, self.rank, trainer_state)
         distributed.barrier()
         if self.rank == 0:
             write_marker(path, step)
             for old in self.complete()[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(self.dir / "universal", ignore_errors=True)  # an elastic resume's conversion: done with
         distributed.barrier()
         return path
 
-    def load(self, engine, path: Path) -> dict:
-        """Restore engine state from ``path``; returns this rank's trainer state (RNG already restored).
-        Refuses (UnsafeCheckpointError) a checkpoint whose files would run code when unpickled."""
+    def universal_copy(self, path: Path) -> Path:
+        """``path`` converted to DeepSpeed's universal format (rank 0 converts, every rank waits) -> its folder.
+
+        Read for code first (``check_no_code``): the converter unpickles the checkpoint's files."""
+        out = self.dir / "universal" / path.name
+        if self.rank == 0 and not (out / MARKER).exists():
+            from argparse import Namespace
+
+            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+            check_no_code(path)
+            shutil.rmtree(out, ignore_errors=True)
+            log.warning("RESUME: converting %s to DeepSpeed's universal format in %s (resuming on another number "
+                        "of ranks)", path, out)
+            ds_to_universal(Namespace(input_folder=str(path), output_folder=str(out), num_extract_workers=1,
+                                      num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+            (out / MARKER).write_text(str(path))
+        distributed.barrier()
+        return out
+
+    def load(self, engine, path: Path, universal: Path | None = None) -> None:
+        """Restore engine state from ``path`` (or from its ``universal`` copy) and this rank's RNG states (rank
+        0's where the checkpoint had fewer ranks). Refuses (UnsafeCheckpointError) a checkpoint whose files would
+        run code when unpickled."""
         check_no_code(path)
-        load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name)
+        source = universal or path
+        load_path, client = engine.load_checkpoint(str(source.parent), tag=source.name)
         if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
-        return load_trainer_state(path, self.rank)
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint {source}")
+        saved_ranks = len(saved_trainer_states(path))
+        load_trainer_state(path, self.rank if self.rank < saved_ranks else 0)

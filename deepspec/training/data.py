@@ -7,14 +7,14 @@ same padded batch (``collate``), so the train step cannot tell them apart.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from deepspec.config.train import TrainStageConfig
-from deepspec.data.cache.reader import TargetCacheDataset
+from deepspec.data.cache.reader import StreamSegment, TargetCacheDataset
 
 
 def collate(samples: list[dict]) -> dict:
@@ -39,10 +39,34 @@ def collate(samples: list[dict]) -> dict:
 
 @dataclass
 class DataPosition:
-    """Where this rank's stream stands: epoch and micro-batches consumed in it."""
+    """Where this rank's stream stands: epoch and micro-batches consumed in it by this run's ranks, after
+    the ``earlier`` segments of the same epoch that runs with other rank counts streamed (elastic resume;
+    ``StreamSegment`` fields as dicts, so the position stays JSON)."""
 
     epoch: int = 0
     batches: int = 0
+    earlier: list[dict] = field(default_factory=list)
+
+    @staticmethod
+    def after_resize(saved: list[dict], world: int) -> "DataPosition":
+        """The position a ``world``-rank run starts from, given every rank's saved trainer state of a run
+        with another number of ranks: the same epoch, the old run's stretch of it appended to ``earlier``."""
+        positions = [s["position"] for s in saved]
+        epochs = {p["epoch"] for p in positions}
+        if len(epochs) != 1:
+            raise ValueError(f"the checkpoint's {len(saved)} ranks stopped in different epochs {sorted(epochs)} "
+                             f"(one had finished its share); resume it on {len(saved)} ranks, not {world}")
+        layout = {(s.get("data_workers"), s.get("micro_batch_size")) for s in saved}
+        workers, micro = layout.pop()
+        if layout or workers is None:
+            raise ValueError("the checkpoint does not record its data layout (written by an older deepspec): "
+                             f"resume it on {len(saved)} ranks, as it was written")
+        segment = StreamSegment(world=len(saved), workers=max(1, workers), micro_batch_size=micro,  # 0 workers: one stream
+                                batches=tuple(p["batches"] for p in positions))
+        return DataPosition(epoch=positions[0]["epoch"], batches=0, earlier=positions[0].get("earlier", []) + [asdict(segment)])
+
+    def segments(self) -> list[StreamSegment]:
+        return [StreamSegment(**{**seg, "batches": tuple(seg["batches"])}) for seg in self.earlier]
 
 
 class EpochBatches:
@@ -54,7 +78,7 @@ class EpochBatches:
         self._it: Iterator | None = None
 
     def _start_epoch(self) -> None:
-        self.dataset.set_epoch(self.position.epoch, self.position.batches, self.micro)
+        self.dataset.set_epoch(self.position.epoch, self.position.batches, self.micro, self.position.segments())
         loader = DataLoader(self.dataset, batch_size=self.micro, collate_fn=collate, num_workers=self.workers,
                             persistent_workers=False, prefetch_factor=4 if self.workers else None)
         self._it = iter(loader)
@@ -69,7 +93,7 @@ class EpochBatches:
                 return batch
             except StopIteration:
                 self._it = None
-                self.position.epoch, self.position.batches = self.position.epoch + 1, 0
+                self.position.epoch, self.position.batches, self.position.earlier = self.position.epoch + 1, 0, []
         raise RuntimeError("this rank's share of the training split is empty: use fewer ranks or more data")
 
 

@@ -22,8 +22,9 @@ def gradient_accumulation(cfg: TrainStageConfig, world: int) -> int:
     return cfg.global_batch_size // per_step
 
 
-def deepspeed_config(cfg: TrainStageConfig, world: int, device: torch.device | None = None) -> dict:
-    """DeepSpeed's config; ``deepspeed.precision=auto`` is resolved for ``device`` (bf16 only where native)."""
+def deepspeed_config(cfg: TrainStageConfig, world: int, device: torch.device | None = None, load_universal: bool = False) -> dict:
+    """DeepSpeed's config; ``deepspeed.precision=auto`` is resolved for ``device`` (bf16 only where native);
+    ``load_universal``: the checkpoint to resume is a universal copy (elastic resume)."""
     precision = resolve_precision(cfg.deepspeed.precision, device or torch.device("cpu"), "training")
     ds = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
@@ -33,6 +34,7 @@ def deepspeed_config(cfg: TrainStageConfig, world: int, device: torch.device | N
         "bf16": {"enabled": precision == "bf16"},
         "steps_per_print": 10**9,  # our logger prints
         "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
     }
     for key, value in cfg.deepspeed.extra.items():
         ds[key] = {**ds[key], **value} if isinstance(ds.get(key), dict) and isinstance(value, dict) else value
@@ -78,7 +80,7 @@ def clear_stale_build_locks(max_age_s: float = 900.0) -> list[str]:
     return removed
 
 
-def build_engine(model: torch.nn.Module, cfg: TrainStageConfig, total_steps: int, world: int):
+def build_engine(model: torch.nn.Module, cfg: TrainStageConfig, total_steps: int, world: int, load_universal: bool = False):
     """-> (DeepSpeed engine, lr scheduler). The scheduler steps with every optimizer step."""
     import deepspeed
 
@@ -90,5 +92,5 @@ def build_engine(model: torch.nn.Module, cfg: TrainStageConfig, total_steps: int
                             fused=fused or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total_steps, cfg.optim.warmup_ratio, cfg.optim.min_lr_ratio))
     engine, _, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                               config=deepspeed_config(cfg, world, params[0].device))
+                                               config=deepspeed_config(cfg, world, params[0].device, load_universal))
     return engine, sched

@@ -33,7 +33,10 @@ class OnlineTargetDataset(IterableDataset):
     def __len__(self) -> int:
         return self._len
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0, batch_size: int = 1) -> None:
+    def set_epoch(self, epoch: int, skip_batches: int = 0, batch_size: int = 1, earlier: list | tuple = ()) -> None:
+        if earlier:
+            raise ValueError("online training resumes on the number of ranks its checkpoint was written with "
+                             "(elastic resume replays a cache's streams; there is no cache here)")
         self.epoch, self.skip_batches, self.batch_size = epoch, skip_batches, batch_size
 
     def _rendered(self) -> Iterator:

@@ -17,7 +17,7 @@ from deepspec.config.train import TrainStageConfig, check_draft_vocab, drafter_c
 from deepspec.drafters import DRAFTERS
 from deepspec.drafters.draft_vocab import DraftVocab
 from deepspec.target import load_frozen_embeddings, target_identity
-from deepspec.training.checkpoint import CheckpointManager
+from deepspec.training.checkpoint import CheckpointManager, saved_trainer_states
 from deepspec.training.data import DataPosition, EpochBatches, build_datasets, collate
 from deepspec.training.engine import build_engine, gradient_accumulation
 from deepspec.training.metrics_log import MetricSums, MetricsLogger
@@ -101,14 +101,22 @@ class Trainer:
         self.train_set, self.val_set = build_datasets(cfg, self.identity, self.rank, self.world)
         self.accum = gradient_accumulation(cfg, self.world)
         self.total_steps = cfg.max_steps or max(1, math.floor(cfg.epochs * self._train_samples() / cfg.global_batch_size))
-        self.engine, self.scheduler = build_engine(self.model, cfg, self.total_steps, self.world)
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, self.rank)
         self.step, self.position, self.best_tau = 0, DataPosition(), -1.0
         resume = self.ckpt.resolve(cfg.checkpoint.resume)
+        saved = saved_trainer_states(resume) if resume is not None else []
+        resized = bool(saved) and len(saved) != self.world
+        # ZeRO-1/2/3 partition the optimizer by rank: another rank count loads a universal copy (checkpoint.py)
+        universal = self.ckpt.universal_copy(resume) if resized and cfg.deepspeed.zero_stage > 0 else None
+        self.engine, self.scheduler = build_engine(self.model, cfg, self.total_steps, self.world, load_universal=universal is not None)
         if resume is not None:
-            state = self.ckpt.load(self.engine, resume)
-            self.step, self.best_tau = state["step"], state["best_tau"]
-            self.position = DataPosition(**state["position"])
+            self.ckpt.load(self.engine, resume, universal)
+            self.step, self.best_tau = saved[0]["step"], saved[0]["best_tau"]
+            self.position = (DataPosition.after_resize(saved, self.world) if resized
+                             else DataPosition(**saved[self.rank]["position"]))
+            if resized and self.rank == 0:
+                log.warning("RESUME: the checkpoint was written by %d ranks, resuming on %d: the epoch goes on without "
+                            "the samples the %d ranks had consumed", len(saved), self.world, len(saved))
         self.batches = EpochBatches(self.train_set, cfg.micro_batch_size, cfg.num_workers, self.position)
         self.logger = MetricsLogger(cfg.logging, cfg.wandb, self.run_dir, self.rank, self.total_steps, self.step, asdict(cfg))
         self.stop = StopRequest()
@@ -186,7 +194,8 @@ class Trainer:
                     self.export(self.run_dir / "best")
             stop = self.stop.requested()  # a collective: every rank decides together
             if self.step % cfg.checkpoint.every_steps == 0 or end or stop:
-                self.ckpt.save(self.engine, self.step, {"step": self.step, "best_tau": self.best_tau, "position": asdict(self.position)})
+                self.ckpt.save(self.engine, self.step, {"step": self.step, "best_tau": self.best_tau, "position": asdict(self.position),
+                                                        "data_workers": cfg.num_workers, "micro_batch_size": cfg.micro_batch_size})
             if stop and not end:
                 log.warning("PREEMPT: stop requested (%s); checkpoint saved at step %d of %d, exiting for a requeue",
                             self.stop.reason(), self.step, self.total_steps)

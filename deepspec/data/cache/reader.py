@@ -13,6 +13,12 @@ differences.
 ``val_fraction``, else in "train"; the split survives re-sharding and rebuilding. ``set_epoch(e,
 skip)`` resumes mid-epoch: the first ``skip`` samples of this rank/worker's stream are passed over
 without being decoded (the shuffle buffer holds undecoded records).
+
+Elastic resume (a run checkpointed on N ranks continues on M): ``set_epoch(e, skip, batch,
+earlier)`` also takes the *segments* of epoch ``e`` that earlier runs streamed with other numbers of
+ranks (``StreamSegment``: their world size, workers, micro batch and each rank's batch count). The
+samples those segments consumed are replayed (sample ids only, nothing decoded) and left out of this
+run's streams, so the epoch goes on with every remaining sample exactly once.
 """
 from __future__ import annotations
 
@@ -20,6 +26,8 @@ import hashlib
 import queue
 import random
 import threading
+from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
@@ -30,6 +38,21 @@ from deepspec.data.cache.manifest import CacheCorruptError, check_target, load_m
 from deepspec.data.cache.shards import parquet_row_groups, read_parquet_shard, read_webdataset_shard
 from deepspec.data.cache.verify import codec_for, shard_file_problems
 from deepspec.target import TargetIdentity
+
+
+@dataclass(frozen=True)
+class StreamSegment:
+    """A stretch of one epoch streamed by a run with ``world`` ranks, ``workers`` dataloader workers per
+    rank and ``micro_batch_size`` samples per batch; rank r consumed ``batches[r]`` batches of it."""
+
+    world: int
+    workers: int
+    micro_batch_size: int
+    batches: tuple[int, ...]
+
+    def samples_taken(self, rank: int, worker: int) -> int:
+        """Samples that (rank, worker) handed out: a DataLoader takes batch i from worker i % workers."""
+        return max(0, -(-(self.batches[rank] - worker) // self.workers)) * self.micro_batch_size
 
 
 class TargetCacheDataset(IterableDataset):
@@ -47,6 +70,7 @@ class TargetCacheDataset(IterableDataset):
         self.seed, self.shuffle, self.shuffle_buffer, self.prefetch = seed, shuffle, shuffle_buffer, prefetch
         self.out_dtype, self.dense_final = out_dtype, dense_final
         self.epoch, self.skip_batches, self.batch_size = 0, 0, 1
+        self.excluded: frozenset[str] = frozenset()
         if split not in (None, "train", "val"):
             raise ValueError(f"split={split!r} must be None, 'train' or 'val'")
         self.split, self.val_fraction = split, val_fraction
@@ -86,13 +110,30 @@ class TargetCacheDataset(IterableDataset):
             raise self.corrupt(file, "; ".join(problems))
         self.verified.add(file)
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0, batch_size: int = 1) -> None:
-        """Next iteration is epoch ``epoch``, resuming after this rank consumed ``skip_batches`` batches.
+    def set_epoch(self, epoch: int, skip_batches: int = 0, batch_size: int = 1,
+                  earlier: list[StreamSegment] | tuple = ()) -> None:
+        """Next iteration is epoch ``epoch``, resuming after this rank consumed ``skip_batches`` batches
+        of this run's stream; ``earlier``: segments of this epoch streamed by runs with other rank
+        counts, whose samples this run's streams leave out (elastic resume).
 
         A DataLoader with W workers takes batch i from worker i % W, so worker w skips the samples of
         the batches it had produced (exact while no worker's stream has run out before the others).
         """
         self.epoch, self.skip_batches, self.batch_size = epoch, skip_batches, batch_size
+        self.excluded = self.consumed_ids(list(earlier))
+
+    def consumed_ids(self, segments: list[StreamSegment]) -> frozenset[str]:
+        """Sample ids that ``segments`` (in order) consumed in the current epoch: each segment's streams are
+        replayed as that run saw them (its own world size and workers, minus what came before it)."""
+        consumed: frozenset[str] = frozenset()
+        for seg in segments:
+            taken = set()
+            for rank in range(seg.world):
+                for worker in range(seg.workers):
+                    stream = self._stream(rank, seg.world, worker, seg.workers, consumed)
+                    taken.update(rec.sample_id for rec in islice(stream, seg.samples_taken(rank, worker)))
+            consumed = consumed | taken
+        return consumed
 
     def in_split(self, sample_id: str) -> bool:
         if self.split is None:
@@ -104,34 +145,32 @@ class TargetCacheDataset(IterableDataset):
         """Samples in the whole cache (all ranks together)."""
         return self.manifest["counts"]["samples"]
 
-    def _my_units(self) -> list[tuple[str, int | None]]:
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+    def _my_units(self, rank: int, world: int, worker: int, workers: int) -> list[tuple[str, int | None]]:
         units = list(self.units)
         if self.shuffle:
             random.Random(self.seed * 1_000_003 + self.epoch).shuffle(units)
-        return units[self.rank * nw + wid :: self.world_size * nw]
+        return units[rank * workers + worker :: world * workers]
 
-    def _records(self) -> Iterator:
-        for file, group in self._my_units():
+    def _records(self, rank: int, world: int, worker: int, workers: int, excluded: frozenset[str]) -> Iterator:
+        for file, group in self._my_units(rank, world, worker, workers):
             self.check_shard(file)
             path = self.cache_dir / file
             records = read_webdataset_shard(path) if group is None else read_parquet_shard(path, [group])
-            yield from (r for r in records if self.in_split(r.sample_id))
+            yield from (r for r in records if self.in_split(r.sample_id) and r.sample_id not in excluded)
 
-    def _shuffled_records(self) -> Iterator:
+    def _stream(self, rank: int, world: int, worker: int, workers: int, excluded: frozenset[str]) -> Iterator:
+        """The undecoded records that (rank, worker) of a ``world``-rank run streams this epoch, in order."""
+        records = self._records(rank, world, worker, workers, excluded)
         if not self.shuffle:
-            yield from self._records()
-            return
-        info = get_worker_info()
-        rng = random.Random(((self.seed * 1_000_003 + self.epoch) * 1009 + self.rank) * 131 + (info.id if info else 0))
-        yield from buffered_shuffle(self._records(), self.shuffle_buffer, rng)
+            return records
+        rng = random.Random(((self.seed * 1_000_003 + self.epoch) * 1009 + rank) * 131 + worker)
+        return buffered_shuffle(records, self.shuffle_buffer, rng)
 
     def _samples(self) -> Iterator[dict]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         skip = max(0, -(-(self.skip_batches - wid) // nw)) * self.batch_size
-        for i, rec in enumerate(self._shuffled_records()):
+        for i, rec in enumerate(self._stream(self.rank, self.world_size, wid, nw, self.excluded)):
             if i >= skip:  # records before the resume point are passed over undecoded
                 yield self.codec.decode(rec, self.out_dtype, self.dense_final)
 
