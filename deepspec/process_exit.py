@@ -81,6 +81,19 @@ def hydra_errors_in_one_line(stage: str, hydra_main: Callable[[], object]) -> No
         raise SystemExit(EX_IOERR) from None
 
 
+# What gloo and NCCL raise on the survivors when another rank of the job dies mid-collective (its host went down,
+# it was OOM-killed): the survivors' tracebacks would only point at whichever collective was in flight.
+PEER_LOST_SIGNS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",
+                   "remote process exited or there was a network error")
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """True when ``exc`` is a collective failing because another rank of the job is gone."""
+    import torch.distributed as dist
+
+    return isinstance(exc, (RuntimeError, dist.DistError)) and any(sign in str(exc) for sign in PEER_LOST_SIGNS)
+
+
 def exit_status(exc: SystemExit) -> int:
     """The status ``sys.exit(x)`` asks for: None -> 0, int -> itself, anything else printed -> 1."""
     if exc.code is None:
@@ -112,8 +125,12 @@ def run_entry_point(main: Callable[[], object]) -> NoReturn:
         code = exit_status(e)
     except KeyboardInterrupt:
         code = 130
-    except BaseException:  # noqa: BLE001 -- reported here, then the status says it failed
-        traceback.print_exc()
+    except BaseException as e:  # noqa: BLE001 -- reported here, then the status says it failed
+        if peer_lost(e):
+            log.error("stopped: another rank of this job died (%s). Its own log says why; the last complete checkpoint "
+                      "(or finished shards) is kept: rerun the same command on every node to resume.", str(e).splitlines()[0][:300])
+        else:
+            traceback.print_exc()
         code = 1
     if "wandb" in sys.modules:  # wait for wandb's service to write what the stage logged (normal exit does this)
         try:

@@ -83,3 +83,40 @@ def data_config(target_dir: Path, inputs: list[Path], out_dir: Path, **overrides
                           cache=cache, **stage)
     check(cfg)
     return cfg
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def launch_two_nodes(cmd: list[str], env: dict, log_dir: Path, tag: str = "node") -> list:
+    """Two torchrun launchers on this machine, one process each, meeting through a c10d rendezvous on localhost: what
+    ``torchrun --nnodes 2`` on two hosts does (each launcher is a node; the rendezvous assigns the ranks). Logs go to
+    ``log_dir/{tag}{0,1}.log``. -> the two launchers' Popen objects."""
+    import subprocess
+    import sys
+
+    port, run_id = free_port(), f"test{os.getpid()}"
+    nodes = []
+    for node in range(2):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                    "--rdzv_backend", "c10d", "--rdzv_endpoint", f"localhost:{port}", "--rdzv_id", run_id, "--max_restarts", "0"]
+        log = open(log_dir / f"{tag}{node}.log", "w")
+        nodes.append(subprocess.Popen(launcher + cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+    return nodes
+
+
+def kill_node(launcher) -> None:
+    """SIGKILL a node as a dead host leaves it: its launcher and every process under it at once (torchrun starts each
+    worker in a session of its own, so killing the launcher's process group would leave the worker running)."""
+    import psutil
+
+    procs = [psutil.Process(launcher.pid)]
+    procs += procs[0].children(recursive=True)
+    for proc in procs:
+        proc.kill()
+    launcher.wait()

@@ -1,4 +1,4 @@
-"""End-to-end builds as a user runs them: torchrun with 2 ranks, and SIGKILL + resume.
+"""End-to-end builds as a user runs them: torchrun with 2 ranks, two nodes on localhost, and SIGKILL + resume.
 
 Both compare against an uninterrupted 1-process build of the same input: the manifests must be
 equal and every shard byte-identical (same sha256). Single-threaded BLAS in every process, so that
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, launch_two_nodes
 
 pytestmark = pytest.mark.slow
 
@@ -62,6 +62,20 @@ def test_torchrun_two_ranks_equals_one(tiny_target, chat_jsonl, tmp_path, refere
     run_build(build_cmd(tiny_target, chat_jsonl, tmp_path), launcher)
     got = cache_fingerprint(tmp_path)
     assert len(got["shards"]) == 7  # 40 rows / 6 per shard, written by both ranks
+    assert got["manifest"] == ref["manifest"]
+    assert got["shards"] == ref["shards"]
+
+
+def test_two_nodes_on_localhost_equal_one_process(tiny_target, chat_jsonl, tmp_path, reference):
+    """torchrun --nnodes 2 (two launchers, a c10d rendezvous on localhost) builds the cache one process builds."""
+    ref_dir, ref = reference["plain"]
+    out = tmp_path / "cache"
+    nodes = launch_two_nodes(build_cmd(tiny_target, chat_jsonl, out), child_env(), tmp_path)
+    for node, proc in enumerate(nodes):
+        assert proc.wait(timeout=600) == 0, (tmp_path / f"node{node}.log").read_text()[-3000:]
+    logs = "".join((tmp_path / f"node{node}.log").read_text() for node in (0, 1))
+    assert "rank 0: 4 shards" in logs and "rank 1: 3 shards" in logs  # one world of two ranks shared the 7 shards
+    got = cache_fingerprint(out)
     assert got["manifest"] == ref["manifest"]
     assert got["shards"] == ref["shards"]
 

@@ -3,6 +3,8 @@
 * torchrun with 2 ranks and ZeRO-2 = 1 process with doubled gradient accumulation;
 * a run killed with SIGKILL and resumed = an uninterrupted run (fp32, deterministic);
 * a run stopped on 2 ranks and resumed on 1 (and 1 -> 2), ZeRO-0/2/3 = an uninterrupted run;
+* two nodes on localhost (torchrun --nnodes 2, c10d): one node SIGKILLed fails the job, a relaunch resumes it to the
+  one-process result;
 * overfitting a tiny cache drives the expected tau up;
 * online mode (target run on the fly) computes the same loss as the offline path;
 * export -> load gives identical logits, with and without the frozen embedding/LM head.
@@ -21,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, data_config
+from conftest import REPO, data_config, kill_node, launch_two_nodes
 
 TARGET_ARGS = ["target.layer_ids=[-1,1,3]", "target.mask_token_id=3"]
 
@@ -130,6 +132,40 @@ def test_resume_on_another_number_of_ranks_equals_an_uninterrupted_run(tiny_targ
               for d in (tmp_path / "ref", run_dir)]
     assert losses[0] == losses[1]
     assert not (run_dir / "checkpoints" / "universal").exists()  # the conversion is dropped once a checkpoint is saved
+
+
+def test_two_nodes_on_localhost_a_killed_node_fails_the_job_and_a_relaunch_resumes_it(tiny_target, tiny_cache, tmp_path):
+    # 200 steps (17 epochs of the 24 samples): the kill lands mid-run even when this process polls late on a busy machine
+    common = ["max_steps=200", "global_batch_size=2", "checkpoint.every_steps=4", "checkpoint.keep_last=100",
+              "deepspeed.zero_stage=2", "logging.every_steps=1"]
+    run(train_cmd(tiny_target, tiny_cache, tmp_path / "ref", *common))  # one process, accumulation 2
+    run_dir = tmp_path / "two_nodes"
+    cmd = train_cmd(tiny_target, tiny_cache, run_dir, *common)
+    nodes = launch_two_nodes(cmd, env(), tmp_path)
+    start = time.time()
+    while not list((run_dir / "checkpoints").glob("step_*/complete")):
+        assert all(p.poll() is None for p in nodes), "a node ended before the kill point"
+        assert time.time() - start < 600
+        time.sleep(0.02)
+    kill_node(nodes[1])  # its launcher and its worker, as when a host dies
+    killed_at = time.time()
+    status = nodes[0].wait(timeout=300)  # the surviving node must not hang on its dead peer
+    failed_within = time.time() - killed_at
+    assert status != 0 and not (run_dir / "export").exists(), "the job was not interrupted"
+    assert not (run_dir / "checkpoints" / "step_00000200").exists()
+    print(f"the surviving node failed {failed_within:.1f} s after its peer was killed")
+    assert "stopped: another rank of this job died" in (tmp_path / "node0.log").read_text()  # one line, no traceback of ours
+
+    nodes = launch_two_nodes(cmd, env(), tmp_path, tag="relaunch")  # as a requeue would: resume=auto
+    for node, proc in enumerate(nodes):
+        assert proc.wait(timeout=600) == 0, (tmp_path / f"relaunch{node}.log").read_text()[-3000:]
+    assert "RESUME: resuming from" in "".join((tmp_path / f"relaunch{n}.log").read_text() for n in (0, 1))
+    ref, got = weights(tmp_path / "ref"), weights(run_dir)
+    for k in ref:  # tolerance: gradient all-reduce vs accumulation sums in another order (fp32 rounding only)
+        assert torch.allclose(ref[k], got[k], rtol=1e-4, atol=1e-6), (k, (ref[k] - got[k]).abs().max())
+    losses = [[round(json.loads(l)["loss"], 4) for l in (d / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+              for d in (tmp_path / "ref", run_dir)]
+    assert losses[1][-len(losses[0]):] == losses[0][-len(losses[1][-len(losses[0]):]):]
 
 
 @pytest.fixture(scope="module")
