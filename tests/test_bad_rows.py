@@ -69,3 +69,38 @@ def test_generated_parquet_records_never_raise(tokenizer, row):
 def test_bad_rows_say_what_is_wrong(payload, reason):
     out = parse_row(RawRow(0, "f.jsonl", 3, payload))
     assert isinstance(out, MalformedRow) and reason in out.reason, out
+
+
+GOOD_ROW = st.tuples(st.text(min_size=1, max_size=40), st.text(min_size=1, max_size=40)).map(
+    lambda qa: {"conversations": [{"role": "user", "content": qa[0]}, {"role": "assistant", "content": qa[1]}]})
+LINE_BYTES = st.one_of(
+    GOOD_ROW.map(lambda r: ("row", r, json.dumps(r, ensure_ascii=False).encode())),  # raw U+2028, \r-free JSON, emoji...
+    GOOD_ROW.map(lambda r: ("row", r, json.dumps(r).replace(", ", ",\r ").encode())),  # \r as JSON whitespace
+    st.binary(min_size=1, max_size=60).filter(lambda b: b"\n" not in b).map(lambda b: ("bytes", None, b)))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(LINE_BYTES, min_size=1, max_size=8), bom=st.booleans())
+def test_a_jsonl_file_of_any_bytes_reads_row_for_line(tmp_path_factory, lines, bom):
+    """Whatever bytes a JSONL file holds: one row per non-blank line, numbered by its line; a line that is not UTF-8 is a
+    malformed row saying so (never text with U+FFFD put in); a good row parses to what was written, wherever it sits."""
+    from deepspec.config.data import InputConfig
+    from deepspec.data.sources import iter_raw_rows
+
+    path = tmp_path_factory.mktemp("rows") / "rows.jsonl"
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + b"\n".join(line for _, _, line in lines) + b"\n")
+    rows = {raw.line: parse_row(raw) for raw in iter_raw_rows(InputConfig(paths=[str(path)]))}
+    for number, (kind, written, data) in enumerate(lines, start=1):
+        if not data.strip():
+            assert number not in rows
+            continue
+        out = rows[number]
+        if kind == "row":
+            assert isinstance(out, Sample) and out.messages == written["conversations"], (data, out)
+            continue
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            assert isinstance(out, MalformedRow) and "not valid UTF-8" in out.reason, out
+            continue
+        assert isinstance(out, MalformedRow) or "\ufffd" not in "".join(m["content"] for m in out.messages or [])

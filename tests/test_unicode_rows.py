@@ -34,6 +34,9 @@ def test_a_bad_eval_row_is_named_by_line(tmp_path):
     path.write_text('{"turns": ["ok"]}\n{"turns": ["cut\n')
     with pytest.raises(ValueError, match=r"set.jsonl:2: not a JSON object"):
         load_prompts(EvalDatasetConfig(name="x", path=str(path), max_prompts=10), 0)
+    path.write_bytes(b'{"turns": ["ok"]}\n{"turns": ["caf\xe9"]}\n')  # Latin-1, not UTF-8
+    with pytest.raises(ValueError, match=r"set.jsonl:2: not valid UTF-8 \(byte 15 of the line\)"):
+        load_prompts(EvalDatasetConfig(name="x", path=str(path), max_prompts=10), 0)
 
 
 def test_regenerated_answers_with_line_separators_are_not_lost(tmp_path):

@@ -57,7 +57,7 @@ class MalformedRow:
 
 @dataclass
 class RawRow:
-    """A row before parsing: a JSONL line (str) or a Parquet/datasets record (dict)."""
+    """A row before parsing: a JSONL line (str, or NotUtf8 when its bytes are not text) or a Parquet/datasets record (dict)."""
 
     index: int
     file: str
@@ -92,9 +92,25 @@ def iter_raw_rows(cfg: InputConfig) -> Iterator[RawRow]:
             index += 1
 
 
-def _jsonl_rows(p: Path) -> Iterator[tuple[int, str]]:
-    with open(p, encoding="utf-8", errors="replace") as f:
-        for line_no, line in enumerate(f, start=1):
+@dataclass(frozen=True)
+class NotUtf8:
+    """The payload of a JSONL line whose bytes are not UTF-8: a malformed row (never text with U+FFFD in it)."""
+
+    offset: int  # of the first bad byte in the line
+
+    def reason(self) -> str:
+        return f"not valid UTF-8 (byte {self.offset} of the line)"
+
+
+def _jsonl_rows(p: Path) -> Iterator[tuple[int, str | NotUtf8]]:
+    """Lines split at b"\\n" only (a "\\r", U+2028 or U+2029 inside a row does not end it), each decoded strictly."""
+    with open(p, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")  # a BOM before the first row is no data
+            except UnicodeDecodeError as e:
+                yield line_no, NotUtf8(e.start)
+                continue
             if line.strip():
                 yield line_no, line
 
@@ -113,6 +129,8 @@ def parse_row(raw: RawRow) -> Sample | MalformedRow:
         return MalformedRow(raw.index, raw.file, raw.line, reason)
 
     obj = raw.payload
+    if isinstance(obj, NotUtf8):
+        return bad(obj.reason())
     if isinstance(obj, str):
         try:
             obj = json.loads(obj)

@@ -21,7 +21,7 @@ import torch
 
 from deepspec.config.data import InputConfig
 from deepspec.config.eval import EvalDatasetConfig, EvalStageConfig
-from deepspec.data.sources import iter_raw_rows
+from deepspec.data.sources import NotUtf8, iter_raw_rows
 from deepspec.decoding.scheduler import VerifyCostModel, VerifyScheduler
 from deepspec.decoding.speculative import autoregressive_generate, speculative_generate
 from deepspec.decoding.verify import SamplingConfig
@@ -39,6 +39,8 @@ def load_prompts(ds: EvalDatasetConfig, seed: int) -> list[list[str]]:
     named by file and line."""
     rows, bad = [], []
     for raw in iter_raw_rows(InputConfig(paths=[ds.path])):
+        if isinstance(raw.payload, NotUtf8):
+            raise ValueError(f"{raw.file}:{raw.line}: {raw.payload.reason()}")
         try:
             row = json.loads(raw.payload) if isinstance(raw.payload, str) else raw.payload
         except json.JSONDecodeError as e:
