@@ -11,8 +11,14 @@ temperature (0, 1), on the same held-out prompts, in one process, interleaved pr
     decode_speedup   the same without the prefill (identical on both sides): the loop's own speedup
     tau              tokens emitted per round
     ideal_speedup    tau * t_step / t_verify(g+1)     what the loop would reach if drafting and
-                                                      bookkeeping were free (both costs profiled here)
+                                                      bookkeeping were free: t_step = the plain runs'
+                                                      time per decoded token, t_verify = the loop's own
+                                                      verify time per round, both timed in the same
+                                                      interleaved runs (so machine drift cancels)
     loop_efficiency  decode_speedup / ideal_speedup
+    ideal_speedup_profiled, loop_efficiency_profiled: the same with t_step and t_verify from a separate
+                     best-of-5 profile before the runs (VerifyCostModel): moved up to 15% between two
+                     runs of the same code on a shared VM, more than the changes it was meant to show
     *_share          a round's wall time split: draft / verify / overhead (schedule, acceptance, bookkeeping)
 
 plus the draft's cost in target decode steps at 100 / 400 / 1,000 tokens of context (it must not
@@ -151,10 +157,15 @@ def run_target(name: str, args, drafter_paths: dict) -> tuple[list[dict], dict]:
             speedup = s["tokens"] / s["wall"] / plain_rate
             # the loop's own speedup: both sides without their (identical) prefill, the first token included
             decode_speedup = (s["tokens"] / (s["wall"] - s["parts"]["prefill"])) / (plain["tokens"] / (plain["seconds"] - plain["prefill"]))
-            ideal = tau * cost(1, 1) / cost(1, gd + 1)
+            t_step = (plain["seconds"] - plain["prefill"]) / plain["tokens"]  # plain decoding, per token
+            t_verify = s["parts"]["verify"] / max(s["rounds"], 1)  # the loop's verify of g+1 tokens, per round
+            ideal = tau * t_step / t_verify
+            ideal_profiled = tau * cost(1, 1) / cost(1, gd + 1)
             loop = sum(v for k, v in s["parts"].items() if k != "prefill")
             runs.append({"target": name, "drafter": dname, "temperature": T, "tau": tau, "speedup": speedup,
                          "decode_speedup": decode_speedup, "ideal_speedup": ideal, "loop_efficiency": decode_speedup / ideal,
+                         "ideal_speedup_profiled": ideal_profiled, "loop_efficiency_profiled": decode_speedup / ideal_profiled,
+                         "t_step_ms": 1e3 * t_step, "t_verify_ms": 1e3 * t_verify,
                          "draft_share": s["parts"]["draft"] / loop, "verify_share": s["parts"]["verify"] / loop,
                          "overhead_share": (s["parts"]["schedule"] + s["parts"]["other"]) / loop,
                          "block": gd, "plain_tokens_per_s": plain_rate, "spec_tokens_per_s": s["tokens"] / s["wall"],

@@ -42,7 +42,7 @@ MUTATIONS = [
      "keep[rows] = (steps[None] < m[:, None]).long()", FAST_LAW),
     ("rejected positions not turned into holes", "deepspec/decoding/speculative.py", "        batch.mask[:, -W:] = keep  # rejected positions become holes",
      "        pass", FAST_LAW),
-    ("positions count the holes", "deepspec/decoding/speculative.py", "        batch.lengths += keep.sum(1)", "        batch.lengths += W", FAST_LAW),
+    ("positions count the holes", "deepspec/decoding/speculative.py", "        batch.lengths += kept\n", "        batch.lengths += W\n", FAST_LAW),
     ("rows' positions aligned to the longest row", "deepspec/decoding/speculative.py",
      "batch.mask, batch.lengths[:, None] + steps, batch.cache)", "batch.mask, batch.lengths.max() + steps[None], batch.cache)", FAST_LAW),
     ("drafter context one position off", "deepspec/decoding/sessions/draft.py", "            pos = start[:, None] + torch.arange(",
@@ -127,4 +127,9 @@ MUTATIONS = [
     ("elastic: worker interleaving ignored", "deepspec/data/cache/reader.py",
      "return max(0, -(-(self.batches[rank] - worker) // self.workers)) * self.micro_batch_size",
      "return self.batches[rank] // self.workers * self.micro_batch_size", "tests/test_verify_and_reader.py -k other_rank"),
+    ("decoding: the dense queue skips slots (fast path)", "deepspec/decoding/sessions/state.py",
+     "            return feats, toks, torch.full_like(rows, toks.shape[1])", "            return feats[:, 1:], toks[:, 1:], torch.full_like(rows, toks.shape[1] - 1)",
+     SESSIONS),
+    ("decoding: a queue with rejected slots taken as dense", "deepspec/decoding/sessions/state.py",
+     "        self.dense = self.dense and bool(valid.all())", "        self.dense = True", SESSIONS),
 ]

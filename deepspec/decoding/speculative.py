@@ -198,9 +198,11 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
         keep = torch.zeros(B, W, dtype=torch.long, device=dev)  # 5. commit
         keep[rows] = (steps[None] <= m[:, None]).long()
         batch.mask[:, -W:] = keep  # rejected positions become holes
-        _drop_trailing_holes(batch, W - int(keep.sum(1).max()))
-        session.extend(layer_hidden, block, keep.bool())
-        batch.lengths += keep.sum(1)
+        kept = keep.sum(1)
+        widest = int(kept.max())  # the longest kept prefix: later columns are rejected in every row
+        _drop_trailing_holes(batch, W - widest)
+        session.extend(layer_hidden[:, :widest], block[:, :widest], keep[:, :widest].bool())
+        batch.lengths += kept
         batch.anchors[rows] = nxt
         rows_l, m_l = rows.tolist(), m.tolist()
         _emit(batch, rows_l, block, m_l, nxt.tolist(), L.tolist(), max_new_tokens, eos_token_id)

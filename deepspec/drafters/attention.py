@@ -66,17 +66,20 @@ class RotaryEmbedding(nn.Module):
         self.attention_scaling = rope.attention_scaling
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids (B, T) -> cos, sin (B, T, head_dim) in x's dtype."""
+        """position_ids (B, T) -> cos, sin (B, 1, T, head_dim) in x's dtype (the 1 broadcasts over heads)."""
         if self.inv_freq_fp32.device != x.device:
             self.inv_freq_fp32 = self.inv_freq_fp32.to(x.device)
-        freqs = position_ids[..., None].float() * self.inv_freq_fp32  # (B, T, hd/2)
+        freqs = position_ids[:, None, :, None].float() * self.inv_freq_fp32  # (B, 1, T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+        cos, sin = emb.cos(), emb.sin()
+        # Skipped where they change nothing (the same bits): a decoding round is bound by op count on small drafters.
+        if self.attention_scaling != 1.0:
+            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+        return (cos, sin) if x.dtype == torch.float32 else (cos.to(x.dtype), sin.to(x.dtype))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, hd); cos/sin (B, T, hd)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    """x (B, H, T, hd); cos/sin (B, 1, T, hd) from ``RotaryEmbedding``."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 

@@ -43,11 +43,13 @@ def markov_walk(base: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, x0: torc
     Reduced draft vocabulary: V is the draft vocabulary, ``d2t`` (V,) its offsets; the argmax is a draft id and
     x_k = draft id + d2t[draft id] its target id, which the next W1 row and the returned tokens are."""
     base, w2t = base.float(), w2.float().T  # (N, g, V), (r, V)
+    fp32_w1 = w1.dtype == torch.float32  # else the rows taken are cast (never the whole (V, r) table per round)
     keys = base if temperature == 0 else (base + noise_g if temperature == 1 else base / temperature + noise_g)
     alpha = 1.0 if temperature in (0, 1) else 1.0 / temperature
     x, tokens = x0, []
-    for k in range(base.shape[1]):
-        x = torch.addmm(keys[:, k], w1[x].float(), w2t, alpha=alpha).argmax(-1)  # the walk: x_k from x_{k-1}
+    for keys_k in keys.unbind(1):  # (N, V) per slot; a round is bound by op count on small drafters
+        w1_x = w1[x] if fp32_w1 else w1[x].float()
+        x = torch.addmm(keys_k, w1_x, w2t, alpha=alpha).argmax(-1)  # the walk: x_k from x_{k-1}
         x = x if d2t is None else x + d2t[x]
         tokens.append(x)
     tokens = torch.stack(tokens, 1)  # (N, g)

@@ -19,16 +19,23 @@ class PendingFeatures:
 
     def __init__(self) -> None:
         self.chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (B, T, F), (B, T), valid (B, T)
+        self.dense = True  # every queued (row, slot) is valid: nothing to pack
 
     def add(self, features: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> None:
         """features (B, T, F), tokens (B, T), valid (B, T) bool: which (row, slot) pairs are new, in order."""
         self.chunks.append((features, tokens, valid))
+        self.dense = self.dense and bool(valid.all())
 
     def take(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Remove and return the queue of ``rows`` (N,), packed left: features (N, T, F), tokens (N, T), counts (N,)."""
         if not self.chunks:
             return torch.zeros(len(rows), 0, 0), torch.zeros(len(rows), 0, dtype=torch.long), torch.zeros_like(rows)
         every_row = len(rows) == self.chunks[0][2].shape[0]  # the usual case: all rows draft (rows are sorted, unique)
+        if every_row and self.dense:  # already packed (a batch of one always is): no index arithmetic
+            feats, toks = ([c[i] for c in self.chunks] for i in (0, 1))
+            feats, toks = (x[0] if len(x) == 1 else torch.cat(x, dim=1) for x in (feats, toks))
+            self.chunks = []
+            return feats, toks, torch.full_like(rows, toks.shape[1])
         pick = (lambda t: t) if every_row else (lambda t: t[rows])
         feats = torch.cat([pick(c[0]) for c in self.chunks], dim=1)
         toks = torch.cat([pick(c[1]) for c in self.chunks], dim=1)
@@ -39,6 +46,7 @@ class PendingFeatures:
             for _, _, v in self.chunks:
                 v[rows] = False
             self.chunks = [c for c in self.chunks if bool(c[2].any())]
+        self.dense = not self.chunks  # what is left has the taken rows' slots cleared
         counts = valid.sum(1)
         T = int(counts.max()) if len(rows) else 0
         slot = valid.long().cumsum(1) - 1  # (N, T_all) destination of each valid entry
@@ -112,5 +120,6 @@ def scatter_index(rows: torch.Tensor, start: torch.Tensor, counts: torch.Tensor,
 
 
 def all_rows(rows: torch.Tensor, batch: int) -> bool:
-    """True when ``rows`` lists every row of the batch in order (reads can then be views)."""
-    return len(rows) == batch and bool((rows == torch.arange(batch, device=rows.device)).all())
+    """True when ``rows`` lists every row of the batch (reads can then be views). Sessions take ``rows`` sorted and
+    unique (the loop's ``active.nonzero()``), so their number says it: no comparison to dispatch every round."""
+    return len(rows) == batch
