@@ -132,4 +132,6 @@ MUTATIONS = [
      SESSIONS),
     ("decoding: a queue with rejected slots taken as dense", "deepspec/decoding/sessions/state.py",
      "        self.dense = self.dense and bool(valid.all())", "        self.dense = True", SESSIONS),
+    ("decoding: a batch of one writes its new context one slot late", "deepspec/decoding/sessions/draft.py",
+     "                    cache.write_slots(C - T, k, v)", "                    cache.write_slots(C - T + 1, k, v)", SESSIONS),
 ]

@@ -46,11 +46,17 @@ class BlockBackboneSession(IncrementalSession):
         start = self.length[rows]
         lengths = start + counts
         C = int(lengths.max())
-        if feats.shape[1]:
-            n, t, b, p = scatter_index(rows, start, counts, feats.shape[1])
-            pos = start[:, None] + torch.arange(feats.shape[1], device=feats.device)  # (N, T) positions of the new tokens
-            for cache, (k, v) in zip(self.kv, self.d.context_kv(feats, pos)):
-                cache.write(b, p, k[n, :, t], v[n, :, t], C)
+        T = feats.shape[1]
+        if T:
+            pos = start[:, None] + torch.arange(T, device=feats.device)  # (N, T) positions of the new tokens
+            kv = self.d.context_kv(feats, pos)
+            if len(self.length) == 1:  # a batch of one: its T new entries are slots C-T..C-1, one slice per tensor
+                for cache, (k, v) in zip(self.kv, kv):
+                    cache.write_slots(C - T, k, v)
+            else:
+                n, t, b, p = scatter_index(rows, start, counts, T)
+                for cache, (k, v) in zip(self.kv, kv):
+                    cache.write(b, p, k[n, :, t], v[n, :, t], C)
             self.length[rows] = lengths
         view = None if all_rows(rows, len(self.length)) else rows
         return [c.read(view, C + self.g) for c in self.kv], torch.arange(C, device=lengths.device) < lengths[:, None]

@@ -94,6 +94,12 @@ class RaggedKV:
         self.k[rows, :, positions] = k
         self.v[rows, :, positions] = v
 
+    def write_slots(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Every row's entries at the same slots start..start+T-1: k, v (B, Hkv, T, hd)."""
+        self._reserve(start + k.shape[2])
+        self.k[:, :, start : start + k.shape[2]] = k
+        self.v[:, :, start : start + k.shape[2]] = v
+
     def _reserve(self, length: int) -> None:
         if length > self.k.shape[2]:
             extra = max(length, 2 * self.k.shape[2]) - self.k.shape[2]
