@@ -355,16 +355,20 @@ def test_full_vocabulary_exports_are_unchanged(tiny_target, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- training
 @pytest.mark.slow
-def test_the_train_entry_point_trains_and_exports_a_reduced_vocabulary(tiny_target, small_cache, tmp_path):
+@pytest.mark.parametrize("ranks, zero_stage", [(1, 0), (2, 3)])
+def test_the_train_entry_point_trains_and_exports_a_reduced_vocabulary(tiny_target, small_cache, tmp_path, ranks, zero_stage):
+    """One process, and 2 ranks under ZeRO-3: each rank counts its share of the labels and the summed counts give every
+    rank the same map (the one a single pass over the cache gives); the export gathers the partitioned reduced head."""
     import subprocess
     import sys
 
     from deepspec.data.cache.token_counts import supervised_token_counts
 
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, str(REPO / "train" / "train.py"), f"target.name_or_path={tiny_target}", "target.layer_ids=[-1,1,3]",
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if ranks > 1 else [])
+    cmd = [*launcher, str(REPO / "train" / "train.py"), f"target.name_or_path={tiny_target}", "target.layer_ids=[-1,1,3]",
            "target.mask_token_id=3", f"cache_dir={small_cache}", f"run_dir={run_dir}", "drafter=dspark_debug",
-           "drafter.draft_vocab_size=256", "deepspeed.precision=fp32", "deepspeed.zero_stage=0", "logging.progress=false",
+           "drafter.draft_vocab_size=256", "deepspeed.precision=fp32", f"deepspeed.zero_stage={zero_stage}", "logging.progress=false",
            "logging.every_steps=1", "eval.val_fraction=0", "max_steps=3", "global_batch_size=2", "micro_batch_size=1",
            "checkpoint.every_steps=100"]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
