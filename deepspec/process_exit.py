@@ -91,7 +91,9 @@ def peer_lost(exc: BaseException) -> bool:
     """True when ``exc`` is a collective failing because another rank of the job is gone."""
     import torch.distributed as dist
 
-    return isinstance(exc, (RuntimeError, dist.DistError)) and any(sign in str(exc) for sign in PEER_LOST_SIGNS)
+    text = str(exc)
+    from_collectives = any(lib in text for lib in ("gloo", "NCCL", "c10d"))  # not a local pipe or a loader worker
+    return isinstance(exc, (RuntimeError, dist.DistError)) and from_collectives and any(sign in text for sign in PEER_LOST_SIGNS)
 
 
 def exit_status(exc: SystemExit) -> int:

@@ -62,3 +62,13 @@ def test_a_config_the_cli_refuses_is_its_message_not_a_traceback(override, says)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert says in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_dead_peer_is_recognised_only_in_a_collective_error():
+    from deepspec.process_exit import peer_lost
+
+    gloo = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:50911: "
+                        "Connection reset by peer. This is typically caused by a remote worker hanging")
+    assert peer_lost(gloo)
+    assert not peer_lost(RuntimeError("DataLoader worker (pid 12) exited unexpectedly: Broken pipe"))
+    assert not peer_lost(BrokenPipeError("Broken pipe"))
