@@ -339,7 +339,7 @@ def log_tail(path: Path, chars: int = 3000) -> str:
 # ----------------------------------------------------------------------------- the campaign
 def run_campaign(stage_name: str, kills: int, seed: int, work: Path, say=print) -> dict:
     """Reference run, then rounds of kill/resume until ``kills`` kills and a final finished run. -> the report."""
-    t_start = time.time()
+    t_start, commit = time.time(), git_commit()  # the code that runs, not what is committed by the end
     stage = STAGES[stage_name]()
     work.mkdir(parents=True, exist_ok=True)
     stage.prepare(work)
@@ -417,7 +417,7 @@ def run_campaign(stage_name: str, kills: int, seed: int, work: Path, say=print) 
                              f"work line ({stage.work_line.pattern!r}); seed {seed}"),
         "wall_time_s": round(time.time() - t_start, 1),
         "machine": machine(),
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "per_round": rounds,
         "per_kill": kill_records,
     }
