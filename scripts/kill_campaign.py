@@ -61,13 +61,16 @@ POLL_S = 0.005
 RUN_TIMEOUT_S = 900
 REGEN = ("regenerate.enabled=true", "regenerate.max_new_tokens=24", "regenerate.batch_size=4", "regenerate.temperature=1.0")
 TARGET_ARGS = ("target.layer_ids=[-1,1,3]",)
+# DeepSpeed JIT-builds a small op into the torch extensions folder, under a lock. A shared folder lets another
+# process's rebuild (other tests, another environment) stall a run for a minute; the campaign keeps its own.
+TORCH_EXTENSIONS_DIR = Path(tempfile.gettempdir()) / "deepspec-kill-campaign-torch-extensions"
 
 
 def child_env() -> dict:
     """One BLAS thread per process (same float reductions everywhere), offline, fp32, DeepSpeed on the CPU."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
             "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "DEEPSPEC_AUTO_PRECISION": "fp32", "DS_ACCELERATOR": "cpu",
-            "WANDB_MODE": "disabled"}
+            "WANDB_MODE": "disabled", "TORCH_EXTENSIONS_DIR": str(TORCH_EXTENSIONS_DIR)}
 
 
 def launcher(ranks: int) -> list[str]:
@@ -170,6 +173,10 @@ class TrainStage:
         cmd = data_command(self.target, inputs, self.cache, "cache.rows_per_row_group=1", "input.max_rows=24")
         subprocess.run([sys.executable] + cmd + ["max_length=128"], env=child_env(), check=True, capture_output=True,
                        timeout=RUN_TIMEOUT_S)
+        if not any(TORCH_EXTENSIONS_DIR.rglob("*.so")):  # build DeepSpeed's op once, before anything is timed or killed
+            warm_up = train_command(self.target, self.cache, work / "warm_up", "max_steps=1", "deepspeed.zero_stage=0")
+            subprocess.run([sys.executable] + warm_up, env=child_env(), check=True, capture_output=True, timeout=RUN_TIMEOUT_S)
+            shutil.rmtree(work / "warm_up")
 
     def command(self, run_dir: Path) -> list[str]:
         return launcher(self.ranks) + train_command(self.target, self.cache, run_dir, *self.extra)
