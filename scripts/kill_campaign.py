@@ -363,47 +363,20 @@ def run_campaign(stage_name: str, kills: int, seed: int, work: Path, say=print) 
 
     rng = random.Random(seed)
     kill_records, rounds, crashes, differences = [], [], [], []
-    resumes = 0
     while len(kill_records) < kills and len(crashes) < 3:
         r = len(rounds)
-        out_dir = work / f"round_{r:03d}"
-        shutil.rmtree(out_dir, ignore_errors=True)
-        attempts, pending, found = 0, None, []  # pending: the last kill's record, completed by the next run
-        while True:
-            if attempts:
-                resumes += 1
-            plan = draw_kill(rng, startup_s, work_s) if len(kill_records) < kills else None
-            log_path = logs / f"round_{r:03d}_attempt_{attempts:02d}.log"
-            before = stage.snapshot(out_dir)
-            attempt = run_once(stage.command(out_dir), log_path, stage.work_line, plan)
-            attempts += 1
-            if pending is not None:
-                _check_resumed_from(stage, out_dir, pending, attempt)
-            if attempt.outcome == "failed":
-                crashes.append({"round": r, "attempt": attempts - 1, "returncode": attempt.returncode, "log_tail": log_tail(log_path)})
-                say(f"[{stage_name}] round {r} attempt {attempts - 1}: CRASH rc={attempt.returncode}\n{log_tail(log_path, 1500)}")
-                break
-            if attempt.outcome == "finished":
-                break
-            at_kill = stage.snapshot(out_dir)
-            phase = ("finished_output" if stage.final_output(out_dir).exists() else
-                     "work" if attempt.work_began_s is not None else "startup")
-            pending = {"round": r, "attempt": attempts - 1, "kill_s": round(attempt.killed_at_s, 3),
-                       "aimed_at": plan[0], "delay_s": round(plan[1], 3),
-                       "kill_after_work_began_s": None if attempt.work_began_s is None else round(attempt.killed_at_s - attempt.work_began_s, 3),
-                       "phase": phase, "before_launch": before, "at_kill": at_kill,
-                       "lost": stage.lost_work(out_dir, before, at_kill)}
-            kill_records.append(pending)
+        attempt, round_kills = run_round(stage, work / f"round_{r:03d}", logs, r, rng, kills - len(kill_records),
+                                         (startup_s, work_s), crashes, say)
+        kill_records += round_kills
+        found = stage.differences(ref_fp, stage.fingerprint(work / f"round_{r:03d}")) if attempt.outcome == "finished" else []
+        differences += [{"round": r, "kills_in_round": len(round_kills), "difference": d} for d in found]
         if attempt.outcome == "finished":
-            found = stage.differences(ref_fp, stage.fingerprint(out_dir))
-            differences += [{"round": r, "kills_in_round": sum(k["round"] == r for k in kill_records), "difference": d} for d in found]
-            say(f"[{stage_name}] round {r}: {attempts - 1} kills, finished, "
+            say(f"[{stage_name}] round {r}: {len(round_kills)} kills, finished, "
                 f"{'EQUAL to the reference' if not found else f'{len(found)} DIFFERENCES: {found[:3]}'} "
                 f"(total kills {len(kill_records)}/{kills})")
-        rounds.append({"round": r, "attempts": attempts, "outcome": attempt.outcome,
-                       "kills": sum(k["round"] == r for k in kill_records)})
+        rounds.append({"round": r, "attempts": len(round_kills) + 1, "outcome": attempt.outcome, "kills": len(round_kills)})
         if attempt.outcome == "finished" and not found:
-            shutil.rmtree(out_dir, ignore_errors=True)  # keep only rounds that show a problem
+            shutil.rmtree(work / f"round_{r:03d}", ignore_errors=True)  # keep only rounds that show a problem
 
     phases = [k["phase"] for k in kill_records]
     return {
@@ -411,7 +384,7 @@ def run_campaign(stage_name: str, kills: int, seed: int, work: Path, say=print) 
         "command": " ".join(stage.command(Path("<out_dir>"))).replace(str(work), "<work>"),
         "kills": len(kill_records),
         "kills_by_phase": {p: phases.count(p) for p in ("startup", "work", "finished_output")},
-        "resumes": resumes,
+        "resumes": sum(r["attempts"] - 1 for r in rounds),  # every kill is followed by a rerun of the same command
         "rounds": len(rounds),
         "rounds_compared": sum(r["outcome"] == "finished" for r in rounds),
         "lost_work_total": {k: sum(rec["lost"][k] for rec in kill_records) for k in stage.lost_totals},
@@ -428,6 +401,33 @@ def run_campaign(stage_name: str, kills: int, seed: int, work: Path, say=print) 
         "per_round": rounds,
         "per_kill": kill_records,
     }
+
+
+def run_round(stage, out_dir: Path, logs: Path, r: int, rng: random.Random, kills_left: int, reference_s: tuple[float, float],
+              crashes: list, say) -> tuple[Attempt, list[dict]]:
+    """From an empty ``out_dir``: run, kill at a drawn time, rerun, ... (at most ``kills_left`` kills) until a run
+    finishes or fails (appended to ``crashes``). -> (the last attempt, one record per kill)."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    records: list[dict] = []
+    while True:
+        plan = draw_kill(rng, *reference_s) if len(records) < kills_left else None
+        log_path = logs / f"round_{r:03d}_attempt_{len(records):02d}.log"
+        before = stage.snapshot(out_dir)
+        attempt = run_once(stage.command(out_dir), log_path, stage.work_line, plan)
+        if records:
+            _check_resumed_from(stage, out_dir, records[-1], attempt)
+        if attempt.outcome == "failed":
+            crashes.append({"round": r, "attempt": len(records), "returncode": attempt.returncode, "log_tail": log_tail(log_path)})
+            say(f"[{stage.name}] round {r} attempt {len(records)}: CRASH rc={attempt.returncode}\n{log_tail(log_path, 1500)}")
+        if attempt.outcome != "killed":
+            return attempt, records
+        at_kill = stage.snapshot(out_dir)
+        phase = ("finished_output" if stage.final_output(out_dir).exists() else
+                 "work" if attempt.work_began_s is not None else "startup")
+        records.append({"round": r, "attempt": len(records), "kill_s": round(attempt.killed_at_s, 3),
+                        "aimed_at": plan[0], "delay_s": round(plan[1], 3),
+                        "kill_after_work_began_s": None if attempt.work_began_s is None else round(attempt.killed_at_s - attempt.work_began_s, 3),
+                        "phase": phase, "before_launch": before, "at_kill": at_kill, "lost": stage.lost_work(out_dir, before, at_kill)})
 
 
 def _check_resumed_from(stage, out_dir: Path, pending: dict, attempt: Attempt) -> None:
