@@ -344,8 +344,9 @@ def log_tail(path: Path, chars: int = 3000) -> str:
 
 
 # ----------------------------------------------------------------------------- the campaign
-def run_campaign(stage_name: str, kills: int, seed: int, work: Path, say=print) -> dict:
-    """Reference run, then rounds of kill/resume until ``kills`` kills and a final finished run. -> the report."""
+def run_campaign(stage_name: str, kills: int, seed: int, work: Path, say=print, budget_s: float | None = None) -> dict:
+    """Reference run, then rounds of kill/resume until ``kills`` kills and a final finished run (or, past ``budget_s``
+    seconds, no further kill: the round under way finishes and the report says ``complete: false``). -> the report."""
     t_start, commit = time.time(), git_commit()  # the code that runs, not what is committed by the end
     stage = STAGES[stage_name]()
     work.mkdir(parents=True, exist_ok=True)
@@ -363,10 +364,11 @@ def run_campaign(stage_name: str, kills: int, seed: int, work: Path, say=print) 
 
     rng = random.Random(seed)
     kill_records, rounds, crashes, differences = [], [], [], []
-    while len(kill_records) < kills and len(crashes) < 3:
+    deadline = t_start + budget_s if budget_s else float("inf")
+    while len(kill_records) < kills and len(crashes) < 3 and time.time() < deadline:
         r = len(rounds)
         attempt, round_kills = run_round(stage, work / f"round_{r:03d}", logs, r, rng, kills - len(kill_records),
-                                         (startup_s, work_s), crashes, say)
+                                         (startup_s, work_s), crashes, say, deadline)
         kill_records += round_kills
         found = stage.differences(ref_fp, stage.fingerprint(work / f"round_{r:03d}")) if attempt.outcome == "finished" else []
         differences += [{"round": r, "kills_in_round": len(round_kills), "difference": d} for d in found]
@@ -383,6 +385,7 @@ def run_campaign(stage_name: str, kills: int, seed: int, work: Path, say=print) 
         "stage": stage_name,
         "command": " ".join(stage.command(Path("<out_dir>"))).replace(str(work), "<work>"),
         "kills": len(kill_records),
+        "complete": len(kill_records) >= kills,  # false: stopped by --budget-minutes (or 3 crashes)
         "kills_by_phase": {p: phases.count(p) for p in ("startup", "work", "finished_output")},
         "resumes": sum(r["attempts"] - 1 for r in rounds),  # every kill is followed by a rerun of the same command
         "rounds": len(rounds),
@@ -404,13 +407,13 @@ def run_campaign(stage_name: str, kills: int, seed: int, work: Path, say=print) 
 
 
 def run_round(stage, out_dir: Path, logs: Path, r: int, rng: random.Random, kills_left: int, reference_s: tuple[float, float],
-              crashes: list, say) -> tuple[Attempt, list[dict]]:
+              crashes: list, say, deadline: float = float("inf")) -> tuple[Attempt, list[dict]]:
     """From an empty ``out_dir``: run, kill at a drawn time, rerun, ... (at most ``kills_left`` kills) until a run
     finishes or fails (appended to ``crashes``). -> (the last attempt, one record per kill)."""
     shutil.rmtree(out_dir, ignore_errors=True)
     records: list[dict] = []
     while True:
-        plan = draw_kill(rng, *reference_s) if len(records) < kills_left else None
+        plan = draw_kill(rng, *reference_s) if len(records) < kills_left and time.time() < deadline else None
         log_path = logs / f"round_{r:03d}_attempt_{len(records):02d}.log"
         before = stage.snapshot(out_dir)
         attempt = run_once(stage.command(out_dir), log_path, stage.work_line, plan)
@@ -455,11 +458,11 @@ def git_commit() -> str:
 
 
 def print_table(reports: list[dict]) -> None:
-    print(f"\n{'stage':<20} {'kills':>5} {'in work':>7} {'resumes':>7} {'rounds':>6} {'lost work':<34} {'diffs':>5} {'crashes':>7} {'wall s':>7}")
+    print(f"\n{'stage':<20} {'kills':>5} {'in work':>7} {'resumes':>7} {'rounds':>6} {'lost work':<34} {'diffs':>5} {'crashes':>7} {'wall s':>7} complete")
     for r in reports:
         lost = ", ".join(f"{k} {v}" for k, v in r["lost_work_total"].items())
         print(f"{r['stage']:<20} {r['kills']:>5} {r['kills_by_phase']['work']:>7} {r['resumes']:>7} {r['rounds_compared']:>6} "
-              f"{lost:<34} {r['differences']:>5} {len(r['crashes']):>7} {r['wall_time_s']:>7.0f}")
+              f"{lost:<34} {r['differences']:>5} {len(r['crashes']):>7} {r['wall_time_s']:>7.0f} {'yes' if r['complete'] else 'NO'}")
 
 
 def main() -> None:
@@ -468,6 +471,8 @@ def main() -> None:
     ap.add_argument("--kills", type=int, default=50, help="kills per stage (a final run then finishes each round)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the kill times")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "reliability", help="one <stage>.json per stage here")
+    ap.add_argument("--budget-minutes", type=float, default=None,
+                    help="per stage: no new kill after this long (the round under way finishes; the JSON says complete: false)")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one, removed after)")
     args = ap.parse_args()
     stages = list(STAGES) if "all" in args.stage else args.stage
@@ -475,7 +480,7 @@ def main() -> None:
     reports = []
     for name in stages:
         work = Path(tempfile.mkdtemp(prefix=f"kill_{name}_")) if args.work is None else args.work / name
-        report = run_campaign(name, args.kills, args.seed, work)
+        report = run_campaign(name, args.kills, args.seed, work, budget_s=args.budget_minutes and 60 * args.budget_minutes)
         (args.out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
         print(f"[{name}] wrote {args.out / f'{name}.json'}")
         if args.work is None and not report["differences"] and not report["crashes"]:
