@@ -19,9 +19,10 @@ Kill times. A run spends most of its seconds starting (imports, model loading, D
 only the rest working; kills drawn over the whole run would mostly hit start-up. So with probability
 ``STARTUP_KILL_FRACTION`` (0.1) a kill is drawn uniformly over the reference's start-up (time from
 launch to the stage's "work begins" log line); otherwise it is drawn uniformly over the reference's
-work time (work line to exit) and delivered that long after *this* run's work line. Each kill is
-classified by what it actually hit: ``startup`` (no work line yet), ``work``, or ``finished_output``
-(the final manifest/export was already written, the process was tearing down).
+work time (work line to its final output, manifest.json or the export; the teardown after it is left out)
+and delivered that long after *this* run's work line. Each kill is classified by what it actually hit:
+``startup`` (no work line yet), ``work``, or ``finished_output`` (the final manifest/export was already
+written, the process was tearing down).
 
 Lost work per kill: data -- the shards whose temporary file was discarded (rows whose target forward is
 redone); training -- optimizer steps done before the kill minus the step of the last complete checkpoint
@@ -295,39 +296,44 @@ def _alive(pid: int) -> bool:
 
 @dataclass
 class Attempt:
-    """One launch of the stage's command: how it ended and when its work began (seconds from launch)."""
+    """One launch of the stage's command: how it ended, when its work began and when its final output
+    (manifest / export) appeared (seconds from launch; the rest is tearing down)."""
     outcome: str  # "killed", "finished" or "failed"
     returncode: int | None
     duration_s: float
     work_began_s: float | None
+    output_s: float | None
     killed_at_s: float | None = None
 
 
-def run_once(cmd: list[str], log_path: Path, work_line: re.Pattern, kill_plan: tuple[str, float] | None) -> Attempt:
+def run_once(cmd: list[str], log_path: Path, work_line: re.Pattern, final_output: Path,
+             kill_plan: tuple[str, float] | None) -> Attempt:
     """Run ``cmd`` (output to ``log_path``); with ``kill_plan`` = ("launch"|"work", seconds), SIGKILL it that
     long after launch, or after its work line appears (never, if it finishes first)."""
     with open(log_path, "wb") as log:
         t0 = time.monotonic()
         proc = subprocess.Popen(cmd, env=child_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    work_began = None
+    work_began = output = None
     while True:
         now = time.monotonic() - t0
         if work_began is None and work_line.search(log_path.read_text(errors="replace")):
             work_began = now
+        if output is None and final_output.exists():
+            output = now
         if kill_plan is not None:
             anchor, delay = kill_plan
             due = delay if anchor == "launch" else (None if work_began is None else work_began + delay)
             if due is not None and now >= due and proc.poll() is None:
                 kill_tree(proc)
-                return Attempt("killed", None, time.monotonic() - t0, work_began, now)
+                return Attempt("killed", None, time.monotonic() - t0, work_began, output, now)
         rc = proc.poll()
         if rc is not None:
             if work_began is None and work_line.search(log_path.read_text(errors="replace")):
                 work_began = now
-            return Attempt("finished" if rc == 0 else "failed", rc, time.monotonic() - t0, work_began)
+            return Attempt("finished" if rc == 0 else "failed", rc, time.monotonic() - t0, work_began, output or now)
         if now > RUN_TIMEOUT_S:
             kill_tree(proc)
-            return Attempt("failed", None, time.monotonic() - t0, work_began)
+            return Attempt("failed", None, time.monotonic() - t0, work_began, output)
         time.sleep(POLL_S)
 
 
@@ -355,12 +361,13 @@ def run_campaign(stage_name: str, kills: int, seed: int, work: Path, say=print, 
     logs.mkdir(exist_ok=True)
 
     ref_dir = work / "reference"
-    ref = run_once(stage.command(ref_dir), logs / "reference.log", stage.work_line, None)
+    ref = run_once(stage.command(ref_dir), logs / "reference.log", stage.work_line, stage.final_output(ref_dir), None)
     if ref.outcome != "finished" or ref.work_began_s is None:
         raise RuntimeError(f"{stage_name}: the reference run {ref.outcome} (rc {ref.returncode}):\n{log_tail(logs / 'reference.log')}")
-    startup_s, work_s = ref.work_began_s, ref.duration_s - ref.work_began_s
+    startup_s, work_s = ref.work_began_s, ref.output_s - ref.work_began_s  # teardown after the output is no work
     ref_fp = stage.fingerprint(ref_dir)
-    say(f"[{stage_name}] reference: {ref.duration_s:.1f} s (start-up {startup_s:.1f} s, work {work_s:.2f} s)")
+    say(f"[{stage_name}] reference: {ref.duration_s:.1f} s (start-up {startup_s:.1f} s, work {work_s:.2f} s, "
+        f"teardown {ref.duration_s - ref.output_s:.2f} s)")
 
     rng = random.Random(seed)
     kill_records, rounds, crashes, differences = [], [], [], []
@@ -394,7 +401,8 @@ def run_campaign(stage_name: str, kills: int, seed: int, work: Path, say=print, 
         "differences": len(differences),
         "difference_details": differences,
         "crashes": crashes,
-        "reference": {"duration_s": round(ref.duration_s, 2), "startup_s": round(startup_s, 2), "work_s": round(work_s, 2)},
+        "reference": {"duration_s": round(ref.duration_s, 2), "startup_s": round(startup_s, 2), "work_s": round(work_s, 2),
+                      "teardown_s": round(ref.duration_s - ref.output_s, 2)},
         "kill_time_policy": (f"with probability {STARTUP_KILL_FRACTION}: uniform over the reference start-up [0, {startup_s:.2f}] s "
                              f"after launch; otherwise uniform over the reference work time [0, {work_s:.2f}] s after this run's "
                              f"work line ({stage.work_line.pattern!r}); seed {seed}"),
@@ -416,7 +424,7 @@ def run_round(stage, out_dir: Path, logs: Path, r: int, rng: random.Random, kill
         plan = draw_kill(rng, *reference_s) if len(records) < kills_left and time.time() < deadline else None
         log_path = logs / f"round_{r:03d}_attempt_{len(records):02d}.log"
         before = stage.snapshot(out_dir)
-        attempt = run_once(stage.command(out_dir), log_path, stage.work_line, plan)
+        attempt = run_once(stage.command(out_dir), log_path, stage.work_line, stage.final_output(out_dir), plan)
         if records:
             _check_resumed_from(stage, out_dir, records[-1], attempt)
         if attempt.outcome == "failed":
