@@ -22,7 +22,7 @@ launch to the stage's "work begins" log line); otherwise it is drawn uniformly o
 work time (work line to its final output, manifest.json or the export; the teardown after it is left out)
 and delivered that long after *this* run's work line. Each kill is classified by what it actually hit:
 ``startup`` (no work line yet), ``work``, or ``finished_output`` (the final manifest/export was already
-written, the process was tearing down).
+written, the process was tearing down); after such a kill the rerun is not killed (nothing is left to do).
 
 Lost work per kill: data -- the shards whose temporary file was discarded (rows whose target forward is
 redone); training -- optimizer steps done before the kill minus the step of the last complete checkpoint
@@ -421,7 +421,9 @@ def run_round(stage, out_dir: Path, logs: Path, r: int, rng: random.Random, kill
     shutil.rmtree(out_dir, ignore_errors=True)
     records: list[dict] = []
     while True:
-        plan = draw_kill(rng, *reference_s) if len(records) < kills_left and time.time() < deadline else None
+        # Once the final output exists (a kill during teardown) the rerun has no work left to interrupt: just finish.
+        work_left = not stage.final_output(out_dir).exists()
+        plan = draw_kill(rng, *reference_s) if work_left and len(records) < kills_left and time.time() < deadline else None
         log_path = logs / f"round_{r:03d}_attempt_{len(records):02d}.log"
         before = stage.snapshot(out_dir)
         attempt = run_once(stage.command(out_dir), log_path, stage.work_line, stage.final_output(out_dir), plan)
