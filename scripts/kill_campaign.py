@@ -37,6 +37,7 @@ Writes ``<out>/<stage>.json`` per stage and prints a table.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -353,7 +354,7 @@ def log_tail(path: Path, chars: int = 3000) -> str:
 def run_campaign(stage_name: str, kills: int, seed: int, work: Path, say=print, budget_s: float | None = None) -> dict:
     """Reference run, then rounds of kill/resume until ``kills`` kills and a final finished run (or, past ``budget_s``
     seconds, no further kill: the round under way finishes and the report says ``complete: false``). -> the report."""
-    t_start, commit = time.time(), git_commit()  # the code that runs, not what is committed by the end
+    t_start, commit = time.time(), git_commit()
     stage = STAGES[stage_name]()
     work.mkdir(parents=True, exist_ok=True)
     stage.prepare(work)
@@ -461,6 +462,7 @@ def machine() -> dict:
             "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__}
 
 
+@functools.lru_cache(maxsize=1)  # the commit when this process started: the code it runs
 def git_commit() -> str:
     rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True).stdout.strip()
@@ -486,6 +488,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one, removed after)")
     args = ap.parse_args()
     stages = list(STAGES) if "all" in args.stage else args.stage
+    git_commit()  # read now: commits made while the campaigns run do not describe the code running
     args.out.mkdir(parents=True, exist_ok=True)
     reports = []
     for name in stages:
