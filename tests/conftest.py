@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from deepspec.tiny_target import TOKENIZER_FILES, make_tiny_target, write_toy_prompts  # noqa: F401 (tests import these from here)
+
 REPO = Path(__file__).resolve().parents[1]
 TOY_DIR = REPO / "deepspec" / "assets" / "toy_target"
 TOY_PROMPTS = REPO / "deepspec" / "assets" / "toy_prompts"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,22 +22,6 @@ os.environ.setdefault("DEEPSPEC_AUTO_PRECISION", "fp32")
 # Triton kernels run in the interpreter on CPU tensors; read when a kernel is decorated, so it is
 # set here, before any test module imports deepspec.decoding.kernels.
 os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
-def make_tiny_target(path: Path, hidden_size: int = 64, layers: int = 4, seed: int = 0) -> Path:
-    """Save a randomly initialised Qwen3 with the toy tokenizer to ``path`` (an HF folder)."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    path.mkdir(parents=True, exist_ok=True)
-    for f in TOKENIZER_FILES:
-        shutil.copy(TOY_DIR / f, path / f)
-    torch.manual_seed(seed)
-    config = Qwen3Config(vocab_size=4096, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-                         max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=0, eos_token_id=2,
-                         pad_token_id=0, initializer_range=0.1)  # peaked distributions, like a trained LM
-    Qwen3ForCausalLM(config).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -55,11 +39,7 @@ def other_tiny_target(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def chat_jsonl(tmp_path_factory) -> Path:
     """40 conversation rows from the toy training prompt set."""
-    path = tmp_path_factory.mktemp("inputs") / "chat.jsonl"
-    with open(TOY_PROMPTS / "train.jsonl") as src, open(path, "w") as dst:
-        for i, line in zip(range(40), src):
-            dst.write(line)
-    return path
+    return write_toy_prompts(tmp_path_factory.mktemp("inputs") / "chat.jsonl", 40)
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
