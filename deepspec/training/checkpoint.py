@@ -220,14 +220,13 @@ class CheckpointManager:
         distributed.barrier()
         return out
 
-    def load(self, engine, path: Path, universal: Path | None = None) -> None:
+    def load(self, engine, path: Path, saved_ranks: int, universal: Path | None = None) -> None:
         """Restore engine state from ``path`` (or from its ``universal`` copy) and this rank's RNG states (rank
-        0's where the checkpoint had fewer ranks). Refuses (UnsafeCheckpointError) a checkpoint whose files would
-        run code when unpickled."""
+        0's where the checkpoint's ``saved_ranks`` were fewer). Refuses (UnsafeCheckpointError) a checkpoint whose
+        files would run code when unpickled."""
         check_no_code(path)
         source = universal or path
         load_path, client = engine.load_checkpoint(str(source.parent), tag=source.name)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {source}")
-        saved_ranks = len(saved_trainer_states(path))
         load_trainer_state(path, self.rank if self.rank < saved_ranks else 0)

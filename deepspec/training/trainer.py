@@ -110,7 +110,7 @@ class Trainer:
         universal = self.ckpt.universal_copy(resume) if resized and cfg.deepspeed.zero_stage > 0 else None
         self.engine, self.scheduler = build_engine(self.model, cfg, self.total_steps, self.world, load_universal=universal is not None)
         if resume is not None:
-            self.ckpt.load(self.engine, resume, universal)
+            self.ckpt.load(self.engine, resume, len(saved), universal)
             self.step, self.best_tau = saved[0]["step"], saved[0]["best_tau"]
             self.position = (DataPosition.after_resize(saved, self.world) if resized
                              else DataPosition(**saved[self.rank]["position"]))

@@ -32,9 +32,11 @@ class PendingFeatures:
             return torch.zeros(len(rows), 0, 0), torch.zeros(len(rows), 0, dtype=torch.long), torch.zeros_like(rows)
         every_row = len(rows) == self.chunks[0][2].shape[0]  # the usual case: all rows draft (rows are sorted, unique)
         if every_row and self.dense:  # already packed (a batch of one always is): no index arithmetic
-            feats, toks = ([c[i] for c in self.chunks] for i in (0, 1))
-            feats, toks = (x[0] if len(x) == 1 else torch.cat(x, dim=1) for x in (feats, toks))
+            feats, toks = [c[0] for c in self.chunks], [c[1] for c in self.chunks]
             self.chunks = []
+            if len(feats) == 1:  # the usual queue: one round's tokens, handed over without a copy
+                return feats[0], toks[0], torch.full_like(rows, toks[0].shape[1])
+            feats, toks = torch.cat(feats, dim=1), torch.cat(toks, dim=1)
             return feats, toks, torch.full_like(rows, toks.shape[1])
         pick = (lambda t: t) if every_row else (lambda t: t[rows])
         feats = torch.cat([pick(c[0]) for c in self.chunks], dim=1)
