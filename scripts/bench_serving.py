@@ -3,17 +3,14 @@
 
     python scripts/bench_serving.py [--drafter-path runs/x/export] [--threads 2] [--out runs/bench/serving.json]
 
-Real generations through the batched loop (not a replay), the same prompts for every policy, in
-one process, policies interleaved and each run ``--repeats`` times (the fastest counts). On a
-noisy machine that is not enough to see a few percent, so plain and scheduled_with_draft_cost are
-then run ``--paired-repeats`` more times alternately, and the median of their paired ratios is
-reported (``vs_plain_paired_median``, with min and max):
-
-    plain                      autoregressive decoding of the R requests as one batch
-    fixed_g<L>                 draft every round, verify the first L drafts of every row (L = 1..g)
-    best_fixed                 the fastest fixed L at this load (what a tuned static config gets)
-    scheduled                  Algorithm 1 on STS-calibrated confidences with the profiled verify cost
-    scheduled_with_draft_cost  + the draft's own cost and the plain-decoding gate
+Real generations through the batched loop (not a replay), the same prompts and seeds for every
+policy, in one process. Each figure is a sum over interleaved runs, never a single run: ``--repeats``
+sweeps over every policy (the order reversed every other sweep, so drift hits every policy alike),
+throughput = tokens / seconds summed over the sweeps. A 3% criterion needs more than that on a
+noisy machine, so plain and scheduled_with_draft_cost then alternate in pairs (same prompts and
+seed within a pair; at R <= 4 each pair takes the next R prompts of a pool of 16) until each side
+has run ``--paired-seconds``: ``vs_plain_paired`` is the ratio of their summed throughputs, with the
+spread of the per-pair ratios beside it:
 
 The verify cost profile is measured once at start-up on this machine (cached per target, device,
 dtype and thread count) and used by both scheduled policies.
@@ -46,9 +43,10 @@ def main() -> None:
     ap.add_argument("--loads", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32])
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--paired-repeats", type=int, default=7,
-                    help="extra alternating runs of plain and scheduled_with_draft_cost per load: their ratio's median")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved sweeps over every policy per load (summed)")
+    ap.add_argument("--paired-repeats", type=int, default=6, help="at least this many plain / draft-cost pairs per load")
+    ap.add_argument("--paired-seconds", type=float, default=10.0,
+                    help="and pairs until each side has run this long: the paired ratio sums over them")
     ap.add_argument("--calibration-prompts", type=int, default=12, help="STS fit when the export has no temperatures")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work-dir", default="runs/bench/targets")
@@ -72,59 +70,66 @@ def main() -> None:
     schedulers = {k: VerifyScheduler(c, g, cost, temps) for k, c in policies.items() if c is not None}
     speculative_generate_batch(target, make_session(drafter, 1), prompts(tok, 1), 8, sampling)  # warm-up
     loads = []
+    pool = prompts(tok, 16, offset=0)
     for R in args.loads:
         ps = prompts(tok, R, offset=0)
-        best: dict[str, dict] = {}
 
-        def run(name: str, seed: int):
+        def run(name: str, seed: int, batch: list[torch.Tensor]) -> tuple[list, float]:
             gen = torch.Generator().manual_seed(seed)
             t = time.perf_counter()
             if name == "plain":
-                res = autoregressive_generate_batch(target, ps, args.max_new_tokens, sampling, None, gen)
+                res = autoregressive_generate_batch(target, batch, args.max_new_tokens, sampling, None, gen)
             else:
-                res = speculative_generate_batch(target, make_session(drafter, R), ps, args.max_new_tokens, sampling, None,
+                res = speculative_generate_batch(target, make_session(drafter, R), batch, args.max_new_tokens, sampling, None,
                                                  gen, schedulers[name])
             return res, time.perf_counter() - t
 
-        for rep in range(args.repeats):
-            for name in policies:
-                res, sec = run(name, rep)
+        total = {name: {"seconds": 0.0, "tokens": 0, "rounds": 0, "drafted_rounds": 0, "verified": 0} for name in policies}
+        for rep in range(args.repeats):  # interleaved sweeps, order reversed every other one
+            for name in (list(policies) if rep % 2 == 0 else list(policies)[::-1]):
+                res, sec = run(name, rep, ps)
+                tot = total[name]
+                tot["seconds"] += sec
+                tot["tokens"] += sum(len(r.tokens) for r in res)
+                rounds = [L for r in res for L in r.verified_per_round]  # per row and round
+                tot["rounds"] += len(rounds)
+                tot["drafted_rounds"] += sum(1 for L in rounds if L > 0) if name != "plain" else 0
+                tot["verified"] += sum(rounds) if name != "plain" else 0
+        summed = {name: {"throughput_tokens_per_s": t["tokens"] / t["seconds"], "seconds": t["seconds"], "tokens": t["tokens"],
+                       "runs": args.repeats, "rounds_per_request": t["rounds"] / (R * args.repeats) or args.max_new_tokens,
+                       "drafted_round_fraction": t["drafted_rounds"] / max(t["rounds"], 1),
+                       "mean_verified": t["verified"] / max(t["rounds"], 1)} for name, t in total.items()}
+        pairs, paired = [], {"plain": [0, 0.0], "scheduled_with_draft_cost": [0, 0.0]}  # tokens, seconds
+        while len(pairs) < args.paired_repeats or min(v[1] for v in paired.values()) < args.paired_seconds:
+            k = len(pairs)
+            batch = [pool[(k * R + i) % len(pool)] for i in range(R)] if R <= 4 else ps
+            order = ["plain", "scheduled_with_draft_cost"][:: 1 if k % 2 == 0 else -1]
+            rate = {}
+            for name in order:
+                res, sec = run(name, args.repeats + k, batch)
                 tokens = sum(len(r.tokens) for r in res)
-                rounds = sum(len(r.emitted_per_round) for r in res) / R
-                entry = {"throughput_tokens_per_s": tokens / sec, "seconds": sec, "tokens": tokens,
-                         "rounds_per_request": rounds or args.max_new_tokens,
-                         "drafted_round_fraction": (sum(sum(1 for L in r.verified_per_round if L > 0) for r in res) /
-                                                    max(sum(len(r.verified_per_round) for r in res), 1)) if name != "plain" else 0.0,
-                         "mean_verified": (sum(sum(r.verified_per_round) for r in res) /
-                                           max(sum(len(r.verified_per_round) for r in res), 1)) if name != "plain" else 0.0}
-                if name not in best or entry["seconds"] < best[name]["seconds"]:
-                    best[name] = entry
-        ratios = []  # paired: plain then scheduled_with_draft_cost on the same seed, alternating order
-        for rep in range(args.paired_repeats):
-            order = ["plain", "scheduled_with_draft_cost"][:: 1 if rep % 2 == 0 else -1]
-            out = {name: run(name, args.repeats + rep) for name in order}
-            rate = {name: sum(len(r.tokens) for r in res) / sec for name, (res, sec) in out.items()}
-            ratios.append(rate["scheduled_with_draft_cost"] / rate["plain"])
-        fixed = {k: v for k, v in best.items() if k.startswith("fixed_g")}
+                paired[name][0] += tokens
+                paired[name][1] += sec
+                rate[name] = tokens / sec
+            pairs.append(rate["scheduled_with_draft_cost"] / rate["plain"])
+        fixed = {k: v for k, v in summed.items() if k.startswith("fixed_g")}
         top = max(fixed, key=lambda k: fixed[k]["throughput_tokens_per_s"])
-        row = {"concurrent_requests": R, **best, "fixed_g7": best.get("fixed_g7", best[f"fixed_g{g}"]),
+        row = {"concurrent_requests": R, **summed, "fixed_g7": summed.get("fixed_g7", summed[f"fixed_g{g}"]),
                "best_fixed": {**fixed[top], "policy": top}}
         for k in ("scheduled", "scheduled_with_draft_cost"):
             row[k]["vs_best_fixed"] = row[k]["throughput_tokens_per_s"] / row["best_fixed"]["throughput_tokens_per_s"]
             row[k]["vs_plain"] = row[k]["throughput_tokens_per_s"] / row["plain"]["throughput_tokens_per_s"]
-        if ratios:
-            row["scheduled_with_draft_cost"].update(vs_plain_paired_median=statistics.median(ratios),
-                                                    vs_plain_paired_min=min(ratios), vs_plain_paired_max=max(ratios))
+        (tp, sp), (ts, ss) = paired["plain"], paired["scheduled_with_draft_cost"]
+        row["scheduled_with_draft_cost"].update(
+            vs_plain_paired=(ts / ss) / (tp / sp), paired_runs=len(pairs), paired_seconds={"plain": sp, "scheduled_with_draft_cost": ss},
+            vs_plain_pair_median=statistics.median(pairs), vs_plain_pair_min=min(pairs), vs_plain_pair_max=max(pairs))
         loads.append(row)
-        print(f"R={R:3d}  tokens/s  plain {best['plain']['throughput_tokens_per_s']:8.1f}  fixed_g{g} "
+        sd = row["scheduled_with_draft_cost"]
+        print(f"R={R:3d}  tokens/s  plain {summed['plain']['throughput_tokens_per_s']:8.1f}  fixed_g{g} "
               f"{row['fixed_g7']['throughput_tokens_per_s']:8.1f}  best_fixed({top}) {fixed[top]['throughput_tokens_per_s']:8.1f}  "
-              f"scheduled {row['scheduled']['throughput_tokens_per_s']:8.1f}  +draft_cost "
-              f"{row['scheduled_with_draft_cost']['throughput_tokens_per_s']:8.1f}  "
-              f"(vs best_fixed {row['scheduled_with_draft_cost']['vs_best_fixed']:.2f}, vs plain "
-              f"{row['scheduled_with_draft_cost']['vs_plain']:.2f}, paired median "
-              f"{row['scheduled_with_draft_cost'].get('vs_plain_paired_median', float('nan')):.2f}, "
-              f"drafted {row['scheduled_with_draft_cost']['drafted_round_fraction']:.2f})",
-              flush=True)
+              f"scheduled {row['scheduled']['throughput_tokens_per_s']:8.1f}  +draft_cost {sd['throughput_tokens_per_s']:8.1f}  "
+              f"(vs best_fixed {sd['vs_best_fixed']:.3f}, vs plain {sd['vs_plain']:.3f}, paired {sd['vs_plain_paired']:.3f} "
+              f"over {len(pairs)} pairs [{min(pairs):.2f}-{max(pairs):.2f}], drafted {sd['drafted_round_fraction']:.3f})", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"threads": args.threads, "machine": machine(), "seconds": time.time() - t0, "args": vars(args),

@@ -71,17 +71,22 @@ def test_draft_cost_widens_the_verified_prefix_and_zero_survival_is_never_verifi
     assert choose_lengths(a, free).tolist() == [2]  # survival 0: never admitted, even when free
 
 
+def gains(survival: torch.Tensor) -> tuple[int, list[float]]:
+    """(R, g) observed survival -> what the gate takes: R and the column sums."""
+    return survival.shape[0], survival.sum(0).tolist()
+
+
 def test_gate_decodes_plainly_when_drafting_cannot_pay_and_probes_within_its_budget():
     cost = VerifyCostModel([1, 8], [1, 2, 3], [[1.0, 1.1, 1.2], [8.0, 16.0, 24.0]], {})
     gate = DraftGate(budget=0.1)
     high = torch.ones(1, 2, dtype=torch.float64)
-    assert gate.should_draft(high, cost)  # nothing measured yet: draft to learn the draft's cost
+    assert gate.should_draft(*gains(high), cost)  # nothing measured yet: draft to learn the draft's cost
     gate.observe_draft(1, 0.1)
-    assert gate.should_draft(high, cost) and not gate.probing  # 3 tokens / 1.3 s beats 1 / 1 s
+    assert gate.should_draft(*gains(high), cost) and not gate.probing  # 3 tokens / 1.3 s beats 1 / 1 s
     low = torch.full((1, 2), 0.01, dtype=torch.float64)
     rounds, probe_seconds, plain_seconds = 0, 0.0, 0.0
     for _ in range(200):  # plain wins; each probe takes 2.3 s for 1 token where a plain step takes 1 s
-        if gate.should_draft(low, cost):
+        if gate.should_draft(*gains(low), cost):
             assert gate.probing
             gate.observe_round(1, True, 3, 1, 2.3, cost)
             probe_seconds += 2.3 - 1.0
@@ -93,7 +98,7 @@ def test_gate_decodes_plainly_when_drafting_cannot_pay_and_probes_within_its_bud
     assert probe_seconds <= 0.1 * plain_seconds + 1.3  # and cost no more than the budget (plus the first)
     gate.observe_draft(8, 0.1)
     compute_bound = torch.ones(8, 2, dtype=torch.float64)  # at 8 rows verifying costs W x a step: no width pays
-    assert not any(gate.should_draft(compute_bound, cost) for _ in range(20))
+    assert not any(gate.should_draft(*gains(compute_bound), cost) for _ in range(20))
 
 
 def test_gate_scales_each_arm_by_its_measured_round_time():
@@ -102,20 +107,20 @@ def test_gate_scales_each_arm_by_its_measured_round_time():
     gate = DraftGate(budget=0.02)
     good = torch.full((1, 2), 0.6, dtype=torch.float64)
     gate.observe_draft(1, 0.3)
-    assert gate.should_draft(good, cost)  # predicted 2.2 / 1.5 = 1.47 tokens/s > 1
+    assert gate.should_draft(*gains(good), cost)  # predicted 2.2 / 1.5 = 1.47 tokens/s > 1
     for _ in range(20):  # drafted rounds really take 2x their prediction; plain rounds as predicted
         gate.observe_round(1, True, 3, 2, 2 * (1.2 + 0.3), cost)
         gate.observe_round(1, False, 1, 1, 1.0, cost)
     assert gate.slowdown[True] == pytest.approx(2.0, rel=1e-3) and gate.slowdown[False] == pytest.approx(1.0)
     decisions = []
     for _ in range(12):
-        decisions.append(gate.should_draft(good, cost))
+        decisions.append(gate.should_draft(*gains(good), cost))
         gate.observe_round(1, decisions[-1], 3 if decisions[-1] else 1, 2 if decisions[-1] else 1,
                            3.0 if decisions[-1] else 1.0, cost)
     assert decisions.count(True) == 1  # one probe (it costs 1 s more than plain: repaid over 50 plain seconds)
     for _ in range(20):  # and when plain rounds are the slow ones (say, a plain step's bookkeeping), drafting wins again
         gate.observe_round(1, False, 1, 1, 3.0, cost)
-    assert all(gate.should_draft(good, cost) for _ in range(5))
+    assert all(gate.should_draft(*gains(good), cost) for _ in range(5))
 
 
 def test_cost_profile_is_made_monotone():

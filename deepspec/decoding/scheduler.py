@@ -234,15 +234,15 @@ class DraftGate:
         """Predicted seconds of a plain step of R rows."""
         return cost(R, 1) * self.slowdown[False]
 
-    def should_draft(self, observed_survival: torch.Tensor, cost: VerifyCostModel) -> bool:
-        R, g = observed_survival.shape
+    def should_draft(self, R: int, column_gains: list[float], cost: VerifyCostModel) -> bool:
+        """R rows whose observed survival sums to ``column_gains`` per slot (g numbers: sum_r a_{r,j})."""
         verify = lambda W: cost(R, W)  # noqa: E731
         plain, draft = R / self.plain_seconds(R, cost), self.draft_cost(R)
         rate = lambda gains: best_rate(R, gains, verify, draft) / self.slowdown[True]  # noqa: E731
         self.probing = False
-        if rate([float(R)] * g) <= plain:
+        if rate([float(R)] * len(column_gains)) <= plain:
             return False  # drafting cannot pay even if every draft were accepted
-        if not self.draft_seconds or rate(observed_survival.sum(0).tolist()) > plain:
+        if not self.draft_seconds or rate(column_gains) > plain:
             return True
         self.probing = self.debt <= 0.0  # plain wins: probe once the last probes are paid for
         return self.probing
@@ -282,10 +282,18 @@ class VerifyScheduler:
         """A new generation of ``batch_size`` rows: each row's acceptance estimate starts from what earlier
         generations observed (the measured costs and the gate's backoff are kept too)."""
         self.online = self.prior.expand(batch_size, -1).clone()  # conditional acceptance per row and slot
+        self._gains: tuple[int, list[float]] | None = None  # (rows, sum_r a_{r,j}) until ``online`` changes
 
     def should_draft(self, rows: torch.Tensor) -> bool:
-        """1. before drafting: False = decode this round plainly (scheduled_with_draft_cost only)."""
-        return self.gate is None or self.gate.should_draft(cumulative_survival(self.online[rows.cpu()]), self.cost)
+        """1. before drafting: False = decode this round plainly (scheduled_with_draft_cost only).
+
+        The observed survival changes only after a drafted round (or when a row finishes), so a run of
+        plain rounds reuses its column sums: a plain round's bookkeeping stays plain Python."""
+        if self.gate is None:
+            return True
+        if self._gains is None or self._gains[0] != len(rows):  # rows only ever leave: their count names the set
+            self._gains = len(rows), cumulative_survival(self.online[rows.cpu()]).sum(0).tolist()
+        return self.gate.should_draft(len(rows), self._gains[1], self.cost)
 
     def survival(self, rows: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
         """Calibrated cumulative survival a (N, g) of the rows' drafts."""
@@ -318,6 +326,7 @@ class VerifyScheduler:
             self.gate.observe_round(len(rows), drafted, width, tokens, seconds, self.cost)
         if not drafted or (self.gate is None and self.cfg.confidence != "online"):
             return
+        self._gains = None
         r, L, m = rows.cpu(), verified.cpu(), accepted.cpu()
         k = torch.arange(self.g)
         seen = k[None] <= torch.minimum(m, L - 1)[:, None]  # slot k+1 verified with all earlier ones accepted

@@ -109,6 +109,16 @@ def _emit(batch: _Batch, rows: list[int], block: torch.Tensor, m: list[int], nxt
         res.verified_per_round.append(verified[i])
 
 
+def _of_every_row(x: torch.Tensor, rows: torch.Tensor, B: int) -> torch.Tensor:
+    """(N, ...) values of the active ``rows`` -> (B, ...) with zeros for the finished rows. ``rows`` are sorted and
+    unique (``active.nonzero()``), so N == B means every row: then ``x`` itself, no scatter."""
+    if len(rows) == B:
+        return x
+    out = x.new_zeros(B, *x.shape[1:])
+    out[rows] = x
+    return out
+
+
 def _drop_trailing_holes(batch: _Batch, n: int) -> None:
     """Crop the last ``n`` cache slots, which no row kept: rejections are a suffix of each row's block, so the
     slots after the longest kept prefix are holes in every row. A batch of one then never has holes, and
@@ -171,22 +181,18 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
             seconds["verify"] += elapsed  # a plain round counts as a verify of width 1
             scheduler.observe(rows, None, None, elapsed)
             continue
-        draft = session.draft(rows, batch.anchors[rows], sampling, generator)  # 1. draft
+        anchors = batch.anchors if N == B else batch.anchors[rows]  # (N,)
+        draft = session.draft(rows, anchors, sampling, generator)  # 1. draft
         sync()
         t1 = time.perf_counter()
         L = scheduler.lengths(rows, draft.confidence, t1 - t0)  # 2. schedule
         W = 1 + int(L.max())
         t2 = time.perf_counter()
-        block = torch.zeros(B, W, dtype=torch.long, device=dev)  # 3. verify [anchor, d_1..d_L] per row
-        block[rows, 0] = batch.anchors[rows]
-        if W > 1:
-            block[rows, 1:] = draft.tokens[:, : W - 1]
-        steps = torch.arange(W, device=dev)
-        block_valid = torch.zeros(B, W, dtype=torch.long, device=dev)
-        block_valid[rows] = (steps[None] <= L[:, None]).long()
-        batch.mask = torch.cat([batch.mask, block_valid], dim=1)
+        steps = torch.arange(W, device=dev)  # 3. verify [anchor, d_1..d_L] per row
+        block = _of_every_row(torch.cat([anchors[:, None], draft.tokens[:, : W - 1]], dim=1), rows, B)  # (B, W)
+        batch.mask = torch.cat([batch.mask, _of_every_row((steps <= L[:, None]).long(), rows, B)], dim=1)
         layer_hidden, final = target.decoder_with_positions(block, batch.mask, batch.lengths[:, None] + steps, batch.cache)
-        logits = target.logits(final[rows])  # (N, W, V)
+        logits = target.logits(final if N == B else final[rows])  # (N, W, V)
         sync()
         t3 = time.perf_counter()
         if W > 1:  # 4. accept
@@ -195,15 +201,17 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
             m, nxt = verify_block(draft.tokens[:, : W - 1], q, p, L, generator, sampling.greedy)
         else:  # a plain step: the "bonus" token of zero drafts
             m, nxt = torch.zeros(N, dtype=torch.long, device=dev), next_token(logits[:, 0], sampling, generator)
-        keep = torch.zeros(B, W, dtype=torch.long, device=dev)  # 5. commit
-        keep[rows] = (steps[None] <= m[:, None]).long()
+        keep = _of_every_row((steps <= m[:, None]).long(), rows, B)  # 5. commit
         batch.mask[:, -W:] = keep  # rejected positions become holes
         kept = keep.sum(1)
         widest = int(kept.max())  # the longest kept prefix: later columns are rejected in every row
         _drop_trailing_holes(batch, W - widest)
         session.extend(layer_hidden[:, :widest], block[:, :widest], keep[:, :widest].bool())
         batch.lengths += kept
-        batch.anchors[rows] = nxt
+        if N == B:
+            batch.anchors = nxt
+        else:
+            batch.anchors[rows] = nxt
         rows_l, m_l = rows.tolist(), m.tolist()
         _emit(batch, rows_l, block, m_l, nxt.tolist(), L.tolist(), max_new_tokens, eos_token_id)
         for r, c in zip(rows_l, draft.confidence.float().tolist()):

@@ -38,7 +38,8 @@ class SamplingConfig:
         logits = logits.float()
         if self.greedy:
             return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-        logits = logits / self.temperature
+        if self.temperature != 1.0:  # dividing by 1 changes no bit: skip the pass over (..., V)
+            logits = logits / self.temperature
         if self.top_k:
             kth = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))

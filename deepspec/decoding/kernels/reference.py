@@ -67,11 +67,10 @@ def verify(draft: torch.Tensor, q: torch.Tensor | None, p: torch.Tensor, lengths
         target = p.argmax(-1)  # (N, g+1)
         m = ((target[:, :g] == draft) & inside).int().cumprod(1).sum(1)
         return m, target.gather(1, m[:, None])[:, 0]
-    p_d = p[:, :g].gather(-1, draft[..., None])[..., 0]  # (N, g) p_k(d_k)
-    q_d = q.gather(-1, draft[..., None])[..., 0]
-    m = ((u_accept < p_d / q_d.clamp_min(1e-30)) & inside).int().cumprod(1).sum(1)
-    p_m = p.gather(1, m[:, None, None].expand(N, 1, p.shape[-1]))[:, 0]  # (N, V)
-    q_m = q.gather(1, m.clamp(max=g - 1)[:, None, None].expand(N, 1, q.shape[-1]))[:, 0]
+    d = draft[..., None]  # (N, g, 1): gathers p's first g slots without slicing them
+    m = ((u_accept < p.gather(-1, d)[..., 0] / q.gather(-1, d)[..., 0].clamp_min(1e-30)) & inside).int().cumprod(1).sum(1)
+    n = torch.arange(N, device=p.device)
+    p_m, q_m = p[n, m], q[n, m.clamp(max=g - 1)]  # (N, V) each: the slot each row stopped at
     dist = torch.where((m < lengths)[:, None], (p_m - q_m).clamp_min(0), p_m)  # residual, or p for the bonus
     dist = torch.where((dist.sum(-1) <= 0)[:, None], p_m, dist)  # p == q: a rejection had probability 0; guard rounding
     return m, (torch.log(dist) + gumbel(noise_u)).argmax(-1)

@@ -38,7 +38,7 @@ class DSparkSession(BlockBackboneSession):
             tokens = d.draft_to_target(sample(q, generator))
         elif markov.kind == "vanilla" and not sampling.top_k and sampling.top_p >= 1.0:
             tokens, logits = self._fused_walk(base, anchors, sampling, generator)
-            q = sampling.probs(logits)
+            q = None if sampling.greedy else sampling.probs(logits)  # greedy verification reads no q
         else:
             tokens, logits, q = self._walk(h, base, anchors, sampling, generator)
         prev = torch.cat([anchors[:, None], tokens[:, :-1]], dim=1)  # x_{k-1} per slot (N, g)
