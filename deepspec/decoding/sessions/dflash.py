@@ -9,7 +9,7 @@ from deepspec.decoding.verify import SamplingConfig, sample
 
 
 class DFlashSession(BlockBackboneSession):
-    @torch.no_grad()
+    @torch.inference_mode()
     def draft(self, rows: torch.Tensor, anchors: torch.Tensor, sampling: SamplingConfig, generator) -> Draft:
         """rows (N,), anchors (N,) -> a block of g drafts per row."""
         logits = self.d.lm_head(self.block_hidden(rows, anchors))  # (N, g, V_draft)

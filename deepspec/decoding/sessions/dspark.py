@@ -26,7 +26,7 @@ from deepspec.decoding.verify import SamplingConfig, gumbel_noise, sample
 
 
 class DSparkSession(BlockBackboneSession):
-    @torch.no_grad()
+    @torch.inference_mode()
     def draft(self, rows: torch.Tensor, anchors: torch.Tensor, sampling: SamplingConfig, generator) -> Draft:
         """rows (N,), anchors (N,) -> a block of g drafts per row, with confidences."""
         d, markov = self.d, self.d.markov_head

@@ -49,7 +49,7 @@ class Eagle3Session(IncrementalSession):
         h = h + m.mlp(m.post_attention_layernorm(h))
         return h[torch.arange(N, device=h.device), counts - 1], K, V
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def draft(self, rows: torch.Tensor, anchors: torch.Tensor, sampling: SamplingConfig, generator) -> Draft:
         """rows (N,), anchors (N,) -> a chain of g drafts per row."""
         d, m = self.d, self.d.midlayer

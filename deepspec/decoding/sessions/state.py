@@ -73,6 +73,7 @@ class IncrementalSession:
     def block_size(self) -> int:
         return self.g
 
+    @torch.inference_mode()
     def extend(self, features: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> None:
         """Queue verified tokens: features (B, T, L*d), the tokens at the same positions (B, T), valid (B, T)."""
         self.pending.add(features.to(self.d.fc.weight.dtype), tokens, valid)
