@@ -329,8 +329,9 @@ STAGES = {
     "train": lambda: TrainStage("train", 1, ("deepspeed.zero_stage=1",)),
     "train_2ranks_zero2": lambda: TrainStage("train_2ranks_zero2", 2, ("deepspeed.zero_stage=2",)),
     "train_2ranks_zero3": lambda: TrainStage("train_2ranks_zero3", 2, ("deepspeed.zero_stage=3",)),
-    # slurm/train.sbatch: torchrun with 2 ranks in the job (DEEPSPEC_GPUS_PER_NODE=2); slurm/data.sbatch: one task
-    "train_slurm_requeue": lambda: SlurmTrainStage("train_slurm_requeue", 2, ("deepspeed.zero_stage=2",)),
+    # slurm/train.sbatch: torchrun (c10d rendezvous) with one rank (DEEPSPEC_GPUS_PER_NODE=1: a requeue costs half the
+    # start-up of 2 ranks on 2 cores; 2 ranks are the local stages above); slurm/data.sbatch: one task
+    "train_slurm_requeue": lambda: SlurmTrainStage("train_slurm_requeue", 1, ("deepspeed.zero_stage=2",)),
     "data_slurm_requeue": lambda: SlurmDataStage("data_slurm_requeue", 1, ()),
 }
 
