@@ -22,8 +22,11 @@ launch to the stage's "work begins" log line); otherwise it is drawn uniformly o
 has left -- the reference's work time (work line to its final output, manifest.json or the export; the
 teardown after it is left out) times the share of the work not yet on disk when the run starts (shards
 not yet published; optimizer steps after the last complete checkpoint) -- and delivered that long after
-this run's work line. (Drawn over the whole reference work time, a resumed run with a few steps left was
-mostly killed after its export: 33 of train_2ranks_zero2's 50 kills.) Each kill is classified by what it
+this run's work line, stretched by this run's start-up over the reference's (the load of the machine
+changes during a campaign: drawn in the reference's seconds, kills under a heavier load all hit the first
+shard, and a data_2ranks round had 15 kills with no shard published). (Drawn over the whole reference
+work time, a resumed run with a few steps left was mostly killed after its export: 33 of
+train_2ranks_zero2's 50 kills.) Each kill is classified by what it
 actually hit: ``startup`` (no work line yet), ``work``, or ``finished_output`` (the final manifest/export
 was already written, the process was tearing down); after such a kill the rerun is not killed (nothing
 is left to do).
@@ -165,12 +168,13 @@ class DataStage(Stage):
         return out_dir / "manifest.json"
 
     def work_left(self, out_dir: Path) -> float:
-        """Share of the shards not yet published (1 before the plan exists)."""
+        """Share of the shards not yet published (1 before the plan exists; one shard's share when only the manifest is
+        left to write)."""
         if not (out_dir / "plan.json").exists():
             return 1.0
         plan = json.loads((out_dir / "plan.json").read_text())
         total = -(-plan["num_rows"] // plan["samples_per_shard"])
-        return max(0, total - len(list(out_dir.glob("shard-*.parquet")))) / total
+        return max(1, total - len(list(out_dir.glob("shard-*.parquet")))) / total
 
     def snapshot(self, out_dir: Path) -> dict:
         """What exists: published shards, shards in progress (temporary files), regenerated answers on disk."""
@@ -243,9 +247,10 @@ class TrainStage(Stage):
         return run_dir / "export" / "model.safetensors"
 
     def work_left(self, run_dir: Path) -> float:
-        """Share of the optimizer steps after the last complete checkpoint (where this run resumes)."""
+        """Share of the optimizer steps after the last complete checkpoint (where this run resumes; one step's share when
+        only the export is left)."""
         complete = self._complete_steps(run_dir)
-        return max(0, MAX_STEPS - (complete[-1] if complete else 0)) / MAX_STEPS
+        return max(1, MAX_STEPS - (complete[-1] if complete else 0)) / MAX_STEPS
 
     @staticmethod
     def _complete_steps(run_dir: Path) -> list[int]:
@@ -527,6 +532,10 @@ class SlurmLaunch:
         return method
 
 
+def slurm_cluster_up() -> bool:
+    return shutil.which("sinfo") is not None and subprocess.run(["sinfo", "-h"], capture_output=True, timeout=30).returncode == 0
+
+
 def job_state(job: str) -> dict[str, str]:
     """``scontrol show job``'s KEY=VALUE fields (JobState, Restarts, ExitCode, ...)."""
     out = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True).stdout
@@ -555,16 +564,18 @@ class Attempt:
     work_began_s: float | None
     output_s: float | None
     killed_at_s: float | None = None
+    pace: float | None = None  # this run's start-up / the reference's: how much slower the machine is now
     kill_method: str | None = None
     output_at_kill: bool = False  # the final output existed when the kill was delivered
 
 
 def run_once(launch: Launch, work_line: re.Pattern, final_output: Path, kill_plan: tuple[str, float] | None,
-             rng: random.Random) -> Attempt:
-    """Watch ``launch``; with ``kill_plan`` = ("launch"|"work", seconds), kill it that long after it started, or after
-    its work line appears (never, if it finishes first)."""
+             rng: random.Random, reference_startup_s: float | None = None) -> Attempt:
+    """Watch ``launch``; with ``kill_plan`` = ("launch"|"work", seconds), kill it that long after it started, or that
+    long after its work line appears, in the reference's seconds: times this run's start-up / ``reference_startup_s``
+    (the machine's load changes during a campaign; work slows down as start-up does). Never, if it finishes first."""
     t0 = launch.t0
-    work_began = output = None
+    work_began = output = pace = None
     while True:
         now = time.monotonic() - t0
         if work_began is None and work_line.search(launch.text()):
@@ -573,13 +584,15 @@ def run_once(launch: Launch, work_line: re.Pattern, final_output: Path, kill_pla
             output = now
         if kill_plan is not None:
             anchor, delay = kill_plan
-            due = delay if anchor == "launch" else (None if work_began is None else work_began + delay)
+            if work_began is not None and pace is None:
+                pace = work_began / reference_startup_s if reference_startup_s else 1.0
+            due = delay if anchor == "launch" else (None if work_began is None else work_began + delay * pace)
             if due is not None and now >= due and launch.poll() is None:
                 output_at_kill = final_output.exists()
                 method = launch.kill(rng)
                 # A local tree is frozen before it dies: what exists after the kill existed at it.
                 output_at_kill = output_at_kill or (launch.atomic_kill and final_output.exists())
-                return Attempt("killed", None, time.monotonic() - t0, work_began, output, now, method, output_at_kill)
+                return Attempt("killed", None, time.monotonic() - t0, work_began, output, now, pace, method, output_at_kill)
         rc = launch.poll()
         if rc is not None:
             if work_began is None and work_line.search(launch.text()):
@@ -664,8 +677,9 @@ def run_campaign(stage_name: str, kills: int, seed: int, work: Path, say=print, 
                       "teardown_s": round(ref.duration_s - ref.output_s, 2)},
         "kill_time_policy": (f"with probability {STARTUP_KILL_FRACTION}: uniform over the reference start-up [0, {startup_s:.2f}] s "
                              f"after launch; otherwise uniform over [0, {work_s:.2f} s x the share of the work left when the run "
-                             f"starts] after this run's work line ({stage.work_line.pattern!r}); no kill of a run whose final "
-                             f"output already exists; seed {seed}"
+                             f"starts (at least one shard/step)] after this run's work line ({stage.work_line.pattern!r}), "
+                             f"stretched by this run's start-up / the reference's (the machine's load changes); no kill of a "
+                             f"run whose final output already exists; seed {seed}"
                              + ("; kill: 'requeue' = scontrol requeue (SIGTERM, SIGKILL after KillWait, queued again) or "
                                 "'sigkill+requeue' = SIGKILL to every process of the job at once, then scontrol requeue, "
                                 "drawn half and half" if isinstance(stage, SlurmRequeue) else "; kill: SIGKILL to the whole process tree")),
@@ -692,7 +706,7 @@ def run_round(stage, out_dir: Path, logs: Path, r: int, rng: random.Random, kill
         log_path = logs / f"round_{r:03d}_attempt_{len(records):02d}.log"
         before = stage.snapshot(out_dir)
         launch = stage.launch(out_dir, log_path, first=not records)
-        attempt = run_once(launch, stage.work_line, stage.final_output(out_dir), plan, rng)
+        attempt = run_once(launch, stage.work_line, stage.final_output(out_dir), plan, rng, reference_s[0])
         if records:
             _check_resumed_from(stage, out_dir, records[-1], attempt)
         if attempt.outcome == "failed":
@@ -705,6 +719,7 @@ def run_round(stage, out_dir: Path, logs: Path, r: int, rng: random.Random, kill
                  "work" if attempt.work_began_s is not None else "startup")
         records.append({"round": r, "attempt": len(records), "kill_s": round(attempt.killed_at_s, 3), "method": attempt.kill_method,
                         "aimed_at": plan[0], "delay_s": round(plan[1], 3), "work_left_share": round(share_left, 3),
+                        "pace": None if attempt.pace is None else round(attempt.pace, 3),
                         "kill_after_work_began_s": None if attempt.work_began_s is None else round(attempt.killed_at_s - attempt.work_began_s, 3),
                         "phase": phase, "before_launch": before, "at_kill": at_kill, "lost": stage.lost_work(out_dir, before, at_kill)})
 
@@ -744,7 +759,8 @@ def print_table(reports: list[dict]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", nargs="+", default=["data"], choices=[*STAGES, "all"], help="stages to campaign on, or all")
+    ap.add_argument("--stage", nargs="+", default=["data"], choices=[*STAGES, "all"],
+                    help="stages to campaign on, or all (the *_slurm_requeue ones only where a Slurm cluster answers)")
     ap.add_argument("--kills", type=int, default=50, help="kills per stage (a final run then finishes each round)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the kill times")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "reliability", help="one <stage>.json per stage here")
@@ -753,6 +769,10 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one, removed after)")
     args = ap.parse_args()
     stages = list(STAGES) if "all" in args.stage else args.stage
+    if not slurm_cluster_up():
+        if "all" not in args.stage and any(name.endswith("_slurm_requeue") for name in stages):
+            sys.exit("no Slurm cluster answers (sinfo): start one with `sudo bash scripts/start_local_slurm.sh`")
+        stages = [name for name in stages if not name.endswith("_slurm_requeue")]
     git_commit()  # read now: commits made while the campaigns run do not describe the code running
     args.out.mkdir(parents=True, exist_ok=True)
     reports = []
