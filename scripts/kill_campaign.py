@@ -18,18 +18,19 @@ enough: torchrun starts each worker in a session of its own, and orphaned worker
 Kill times. A run spends most of its seconds starting (imports, model loading, DeepSpeed set-up) and
 only the rest working; kills drawn over the whole run would mostly hit start-up. So with probability
 ``STARTUP_KILL_FRACTION`` (0.1) a kill is drawn uniformly over the reference's start-up (time from
-launch to the stage's "work begins" log line); otherwise it is drawn uniformly over the work *this* run
-has left -- the reference's work time (work line to its final output, manifest.json or the export; the
-teardown after it is left out) times the share of the work not yet on disk when the run starts (shards
-not yet published; optimizer steps after the last complete checkpoint) -- and delivered that long after
-this run's work line, stretched by this run's start-up over the reference's (the load of the machine
-changes during a campaign: drawn in the reference's seconds, kills under a heavier load all hit the first
-shard, and a data_2ranks round had 15 kills with no shard published). (Drawn over the whole reference
-work time, a resumed run with a few steps left was mostly killed after its export: 33 of
-train_2ranks_zero2's 50 kills.) Each kill is classified by what it
-actually hit: ``startup`` (no work line yet), ``work``, or ``finished_output`` (the final manifest/export
-was already written, the process was tearing down); after such a kill the rerun is not killed (nothing
-is left to do).
+launch to the stage's "work begins" log line); otherwise it is drawn uniformly over the reference's
+work time (work line to its final output, manifest.json or the export; the teardown after it is left out)
+and delivered that long after *this* run's work line, stretched by this run's start-up over the
+reference's (the machine's load changes during a campaign; in the reference's seconds, kills under a
+heavier load all hit the first shard: a data_2ranks round had 15 kills and no shard published). If the
+run's final output exists by the drawn time (a resumed run with little left to do), the kill is not
+delivered: the run finishes and the round ends (delivered, such kills hit the teardown: 33 of
+train_2ranks_zero2's 50 kills under the first rule). A delivered kill is thus uniform over the work the
+run really had left. (Drawn over the work left -- reference work x share of steps/shards left -- rounds
+barely progressed: a run's fixed work overhead, the second rank's later start, outlasted the window.)
+Each kill is classified by what it actually hit: ``startup`` (no work line yet), ``work``, or
+``finished_output`` (the final manifest/export appeared between the check and the kill); the rerun of a
+run whose output exists is not killed (nothing is left to do).
 
 Slurm requeue stages (``*_slurm_requeue``) submit the stage's template (slurm/train.sbatch, slurm/data.sbatch)
 to a real cluster (scripts/start_local_slurm.sh) once per round; a kill stops the running job and the job
@@ -167,14 +168,6 @@ class DataStage(Stage):
     def final_output(self, out_dir: Path) -> Path:
         return out_dir / "manifest.json"
 
-    def work_left(self, out_dir: Path) -> float:
-        """Share of the shards not yet published (1 before the plan exists; one shard's share when only the manifest is
-        left to write)."""
-        if not (out_dir / "plan.json").exists():
-            return 1.0
-        plan = json.loads((out_dir / "plan.json").read_text())
-        total = -(-plan["num_rows"] // plan["samples_per_shard"])
-        return max(1, total - len(list(out_dir.glob("shard-*.parquet")))) / total
 
     def snapshot(self, out_dir: Path) -> dict:
         """What exists: published shards, shards in progress (temporary files), regenerated answers on disk."""
@@ -246,11 +239,6 @@ class TrainStage(Stage):
     def final_output(self, run_dir: Path) -> Path:
         return run_dir / "export" / "model.safetensors"
 
-    def work_left(self, run_dir: Path) -> float:
-        """Share of the optimizer steps after the last complete checkpoint (where this run resumes; one step's share when
-        only the export is left)."""
-        complete = self._complete_steps(run_dir)
-        return max(1, MAX_STEPS - (complete[-1] if complete else 0)) / MAX_STEPS
 
     @staticmethod
     def _complete_steps(run_dir: Path) -> list[int]:
@@ -567,15 +555,18 @@ class Attempt:
     pace: float | None = None  # this run's start-up / the reference's: how much slower the machine is now
     kill_method: str | None = None
     output_at_kill: bool = False  # the final output existed when the kill was delivered
+    kill_skipped: bool = False  # a kill was drawn, but the final output came first: the run was let finish
 
 
 def run_once(launch: Launch, work_line: re.Pattern, final_output: Path, kill_plan: tuple[str, float] | None,
              rng: random.Random, reference_startup_s: float | None = None) -> Attempt:
     """Watch ``launch``; with ``kill_plan`` = ("launch"|"work", seconds), kill it that long after it started, or that
     long after its work line appears, in the reference's seconds: times this run's start-up / ``reference_startup_s``
-    (the machine's load changes during a campaign; work slows down as start-up does). Never, if it finishes first."""
+    (the machine's load changes during a campaign; work slows down as start-up does). Never, if its final output
+    exists by then (it finishes: ``kill_skipped``)."""
     t0 = launch.t0
     work_began = output = pace = None
+    kill_skipped = False
     while True:
         now = time.monotonic() - t0
         if work_began is None and work_line.search(launch.text()):
@@ -588,7 +579,10 @@ def run_once(launch: Launch, work_line: re.Pattern, final_output: Path, kill_pla
                 pace = work_began / reference_startup_s if reference_startup_s else 1.0
             due = delay if anchor == "launch" else (None if work_began is None else work_began + delay * pace)
             if due is not None and now >= due and launch.poll() is None:
-                output_at_kill = final_output.exists()
+                if final_output.exists():  # its work was done before the drawn time: no kill, it finishes (ends the round)
+                    kill_plan, kill_skipped = None, True
+                    continue
+                output_at_kill = False
                 method = launch.kill(rng)
                 # A local tree is frozen before it dies: what exists after the kill existed at it.
                 output_at_kill = output_at_kill or (launch.atomic_kill and final_output.exists())
@@ -597,19 +591,20 @@ def run_once(launch: Launch, work_line: re.Pattern, final_output: Path, kill_pla
         if rc is not None:
             if work_began is None and work_line.search(launch.text()):
                 work_began = now
-            return Attempt("finished" if rc == 0 else "failed", rc, time.monotonic() - t0, work_began, output or now)
+            return Attempt("finished" if rc == 0 else "failed", rc, time.monotonic() - t0, work_began, output or now,
+                           kill_skipped=kill_skipped)
         if now > RUN_TIMEOUT_S:
             launch.kill(rng)
             return Attempt("failed", None, time.monotonic() - t0, work_began, output)
         time.sleep(POLL_S)
 
 
-def draw_kill(rng: random.Random, startup_s: float, work_s: float, work_left: float = 1.0) -> tuple[str, float]:
-    """A kill time: over the reference's start-up (STARTUP_KILL_FRACTION of kills) or over the work this run has
-    left (the reference's work time x ``work_left``), counted from this run's work line (see the module docstring)."""
+def draw_kill(rng: random.Random, startup_s: float, work_s: float) -> tuple[str, float]:
+    """A kill time: over the reference's start-up (STARTUP_KILL_FRACTION of kills) or over its work time, counted
+    from this run's work line (see the module docstring)."""
     if rng.random() < STARTUP_KILL_FRACTION:
         return "launch", rng.uniform(0, startup_s)
-    return "work", rng.uniform(0, work_s * work_left)
+    return "work", rng.uniform(0, work_s)
 
 
 def log_tail(path: Path, chars: int = 3000) -> str:
@@ -654,7 +649,8 @@ def run_campaign(stage_name: str, kills: int, seed: int, work: Path, say=print, 
             say(f"[{stage_name}] round {r}: {len(round_kills)} kills, finished, "
                 f"{'EQUAL to the reference' if not found else f'{len(found)} DIFFERENCES: {found[:3]}'} "
                 f"(total kills {len(kill_records)}/{kills})")
-        rounds.append({"round": r, "attempts": len(round_kills) + 1, "outcome": attempt.outcome, "kills": len(round_kills)})
+        rounds.append({"round": r, "attempts": len(round_kills) + 1, "outcome": attempt.outcome, "kills": len(round_kills),
+                       "last_run_finished_before_its_drawn_kill": attempt.kill_skipped})
         if attempt.outcome == "finished" and not found:
             shutil.rmtree(work / f"round_{r:03d}", ignore_errors=True)  # keep only rounds that show a problem
 
@@ -666,6 +662,7 @@ def run_campaign(stage_name: str, kills: int, seed: int, work: Path, say=print, 
         "complete": len(kill_records) >= kills,  # false: stopped by --budget-minutes (or 3 crashes)
         "kills_by_phase": {p: phases.count(p) for p in ("startup", "work", "finished_output")},
         "kills_by_method": {m: methods.count(m) for m in sorted(set(methods))},
+        "kills_drawn_after_the_output": sum(r["last_run_finished_before_its_drawn_kill"] for r in rounds),  # not delivered
         "resumes": sum(r["attempts"] - 1 for r in rounds),  # every kill is followed by a rerun of the same command
         "rounds": len(rounds),
         "rounds_compared": sum(r["outcome"] == "finished" for r in rounds),
@@ -676,10 +673,10 @@ def run_campaign(stage_name: str, kills: int, seed: int, work: Path, say=print, 
         "reference": {"duration_s": round(ref.duration_s, 2), "startup_s": round(startup_s, 2), "work_s": round(work_s, 2),
                       "teardown_s": round(ref.duration_s - ref.output_s, 2)},
         "kill_time_policy": (f"with probability {STARTUP_KILL_FRACTION}: uniform over the reference start-up [0, {startup_s:.2f}] s "
-                             f"after launch; otherwise uniform over [0, {work_s:.2f} s x the share of the work left when the run "
-                             f"starts (at least one shard/step)] after this run's work line ({stage.work_line.pattern!r}), "
-                             f"stretched by this run's start-up / the reference's (the machine's load changes); no kill of a "
-                             f"run whose final output already exists; seed {seed}"
+                             f"after launch; otherwise uniform over the reference work time [0, {work_s:.2f}] s after this run's "
+                             f"work line ({stage.work_line.pattern!r}), stretched by this run's start-up / the reference's (the "
+                             f"machine's load changes); not delivered if the run's final output exists by then (the run "
+                             f"finishes, the round ends), nor drawn for a rerun whose output already exists; seed {seed}"
                              + ("; kill: 'requeue' = scontrol requeue (SIGTERM, SIGKILL after KillWait, queued again) or "
                                 "'sigkill+requeue' = SIGKILL to every process of the job at once, then scontrol requeue, "
                                 "drawn half and half" if isinstance(stage, SlurmRequeue) else "; kill: SIGKILL to the whole process tree")),
@@ -699,10 +696,8 @@ def run_round(stage, out_dir: Path, logs: Path, r: int, rng: random.Random, kill
     records: list[dict] = []
     while True:
         # Once the final output exists (a kill during teardown) the rerun has no work left to interrupt: just finish.
-        share_left = 1.0 if not out_dir.exists() else stage.work_left(out_dir)
         work_left = not stage.final_output(out_dir).exists()
-        plan = (draw_kill(rng, *reference_s, share_left) if work_left and len(records) < kills_left and time.time() < deadline
-                else None)
+        plan = draw_kill(rng, *reference_s) if work_left and len(records) < kills_left and time.time() < deadline else None
         log_path = logs / f"round_{r:03d}_attempt_{len(records):02d}.log"
         before = stage.snapshot(out_dir)
         launch = stage.launch(out_dir, log_path, first=not records)
@@ -718,7 +713,7 @@ def run_round(stage, out_dir: Path, logs: Path, r: int, rng: random.Random, kill
         phase = ("finished_output" if attempt.output_at_kill else
                  "work" if attempt.work_began_s is not None else "startup")
         records.append({"round": r, "attempt": len(records), "kill_s": round(attempt.killed_at_s, 3), "method": attempt.kill_method,
-                        "aimed_at": plan[0], "delay_s": round(plan[1], 3), "work_left_share": round(share_left, 3),
+                        "aimed_at": plan[0], "delay_s": round(plan[1], 3),
                         "pace": None if attempt.pace is None else round(attempt.pace, 3),
                         "kill_after_work_began_s": None if attempt.work_began_s is None else round(attempt.killed_at_s - attempt.work_began_s, 3),
                         "phase": phase, "before_launch": before, "at_kill": at_kill, "lost": stage.lost_work(out_dir, before, at_kill)})
