@@ -18,7 +18,7 @@ enough: torchrun starts each worker in a session of its own, and orphaned worker
 Kill times. A run spends most of its seconds starting (imports, model loading, DeepSpeed set-up) and
 only the rest working; kills drawn over the whole run would mostly hit start-up. So with probability
 ``STARTUP_KILL_FRACTION`` (0.1) a kill is drawn uniformly over the reference's start-up (time from
-launch to the stage's "work begins" log line); otherwise it is drawn uniformly over the reference's
+launch to the stage's "work begins" log line, of every rank); otherwise it is drawn uniformly over the reference's
 work time (work line to its final output, manifest.json or the export; the teardown after it is left out)
 and delivered that long after *this* run's work line, stretched by this run's start-up over the
 reference's (the machine's load changes during a campaign; in the reference's seconds, kills under a
@@ -139,6 +139,11 @@ class Stage:
     def __init__(self, name: str, ranks: int, extra: tuple[str, ...]):
         self.name, self.ranks, self.extra = name, ranks, extra
 
+    @property
+    def work_lines(self) -> int:
+        """How many work lines mark the start of work (every rank of a data build logs its own)."""
+        return 1
+
     def command(self, out_dir: Path) -> list[str]:
         raise NotImplementedError
 
@@ -152,8 +157,14 @@ class Stage:
 
 class DataStage(Stage):
     """The data build (optionally 2 ranks under torchrun, optionally regenerating answers first)."""
-    work_line = re.compile(r"shards \(\d+ rows\) to build")  # logged once the target is loaded
+    work_line = re.compile(r"shards \(\d+ rows\) to build")  # logged by each rank once it has loaded the target
     lost_totals = ("shards_discarded", "samples_redone")
+
+    @property
+    def work_lines(self) -> int:
+        # Under load one rank may start seconds after the other: its start-up is no work (a data_2ranks reference
+        # measured 8.6 s of "work", 5.5 s of it rank 0 still loading; most kills drawn over it came after the output).
+        return self.ranks
 
     def prepare(self, work: Path) -> None:
         self.target = make_tiny_target(work / "target")
@@ -558,9 +569,9 @@ class Attempt:
     kill_skipped: bool = False  # a kill was drawn, but the final output came first: the run was let finish
 
 
-def run_once(launch: Launch, work_line: re.Pattern, final_output: Path, kill_plan: tuple[str, float] | None,
+def run_once(launch: Launch, work_line: re.Pattern, work_lines: int, final_output: Path, kill_plan: tuple[str, float] | None,
              rng: random.Random, reference_startup_s: float | None = None) -> Attempt:
-    """Watch ``launch``; with ``kill_plan`` = ("launch"|"work", seconds), kill it that long after it started, or that
+    """Watch ``launch`` (its work begins once ``work_lines`` lines match ``work_line``); with ``kill_plan`` = ("launch"|"work", seconds), kill it that long after it started, or that
     long after its work line appears, in the reference's seconds: times this run's start-up / ``reference_startup_s``
     (the machine's load changes during a campaign; work slows down as start-up does). Never, if its final output
     exists by then (it finishes: ``kill_skipped``)."""
@@ -569,7 +580,7 @@ def run_once(launch: Launch, work_line: re.Pattern, final_output: Path, kill_pla
     kill_skipped = False
     while True:
         now = time.monotonic() - t0
-        if work_began is None and work_line.search(launch.text()):
+        if work_began is None and len(work_line.findall(launch.text())) >= work_lines:
             work_began = now
         if output is None and final_output.exists():
             output = now
@@ -589,7 +600,7 @@ def run_once(launch: Launch, work_line: re.Pattern, final_output: Path, kill_pla
                 return Attempt("killed", None, time.monotonic() - t0, work_began, output, now, pace, method, output_at_kill)
         rc = launch.poll()
         if rc is not None:
-            if work_began is None and work_line.search(launch.text()):
+            if work_began is None and len(work_line.findall(launch.text())) >= work_lines:
                 work_began = now
             return Attempt("finished" if rc == 0 else "failed", rc, time.monotonic() - t0, work_began, output or now,
                            kill_skipped=kill_skipped)
@@ -623,8 +634,8 @@ def run_campaign(stage_name: str, kills: int, seed: int, work: Path, say=print, 
     logs.mkdir(exist_ok=True)
 
     ref_dir = work / "reference"
-    ref = run_once(stage.launch(ref_dir, logs / "reference.log", first=True), stage.work_line, stage.final_output(ref_dir),
-                   None, random.Random(seed))
+    ref = run_once(stage.launch(ref_dir, logs / "reference.log", first=True), stage.work_line, stage.work_lines,
+                   stage.final_output(ref_dir), None, random.Random(seed))
     if ref.outcome != "finished" or ref.work_began_s is None:
         raise RuntimeError(f"{stage_name}: the reference run {ref.outcome} (rc {ref.returncode}):\n{log_tail(logs / 'reference.log')}")
     startup_s, work_s = ref.work_began_s, ref.output_s - ref.work_began_s  # teardown after the output is no work
@@ -674,7 +685,7 @@ def run_campaign(stage_name: str, kills: int, seed: int, work: Path, say=print, 
                       "teardown_s": round(ref.duration_s - ref.output_s, 2)},
         "kill_time_policy": (f"with probability {STARTUP_KILL_FRACTION}: uniform over the reference start-up [0, {startup_s:.2f}] s "
                              f"after launch; otherwise uniform over the reference work time [0, {work_s:.2f}] s after this run's "
-                             f"work line ({stage.work_line.pattern!r}), stretched by this run's start-up / the reference's (the "
+                             f"work line ({stage.work_line.pattern!r} x {stage.work_lines}), stretched by this run's start-up / the reference's (the "
                              f"machine's load changes); not delivered if the run's final output exists by then (the run "
                              f"finishes, the round ends), nor drawn for a rerun whose output already exists; seed {seed}"
                              + ("; kill: 'requeue' = scontrol requeue (SIGTERM, SIGKILL after KillWait, queued again) or "
@@ -701,7 +712,7 @@ def run_round(stage, out_dir: Path, logs: Path, r: int, rng: random.Random, kill
         log_path = logs / f"round_{r:03d}_attempt_{len(records):02d}.log"
         before = stage.snapshot(out_dir)
         launch = stage.launch(out_dir, log_path, first=not records)
-        attempt = run_once(launch, stage.work_line, stage.final_output(out_dir), plan, rng, reference_s[0])
+        attempt = run_once(launch, stage.work_line, stage.work_lines, stage.final_output(out_dir), plan, rng, reference_s[0])
         if records:
             _check_resumed_from(stage, out_dir, records[-1], attempt)
         if attempt.outcome == "failed":
