@@ -685,9 +685,9 @@ def run_campaign(stage_name: str, kills: int, seed: int, work: Path, say=print, 
                       "teardown_s": round(ref.duration_s - ref.output_s, 2)},
         "kill_time_policy": (f"with probability {STARTUP_KILL_FRACTION}: uniform over the reference start-up [0, {startup_s:.2f}] s "
                              f"after launch; otherwise uniform over the reference work time [0, {work_s:.2f}] s after this run's "
-                             f"work line ({stage.work_line.pattern!r} x {stage.work_lines}), stretched by this run's start-up / the reference's (the "
-                             f"machine's load changes); not delivered if the run's final output exists by then (the run "
-                             f"finishes, the round ends), nor drawn for a rerun whose output already exists; seed {seed}"
+                             f"work line ({stage.work_line.pattern!r} x {stage.work_lines}), stretched by this run's start-up / "
+                             f"the reference's (the machine's load changes); not delivered if the run's final output exists by "
+                             f"then (the run finishes, the round ends), nor drawn for a rerun whose output already exists; seed {seed}"
                              + ("; kill: 'requeue' = scontrol requeue (SIGTERM, SIGKILL after KillWait, queued again) or "
                                 "'sigkill+requeue' = SIGKILL to every process of the job at once, then scontrol requeue, "
                                 "drawn half and half" if isinstance(stage, SlurmRequeue) else "; kill: SIGKILL to the whole process tree")),
