@@ -79,6 +79,10 @@ AuthType=auth/munge
 # Credentials (and the revocation of a requeued job's old one) live 10 s instead of 120 s, so a
 # requeued job starts again after ~10 s: the preemption tests requeue jobs.
 AuthInfo=cred_expire=10
+# Scheduling passes every 2 s instead of 60 (main) and 30 (backfill): a requeued job becomes eligible (after
+# cred_expire) without an event that runs the scheduler, so it otherwise waits for the next pass (up to 60 s
+# more per requeue; scripts/kill_campaign.py requeues jobs 50 times).
+SchedulerParameters=sched_interval=2,bf_interval=2
 CredType=cred/munge
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,13 @@ def chat_jsonl(tmp_path_factory) -> Path:
     return write_toy_prompts(tmp_path_factory.mktemp("inputs") / "chat.jsonl", 40)
 
 
+def slurm_cluster_up() -> bool:
+    """A Slurm controller answers (CI starts one on localhost: scripts/start_local_slurm.sh)."""
+    if shutil.which("sbatch") is None:
+        return False
+    return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=30).returncode == 0
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     with open(path, "w") as f:
         for r in rows:
@@ -77,7 +86,6 @@ def launch_two_nodes(cmd: list[str], env: dict, log_dir: Path, tag: str = "node"
     """Two torchrun launchers on this machine, one process each, meeting through a c10d rendezvous on localhost: what
     ``torchrun --nnodes 2`` on two hosts does (each launcher is a node; the rendezvous assigns the ranks). Logs go to
     ``log_dir/{tag}{0,1}.log``. -> the two launchers' Popen objects."""
-    import subprocess
     import sys
 
     port, run_id = free_port(), f"test{os.getpid()}"

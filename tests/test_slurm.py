@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -28,17 +27,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, write_jsonl
-
-
-def _cluster_up() -> bool:
-    if shutil.which("sbatch") is None:
-        return False
-    return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=30).returncode == 0
+from conftest import REPO, slurm_cluster_up, write_jsonl
 
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow,
-              pytest.mark.skipif(not _cluster_up(), reason="needs a Slurm cluster (sbatch on PATH; scripts/start_local_slurm.sh)")]
+              pytest.mark.skipif(not slurm_cluster_up(), reason="needs a Slurm cluster (sbatch on PATH; scripts/start_local_slurm.sh)")]
 
 TRAIN_ARGS = ["target=toy", "drafter=dspark_debug", "deepspeed.precision=fp32", "deepspeed.zero_stage=1",
               "logging.progress=false", "eval.val_fraction=0", "shuffle_buffer=1", "global_batch_size=2",
