@@ -15,6 +15,7 @@ inside a block, every policy), speculative output is identical to plain greedy o
 """
 from __future__ import annotations
 
+import functools
 import itertools
 
 import pytest
@@ -156,6 +157,41 @@ def test_whole_generations_follow_the_target_law(tiny, kind, sampling, policy):
     for prompt, got in zip(PROMPTS, samples):
         p = chi2_pvalue(got, exact_law(target, prompt, sampling))
         assert p > P_MIN, (kind, prompt.tolist(), p)
+
+
+def test_the_gumbel_walk_follows_the_target_law_too(tiny, monkeypatch):
+    """On a CPU the sampled Markov walk goes by inversion (the cases above); CUDA's Gumbel walk (noise for the whole
+    block, q from one softmax after it) runs here through the same dispatcher with the reference step."""
+    monkeypatch.setattr(kernels, "sample_walk", functools.partial(kernels.sample_walk, by_inversion=False))
+    sampling = SamplingConfig(1.0)
+    samples = draw(tiny, drafter("vanilla", tiny), sampling)
+    for prompt, got in zip(PROMPTS, samples):
+        p = chi2_pvalue(got, exact_law(tiny[0], prompt, sampling))
+        assert p > P_MIN, (prompt.tolist(), p)
+
+
+def test_the_walk_by_inversion_draws_from_q_and_never_a_token_of_probability_zero():
+    """Slot by slot: the tokens follow the q the walk returns (chi-square), q is softmax(logits / T) with the logits of
+    the previous drawn token, and the ends of torch.rand's range (0 and 1 - 2^-24) never draw a masked token."""
+    N, g, Vw, R, T = 20000, 2, 5, 3, 0.8
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(1, g, Vw, generator=gen).expand(N, g, Vw).clone()
+    base[:, :, -1] = float("-inf")  # a masked token: probability 0
+    w1, w2 = torch.randn(Vw, R, generator=gen), torch.randn(Vw, R, generator=gen)
+    x0, u = torch.full((N,), 2), torch.rand(N, g, generator=gen)
+    u[0], u[1] = 0.0, 1.0 - 2.0 ** -24
+    tokens, logits, q = kernels.reference.markov_walk_by_inversion(base, w1, w2, x0, T, u)
+    assert bool((tokens < Vw - 1).all())
+    prev = torch.cat([x0[:, None], tokens[:, :-1]], dim=1)
+    assert torch.allclose(logits, base + w1[prev] @ w2.T, atol=1e-5)
+    assert torch.allclose(q, torch.softmax(logits / T, -1), atol=1e-6)
+    first = torch.bincount(tokens[:, 0], minlength=Vw)
+    expected = lambda q_row, n: (q_row[:-1].double() / q_row[:-1].double().sum() * n).numpy()  # noqa: E731  (sums to n)
+    assert chisquare(first[:-1].numpy(), expected(q[0, 0], N)).pvalue > P_MIN
+    t = int(first.argmax())  # slot 2 given slot 1's most frequent token: one distribution for those rows
+    rows = tokens[:, 0] == t
+    second = torch.bincount(tokens[rows, 1], minlength=Vw)
+    assert chisquare(second[:-1].numpy(), expected(q[rows][0, 1], int(rows.sum()))).pvalue > P_MIN
 
 
 def _residual_from_p(draft, q, p, lengths, u_accept, noise_u, greedy):

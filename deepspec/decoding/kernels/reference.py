@@ -57,6 +57,33 @@ def markov_walk(base: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, x0: torc
     return tokens, base + w1[prev].float() @ w2t
 
 
+def markov_walk_by_inversion(base: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, x0: torch.Tensor, temperature: float,
+                             u: torch.Tensor, d2t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sampled walk by inversion, one uniform per slot: base (N, g, V), x0 (N,), u (N, g) U[0, 1), temperature > 0
+    -> (tokens (N, g), logits (N, g, V) fp32, q (N, g, V) the distributions drawn from).
+
+    q_k = softmax((U_k + W1[x_{k-1}] W2^T) / T) and x_k = the first v with cdf_k(v) > u_k cdf_k(V). The Gumbel walk
+    above draws V numbers per slot (two logs each) where this draws one; on a CPU that draw costs more than the
+    walk. u is scaled by 1 - 2^-23 so that u cdf_k(V) stays below cdf_k(V) after rounding: a token of
+    probability 0 (a masked or underflowed logit) is never drawn. Reduced draft vocabulary as in ``markov_walk``.
+    """
+    base, w2t = base.float(), w2.float().T
+    fp32_w1 = w1.dtype == torch.float32
+    alpha = 1.0 / temperature
+    u = u * (1.0 - 2.0 ** -23)
+    x, tokens, logits, probs = x0, [], [], []
+    for base_k, u_k in zip(base.unbind(1), u.unbind(1)):  # (N, V), (N,) per slot
+        l_k = torch.addmm(base_k, w1[x] if fp32_w1 else w1[x].float(), w2t)  # U_k + W1[x_{k-1}] W2^T
+        q_k = torch.softmax(l_k if alpha == 1.0 else l_k * alpha, dim=-1)
+        cdf = q_k.cumsum(-1)
+        x = torch.searchsorted(cdf, u_k[:, None] * cdf[:, -1:], right=True)[:, 0]  # the walk: x_k from x_{k-1}
+        x = x if d2t is None else x + d2t[x]
+        tokens.append(x)
+        logits.append(l_k)
+        probs.append(q_k)
+    return torch.stack(tokens, 1), torch.stack(logits, 1), torch.stack(probs, 1)
+
+
 def verify(draft: torch.Tensor, q: torch.Tensor | None, p: torch.Tensor, lengths: torch.Tensor, u_accept: torch.Tensor | None,
            noise_u: torch.Tensor | None, greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """draft (N, g), q (N, g, V), p (N, g+1, V) fp32 probabilities, lengths (N,) drafts verified per row,
