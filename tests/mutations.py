@@ -65,6 +65,10 @@ MUTATIONS = [
     ("a new generation forgets the acceptance seen so far", "deepspec/decoding/scheduler.py",
      "self.online = self.prior.expand(batch_size, -1).clone()", "self.online = torch.full((batch_size, self.g), 0.5, dtype=torch.float64)",
      SCHED),
+    ("the gate keeps the survival sums of before a drafted round", "deepspec/decoding/scheduler.py",
+     "            return\n        self._gains = None\n", "            return\n", SCHED),
+    ("the walk by inversion samples from another q than it returns", "deepspec/decoding/kernels/reference.py",
+     "        cdf = q_k.cumsum(-1)", "        cdf = torch.softmax(l_k, dim=-1).cumsum(-1)", "tests/test_exact_law.py"),
     # STS and calibration metrics
     ("STS fits each position independently", "deepspec/calibration.py", "            trial = temps[:k] + [t] + [1.0] * (g - k - 1)",
      "            trial = [1.0] * k + [t] + [1.0] * (g - k - 1)", METRICS),

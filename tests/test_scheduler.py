@@ -101,6 +101,20 @@ def test_gate_decodes_plainly_when_drafting_cannot_pay_and_probes_within_its_bud
     assert not any(gate.should_draft(*gains(compute_bound), cost) for _ in range(20))
 
 
+def test_the_scheduler_gate_sees_what_drafted_rounds_observed_after_a_run_of_plain_rounds():
+    """Between drafted rounds the gate reuses its survival sums; a drafted round's outcome must reach the next decision."""
+    cost = VerifyCostModel([1], [1, 2, 3], [[1.0, 1.1, 1.2]], {})
+    sched = VerifyScheduler(ScheduleConfig(policy="scheduled_with_draft_cost"), 2, cost, [1.0, 1.0])
+    rows = torch.tensor([0])
+    sched.gate.observe_draft(1, 0.3)
+    sched.gate.debt = 100.0  # no probe is due
+    sched.online[:] = 0.01  # drafts were almost never accepted
+    assert not any(sched.should_draft(rows) for _ in range(3))  # plain rounds
+    for _ in range(5):  # then drafted rounds (as probes would be) accept both drafts every time
+        sched.observe(rows, torch.tensor([2]), torch.tensor([2]), 1.5)
+    assert sched.should_draft(rows)
+
+
 def test_gate_scales_each_arm_by_its_measured_round_time():
     """The profile says a drafted round pays; measured rounds say the loop loses -> the gate stops drafting."""
     cost = VerifyCostModel([1], [1, 2, 3], [[1.0, 1.1, 1.2]], {})
