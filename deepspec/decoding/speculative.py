@@ -119,6 +119,11 @@ def _of_every_row(x: torch.Tensor, rows: torch.Tensor, B: int) -> torch.Tensor:
     return out
 
 
+def _of_active_rows(x: torch.Tensor, rows: torch.Tensor, B: int) -> torch.Tensor:
+    """(B, ...) -> (N, ...) the active ``rows``: the inverse of ``_of_every_row`` (``x`` itself when every row is)."""
+    return x if len(rows) == B else x[rows]
+
+
 def _drop_trailing_holes(batch: _Batch, n: int) -> None:
     """Crop the last ``n`` cache slots, which no row kept: rejections are a suffix of each row's block, so the
     slots after the longest kept prefix are holes in every row. A batch of one then never has holes, and
@@ -182,7 +187,7 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
             seconds["verify"] += elapsed  # a plain round counts as a verify of width 1
             scheduler.observe(rows, None, None, elapsed)
             continue
-        anchors = batch.anchors if N == B else batch.anchors[rows]  # (N,)
+        anchors = _of_active_rows(batch.anchors, rows, B)  # (N,)
         draft = session.draft(rows, anchors, sampling, generator)  # 1. draft
         sync()
         t1 = time.perf_counter()
@@ -193,7 +198,7 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
         block = _of_every_row(torch.cat([anchors[:, None], draft.tokens[:, : W - 1]], dim=1), rows, B)  # (B, W)
         batch.mask = torch.cat([batch.mask, _of_every_row((steps <= L[:, None]).long(), rows, B)], dim=1)
         layer_hidden, final = target.decoder_with_positions(block, batch.mask, batch.lengths[:, None] + steps, batch.cache)
-        logits = target.logits(final if N == B else final[rows])  # (N, W, V)
+        logits = target.logits(_of_active_rows(final, rows, B))  # (N, W, V)
         sync()
         t3 = time.perf_counter()
         if W > 1:  # 4. accept
