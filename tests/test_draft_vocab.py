@@ -185,9 +185,6 @@ def test_eagle3_soft_ce_is_against_the_renormalised_target_on_the_draft_vocabula
 # ---------------------------------------------------------------------------------------------- the Markov walk
 @pytest.mark.parametrize("temperature", [0.0, 1.0, 0.6])
 def test_the_walk_feeds_target_ids_to_w1_in_the_reference_and_the_triton_kernel(temperature):
-    pytest.importorskip("triton")
-    if kernels.triton_kernels is None:
-        pytest.skip("triton not installed")
     N, g, Vt, R = 3, 4, 300, 16
     vocab = random_vocab(120, 1, Vt)
     gen = torch.Generator().manual_seed(0)
@@ -195,8 +192,15 @@ def test_the_walk_feeds_target_ids_to_w1_in_the_reference_and_the_triton_kernel(
     w2 = torch.randn(vocab.size, R, generator=gen)  # W2 rows: draft ids
     x0, noise = torch.randint(Vt, (N,), generator=gen), reference.gumbel(torch.rand(N, g, vocab.size, generator=gen))
     noise = None if temperature == 0 else noise
+    if temperature:  # the CPU's walk by inversion: each slot's logits from the previous drawn *target* id
+        tokens, logits, _ = reference.markov_walk_by_inversion(base, w1, w2, x0, temperature, torch.rand(N, g, generator=gen), vocab.d2t)
+        assert bool(vocab.t2d[tokens].all())
+        prev = torch.cat([x0[:, None], tokens[:, :-1]], dim=1)
+        assert torch.allclose(logits, base + w1[prev] @ w2.T, atol=1e-4)
     tokens, logits = reference.markov_walk(base, w1, w2, x0, temperature, noise, vocab.d2t)
     assert bool(vocab.t2d[tokens].all())  # target ids, every one in the draft vocabulary
+    if kernels.triton_kernels is None:
+        pytest.skip("triton not installed: the reference walks were checked, not the kernel")
     x = x0
     for k in range(g):  # by hand: the slot's logits from the previous *target* id, its argmax a draft id
         noise_k = None if noise is None else noise[:, k]

@@ -159,10 +159,12 @@ def test_whole_generations_follow_the_target_law(tiny, kind, sampling, policy):
         assert p > P_MIN, (kind, prompt.tolist(), p)
 
 
-def test_the_gumbel_walk_follows_the_target_law_too(tiny, monkeypatch):
-    """On a CPU the sampled Markov walk goes by inversion (the cases above); CUDA's Gumbel walk (noise for the whole
-    block, q from one softmax after it) runs here through the same dispatcher with the reference step."""
+def test_the_gumbel_walk_and_verify_follow_the_target_law_too(tiny, monkeypatch):
+    """On a CPU the sampled Markov walk and the verify rule's next token go by inversion (the cases above); CUDA's
+    Gumbel paths (noise for the whole block, q from one softmax after the walk; V uniforms per row for the next
+    token) run here through the same dispatchers with the reference steps."""
     monkeypatch.setattr(kernels, "sample_walk", functools.partial(kernels.sample_walk, by_inversion=False))
+    monkeypatch.setattr(kernels, "sample_verify", functools.partial(kernels.sample_verify, by_inversion=False))
     sampling = SamplingConfig(1.0)
     samples = draw(tiny, drafter("vanilla", tiny), sampling)
     for prompt, got in zip(PROMPTS, samples):
@@ -194,11 +196,24 @@ def test_the_walk_by_inversion_draws_from_q_and_never_a_token_of_probability_zer
     assert chisquare(second[:-1].numpy(), expected(q[rows][0, 1], int(rows.sum()))).pvalue > P_MIN
 
 
-def _residual_from_p(draft, q, p, lengths, u_accept, noise_u, greedy):
+def test_draws_by_inversion_follow_unnormalised_weights_and_never_draw_a_zero():
+    """``draw_by_inversion`` (plain sampling, the residual after a rejection, the walk): tokens follow weights that
+    do not sum to 1 (a residual max(0, p - q)), and a zero weight (first, inner, last; top-k's cut) is never drawn,
+    at the ends of torch.rand's range either."""
+    n = 50_000
+    w = torch.tensor([0.0, 0.05, 0.0, 0.2, 0.1, 0.0])  # sums to 0.35
+    u = torch.rand(n, generator=torch.Generator().manual_seed(0))
+    u[0], u[1] = 0.0, 1.0 - 2.0 ** -24
+    x = kernels.reference.draw_by_inversion(w.expand(n, -1), u)
+    counts = torch.bincount(x, minlength=len(w))
+    assert int(counts[w == 0].sum()) == 0
+    assert chisquare(counts[w > 0].numpy(), (w[w > 0].double() / w.double().sum() * n).numpy()).pvalue > P_MIN
+
+
+def _residual_from_p(draft, q, p, lengths, u):
     """The acceptance rule with one line broken: the correction is drawn from p instead of max(0, p - q)."""
-    m, _ = kernels.reference.verify(draft, q, p, lengths, u_accept, noise_u, greedy)
-    p_m = p.gather(1, m[:, None, None].expand(-1, 1, p.shape[-1]))[:, 0]
-    return m, (torch.log(p_m) + kernels.reference.gumbel(noise_u)).argmax(-1)
+    m, _ = kernels.reference.accepted_drafts(draft, q, p, lengths, u[:, :-1])
+    return m, kernels.reference.draw_by_inversion(p[torch.arange(len(m)), m], u[:, -1])
 
 
 @pytest.mark.parametrize("kind", ["dflash", "eagle3"])
@@ -211,7 +226,7 @@ def test_scheduling_on_the_drafted_tokens_own_probability_is_caught(tiny, kind):
 
 
 def test_a_broken_acceptance_rule_is_caught(tiny, monkeypatch):
-    monkeypatch.setattr(kernels, "verify", lambda *a: _residual_from_p(*a))
+    monkeypatch.setattr(kernels.reference, "verify_by_inversion", _residual_from_p)
     sampling = SamplingConfig(1.0)
     samples = draw(tiny, drafter("vanilla", tiny), sampling)
     p = min(chi2_pvalue(got, exact_law(tiny[0], prompt, sampling)) for prompt, got in zip(PROMPTS, samples))
