@@ -22,7 +22,8 @@ temperature (0, 1), on the same held-out prompts, in one process, interleaved pr
     *_share          a round's wall time split: draft / verify / overhead (schedule, acceptance, bookkeeping)
 
 plus the draft's cost in target decode steps at 100 / 400 / 1,000 tokens of context (it must not
-grow with the context: the drafter's state is incremental), and HF ``generate`` baselines at T=0
+grow with the context: the drafter's state is incremental; a step is the forward and the next token's
+logits, as in plain decoding, timed alternately with the draft, median of 15 each), and HF ``generate`` baselines at T=0
 (plain, prompt lookup, assisted generation with a one-layer draft model) on the same prompts.
 Random targets come with random drafters (tau ~ 1): they measure cost at a model shape, not acceptance.
 """
@@ -44,18 +45,21 @@ from deepspec.decoding.verify import SamplingConfig
 from deepspec.target import TargetModel, load_tokenizer
 
 
-def median_seconds(fn, repeats: int = 9) -> float:
-    times = []
+def interleaved_medians(fns: dict, repeats: int = 15) -> dict:
+    """Median seconds of each function, called in turn (a, b, a, b, ...): drift on a shared machine hits all alike."""
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def draft_cost_in_steps(target, drafter, contexts=(100, 400, 1000)) -> dict:
-    """Steady-state draft (g+1 new tokens appended, then one block) / one target decode step, at each context."""
+    """Steady-state draft (g+1 new tokens appended, then one block) / one target decode step (the forward and the
+    next token's logits, as plain decoding's step), at each context, timed alternately."""
     F = sum(1 for _ in target.layer_ids) * target.config.hidden_size
     out = {}
     for n in contexts:
@@ -63,7 +67,8 @@ def draft_cost_in_steps(target, drafter, contexts=(100, 400, 1000)) -> dict:
         target(torch.zeros(1, n, dtype=torch.long), past_key_values=cache)
 
         def step():
-            target(torch.ones(1, 1, dtype=torch.long), past_key_values=cache)
+            _, final = target(torch.ones(1, 1, dtype=torch.long), past_key_values=cache)
+            target.logits(final[:, -1])
             cache.crop(-1)
 
         session = make_session(drafter, 1)
@@ -75,8 +80,9 @@ def draft_cost_in_steps(target, drafter, contexts=(100, 400, 1000)) -> dict:
             session.draft(torch.tensor([0]), torch.tensor([5]), SamplingConfig(1.0), None)
 
         draft()
-        t_step, t_draft = median_seconds(step), median_seconds(draft)
-        out[str(n)] = {"draft_ms": 1e3 * t_draft, "step_ms": 1e3 * t_step, "draft_in_target_steps": t_draft / t_step, "block": g}
+        t = interleaved_medians({"step": step, "draft": draft})
+        out[str(n)] = {"draft_ms": 1e3 * t["draft"], "step_ms": 1e3 * t["step"], "draft_in_target_steps": t["draft"] / t["step"],
+                       "block": g}
     return out
 
 
