@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from deepspec.decoding.kernels.reference import draw_by_inversion
+
 
 @dataclass
 class SamplingConfig:
@@ -61,8 +63,6 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
     top-k/top-p leave is log's slow path), and multinomial is slower still (measured at V = 4,096, one row,
     2 threads, AMD EPYC: 98 vs 142 vs 190 us per call; a call this small is bound by its op count).
     """
-    from deepspec.decoding.kernels.reference import draw_by_inversion
-
     flat = probs.float().reshape(-1, probs.shape[-1])
     return draw_by_inversion(flat, uniform((flat.shape[0],), generator, probs.device)).view(probs.shape[:-1])
 
