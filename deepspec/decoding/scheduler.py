@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import time
+from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -200,6 +201,18 @@ def best_rate(R: int, column_gains: list[float], verify_seconds: Callable[[int],
     return best
 
 
+class RecentMedian:
+    """The median of the last ``window`` observations (``default`` before any): one stalled round on a
+    shared machine (a 5x outlier) must not flip a decision that an exponential average would follow."""
+
+    def __init__(self, default: float, window: int = 9):
+        self.value, self.window, self.recent = default, window, deque(maxlen=window)
+
+    def add(self, x: float) -> None:
+        self.recent.append(x)
+        self.value = sorted(self.recent)[len(self.recent) // 2]
+
+
 class DraftGate:
     """Whether to draft at all this round (scheduled_with_draft_cost): a round costs draft + verify.
 
@@ -208,37 +221,45 @@ class DraftGate:
     EMA of verification outcomes, so a miscalibrated confidence cannot talk the engine into
     losing), the measured draft time and the profiled verify cost, each arm scaled by the ratio of
     its measured round time to its predicted one (the loop's own overhead, the sampling and any
-    error of the profile are paid per round and differ between the arms).
+    error of the profile are paid per round and differ between the arms). Measurements enter as
+    medians of the recent rounds (``RecentMedian``): a stall must not make the engine draft.
+
+    Costs are learnt from *steady* drafted rounds only (the previous round drafted too). The first
+    drafted round after plain rounds also pays the drafter's catch-up: the context of every token it
+    skipped, for every row (a whole prompt at the start of a generation), which can be several plain
+    steps at 16 rows. That is a one-off cost of switching, not what drafting costs per round, so it
+    would make a drafted round look slower than it is; it is charged to the probe budget instead.
 
     While plain decoding wins, the gate still probes with a drafted round now and then (text gets
-    easier), on a budget: a losing probe's extra seconds (its round time minus what a plain step
-    would have taken for the tokens it produced) are a debt, each plain round repays ``budget`` of
-    its own time, and the next probe waits until the debt is paid. So probing costs at most
-    ``budget`` of the wall time, whatever the load, and the state carries over from one generation
-    to the next (whether drafting pays is mostly a property of the target, the drafter, the machine
-    and the load). It never drafts when even an always-accepted draft could not beat a plain step.
+    easier), on a budget: a losing probe's extra seconds (its round time, catch-up included, minus
+    what a plain step would have taken for the tokens it produced) are a debt, each plain round
+    repays ``budget`` of its own time, and the next probe waits until the debt is paid. So probing
+    costs at most ``budget`` of the wall time, whatever the load, and the state carries over from
+    one generation to the next (whether drafting pays is mostly a property of the target, the
+    drafter, the machine and the load). It never drafts when even an always-accepted draft could not
+    beat a plain step.
     """
 
-    def __init__(self, budget: float, ema: float = 0.3):
-        self.budget, self.ema = budget, ema
-        self.draft_seconds: dict[int, float] = {}  # measured draft time by number of rows (EMA)
-        self.slowdown = {True: 1.0, False: 1.0}  # measured / predicted round seconds, drafted and plain rounds (EMA)
+    def __init__(self, budget: float, window: int = 9):
+        self.budget, self.window = budget, window
+        self.draft_seconds: dict[int, RecentMedian] = {}  # measured (steady) draft time by number of rows
+        self.slowdown = {True: RecentMedian(1.0, window), False: RecentMedian(1.0, window)}  # measured / predicted round
         self.debt, self.probing = 0.0, False
 
     def draft_cost(self, R: int) -> float:
         if not self.draft_seconds:
             return 0.0
-        return self.draft_seconds[min(self.draft_seconds, key=lambda r: abs(r - R))]
+        return self.draft_seconds[min(self.draft_seconds, key=lambda r: abs(r - R))].value
 
     def plain_seconds(self, R: int, cost: VerifyCostModel) -> float:
         """Predicted seconds of a plain step of R rows."""
-        return cost(R, 1) * self.slowdown[False]
+        return cost(R, 1) * self.slowdown[False].value
 
     def should_draft(self, R: int, column_gains: list[float], cost: VerifyCostModel) -> bool:
         """R rows whose observed survival sums to ``column_gains`` per slot (g numbers: sum_r a_{r,j})."""
         verify = lambda W: cost(R, W)  # noqa: E731
         plain, draft = R / self.plain_seconds(R, cost), self.draft_cost(R)
-        rate = lambda gains: best_rate(R, gains, verify, draft) / self.slowdown[True]  # noqa: E731
+        rate = lambda gains: best_rate(R, gains, verify, draft) / self.slowdown[True].value  # noqa: E731
         self.probing = False
         if rate([float(R)] * len(column_gains)) <= plain:
             return False  # drafting cannot pay even if every draft were accepted
@@ -247,19 +268,22 @@ class DraftGate:
         self.probing = self.debt <= 0.0  # plain wins: probe once the last probes are paid for
         return self.probing
 
-    def observe_draft(self, R: int, seconds: float) -> None:
-        old = self.draft_seconds.get(R)
-        self.draft_seconds[R] = seconds if old is None else self.ema * seconds + (1 - self.ema) * old
+    def observe_draft(self, R: int, seconds: float, steady: bool = True) -> None:
+        """A draft's seconds; ``steady``: the previous round drafted too (no catch-up beyond one round's tokens)."""
+        if steady:
+            self.draft_seconds.setdefault(R, RecentMedian(seconds, self.window)).add(seconds)
 
-    def observe_round(self, R: int, drafted: bool, width: int, tokens: int, seconds: float, cost: VerifyCostModel) -> None:
+    def observe_round(self, R: int, drafted: bool, width: int, tokens: int, seconds: float, cost: VerifyCostModel,
+                      steady: bool = True) -> None:
         """A whole round's wall time (draft, verify, acceptance, bookkeeping) and the tokens it produced."""
         plain_per_token = self.plain_seconds(R, cost) / R  # before this round updates the estimate
-        predicted = cost(R, width) + (self.draft_cost(R) if drafted else 0.0)
-        self.slowdown[drafted] = self.ema * seconds / predicted + (1 - self.ema) * self.slowdown[drafted]
         if drafted and self.probing:
             self.debt += max(seconds - tokens * plain_per_token, 0.0)
         elif not drafted:
             self.debt = max(self.debt - self.budget * seconds, 0.0)
+        if steady or not drafted:
+            predicted = cost(R, width) + (self.draft_cost(R) if drafted else 0.0)
+            self.slowdown[drafted].add(seconds / predicted)
 
 
 class VerifyScheduler:
@@ -283,6 +307,7 @@ class VerifyScheduler:
         generations observed (the measured costs and the gate's backoff are kept too)."""
         self.online = self.prior.expand(batch_size, -1).clone()  # conditional acceptance per row and slot
         self._gains: tuple[int, list[float]] | None = None  # (rows, sum_r a_{r,j}) until ``online`` changes
+        self._steady = False  # the last round drafted: the next draft catches up one round's tokens, not a prompt
 
     def should_draft(self, rows: torch.Tensor) -> bool:
         """1. before drafting: False = decode this round plainly (scheduled_with_draft_cost only).
@@ -305,7 +330,7 @@ class VerifyScheduler:
         """2. drafts verified per row (N,), on the rows' device."""
         N = len(rows)
         if self.gate is not None:
-            self.gate.observe_draft(N, draft_seconds)
+            self.gate.observe_draft(N, draft_seconds, self._steady)
         if self.cfg.policy == "fixed":
             L = self.cfg.fixed_length or self.g
             return torch.full((N,), min(L, self.g), dtype=torch.long, device=rows.device)
@@ -323,7 +348,8 @@ class VerifyScheduler:
         drafted = verified is not None
         if self.gate is not None:
             width, tokens = (1 + int(verified.max()), len(rows) + int(accepted.sum())) if drafted else (1, len(rows))
-            self.gate.observe_round(len(rows), drafted, width, tokens, seconds, self.cost)
+            self.gate.observe_round(len(rows), drafted, width, tokens, seconds, self.cost, self._steady)
+        self._steady = drafted
         if not drafted or (self.gate is None and self.cfg.confidence != "online"):
             return
         self._gains = None
