@@ -125,6 +125,9 @@ def draw(tiny, session_drafter, sampling: SamplingConfig, policy: str = "fixed",
     prompts = [PROMPTS[i % 2] for i in range(2 * DRAWS)]
     g = make_session(session_drafter, 1).block_size
     sched = VerifyScheduler(ScheduleConfig(policy=policy), g, cost_model(g) if policy.startswith("scheduled") else None)
+    if sched.gate is not None:  # the synthetic profile is the truth here: every load's plain step "timed" as predicted
+        for R in range(1, 2 * DRAWS + 1):
+            sched.gate.observe_round(R, False, 1, R, sched.cost(R, 1), sched.cost)
     res = speculative_generate_batch(target, wrap(make_session(session_drafter, len(prompts))), prompts, NEW, sampling, None,
                                      torch.Generator().manual_seed(seed), sched)
     if policy != "fixed":

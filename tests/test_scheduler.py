@@ -80,7 +80,9 @@ def test_gate_decodes_plainly_when_drafting_cannot_pay_and_probes_within_its_bud
     cost = VerifyCostModel([1, 8], [1, 2, 3], [[1.0, 1.1, 1.2], [8.0, 16.0, 24.0]], {})
     gate = DraftGate(budget=0.1)
     high = torch.ones(1, 2, dtype=torch.float64)
-    assert gate.should_draft(*gains(high), cost)  # nothing measured yet: draft to learn the draft's cost
+    assert not gate.should_draft(*gains(high), cost)  # a plain step never timed at this load: time one first
+    gate.observe_round(1, False, 1, 1, 1.0, cost)
+    assert gate.should_draft(*gains(high), cost)  # no draft measured yet: draft to learn the draft's cost
     gate.observe_draft(1, 0.1)
     assert gate.should_draft(*gains(high), cost) and not gate.probing  # 3 tokens / 1.3 s beats 1 / 1 s
     low = torch.full((1, 2), 0.01, dtype=torch.float64)
@@ -97,6 +99,7 @@ def test_gate_decodes_plainly_when_drafting_cannot_pay_and_probes_within_its_bud
     assert 10 <= probe_seconds / 1.3 <= 20  # probes happen, about one per 1.3 / 0.1 = 13 plain steps
     assert probe_seconds <= 0.1 * plain_seconds + 1.3  # and cost no more than the budget (plus the first)
     gate.observe_draft(8, 0.1)
+    gate.observe_round(8, False, 1, 8, 8.0, cost)
     compute_bound = torch.ones(8, 2, dtype=torch.float64)  # at 8 rows verifying costs W x a step: no width pays
     assert not any(gate.should_draft(*gains(compute_bound), cost) for _ in range(20))
 
@@ -109,7 +112,9 @@ def test_the_scheduler_gate_sees_what_drafted_rounds_observed_after_a_run_of_pla
     sched.gate.observe_draft(1, 0.3)
     sched.gate.debt = 100.0  # no probe is due
     sched.online[:] = 0.01  # drafts were almost never accepted
-    assert not any(sched.should_draft(rows) for _ in range(3))  # plain rounds
+    for _ in range(3):  # plain rounds
+        assert not sched.should_draft(rows)
+        sched.observe(rows, None, None, 1.0)
     for _ in range(5):  # then drafted rounds (as probes would be) accept both drafts every time
         sched.observe(rows, torch.tensor([2]), torch.tensor([2]), 1.5)
     assert sched.should_draft(rows)
@@ -121,11 +126,12 @@ def test_gate_scales_each_arm_by_its_measured_round_time():
     gate = DraftGate(budget=0.02)
     good = torch.full((1, 2), 0.6, dtype=torch.float64)
     gate.observe_draft(1, 0.3)
+    gate.observe_round(1, False, 1, 1, 1.0, cost)
     assert gate.should_draft(*gains(good), cost)  # predicted 2.2 / 1.5 = 1.47 tokens/s > 1
     for _ in range(20):  # drafted rounds really take 1.8x their prediction; plain rounds as predicted
         gate.observe_round(1, True, 3, 2, 1.8 * (1.2 + 0.3), cost)
         gate.observe_round(1, False, 1, 1, 1.0, cost)
-    assert gate.slowdown[True].value == pytest.approx(1.8) and gate.slowdown[False].value == pytest.approx(1.0)
+    assert gate.ratio(True, 1) == pytest.approx(1.8) and gate.ratio(False, 1) == pytest.approx(1.0)
     decisions = []
     for _ in range(12):
         decisions.append(gate.should_draft(*gains(good), cost))
@@ -158,19 +164,36 @@ def test_catch_up_after_plain_rounds_is_charged_to_the_probe_budget_not_to_the_d
     sched = VerifyScheduler(ScheduleConfig(policy="scheduled_with_draft_cost"), 2, cost, [1.0, 1.0])
     rows, L, m = torch.tensor([0]), torch.tensor([2]), torch.tensor([0])
     sched.start(1)
-    assert sched.should_draft(rows)  # nothing measured: draft (the prompt's catch-up makes it slow)
+    assert not sched.should_draft(rows)  # the plain step is timed first
+    sched.observe(rows, None, None, 1.0)
+    assert sched.should_draft(rows)  # no draft measured: draft (the prompt's catch-up makes it slow)
     sched.lengths(rows, torch.ones(1, 2), 5.0)
     sched.observe(rows, L, m, 6.2)
-    assert not sched.gate.draft_seconds and sched.gate.slowdown[True].value == 1.0  # not a cost: a catch-up
+    assert not sched.gate.draft_seconds and not sched.gate.slowdown[True]  # not a cost: a catch-up
     assert sched.should_draft(rows)  # still nothing measured: draft again, now steady
     sched.lengths(rows, torch.ones(1, 2), 0.3)
     sched.observe(rows, L, m, 1.5)
-    assert sched.gate.draft_cost(1) == 0.3 and sched.gate.slowdown[True].value == pytest.approx(1.0)
+    assert sched.gate.draft_cost(1) == 0.3 and sched.gate.ratio(True, 1) == pytest.approx(1.0)
     sched.observe(rows, None, None, 1.0)  # a plain round: the next draft catches up again
     sched.gate.probing = True
     sched.lengths(rows, torch.ones(1, 2), 4.0)
     sched.observe(rows, L, m, 5.2)
     assert sched.gate.draft_cost(1) == 0.3 and sched.gate.debt == pytest.approx(5.2 - 1.0)
+
+
+def test_a_profile_wrong_at_one_load_is_corrected_at_that_load():
+    """The profile says a plain step of 32 rows takes 64 s (it was measured while another process had the cores);
+    it takes 32. Ratios learnt at 1 row (where the profile is right) must not carry over: the gate times a plain
+    step at the new load before it ever drafts there, and then decodes plainly."""
+    cost = VerifyCostModel([1, 32], [1, 2, 3], [[1.0, 1.1, 1.2], [64.0, 64.0, 64.0]], {})
+    gate = DraftGate(budget=0.0)
+    gate.observe_round(1, False, 1, 1, 1.0, cost)
+    gate.observe_draft(1, 0.1)
+    gate.observe_round(1, True, 3, 2, 1.3, cost)
+    fair = torch.full((32, 2), 0.3, dtype=torch.float64)
+    assert not gate.should_draft(*gains(fair), cost)  # 32 rows: no plain step timed at this load yet
+    gate.observe_round(32, False, 1, 32, 32.0, cost)
+    assert not any(gate.should_draft(*gains(fair), cost) for _ in range(5))  # 51.2 tokens / 64.1 s < 32 / 32 s (and no probe: budget 0)
 
 
 def test_cost_profile_is_made_monotone():

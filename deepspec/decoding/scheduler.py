@@ -23,8 +23,8 @@ Policies (``ScheduleConfig.policy``):
     scheduled_with_draft_cost   Algorithm 1 with the round's draft cost added, and a gate (``DraftGate``)
                                 that decodes plainly while a drafted round is predicted to emit fewer
                                 tokens per second than a plain step (observed acceptance, measured
-                                draft time, profiled verify cost); it re-probes with exponential
-                                backoff, never when even full acceptance could not pay.
+                                draft time, profiled verify cost); it re-probes on a budget of wall
+                                time (``probe_budget``), never when even full acceptance could not pay.
 """
 from __future__ import annotations
 
@@ -222,7 +222,12 @@ class DraftGate:
     losing), the measured draft time and the profiled verify cost, each arm scaled by the ratio of
     its measured round time to its predicted one (the loop's own overhead, the sampling and any
     error of the profile are paid per round and differ between the arms). Measurements enter as
-    medians of the recent rounds (``RecentMedian``): a stall must not make the engine draft.
+    medians of the recent rounds (``RecentMedian``): a stall must not make the engine draft. The
+    ratios are kept per load (R in 1, 2-3, 4-7, ...): a profile's error depends on R (longer prompts
+    than the profile's at 32 rows; a profile measured while another process had the cores), so a
+    ratio learnt at 2 rows cannot correct 32. An arm never measured at a load borrows the nearest
+    load's ratio, except the plain arm, which is cheap to measure: the first round at a new load is
+    plain (the engine never drafts on a plain-step cost it has not seen).
 
     Costs are learnt from *steady* drafted rounds only (the previous round drafted too). The first
     drafted round after plain rounds also pays the drafter's catch-up: the context of every token it
@@ -243,7 +248,7 @@ class DraftGate:
     def __init__(self, budget: float, window: int = 9):
         self.budget, self.window = budget, window
         self.draft_seconds: dict[int, RecentMedian] = {}  # measured (steady) draft time by number of rows
-        self.slowdown = {True: RecentMedian(1.0, window), False: RecentMedian(1.0, window)}  # measured / predicted round
+        self.slowdown: dict[bool, dict[int, RecentMedian]] = {True: {}, False: {}}  # measured / predicted round, by load
         self.debt, self.probing = 0.0, False
 
     def draft_cost(self, R: int) -> float:
@@ -251,21 +256,30 @@ class DraftGate:
             return 0.0
         return self.draft_seconds[min(self.draft_seconds, key=lambda r: abs(r - R))].value
 
+    def ratio(self, drafted: bool, R: int) -> float:
+        """Measured / predicted round seconds of an arm at load R (its nearest measured load; 1 before any)."""
+        by_load, load = self.slowdown[drafted], R.bit_length()
+        if not by_load:
+            return 1.0
+        return by_load[min(by_load, key=lambda b: abs(b - load))].value
+
     def plain_seconds(self, R: int, cost: VerifyCostModel) -> float:
         """Predicted seconds of a plain step of R rows."""
-        return cost(R, 1) * self.slowdown[False].value
+        return cost(R, 1) * self.ratio(False, R)
 
     def should_draft(self, R: int, column_gains: list[float], cost: VerifyCostModel) -> bool:
         """R rows whose observed survival sums to ``column_gains`` per slot (g numbers: sum_r a_{r,j})."""
+        self.probing = False
+        if R.bit_length() not in self.slowdown[False]:
+            return False  # a load whose plain step was never timed: time one (it costs what plain decoding costs)
         verify = lambda W: cost(R, W)  # noqa: E731
         plain, draft = R / self.plain_seconds(R, cost), self.draft_cost(R)
-        rate = lambda gains: best_rate(R, gains, verify, draft) / self.slowdown[True].value  # noqa: E731
-        self.probing = False
+        rate = lambda gains: best_rate(R, gains, verify, draft) / self.ratio(True, R)  # noqa: E731
         if rate([float(R)] * len(column_gains)) <= plain:
             return False  # drafting cannot pay even if every draft were accepted
         if not self.draft_seconds or rate(column_gains) > plain:
             return True
-        self.probing = self.debt <= 0.0  # plain wins: probe once the last probes are paid for
+        self.probing = self.budget > 0 and self.debt <= 0.0  # plain wins: probe once the last probes are paid for
         return self.probing
 
     def observe_draft(self, R: int, seconds: float, steady: bool = True) -> None:
@@ -283,7 +297,10 @@ class DraftGate:
             self.debt = max(self.debt - self.budget * seconds, 0.0)
         if steady or not drafted:
             predicted = cost(R, width) + (self.draft_cost(R) if drafted else 0.0)
-            self.slowdown[drafted].add(seconds / predicted)
+            by_load = self.slowdown[drafted]
+            if R.bit_length() not in by_load:
+                by_load[R.bit_length()] = RecentMedian(1.0, self.window)
+            by_load[R.bit_length()].add(seconds / predicted)
 
 
 class VerifyScheduler:
