@@ -82,8 +82,11 @@ def test_gate_decodes_plainly_when_drafting_cannot_pay_and_probes_within_its_bud
     high = torch.ones(1, 2, dtype=torch.float64)
     assert not gate.should_draft(*gains(high), cost)  # a plain step never timed at this load: time one first
     gate.observe_round(1, False, 1, 1, 1.0, cost)
-    assert gate.should_draft(*gains(high), cost)  # no draft measured yet: draft to learn the draft's cost
+    assert gate.should_draft(*gains(high), cost) and gate.probing  # no draft measured yet: a probe to learn its cost
+    gate.observe_round(1, True, 3, 1, 1.3, cost, steady=False)  # its catch-up round teaches no cost
+    assert gate.should_draft(*gains(high), cost, steady=True) and gate.probing  # the steady round that times it here
     gate.observe_draft(1, 0.1)
+    gate.observe_round(1, True, 3, 3, 1.3, cost, steady=True)
     assert gate.should_draft(*gains(high), cost) and not gate.probing  # 3 tokens / 1.3 s beats 1 / 1 s
     low = torch.full((1, 2), 0.01, dtype=torch.float64)
     rounds, probe_seconds, plain_seconds = 0, 0.0, 0.0
@@ -127,7 +130,8 @@ def test_gate_scales_each_arm_by_its_measured_round_time():
     good = torch.full((1, 2), 0.6, dtype=torch.float64)
     gate.observe_draft(1, 0.3)
     gate.observe_round(1, False, 1, 1, 1.0, cost)
-    assert gate.should_draft(*gains(good), cost)  # predicted 2.2 / 1.5 = 1.47 tokens/s > 1
+    assert gate.should_draft(*gains(good), cost) and gate.probing  # predicted 2.2 / 1.5 = 1.47 tokens/s > 1; a probe:
+    gate.probing = False  # the drafted arm was never timed here. The rounds below stand for rounds drafted to win:
     for _ in range(20):  # drafted rounds really take 1.8x their prediction; plain rounds as predicted
         gate.observe_round(1, True, 3, 2, 1.8 * (1.2 + 0.3), cost)
         gate.observe_round(1, False, 1, 1, 1.0, cost)
@@ -174,11 +178,12 @@ def test_catch_up_after_plain_rounds_is_charged_to_the_probe_budget_not_to_the_d
     sched.lengths(rows, torch.ones(1, 2), 0.3)
     sched.observe(rows, L, m, 1.5)
     assert sched.gate.draft_cost(1) == 0.3 and sched.gate.ratio(True, 1) == pytest.approx(1.0)
-    sched.observe(rows, None, None, 1.0)  # a plain round: the next draft catches up again
+    assert sched.gate.debt == pytest.approx((6.2 - 1.0) + (1.5 - 1.0))  # both measuring rounds were probes
+    sched.observe(rows, None, None, 1.0)  # a plain round (repays 1% of its second): the next draft catches up again
     sched.gate.probing = True
     sched.lengths(rows, torch.ones(1, 2), 4.0)
     sched.observe(rows, L, m, 5.2)
-    assert sched.gate.draft_cost(1) == 0.3 and sched.gate.debt == pytest.approx(5.2 - 1.0)
+    assert sched.gate.draft_cost(1) == 0.3 and sched.gate.debt == pytest.approx(5.7 - 0.01 + (5.2 - 1.0))
 
 
 def test_a_profile_wrong_at_one_load_is_corrected_at_that_load():
@@ -194,6 +199,62 @@ def test_a_profile_wrong_at_one_load_is_corrected_at_that_load():
     assert not gate.should_draft(*gains(fair), cost)  # 32 rows: no plain step timed at this load yet
     gate.observe_round(32, False, 1, 32, 32.0, cost)
     assert not any(gate.should_draft(*gains(fair), cost) for _ in range(5))  # 51.2 tokens / 64.1 s < 32 / 32 s (and no probe: budget 0)
+
+
+def test_drafting_at_a_load_never_timed_is_a_probe_charged_to_the_budget():
+    """Session 23's R = 2 loss: a 2-row batch ends with a few 1-row rounds; there the drafted arm was never timed and
+    borrowed the 2-row ratio (drafted rounds faster than predicted there), so the gate drafted at 1 row, where a
+    drafted round really took 2x its prediction. Those rounds are now a measuring probe: charged to the budget, and
+    the 1-row measurements decide from then on."""
+    cost = VerifyCostModel([1, 2], [1, 2, 3], [[1.0, 1.0, 1.0], [1.2, 1.3, 1.4]], {})
+    gate = DraftGate(budget=0.01)
+    gate.observe_draft(2, 0.2)
+    gate.observe_round(2, False, 1, 2, 1.2, cost)
+    gate.observe_round(2, True, 3, 4, 0.82 * 1.6, cost)  # 2 rows: drafted rounds 0.82 of their prediction
+    gate.observe_round(1, False, 1, 1, 1.0, cost)  # the 1-row tail: its plain step is timed
+    good = torch.full((1, 2), 0.5, dtype=torch.float64)  # 1 + 0.5 + 0.5 tokens / (0.82 x 1.2 s) = 2.0/s > 1/s
+    drafted, losses = 0, 0.0
+    for round_ in range(20):
+        if gate.should_draft(*gains(good), cost, steady=drafted > 0):
+            assert gate.probing  # the drafted arm was never timed at 1 row
+            drafted += 1
+            gate.observe_round(1, True, 3, 1, 2.4, cost, steady=drafted > 1)  # 2x the prediction, nothing accepted
+            losses += 2.4 - 1.0
+        else:
+            gate.observe_round(1, False, 1, 1, 1.0, cost)
+    assert drafted == 2  # the catch-up round, then the steady one that times 1 row; then plain, the next probe waits
+    assert gate.debt == pytest.approx(losses - 0.01 * (20 - 2))  # until the plain rounds repay the 2.8 s lost
+
+
+def test_the_gate_discounts_an_acceptance_estimate_selected_at_its_highs():
+    """The gate drafts when a row's acceptance estimate is high; an estimate selected at its highs overstates what the
+    next round accepts. Drafts accepted / drafts promised in the rounds drafted to win scales the prediction."""
+    cost = VerifyCostModel([1], [1, 2, 3], [[1.0, 1.1, 1.2]], {})
+    gate = DraftGate(budget=0.0)
+    gate.observe_draft(1, 0.3)
+    gate.observe_round(1, False, 1, 1, 1.0, cost)
+    gate.observe_round(1, True, 3, 2, 1.5, cost, steady=True)
+    hopeful = torch.tensor([[0.7, 0.49]], dtype=torch.float64)  # promises 1.19 drafts: 2.19 tokens / 1.5 s = 1.46/s
+    assert gate.should_draft(*gains(hopeful), cost) and not gate.probing
+    for accepted in [1, 0, 0, 1, 0, 0]:  # really 0.33 drafts a round: 1.33 / 1.5 s < 1/s
+        gate.observe_round(1, True, 3, 1 + accepted, 1.5, cost, promised=1.19)
+    assert gate.acceptance_ratio(1) == pytest.approx(2 / (6 * 1.19))
+    assert not gate.should_draft(*gains(hopeful), cost)
+    sched = VerifyScheduler(ScheduleConfig(policy="scheduled_with_draft_cost"), 3, cost, [1.0] * 3)
+    sched.start(2)  # estimate 0.5 per slot: survival 0.5, 0.25, 0.125
+    sched.observe(torch.tensor([0, 1]), torch.tensor([1, 2]), torch.tensor([1, 0]), 1.0)
+    assert list(sched.gate.accepted[2]) == [(1, 0.5 + 0.75)]  # promised: the survival of the verified slots only
+
+
+def test_drafting_must_win_by_the_margin():
+    cost = VerifyCostModel([1], [1, 2, 3], [[1.0, 1.0, 1.0]], {})
+    barely = torch.tensor([[0.05, 0.0]], dtype=torch.float64)  # 1.05 tokens / 1.0 s: 5% over a plain step
+    for margin, drafts in [(0.0, True), (0.1, False)]:
+        gate = DraftGate(budget=0.0, margin=margin)
+        gate.observe_draft(1, 0.0)
+        gate.observe_round(1, False, 1, 1, 1.0, cost)
+        gate.observe_round(1, True, 2, 1, 1.0, cost, steady=True)
+        assert gate.should_draft(*gains(barely), cost) == drafts
 
 
 def test_cost_profile_is_made_monotone():

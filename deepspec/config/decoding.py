@@ -32,6 +32,11 @@ class ScheduleConfig:
     lose to probing drafts (which tell it when drafting pays again). A probe after plain rounds also
     builds the drafter's context of every skipped token (4-5 plain steps at 16 rows on the toy target),
     so it is rare: 2% measured 1.5-1.7% of the wall time lost at 4 and 16 rows, too close to plain's 3%."""
+    draft_margin: float = 0.1
+    """scheduled_with_draft_cost: draft only when a drafted round is predicted to emit this fraction more
+    tokens per second than a plain step. The prediction rests on medians of a few noisy round times (a
+    shared CPU spreads rounds +-15-30%: a median of 9 is uncertain by ~5% per arm), and at break-even the
+    plain step is the safe side; where speculation pays (1.5-3x) a 10% margin changes nothing."""
 
     def problems(self, prefix: str = "") -> list[str]:
         out = []
@@ -47,6 +52,8 @@ class ScheduleConfig:
             out.append(f"{prefix}online_ema={self.online_ema} must be in (0, 1]")
         if not 0.0 <= self.probe_budget < 1.0:
             out.append(f"{prefix}probe_budget={self.probe_budget} must be in [0, 1)")
+        if not 0.0 <= self.draft_margin < 10.0:
+            out.append(f"{prefix}draft_margin={self.draft_margin} must be in [0, 10)")
         if self.temperatures is not None and any(t <= 0 for t in self.temperatures):
             out.append(f"{prefix}temperatures={self.temperatures} must all be > 0")
         return out

@@ -21,10 +21,11 @@ Policies (``ScheduleConfig.policy``):
     threshold                   verify each row's leading drafts with survival >= ``threshold`` (static)
     scheduled                   Algorithm 1 with the verify cost only (the paper)
     scheduled_with_draft_cost   Algorithm 1 with the round's draft cost added, and a gate (``DraftGate``)
-                                that decodes plainly while a drafted round is predicted to emit fewer
-                                tokens per second than a plain step (observed acceptance, measured
-                                draft time, profiled verify cost); it re-probes on a budget of wall
-                                time (``probe_budget``), never when even full acceptance could not pay.
+                                that decodes plainly unless a drafted round is predicted to emit
+                                ``draft_margin`` more tokens per second than a plain step (observed
+                                acceptance, measured draft time, profiled verify cost, all per load);
+                                it re-probes on a budget of wall time (``probe_budget``), never when
+                                even full acceptance could not pay.
 """
 from __future__ import annotations
 
@@ -216,18 +217,29 @@ class RecentMedian:
 class DraftGate:
     """Whether to draft at all this round (scheduled_with_draft_cost): a round costs draft + verify.
 
-    Drafting runs when the predicted rate of a drafted round beats a plain step's. Both predictions
-    come from measurements, not from the confidences: the rows' *observed* acceptance per slot (an
-    EMA of verification outcomes, so a miscalibrated confidence cannot talk the engine into
+    Drafting runs when the predicted rate of a drafted round beats a plain step's by ``margin``. Both
+    predictions come from measurements, not from the confidences: the rows' *observed* acceptance per
+    slot (an EMA of verification outcomes, so a miscalibrated confidence cannot talk the engine into
     losing), the measured draft time and the profiled verify cost, each arm scaled by the ratio of
     its measured round time to its predicted one (the loop's own overhead, the sampling and any
     error of the profile are paid per round and differ between the arms). Measurements enter as
-    medians of the recent rounds (``RecentMedian``): a stall must not make the engine draft. The
-    ratios are kept per load (R in 1, 2-3, 4-7, ...): a profile's error depends on R (longer prompts
-    than the profile's at 32 rows; a profile measured while another process had the cores), so a
-    ratio learnt at 2 rows cannot correct 32. An arm never measured at a load borrows the nearest
-    load's ratio, except the plain arm, which is cheap to measure: the first round at a new load is
-    plain (the engine never drafts on a plain-step cost it has not seen).
+    medians of the recent rounds (``RecentMedian``): a stall must not make the engine draft.
+
+    Two biases are corrected on top. (1) The tokens: the gate drafts exactly when the acceptance
+    estimate is high, and an estimate selected at its highs overstates what follows (a row's EMA
+    after one lucky round); the drafts a drafted round really had accepted over those its estimate
+    promised (sums over the recent rounds drafted because they were predicted to win) scales the
+    predicted gains. (2) The round times: a median of 9 noisy rounds (+-15-30% on a shared VM) is
+    itself uncertain by a few percent, so drafting must win by ``margin``; at break-even the plain
+    step is the safe side (it is the baseline's own step).
+
+    Everything is kept per load (R in 1, 2-3, 4-7, ...): a profile's error depends on R (longer
+    prompts than the profile's at 32 rows; a profile measured while another process had the cores),
+    so a ratio learnt at 2 rows cannot correct 32. The first round at a load whose plain step was
+    never timed is plain (cheap: it costs what plain decoding costs). A load where the drafted arm
+    was never timed borrows the nearest load's ratios for its prediction, but drafting there is a
+    probe, charged to the budget: its first drafted round (a catch-up, below) and the next, steady
+    one, which times the drafted arm at that load; after that the load's own measurements decide.
 
     Costs are learnt from *steady* drafted rounds only (the previous round drafted too). The first
     drafted round after plain rounds also pays the drafter's catch-up: the context of every token it
@@ -239,16 +251,19 @@ class DraftGate:
     easier), on a budget: a losing probe's extra seconds (its round time, catch-up included, minus
     what a plain step would have taken for the tokens it produced) are a debt, each plain round
     repays ``budget`` of its own time, and the next probe waits until the debt is paid. So probing
-    costs at most ``budget`` of the wall time, whatever the load, and the state carries over from
-    one generation to the next (whether drafting pays is mostly a property of the target, the
-    drafter, the machine and the load). It never drafts when even an always-accepted draft could not
-    beat a plain step.
+    costs at most ``budget`` of the wall time (plus one measurement per load), whatever the load, and
+    the state carries over from one generation to the next (whether drafting pays is mostly a
+    property of the target, the drafter, the machine and the load). It never drafts when even an
+    always-accepted draft could not beat a plain step.
     """
 
-    def __init__(self, budget: float, window: int = 9):
-        self.budget, self.window = budget, window
+    def __init__(self, budget: float, margin: float = 0.0, window: int = 9, token_window: int = 64):
+        self.budget, self.margin, self.window = budget, margin, window
         self.draft_seconds: dict[int, RecentMedian] = {}  # measured (steady) draft time by number of rows
         self.slowdown: dict[bool, dict[int, RecentMedian]] = {True: {}, False: {}}  # measured / predicted round, by load
+        # (drafts accepted, drafts the estimate promised) of recent rounds drafted to win, by load
+        self.accepted: dict[int, deque[tuple[float, float]]] = {}
+        self.token_window = token_window
         self.debt, self.probing = 0.0, False
 
     def draft_cost(self, R: int) -> float:
@@ -267,18 +282,33 @@ class DraftGate:
         """Predicted seconds of a plain step of R rows."""
         return cost(R, 1) * self.ratio(False, R)
 
-    def should_draft(self, R: int, column_gains: list[float], cost: VerifyCostModel) -> bool:
-        """R rows whose observed survival sums to ``column_gains`` per slot (g numbers: sum_r a_{r,j})."""
+    def acceptance_ratio(self, R: int) -> float:
+        """Drafts accepted / drafts promised by the estimate, in recent rounds drafted to win (nearest load; 1 before any)."""
+        if not self.accepted:
+            return 1.0
+        recent = self.accepted[min(self.accepted, key=lambda b: abs(b - R.bit_length()))]
+        promised = sum(e for _, e in recent)
+        return sum(a for a, _ in recent) / promised if promised > 0 else 1.0
+
+    def should_draft(self, R: int, column_gains: list[float], cost: VerifyCostModel, steady: bool = False) -> bool:
+        """R rows whose observed survival sums to ``column_gains`` per slot (g numbers: sum_r a_{r,j});
+        ``steady``: the last round drafted (so this one would time the drafted arm without a catch-up)."""
         self.probing = False
-        if R.bit_length() not in self.slowdown[False]:
+        load = R.bit_length()
+        if load not in self.slowdown[False]:
             return False  # a load whose plain step was never timed: time one (it costs what plain decoding costs)
         verify = lambda W: cost(R, W)  # noqa: E731
         plain, draft = R / self.plain_seconds(R, cost), self.draft_cost(R)
         rate = lambda gains: best_rate(R, gains, verify, draft) / self.ratio(True, R)  # noqa: E731
         if rate([float(R)] * len(column_gains)) <= plain:
             return False  # drafting cannot pay even if every draft were accepted
-        if not self.draft_seconds or rate(column_gains) > plain:
-            return True
+        k = self.acceptance_ratio(R)
+        if rate([k * gain for gain in column_gains]) > plain * (1 + self.margin):
+            if load in self.slowdown[True]:
+                return True
+            if steady or not self.draft_seconds:  # the measuring probe of a new load: its catch-up, then a steady round
+                self.probing = True
+                return True
         self.probing = self.budget > 0 and self.debt <= 0.0  # plain wins: probe once the last probes are paid for
         return self.probing
 
@@ -288,13 +318,16 @@ class DraftGate:
             self.draft_seconds.setdefault(R, RecentMedian(seconds, self.window)).add(seconds)
 
     def observe_round(self, R: int, drafted: bool, width: int, tokens: int, seconds: float, cost: VerifyCostModel,
-                      steady: bool = True) -> None:
-        """A whole round's wall time (draft, verify, acceptance, bookkeeping) and the tokens it produced."""
+                      steady: bool = True, promised: float | None = None) -> None:
+        """A whole round's wall time (draft, verify, acceptance, bookkeeping) and the tokens it produced;
+        ``promised``: the drafts the acceptance estimate expected to be accepted within the verified lengths."""
         plain_per_token = self.plain_seconds(R, cost) / R  # before this round updates the estimate
         if drafted and self.probing:
             self.debt += max(seconds - tokens * plain_per_token, 0.0)
         elif not drafted:
             self.debt = max(self.debt - self.budget * seconds, 0.0)
+        if drafted and not self.probing and promised is not None:  # a round drafted because it was predicted to win
+            self.accepted.setdefault(R.bit_length(), deque(maxlen=self.token_window)).append((tokens - R, promised))
         if steady or not drafted:
             predicted = cost(R, width) + (self.draft_cost(R) if drafted else 0.0)
             by_load = self.slowdown[drafted]
@@ -315,7 +348,7 @@ class VerifyScheduler:
             raise ValueError("; ".join(problems))
         self.cfg, self.g, self.cost = cfg, block_size, cost
         self.temperatures = cfg.temperatures if cfg.temperatures is not None else temperatures
-        self.gate = DraftGate(cfg.probe_budget) if cfg.policy == "scheduled_with_draft_cost" else None
+        self.gate = DraftGate(cfg.probe_budget, cfg.draft_margin) if cfg.policy == "scheduled_with_draft_cost" else None
         self.prior = torch.full((block_size,), 0.5, dtype=torch.float64)  # conditional acceptance per slot, all rows so far
         self.start(1)
 
@@ -335,7 +368,7 @@ class VerifyScheduler:
             return True
         if self._gains is None or self._gains[0] != len(rows):  # rows only ever leave: their count names the set
             self._gains = len(rows), cumulative_survival(self.online[rows.cpu()]).sum(0).tolist()
-        return self.gate.should_draft(len(rows), self._gains[1], self.cost)
+        return self.gate.should_draft(len(rows), self._gains[1], self.cost, self._steady)
 
     def survival(self, rows: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
         """Calibrated cumulative survival a (N, g) of the rows' drafts."""
@@ -364,8 +397,12 @@ class VerifyScheduler:
         gate and by ``confidence=online``) learns from what was verified."""
         drafted = verified is not None
         if self.gate is not None:
-            width, tokens = (1 + int(verified.max()), len(rows) + int(accepted.sum())) if drafted else (1, len(rows))
-            self.gate.observe_round(len(rows), drafted, width, tokens, seconds, self.cost, self._steady)
+            width, tokens, promised = 1, len(rows), None
+            if drafted:
+                width, tokens = 1 + int(verified.max()), len(rows) + int(accepted.sum())
+                a = cumulative_survival(self.online[rows.cpu()])  # the estimate the gate decided on (before this round)
+                promised = float((a * (torch.arange(self.g) < verified.cpu()[:, None])).sum())
+            self.gate.observe_round(len(rows), drafted, width, tokens, seconds, self.cost, self._steady, promised)
         self._steady = drafted
         if not drafted or (self.gate is None and self.cfg.confidence != "online"):
             return
