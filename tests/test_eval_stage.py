@@ -25,7 +25,7 @@ def test_eval_cli_writes_a_lossless_report(tiny_target, tmp_path, policy):
     export = export_drafter(drafter, tmp_path / "export", include_frozen=False, target=cfg.target)
     run = tmp_path / "eval"
     env = {**os.environ, "DEEPSPEC_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "disabled"}
-    subprocess.run([sys.executable, str(REPO / "eval" / "eval.py"), f"target.name_or_path={tiny_target}", "target.layer_ids=[-1,1,3]",
+    proc = subprocess.run([sys.executable, str(REPO / "eval" / "eval.py"), f"target.name_or_path={tiny_target}", "target.layer_ids=[-1,1,3]",
                     "target.mask_token_id=3", f"drafter_path={export}", f"run_dir={run}", "max_new_tokens=12", "peers=false",
                     f"schedule.policy={policy}", "serving_loads=[1,2]", "sps_max_tokens=6",
                     "datasets=[{name:heldout,path:deepspec/assets/toy_prompts/heldout.jsonl,max_prompts:3}]"],
@@ -41,5 +41,5 @@ def test_eval_cli_writes_a_lossless_report(tiny_target, tmp_path, policy):
     assert results["drafter"]["kind"] == "DSpark" and results["drafter"]["trainable_parameters"] > 0
     if policy == "fixed":  # every round drafted: calibration and the serving replay are reported
         assert "calibration" in entry["sampled"] and "serving_simulation" in entry
-    else:  # the verify cost was profiled once and cached for the next run
-        assert list((tmp_path / "cache" / "verify_cost").glob("*.json"))
+    else:  # the verify cost was profiled once and cached for the next run (unless other processes had the cores)
+        assert list((tmp_path / "cache" / "verify_cost").glob("*.json")) or b"while the CPU was busy" in proc.stdout + proc.stderr

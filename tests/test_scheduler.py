@@ -44,6 +44,8 @@ def test_simulation_confidence_scheduling_beats_fixed_length_under_load():
 
 
 # ----------------------------------------------------------------------------- the runtime scheduler
+import os  # noqa: E402
+
 import pytest  # noqa: E402
 
 from deepspec.config.decoding import ScheduleConfig  # noqa: E402
@@ -276,9 +278,11 @@ def test_a_new_generation_starts_from_the_acceptance_seen_so_far():
     assert sched.online[0, 0] > 0.95 and sched.online[0, 1] < 0.05 and sched.online[0, 2] == 0.5  # slot 3 never verified
 
 
-def test_cost_model_interpolates_and_is_cached_per_target(tmp_path, tiny_target):
+def test_cost_model_interpolates_and_is_cached_per_target(tmp_path, tiny_target, monkeypatch):
     from deepspec.config.data import TargetConfig
     from deepspec.target import TargetModel
+
+    monkeypatch.setattr("os.getloadavg", lambda: (0.0, 0.0, 0.0))  # an idle machine (the suite may run in parallel)
 
     m = VerifyCostModel([1, 4], [1, 2], [[1.0, 2.0], [4.0, 8.0]], {})
     assert m(2, 1) == 2.0 and m(8, 2) == 16.0 and m(1, 5) == 2.0  # interpolated, extrapolated, width clamped
@@ -289,6 +293,18 @@ def test_cost_model_interpolates_and_is_cached_per_target(tmp_path, tiny_target)
     assert again.seconds == first.seconds  # read back, not measured again
     (next((tmp_path / "verify_cost").glob("*.json"))).write_text("{not json")
     assert VerifyCostModel.load_or_profile(target, 2, 3, cache_dir=str(tmp_path)).rows == [1, 2]  # corrupt: measured again
+    assert (next((tmp_path / "verify_cost").glob("*.json"))).read_text() != "{not json"
+
+
+def test_a_cost_profile_taken_while_the_cpu_is_busy_is_not_cached(tmp_path, tiny_target, monkeypatch, caplog):
+    from deepspec.config.data import TargetConfig
+    from deepspec.target import TargetModel
+
+    target = TargetModel.from_config(TargetConfig(name_or_path=str(tiny_target), layer_ids=[0]))
+    monkeypatch.setattr("os.getloadavg", lambda: (3.0 * (os.cpu_count() or 1), 0.0, 0.0))  # another job has the cores
+    with caplog.at_level("WARNING"):
+        assert VerifyCostModel.load_or_profile(target, max_rows=2, max_width=2, cache_dir=str(tmp_path)).rows == [1, 2]
+    assert "while the CPU was busy" in caplog.text and not list(tmp_path.glob("verify_cost/*.json"))
 
 
 def test_a_zero_survival_row_verifies_nothing_even_when_other_rows_widen_the_batch():

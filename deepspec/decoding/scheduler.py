@@ -171,13 +171,26 @@ class VerifyCostModel:
             except (ValueError, TypeError, KeyError):
                 log.warning("%s: unreadable cost profile, measuring again", path)
         t = time.perf_counter()
+        busy_before = cpu_is_contended(target.device)
         model = cls.profile(target, max_rows, max_width)
+        if busy_before or cpu_is_contended(target.device):
+            # the gate corrects a wrong profile per load, but only where it times both arms; a pessimistic
+            # profile kept in the cache would mislead every later run on this machine
+            log.warning("profiled verify cost while the CPU was busy (1-min load average %.1f on %d cores): "
+                        "used for this run only, not cached at %s", os.getloadavg()[0], os.cpu_count(), path)
+            return model
         log.info("profiled verify cost (rows <= %d, width <= %d) in %.1f s -> %s", max_rows, max_width, time.perf_counter() - t, path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(asdict(model)))
         tmp.replace(path)
         return model
+
+
+def cpu_is_contended(device: torch.device) -> bool:
+    """Other processes want the cores: CPU timings taken now are pessimistic. The 1-minute load average counts this
+    process's own threads too (up to one per core while it works), so the bar is 1.5x the cores."""
+    return device.type == "cpu" and hasattr(os, "getloadavg") and os.getloadavg()[0] > 1.5 * (os.cpu_count() or 1)
 
 
 def cost_key(target, context: int) -> dict:
