@@ -127,7 +127,8 @@ def draw(tiny, session_drafter, sampling: SamplingConfig, policy: str = "fixed",
     sched = VerifyScheduler(ScheduleConfig(policy=policy), g, cost_model(g) if policy.startswith("scheduled") else None)
     if sched.gate is not None:  # the synthetic profile is the truth here: every load's plain step "timed" as predicted
         for R in range(1, 2 * DRAWS + 1):
-            sched.gate.observe_round(R, False, 1, R, sched.cost(R, 1), sched.cost)
+            for _ in range(sched.gate.plain_samples):
+                sched.gate.observe_round(R, False, 1, R, sched.cost(R, 1), sched.cost)
     res = speculative_generate_batch(target, wrap(make_session(session_drafter, len(prompts))), prompts, NEW, sampling, None,
                                      torch.Generator().manual_seed(seed), sched)
     if policy != "fixed":

@@ -170,7 +170,8 @@ def test_scheduled_verification_stays_lossless(toy, policy):
         ref = autoregressive_generate(target, ids, 40, greedy, eos_token_id=tok.eos_token_id)
         sched = VerifyScheduler(ScheduleConfig(policy=policy), 5, costly_verification())
         if sched.gate is not None:  # the synthetic profile is the truth here: the plain step "timed" as predicted
-            sched.gate.observe_round(1, False, 1, 1, sched.cost(1, 1), sched.cost)
+            for _ in range(sched.gate.plain_samples):
+                sched.gate.observe_round(1, False, 1, 1, sched.cost(1, 1), sched.cost)
         got = speculative_generate(target, drafter.eval(), ids, 40, greedy, tok.eos_token_id, scheduler=sched)
         assert got.tokens == ref.tokens
         assert min(got.verified_per_round) < 5  # the schedule really shortened rounds

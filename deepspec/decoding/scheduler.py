@@ -222,6 +222,9 @@ class RecentMedian:
     def __init__(self, default: float, window: int = 9):
         self.value, self.window, self.recent = default, window, deque(maxlen=window)
 
+    def __len__(self) -> int:
+        return len(self.recent)
+
     def add(self, x: float) -> None:
         self.recent.append(x)
         self.value = sorted(self.recent)[len(self.recent) // 2]
@@ -248,11 +251,12 @@ class DraftGate:
 
     Everything is kept per load (R in 1, 2-3, 4-7, ...): a profile's error depends on R (longer
     prompts than the profile's at 32 rows; a profile measured while another process had the cores),
-    so a ratio learnt at 2 rows cannot correct 32. The first round at a load whose plain step was
-    never timed is plain (cheap: it costs what plain decoding costs). A load where the drafted arm
+    so a ratio learnt at 2 rows cannot correct 32. The first rounds at a load whose plain step was
+    never timed are plain (cheap: they cost what plain decoding costs). A load where the drafted arm
     was never timed borrows the nearest load's ratios for its prediction, but drafting there is a
     probe, charged to the budget: its first drafted round (a catch-up, below) and the next, steady
     one, which times the drafted arm at that load; after that the load's own measurements decide.
+    The plain arm needs ``plain_samples`` timed steps at a load first: the engine's first step is cold.
 
     Costs are learnt from *steady* drafted rounds only (the previous round drafted too). The first
     drafted round after plain rounds also pays the drafter's catch-up: the context of every token it
@@ -269,6 +273,10 @@ class DraftGate:
     property of the target, the drafter, the machine and the load). It never drafts when even an
     always-accepted draft could not beat a plain step.
     """
+
+    plain_samples = 3  # plain rounds timed at a load before drafting there: the engine's very first step is cold
+    # (4-5x a warm one on CPU), and a plain arm timed once at 5x would make drafting "win" for good: while the
+    # gate drafts, nothing times a plain step again
 
     def __init__(self, budget: float, margin: float = 0.0, window: int = 9, token_window: int = 64):
         self.budget, self.margin, self.window = budget, margin, window
@@ -295,24 +303,29 @@ class DraftGate:
         """Predicted seconds of a plain step of R rows."""
         return cost(R, 1) * self.ratio(False, R)
 
-    def acceptance_ratio(self, R: int) -> float:
-        """Drafts accepted / drafts promised by the estimate, in recent rounds drafted to win (nearest load; 1 before any)."""
+    def acceptance_ratio(self, R: int, prior: float = 2.0) -> float:
+        """Drafts accepted / drafts promised by the estimate, in recent rounds drafted to win (nearest load), with
+        ``prior`` drafts promised and accepted added to both sums: one unlucky round must not make it 0, which no
+        later round could change (a load where drafting never "wins" records nothing more)."""
         if not self.accepted:
             return 1.0
         recent = self.accepted[min(self.accepted, key=lambda b: abs(b - R.bit_length()))]
-        promised = sum(e for _, e in recent)
-        return sum(a for a, _ in recent) / promised if promised > 0 else 1.0
+        return (prior + sum(a for a, _ in recent)) / (prior + sum(e for _, e in recent))
 
     def should_draft(self, R: int, column_gains: list[float], cost: VerifyCostModel, steady: bool = False) -> bool:
         """R rows whose observed survival sums to ``column_gains`` per slot (g numbers: sum_r a_{r,j});
         ``steady``: the last round drafted (so this one would time the drafted arm without a catch-up)."""
         self.probing = False
         load = R.bit_length()
-        if load not in self.slowdown[False]:
-            return False  # a load whose plain step was never timed: time one (it costs what plain decoding costs)
+        if len(self.slowdown[False].get(load, ())) < self.plain_samples:
+            return False  # time plain steps at a new load first (they cost what plain decoding costs)
         verify = lambda W: cost(R, W)  # noqa: E731
         plain, draft = R / self.plain_seconds(R, cost), self.draft_cost(R)
-        rate = lambda gains: best_rate(R, gains, verify, draft) / self.ratio(True, R)  # noqa: E731
+        # a drafted round does a plain step's work and more, on the same machine: it is never predicted cheaper,
+        # relative to the profile, than a plain step (else a burst of contention timed by the plain arm alone, its
+        # last 9 rounds, makes a round that accepts nothing "beat" plain)
+        slowdown = max(self.ratio(True, R), self.ratio(False, R))
+        rate = lambda gains: best_rate(R, gains, verify, draft) / slowdown  # noqa: E731
         if rate([float(R)] * len(column_gains)) <= plain:
             return False  # drafting cannot pay even if every draft were accepted
         k = self.acceptance_ratio(R)
