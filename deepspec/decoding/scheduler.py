@@ -230,6 +230,11 @@ class RecentMedian:
         self.value = sorted(self.recent)[len(self.recent) // 2]
 
 
+def nearest(by_key: dict, key: int):
+    """The entry of the nearest measured key (rows or load bucket): what an unmeasured one borrows."""
+    return by_key[min(by_key, key=lambda k: abs(k - key))]
+
+
 class DraftGate:
     """Whether to draft at all this round (scheduled_with_draft_cost): a round costs draft + verify.
 
@@ -290,14 +295,14 @@ class DraftGate:
     def draft_cost(self, R: int) -> float:
         if not self.draft_seconds:
             return 0.0
-        return self.draft_seconds[min(self.draft_seconds, key=lambda r: abs(r - R))].value
+        return nearest(self.draft_seconds, R).value
 
     def ratio(self, drafted: bool, R: int) -> float:
         """Measured / predicted round seconds of an arm at load R (its nearest measured load; 1 before any)."""
         by_load, load = self.slowdown[drafted], R.bit_length()
         if not by_load:
             return 1.0
-        return by_load[min(by_load, key=lambda b: abs(b - load))].value
+        return nearest(by_load, load).value
 
     def plain_seconds(self, R: int, cost: VerifyCostModel) -> float:
         """Predicted seconds of a plain step of R rows."""
@@ -309,7 +314,7 @@ class DraftGate:
         later round could change (a load where drafting never "wins" records nothing more)."""
         if not self.accepted:
             return 1.0
-        recent = self.accepted[min(self.accepted, key=lambda b: abs(b - R.bit_length()))]
+        recent = nearest(self.accepted, R.bit_length())
         return (prior + sum(a for a, _ in recent)) / (prior + sum(e for _, e in recent))
 
     def should_draft(self, R: int, column_gains: list[float], cost: VerifyCostModel, steady: bool = False) -> bool:
