@@ -234,6 +234,7 @@ def test_a_profile_wrong_at_one_load_is_corrected_at_that_load():
     fair = torch.full((32, 2), 0.3, dtype=torch.float64)
     assert not gate.should_draft(*gains(fair), cost)  # 32 rows: no plain step timed at this load yet
     time_plain(gate, 32, 32.0, cost)
+    assert gate.ratio(False, 32) == pytest.approx(0.5) and gate.ratio(False, 1) == pytest.approx(1.0)  # each load its own
     assert not any(gate.should_draft(*gains(fair), cost) for _ in range(5))  # 51.2 tokens / 64.1 s < 32 / 32 s (and no probe: budget 0)
 
 
