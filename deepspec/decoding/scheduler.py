@@ -291,6 +291,9 @@ class DraftGate:
         self.accepted: dict[int, deque[tuple[float, float]]] = {}
         self.token_window = token_window
         self.debt, self.probing = 0.0, False
+        # the drafted arm's predicted rates (before the slowdown ratio) depend only on what a drafted round changes:
+        # plain rounds (most of them, when drafting loses) reuse them: (key, (all accepted, expected))
+        self._drafted_rates: tuple[tuple, tuple[float, float]] | None = None
 
     def draft_cost(self, R: int) -> float:
         if not self.draft_seconds:
@@ -324,17 +327,15 @@ class DraftGate:
         load = R.bit_length()
         if len(self.slowdown[False].get(load, ())) < self.plain_samples:
             return False  # time plain steps at a new load first (they cost what plain decoding costs)
-        verify = lambda W: cost(R, W)  # noqa: E731
-        plain, draft = R / self.plain_seconds(R, cost), self.draft_cost(R)
+        plain = R / self.plain_seconds(R, cost)
         # a drafted round does a plain step's work and more, on the same machine: it is never predicted cheaper,
         # relative to the profile, than a plain step (else a burst of contention timed by the plain arm alone, its
         # last 9 rounds, makes a round that accepts nothing "beat" plain)
         slowdown = max(self.ratio(True, R), self.ratio(False, R))
-        rate = lambda gains: best_rate(R, gains, verify, draft) / slowdown  # noqa: E731
-        if rate([float(R)] * len(column_gains)) <= plain:
+        every_accepted, expected = self.drafted_rates(R, column_gains, cost)
+        if every_accepted / slowdown <= plain:
             return False  # drafting cannot pay even if every draft were accepted
-        k = self.acceptance_ratio(R)
-        if rate([k * gain for gain in column_gains]) > plain * (1 + self.margin):
+        if expected / slowdown > plain * (1 + self.margin):
             if load in self.slowdown[True]:
                 return True
             if steady or not self.draft_seconds:  # the measuring probe of a new load: its catch-up, then a steady round
@@ -342,6 +343,17 @@ class DraftGate:
                 return True
         self.probing = self.budget > 0 and self.debt <= 0.0  # plain wins: probe once the last probes are paid for
         return self.probing
+
+    def drafted_rates(self, R: int, column_gains: list[float], cost: VerifyCostModel) -> tuple[float, float]:
+        """Predicted tokens/s of a drafted round of R rows at the profile's cost (before the slowdown ratio): if
+        every draft were accepted, and with the gains scaled by the acceptance ratio. Their inputs change only
+        after a drafted round, so a run of plain rounds computes them once."""
+        key = (R, tuple(column_gains), cost, self.draft_cost(R), self.acceptance_ratio(R))  # cost: compared by identity first
+        if self._drafted_rates is None or self._drafted_rates[0] != key:
+            verify, draft, k = (lambda W: cost(R, W)), key[3], key[4]  # noqa: E731
+            self._drafted_rates = key, (best_rate(R, [float(R)] * len(column_gains), verify, draft),
+                                        best_rate(R, [k * gain for gain in column_gains], verify, draft))
+        return self._drafted_rates[1]
 
     def observe_draft(self, R: int, seconds: float, steady: bool = True) -> None:
         """A draft's seconds; ``steady``: the previous round drafted too (no catch-up beyond one round's tokens)."""

@@ -19,19 +19,19 @@ class PendingFeatures:
 
     def __init__(self) -> None:
         self.chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (B, T, F), (B, T), valid (B, T)
-        self.dense = True  # every queued (row, slot) is valid: nothing to pack
 
     def add(self, features: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> None:
-        """features (B, T, F), tokens (B, T), valid (B, T) bool: which (row, slot) pairs are new, in order."""
+        """features (B, T, F), tokens (B, T), valid (B, T) bool: which (row, slot) pairs are new, in order.
+        Just a list append: it runs in every plain round of the loop (whether the queue needs packing is
+        asked once, when a draft takes it)."""
         self.chunks.append((features, tokens, valid))
-        self.dense = self.dense and bool(valid.all())
 
     def take(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Remove and return the queue of ``rows`` (N,), packed left: features (N, T, F), tokens (N, T), counts (N,)."""
         if not self.chunks:
             return torch.zeros(len(rows), 0, 0), torch.zeros(len(rows), 0, dtype=torch.long), torch.zeros_like(rows)
         every_row = len(rows) == self.chunks[0][2].shape[0]  # the usual case: all rows draft (rows are sorted, unique)
-        if every_row and self.dense:  # already packed (a batch of one always is): no index arithmetic
+        if every_row and all(bool(c[2].all()) for c in self.chunks):  # already packed (a batch of one always is)
             feats, toks = [c[0] for c in self.chunks], [c[1] for c in self.chunks]
             self.chunks = []
             if len(feats) == 1:  # the usual queue: one round's tokens, handed over without a copy
@@ -48,7 +48,6 @@ class PendingFeatures:
             for _, _, v in self.chunks:
                 v[rows] = False
             self.chunks = [c for c in self.chunks if bool(c[2].any())]
-        self.dense = not self.chunks  # what is left has the taken rows' slots cleared
         counts = valid.sum(1)
         T = int(counts.max()) if len(rows) else 0
         slot = valid.long().cumsum(1) - 1  # (N, T_all) destination of each valid entry
@@ -73,9 +72,10 @@ class IncrementalSession:
     def block_size(self) -> int:
         return self.g
 
-    @torch.inference_mode()
     def extend(self, features: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> None:
-        """Queue verified tokens: features (B, T, L*d), the tokens at the same positions (B, T), valid (B, T)."""
+        """Queue verified tokens: features (B, T, L*d), the tokens at the same positions (B, T), valid (B, T).
+        No tensor work beyond a dtype cast (none when the dtypes match) and no inference-mode context of its
+        own (the loop runs in one): it runs every round, drafted or not."""
         self.pending.add(features.to(self.d.fc.weight.dtype), tokens, valid)
 
 
