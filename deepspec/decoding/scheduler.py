@@ -231,7 +231,10 @@ class RecentMedian:
 
 
 def nearest(by_key: dict, key: int):
-    """The entry of the nearest measured key (rows or load bucket): what an unmeasured one borrows."""
+    """The entry of the nearest measured key (rows or load bucket): what an unmeasured one borrows.
+    The key's own entry, once measured, is found without a search (this runs several times a round)."""
+    if key in by_key:
+        return by_key[key]
     return by_key[min(by_key, key=lambda k: abs(k - key))]
 
 
