@@ -188,11 +188,11 @@ def test_catch_up_after_plain_rounds_is_charged_to_the_probe_budget_not_to_the_d
     sched.observe(rows, L, m, 1.5)
     assert sched.gate.draft_cost(1) == 0.3 and sched.gate.ratio(True, 1) == pytest.approx(1.0)
     assert sched.gate.debt == pytest.approx((6.2 - 1.0) + (1.5 - 1.0))  # both measuring rounds were probes
-    sched.observe(rows, None, None, 1.0)  # a plain round (repays 1% of its second): the next draft catches up again
+    sched.observe(rows, None, None, 1.0)  # a plain round (repays the budget's share of its second): the next draft catches up again
     sched.gate.probing = True
     sched.lengths(rows, torch.ones(1, 2), 4.0)
     sched.observe(rows, L, m, 5.2)
-    assert sched.gate.draft_cost(1) == 0.3 and sched.gate.debt == pytest.approx(5.7 - 0.01 + (5.2 - 1.0))
+    assert sched.gate.draft_cost(1) == 0.3 and sched.gate.debt == pytest.approx(5.7 - sched.gate.budget * 1.0 + (5.2 - 1.0))
 
 
 def test_a_cold_first_plain_step_is_outvoted_before_the_gate_drafts():

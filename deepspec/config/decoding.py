@@ -27,11 +27,13 @@ class ScheduleConfig:
     """STS temperatures per slot; None = the drafter's saved ones (``confidence_temperatures.json``)."""
     online_ema: float = 0.3
     """online: weight of the newest observation."""
-    probe_budget: float = 0.01
+    probe_budget: float = 0.005
     """scheduled_with_draft_cost: while plain decoding wins, the fraction of wall time the engine may
     lose to probing drafts (which tell it when drafting pays again). A probe after plain rounds also
     builds the drafter's context of every skipped token (4-5 plain steps at 16 rows on the toy target),
-    so it is rare: 2% measured 1.5-1.7% of the wall time lost at 4 and 16 rows, too close to plain's 3%."""
+    so it is rare: 2% measured 1.5-1.7% of the wall time lost at 4 and 16 rows; 1% lost 1.0% at every
+    load (session 25), which with the loop's own plain-round overhead (~1%) and noise left R = 4 at
+    0.96-0.965 of plain. Half that: a change in the text is noticed after twice the plain rounds."""
     draft_margin: float = 0.1
     """scheduled_with_draft_cost: draft only when a drafted round is predicted to emit this fraction more
     tokens per second than a plain step. The prediction rests on medians of a few noisy round times (a
