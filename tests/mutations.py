@@ -80,7 +80,7 @@ MUTATIONS = [
     ("the measuring probe stops after its catch-up", "deepspec/decoding/scheduler.py",
      "            if steady or not self.draft_seconds:", "            if not self.draft_seconds:", SCHED),
     ("the gate trusts an acceptance estimate selected at its highs", "deepspec/decoding/scheduler.py",
-     "self.draft_cost(R), self.acceptance_ratio(R))", "self.draft_cost(R), 1.0)", SCHED),
+     "draft, k = self.draft_cost(R), self.acceptance_ratio(R)", "draft, k = self.draft_cost(R), 1.0", SCHED),
     ("the drafted arm's rates kept after the gains change", "deepspec/decoding/scheduler.py",
      "key = (R, tuple(column_gains), cost,", "key = (R, len(column_gains), cost,", SCHED),
     ("one unlucky round zeroes the acceptance ratio", "deepspec/decoding/scheduler.py",

@@ -351,9 +351,10 @@ class DraftGate:
         """Predicted tokens/s of a drafted round of R rows at the profile's cost (before the slowdown ratio): if
         every draft were accepted, and with the gains scaled by the acceptance ratio. Their inputs change only
         after a drafted round, so a run of plain rounds computes them once."""
-        key = (R, tuple(column_gains), cost, self.draft_cost(R), self.acceptance_ratio(R))  # cost: compared by identity first
+        draft, k = self.draft_cost(R), self.acceptance_ratio(R)
+        key = (R, tuple(column_gains), cost, draft, k)  # cost: compared by identity first
         if self._drafted_rates is None or self._drafted_rates[0] != key:
-            verify, draft, k = (lambda W: cost(R, W)), key[3], key[4]  # noqa: E731
+            verify = lambda W: cost(R, W)  # noqa: E731
             self._drafted_rates = key, (best_rate(R, [float(R)] * len(column_gains), verify, draft),
                                         best_rate(R, [k * gain for gain in column_gains], verify, draft))
         return self._drafted_rates[1]
