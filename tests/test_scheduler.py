@@ -118,7 +118,7 @@ def test_gate_decodes_plainly_when_drafting_cannot_pay_and_probes_within_its_bud
 def test_the_scheduler_gate_sees_what_drafted_rounds_observed_after_a_run_of_plain_rounds():
     """Between drafted rounds the gate reuses its survival sums; a drafted round's outcome must reach the next decision."""
     cost = VerifyCostModel([1], [1, 2, 3], [[1.0, 1.1, 1.2]], {})
-    sched = VerifyScheduler(ScheduleConfig(policy="scheduled_with_draft_cost"), 2, cost, [1.0, 1.0])
+    sched = VerifyScheduler(ScheduleConfig(policy="scheduled_with_draft_cost", plain_streak=1), 2, cost, [1.0, 1.0])
     rows = torch.tensor([0])
     sched.gate.observe_draft(1, 0.3)
     sched.gate.debt = 100.0  # no probe is due
@@ -129,6 +129,27 @@ def test_the_scheduler_gate_sees_what_drafted_rounds_observed_after_a_run_of_pla
     for _ in range(5):  # then drafted rounds (as probes would be) accept both drafts every time
         sched.observe(rows, torch.tensor([2]), torch.tensor([2]), 1.5)
     assert sched.should_draft(rows)
+
+
+def test_a_plain_streak_asks_the_gate_once_and_is_observed_as_one_measurement():
+    """Once the gate says plain, ``plain_streak`` rounds run without asking it; the streak reaches the gate as
+    one observation of its summed rounds (the same slowdown ratio as round by round); a row leaving ends it."""
+    cost = VerifyCostModel([1, 2], [1, 2], [[1.0, 1.5], [1.2, 1.8]], {})
+    sched = VerifyScheduler(ScheduleConfig(policy="scheduled_with_draft_cost", plain_streak=4), 2, cost, [1.0, 1.0])
+    asked = []
+    decide = sched.gate.should_draft
+    sched.gate.should_draft = lambda *a: asked.append(a[0]) or decide(*a)
+    sched.start(2)
+    rows = torch.tensor([0, 1])
+    for _ in range(10):
+        assert not sched.should_draft(rows)
+        sched.observe(rows, None, None, 2.4)  # 2x the profile's 1.2 s
+    assert asked == [2, 2, 2]  # rounds 1, 5 and 9
+    by_load = sched.gate.slowdown[False][2]
+    assert len(by_load) == 2 and by_load.value == pytest.approx(2.0)  # two whole streaks observed; round 9 is running
+    assert sched.gate.debt == 0.0
+    assert not sched.should_draft(rows[:1])  # a row left: the streak ends there and the gate decides for one row
+    assert asked == [2, 2, 2, 1] and len(by_load) == 3  # the cut streak (2 rounds) was observed too
 
 
 def test_gate_scales_each_arm_by_its_measured_round_time():
@@ -173,7 +194,7 @@ def test_catch_up_after_plain_rounds_is_charged_to_the_probe_budget_not_to_the_d
     """The first drafted round after plain rounds builds the drafter's context for every skipped token: it is slow
     once. Its time must not become the draft cost (the gate would then refuse drafts that pay), but it is a debt."""
     cost = VerifyCostModel([1], [1, 2, 3], [[1.0, 1.1, 1.2]], {})
-    sched = VerifyScheduler(ScheduleConfig(policy="scheduled_with_draft_cost"), 2, cost, [1.0, 1.0])
+    sched = VerifyScheduler(ScheduleConfig(policy="scheduled_with_draft_cost", plain_streak=1), 2, cost, [1.0, 1.0])
     rows, L, m = torch.tensor([0]), torch.tensor([2]), torch.tensor([0])
     sched.start(1)
     for _ in range(DraftGate.plain_samples):

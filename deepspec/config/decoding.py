@@ -39,6 +39,13 @@ class ScheduleConfig:
     tokens per second than a plain step. The prediction rests on medians of a few noisy round times (a
     shared CPU spreads rounds +-15-30%: a median of 9 is uncertain by ~5% per arm), and at break-even the
     plain step is the safe side; where speculation pays (1.5-3x) a 10% margin changes nothing."""
+    plain_streak: int = 8
+    """scheduled_with_draft_cost: once the gate decides to decode plainly, the next ``plain_streak`` rounds are
+    plain without asking it again, and are timed as one observation. A plain round's bookkeeping is Python
+    run right after a target step (cold caches: ~60 us per round for the gate's decision and its
+    observation, 0.5% of a toy step at R = 1); a streak pays it once. The gate's inputs do not change during
+    plain rounds except the debt and the plain arm's timing, so a probe or a return to drafting comes at
+    most ``plain_streak - 1`` rounds late. 1 = ask every round."""
 
     def problems(self, prefix: str = "") -> list[str]:
         out = []
@@ -54,6 +61,8 @@ class ScheduleConfig:
             out.append(f"{prefix}online_ema={self.online_ema} must be in (0, 1]")
         if not 0.0 <= self.probe_budget < 1.0:
             out.append(f"{prefix}probe_budget={self.probe_budget} must be in [0, 1)")
+        if self.plain_streak < 1:
+            out.append(f"{prefix}plain_streak={self.plain_streak} must be >= 1")
         if not 0.0 <= self.draft_margin < 10.0:
             out.append(f"{prefix}draft_margin={self.draft_margin} must be in [0, 10)")
         if self.temperatures is not None and any(t <= 0 for t in self.temperatures):

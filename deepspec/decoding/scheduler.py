@@ -264,7 +264,9 @@ class DraftGate:
     was never timed borrows the nearest load's ratios for its prediction, but drafting there is a
     probe, charged to the budget: its first drafted round (a catch-up, below) and the next, steady
     one, which times the drafted arm at that load; after that the load's own measurements decide.
-    The plain arm needs ``plain_samples`` timed steps at a load first: the engine's first step is cold.
+    The plain arm needs ``plain_samples`` timed observations at a load first: the engine's first step is cold.
+    The scheduler hands plain rounds over in streaks (``ScheduleConfig.plain_streak``): one observation is
+    a streak's rounds, summed (its medians are over streaks, which only makes them steadier).
 
     Costs are learnt from *steady* drafted rounds only (the previous round drafted too). The first
     drafted round after plain rounds also pays the drafter's catch-up: the context of every token it
@@ -282,7 +284,7 @@ class DraftGate:
     always-accepted draft could not beat a plain step.
     """
 
-    plain_samples = 3  # plain rounds timed at a load before drafting there: the engine's very first step is cold
+    plain_samples = 3  # plain observations timed at a load before drafting there: the engine's very first step is cold
     # (4-5x a warm one on CPU), and a plain arm timed once at 5x would make drafting "win" for good: while the
     # gate drafts, nothing times a plain step again
 
@@ -365,9 +367,10 @@ class DraftGate:
             self.draft_seconds.setdefault(R, RecentMedian(seconds, self.window)).add(seconds)
 
     def observe_round(self, R: int, drafted: bool, width: int, tokens: int, seconds: float, cost: VerifyCostModel,
-                      steady: bool = True, promised: float | None = None) -> None:
+                      steady: bool = True, promised: float | None = None, rounds: int = 1) -> None:
         """A whole round's wall time (draft, verify, acceptance, bookkeeping) and the tokens it produced;
-        ``promised``: the drafts the acceptance estimate expected to be accepted within the verified lengths."""
+        ``promised``: the drafts the acceptance estimate expected to be accepted within the verified lengths.
+        A plain streak is observed once: ``rounds`` plain rounds, their summed ``seconds`` and ``tokens``."""
         plain_per_token = self.plain_seconds(R, cost) / R  # before this round updates the estimate
         if drafted and self.probing:
             self.debt += max(seconds - tokens * plain_per_token, 0.0)
@@ -376,7 +379,7 @@ class DraftGate:
         if drafted and not self.probing and promised is not None:  # a round drafted because it was predicted to win
             self.accepted.setdefault(R.bit_length(), deque(maxlen=self.token_window)).append((tokens - R, promised))
         if steady or not drafted:
-            predicted = cost(R, width) + (self.draft_cost(R) if drafted else 0.0)
+            predicted = rounds * (cost(R, width) + (self.draft_cost(R) if drafted else 0.0))
             by_load = self.slowdown[drafted]
             if R.bit_length() not in by_load:
                 by_load[R.bit_length()] = RecentMedian(1.0, self.window)
@@ -397,6 +400,7 @@ class VerifyScheduler:
         self.temperatures = cfg.temperatures if cfg.temperatures is not None else temperatures
         self.gate = DraftGate(cfg.probe_budget, cfg.draft_margin) if cfg.policy == "scheduled_with_draft_cost" else None
         self.prior = torch.full((block_size,), 0.5, dtype=torch.float64)  # conditional acceptance per slot, all rows so far
+        self._streak = (0, 0, 0.0)  # the current plain streak: (rows, rounds run, their seconds)
         self.start(1)
 
     def start(self, batch_size: int) -> None:
@@ -405,6 +409,15 @@ class VerifyScheduler:
         self.online = self.prior.expand(batch_size, -1).clone()  # conditional acceptance per row and slot
         self._gains: tuple[int, list[float]] | None = None  # (rows, sum_r a_{r,j}) until ``online`` changes
         self._steady = False  # the last round drafted: the next draft catches up one round's tokens, not a prompt
+        self._end_streak()  # a streak left by the last generation's final rounds is still an observation
+        self._plain_left = 0  # plain rounds still to run without asking the gate
+
+    def _end_streak(self) -> None:
+        """Hand the gate the plain streak's rounds as one observation (rows, rounds, summed seconds)."""
+        R, rounds, seconds = self._streak
+        if rounds:
+            self.gate.observe_round(R, False, 1, R * rounds, seconds, self.cost, rounds=rounds)
+        self._streak = (0, 0, 0.0)
 
     def should_draft(self, rows: torch.Tensor) -> bool:
         """1. before drafting: False = decode this round plainly (scheduled_with_draft_cost only).
@@ -413,9 +426,17 @@ class VerifyScheduler:
         plain rounds reuses its column sums: a plain round's bookkeeping stays plain Python."""
         if self.gate is None:
             return True
-        if self._gains is None or self._gains[0] != len(rows):  # rows only ever leave: their count names the set
-            self._gains = len(rows), cumulative_survival(self.online[rows.cpu()]).sum(0).tolist()
-        return self.gate.should_draft(len(rows), self._gains[1], self.cost, self._steady)
+        R = len(rows)  # rows only ever leave: their count names the set
+        if self._plain_left and R == self._streak[0]:  # inside a plain streak: no gate work at all
+            self._plain_left -= 1
+            return False
+        self._end_streak()
+        if self._gains is None or self._gains[0] != R:
+            self._gains = R, cumulative_survival(self.online[rows.cpu()]).sum(0).tolist()
+        if self.gate.should_draft(R, self._gains[1], self.cost, self._steady):
+            return True
+        self._plain_left, self._streak = self.cfg.plain_streak - 1, (R, 0, 0.0)
+        return False
 
     def survival(self, rows: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
         """Calibrated cumulative survival a (N, g) of the rows' drafts."""
@@ -443,12 +464,17 @@ class VerifyScheduler:
         compares it with its prediction; after a drafted round the online acceptance estimate (read by the
         gate and by ``confidence=online``) learns from what was verified."""
         drafted = verified is not None
-        if self.gate is not None:
-            width, tokens, promised = 1, len(rows), None
-            if drafted:
-                width, tokens = 1 + int(verified.max()), len(rows) + int(accepted.sum())
-                a = cumulative_survival(self.online[rows.cpu()])  # the estimate the gate decided on (before this round)
-                promised = float((a * (torch.arange(self.g) < verified.cpu()[:, None])).sum())
+        if self.gate is not None and not drafted:  # a round of the plain streak: summed, observed when it ends
+            _, rounds, total = self._streak
+            self._streak = (len(rows), rounds + 1, total + seconds)
+            if not self._plain_left:
+                self._end_streak()
+        elif self.gate is not None:
+            self._plain_left = 0  # a drafted round ends any streak (the loop drafts only when asked; callers may not)
+            self._end_streak()
+            width, tokens = 1 + int(verified.max()), len(rows) + int(accepted.sum())
+            a = cumulative_survival(self.online[rows.cpu()])  # the estimate the gate decided on (before this round)
+            promised = float((a * (torch.arange(self.g) < verified.cpu()[:, None])).sum())
             self.gate.observe_round(len(rows), drafted, width, tokens, seconds, self.cost, self._steady, promised)
         self._steady = drafted
         if not drafted or (self.gate is None and self.cfg.confidence != "online"):
