@@ -219,3 +219,45 @@ def test_target_cache_keeps_no_slot_that_every_row_rejected(toy, corrupt, monkey
         assert bool(mask[:, :-width].any(0).all()), "a cache column that no row kept survived a round"
         if len(ids) == 1:
             assert bool(mask.all()), "a batch of one attended over a hole"
+
+
+class RandomPlainRounds(VerifyScheduler):
+    """Fixed-length verification, with rounds decoded plainly at random (as the draft-cost gate decides)."""
+
+    def __init__(self, g: int, seed: int):
+        super().__init__(ScheduleConfig(policy="fixed"), g)
+        self.coin = torch.Generator().manual_seed(seed)
+
+    def should_draft(self, rows):
+        return bool(torch.rand((), generator=self.coin) < 0.5)
+
+
+class QueueRecorder:
+    """A session that keeps what the loop hands ``extend`` (the tensors themselves, no copies) and drafts as ``inner``."""
+
+    def __init__(self, inner):
+        self.inner, self.block_size, self.queued = inner, inner.block_size, []
+
+    def extend(self, features, tokens, valid):
+        self.queued.append((tokens, valid))
+        self.inner.extend(features, tokens, valid)
+
+    def draft(self, *args):
+        return self.inner.draft(*args)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_drafter_is_handed_each_rows_tokens_in_order_through_plain_and_drafted_rounds(toy, seed):
+    """Read at the end, what the loop queued for the drafter is each row's prompt then its emitted tokens, in order
+    (up to the anchor; a last round's accepted drafts past max_new_tokens may follow): the loop must not write into
+    tensors it handed over (the anchors of a plain round are queued as a view, not a copy)."""
+    target, tok = toy
+    drafter, _ = build_drafter(TrainStageConfig(target=TOY, drafter=DRAFTERS["dspark"], cache_dir="x"), torch.device("cpu"))
+    ps = prompts(tok, 3)  # different lengths (left padding); rows finish at different rounds (EOS or the limit)
+    session = QueueRecorder(make_session(drafter.eval(), len(ps)))
+    res = speculative_generate_batch(target, session, ps, 40, SamplingConfig(temperature=1.0), tok.eos_token_id,
+                                     torch.Generator().manual_seed(seed), RandomPlainRounds(5, seed))
+    for r, (prompt, out) in enumerate(zip(ps, res)):
+        queued = [t for tokens, valid in session.queued for t, v in zip(tokens[r].tolist(), valid[r].tolist()) if v]
+        emitted = prompt.tolist() + out.tokens
+        assert len(queued) >= len(emitted) - 1 and queued == emitted[: len(queued)], r

@@ -64,7 +64,8 @@ class _Batch:
     cache: DynamicCache
     mask: torch.Tensor  # (B, cache length) 1 = a real token of the row, 0 = padding or hole
     lengths: torch.Tensor  # (B,) real tokens per row = position of the anchor
-    anchors: torch.Tensor  # (B,) the last emitted token per row
+    anchors: torch.Tensor  # (B,) the last emitted token per row; replaced each round, never written in place (the
+    # drafter's queue keeps a view of the previous anchors as the tokens of a plain round)
     active: torch.Tensor  # (B,) bool
     results: list[GenerationResult]
 
@@ -178,10 +179,10 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
         rows = batch.active.nonzero()[:, 0]
         N = len(rows)
         if not scheduler.should_draft(rows):  # 0. drafting does not pay now (scheduled_with_draft_cost): a plain step
-            step_tokens, step_valid = batch.anchors[:, None].clone(), batch.active[:, None].clone()
+            step_tokens, step_valid = batch.anchors[:, None], batch.active[:, None].clone()  # _emit writes active
             layer_hidden, nxt = _plain_step(target, batch, rows, sampling, generator)
             session.extend(layer_hidden, step_tokens, step_valid)
-            batch.anchors[rows] = nxt
+            batch.anchors = nxt if N == B else batch.anchors.index_put((rows,), nxt)
             _emit(batch, rows.tolist(), step_tokens, [0] * N, nxt.tolist(), [0] * N, max_new_tokens, eos_token_id)
             elapsed = time.perf_counter() - t0
             seconds["verify"] += elapsed  # a plain round counts as a verify of width 1
@@ -214,10 +215,7 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
         _drop_trailing_holes(batch, W - widest)
         session.extend(layer_hidden[:, :widest], block[:, :widest], keep[:, :widest].bool())
         batch.lengths += kept
-        if N == B:
-            batch.anchors = nxt
-        else:
-            batch.anchors[rows] = nxt
+        batch.anchors = nxt if N == B else batch.anchors.index_put((rows,), nxt)
         rows_l, m_l = rows.tolist(), m.tolist()
         _emit(batch, rows_l, block, m_l, nxt.tolist(), L.tolist(), max_new_tokens, eos_token_id)
         for r, c in zip(rows_l, draft.confidence.float().tolist()):
@@ -242,7 +240,7 @@ def autoregressive_generate_batch(target: TargetModel, prompts: list[torch.Tenso
     while bool(batch.active.any()):
         rows = batch.active.nonzero()[:, 0]
         _, nxt = _plain_step(target, batch, rows, sampling, generator)
-        batch.anchors[rows] = nxt
+        batch.anchors = nxt if len(rows) == len(prompts) else batch.anchors.index_put((rows,), nxt)  # as the engine's
         for r, tok in zip(rows.tolist(), nxt.tolist()):
             batch.results[r].tokens.append(tok)
             if tok == eos_token_id or len(batch.results[r].tokens) >= max_new_tokens:

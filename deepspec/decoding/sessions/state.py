@@ -76,7 +76,8 @@ class IncrementalSession:
         """Queue verified tokens: features (B, T, L*d), the tokens at the same positions (B, T), valid (B, T).
         No tensor work beyond a dtype cast (none when the dtypes match) and no inference-mode context of its
         own (the loop runs in one): it runs every round, drafted or not."""
-        self.pending.add(features.to(self.d.fc.weight.dtype), tokens, valid)
+        dtype = self.d.fc.weight.dtype
+        self.pending.add(features if features.dtype == dtype else features.to(dtype), tokens, valid)
 
 
 class RaggedKV:
