@@ -9,8 +9,9 @@ sweeps over every policy (the order reversed every other sweep, so drift hits ev
 throughput = tokens / seconds summed over the sweeps. A 3% criterion needs more than that on a
 noisy machine, so plain and scheduled_with_draft_cost then alternate in pairs (same prompts and
 seed within a pair; at R <= 4 each pair takes the next R prompts of a pool of 16) until each side
-has run ``--paired-seconds``: ``vs_plain_paired`` is the ratio of their summed throughputs, with the
-spread of the per-pair ratios beside it. On a VM whose pairs spread +-30% (stalls of seconds) that
+has run ``--paired-seconds`` (and at least ``--paired-repeats`` pairs: at 32 rows 60 s is only ~13 pairs):
+``vs_plain_paired`` is the ratio of their summed throughputs, with the per-pair ratios, their spread and
+``vs_plain_paired_se`` (their standard deviation / sqrt(pairs)) beside it. On a VM whose pairs spread +-30% (stalls of seconds) that
 still resolves only a few percent, so the draft-cost runs of the pairs also account for their own
 rounds: ``vs_plain_in_process`` = 1 - (what the drafted rounds cost beyond what plain steps of the same
 run, at the same R, would have taken for their tokens) / the run's seconds. It is the gate's decisions
@@ -158,6 +159,8 @@ def main() -> None:
         row["scheduled_with_draft_cost"].update(
             vs_plain_paired=(ts / ss) / (tp / sp), paired_runs=len(pairs), paired_seconds={"plain": sp, "scheduled_with_draft_cost": ss},
             vs_plain_pair_median=statistics.median(pairs), vs_plain_pair_min=min(pairs), vs_plain_pair_max=max(pairs),
+            # about one standard error of the paired figure: the spread of the pair ratios / sqrt(pairs)
+            vs_plain_paired_se=statistics.stdev(pairs) / len(pairs) ** 0.5, vs_plain_pairs=pairs,
             **drafting_account(schedulers["scheduled_with_draft_cost"].rounds))
         loads.append(row)
         sd = row["scheduled_with_draft_cost"]
@@ -165,7 +168,7 @@ def main() -> None:
               f"{row['fixed_g7']['throughput_tokens_per_s']:8.1f}  best_fixed({top}) {fixed[top]['throughput_tokens_per_s']:8.1f}  "
               f"scheduled {row['scheduled']['throughput_tokens_per_s']:8.1f}  +draft_cost {sd['throughput_tokens_per_s']:8.1f}  "
               f"(vs best_fixed {sd['vs_best_fixed']:.3f}, vs plain {sd['vs_plain']:.3f}, paired {sd['vs_plain_paired']:.3f} "
-              f"over {len(pairs)} pairs [{min(pairs):.2f}-{max(pairs):.2f}], in-process {sd['vs_plain_in_process']:.3f}, "
+              f"+- {sd['vs_plain_paired_se']:.3f} over {len(pairs)} pairs [{min(pairs):.2f}-{max(pairs):.2f}], in-process {sd['vs_plain_in_process']:.3f}, "
               f"drafted {sd['drafted_round_fraction']:.3f})", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
