@@ -45,7 +45,7 @@ MUTATIONS = [
     ("rejected positions not turned into holes", "deepspec/decoding/speculative.py", "        batch.mask[:, -W:] = keep  # rejected positions become holes",
      "        pass", FAST_LAW),
     ("a plain round's queued anchors overwritten in place", "deepspec/decoding/speculative.py",
-     "            batch.anchors = nxt if N == B else batch.anchors.index_put((rows,), nxt)\n            _emit",
+     "            batch.anchors = _next_anchors(batch, rows, nxt)\n            _emit",
      "            batch.anchors[rows] = nxt\n            _emit", "tests/test_speculative.py -k handed"),
     ("positions count the holes", "deepspec/decoding/speculative.py", "        batch.lengths += kept\n", "        batch.lengths += W\n", FAST_LAW),
     ("rows' positions aligned to the longest row", "deepspec/decoding/speculative.py",

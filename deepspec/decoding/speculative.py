@@ -125,6 +125,12 @@ def _of_active_rows(x: torch.Tensor, rows: torch.Tensor, B: int) -> torch.Tensor
     return x if len(rows) == B else x[rows]
 
 
+def _next_anchors(batch: _Batch, rows: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
+    """(B,) anchors with the active ``rows`` set to ``nxt`` (N,): a new tensor, never the old one written in place
+    (the drafter's queue may hold a view of it); ``nxt`` itself when every row is active (no scatter)."""
+    return nxt if len(rows) == len(batch.anchors) else batch.anchors.index_put((rows,), nxt)
+
+
 def _drop_trailing_holes(batch: _Batch, n: int) -> None:
     """Crop the last ``n`` cache slots, which no row kept: rejections are a suffix of each row's block, so the
     slots after the longest kept prefix are holes in every row. A batch of one then never has holes, and
@@ -182,7 +188,7 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
             step_tokens, step_valid = batch.anchors[:, None], batch.active[:, None].clone()  # _emit writes active
             layer_hidden, nxt = _plain_step(target, batch, rows, sampling, generator)
             session.extend(layer_hidden, step_tokens, step_valid)
-            batch.anchors = nxt if N == B else batch.anchors.index_put((rows,), nxt)
+            batch.anchors = _next_anchors(batch, rows, nxt)
             _emit(batch, rows.tolist(), step_tokens, [0] * N, nxt.tolist(), [0] * N, max_new_tokens, eos_token_id)
             elapsed = time.perf_counter() - t0
             seconds["verify"] += elapsed  # a plain round counts as a verify of width 1
@@ -215,7 +221,7 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
         _drop_trailing_holes(batch, W - widest)
         session.extend(layer_hidden[:, :widest], block[:, :widest], keep[:, :widest].bool())
         batch.lengths += kept
-        batch.anchors = nxt if N == B else batch.anchors.index_put((rows,), nxt)
+        batch.anchors = _next_anchors(batch, rows, nxt)
         rows_l, m_l = rows.tolist(), m.tolist()
         _emit(batch, rows_l, block, m_l, nxt.tolist(), L.tolist(), max_new_tokens, eos_token_id)
         for r, c in zip(rows_l, draft.confidence.float().tolist()):
@@ -240,7 +246,7 @@ def autoregressive_generate_batch(target: TargetModel, prompts: list[torch.Tenso
     while bool(batch.active.any()):
         rows = batch.active.nonzero()[:, 0]
         _, nxt = _plain_step(target, batch, rows, sampling, generator)
-        batch.anchors = nxt if len(rows) == len(prompts) else batch.anchors.index_put((rows,), nxt)  # as the engine's
+        batch.anchors = _next_anchors(batch, rows, nxt)
         for r, tok in zip(rows.tolist(), nxt.tolist()):
             batch.results[r].tokens.append(tok)
             if tok == eos_token_id or len(batch.results[r].tokens) >= max_new_tokens:
