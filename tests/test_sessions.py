@@ -119,3 +119,37 @@ def test_sampled_draft_probabilities_equal_full_recomputation(drafters, kind):
     got = session.draft(torch.tensor([0]), torch.tensor([7]), sampling, g)
     ref = torch.softmax(full_recompute_logits(drafter, kind, feats, toks, 7, got.tokens[0]).float(), -1)
     assert torch.allclose(got.q[0], ref, atol=ATOL)
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_the_queue_hands_each_rows_entries_in_order_and_never_writes_what_it_was_handed(data):
+    """``PendingFeatures``: chunks of (B, T) entries with ragged valid masks, taken by random subsets of rows, give each
+    row its valid entries in order, once; the valid masks it was handed stay as they were (the loop queues views of
+    its own live tensors: a plain round's valid mask is the loop's ``active``)."""
+    from deepspec.decoding.sessions.state import PendingFeatures
+
+    B = data.draw(st.integers(1, 4))
+    queue, handed, expected, got = PendingFeatures(), [], [[] for _ in range(B)], [[] for _ in range(B)]
+    counter = 0
+    for _ in range(data.draw(st.integers(1, 6))):
+        T = data.draw(st.integers(1, 3))
+        tokens = torch.arange(counter, counter + B * T).view(B, T)
+        counter += B * T
+        valid = torch.tensor(data.draw(st.lists(st.lists(st.booleans(), min_size=T, max_size=T), min_size=B, max_size=B)))
+        queue.add(tokens.float()[..., None], tokens, valid)
+        handed.append((valid, valid.clone()))
+        for r in range(B):
+            expected[r] += tokens[r][valid[r]].tolist()
+        if data.draw(st.booleans()):
+            rows = torch.tensor(sorted(data.draw(st.sets(st.integers(0, B - 1), min_size=1))))
+            feats, toks, counts = queue.take(rows)
+            for i, r in enumerate(rows.tolist()):
+                got[r] += toks[i, : counts[i]].tolist()
+                assert feats[i, : counts[i], 0].long().tolist() == toks[i, : counts[i]].tolist()
+    feats, toks, counts = queue.take(torch.arange(B))
+    for r in range(B):
+        got[r] += toks[r, : counts[r]].tolist()
+    assert got == expected
+    for valid, before in handed:
+        assert torch.equal(valid, before), "the queue wrote into a valid mask it was handed"

@@ -66,8 +66,12 @@ class _Batch:
     lengths: torch.Tensor  # (B,) real tokens per row = position of the anchor
     anchors: torch.Tensor  # (B,) the last emitted token per row; replaced each round, never written in place (the
     # drafter's queue keeps a view of the previous anchors as the tokens of a plain round)
-    active: torch.Tensor  # (B,) bool
+    active: torch.Tensor  # (B,) bool; replaced when rows stop, never written in place (the queue keeps views of it too)
     results: list[GenerationResult]
+    rows: torch.Tensor = None  # (N,) the active rows, sorted: kept with ``active`` (set once, then by ``_stop``)
+
+    def __post_init__(self):
+        self.rows = self.active.nonzero()[:, 0]
 
 
 def _prefill(target: TargetModel, prompts: list[torch.Tensor], sampling: SamplingConfig, generator, max_new_tokens: int,
@@ -93,21 +97,32 @@ def _prefill(target: TargetModel, prompts: list[torch.Tensor], sampling: Samplin
     return _Batch(cache, mask, mask.sum(1), first, active, results), features, ids, mask.bool()
 
 
-def _emit(batch: _Batch, rows: list[int], block: torch.Tensor, m: list[int], nxt: list[int], verified: list[int],
+def _emit(batch: _Batch, rows: list[int], tokens: list[list[int]], m: list[int], verified: list[int],
           max_new_tokens: int, eos_token_id: int | None) -> None:
-    """Append each row's accepted drafts and next token; stop rows at EOS/max_new_tokens."""
-    drafts = block[:, 1:].tolist()
-    for i, r in enumerate(rows):
-        res, emitted = batch.results[r], 0
-        for tok in drafts[r][: m[i]] + [nxt[i]]:
-            res.tokens.append(tok)
-            emitted += 1
-            if tok == eos_token_id or len(res.tokens) >= max_new_tokens:
-                batch.active[r] = False
-                break
-        res.accepted_per_round.append(m[i])
-        res.emitted_per_round.append(emitted)
-        res.verified_per_round.append(verified[i])
+    """Append each row's tokens of the round (its m accepted drafts, then the next token) and its per-round
+    records; a row stops at EOS or max_new_tokens (what it would have emitted after is dropped)."""
+    stopped = []
+    for r, toks, m_r, L_r in zip(rows, tokens, m, verified):
+        res = batch.results[r]
+        toks = toks[: max_new_tokens - len(res.tokens)]
+        if eos_token_id in toks:
+            toks = toks[: toks.index(eos_token_id) + 1]
+        res.tokens += toks
+        res.accepted_per_round.append(m_r)
+        res.emitted_per_round.append(len(toks))
+        res.verified_per_round.append(L_r)
+        if toks[-1] == eos_token_id or len(res.tokens) >= max_new_tokens:
+            stopped.append(r)
+    _stop(batch, stopped)
+
+
+def _stop(batch: _Batch, stopped: list[int]) -> None:
+    """The ``stopped`` rows leave the batch: a new ``active`` mask (the old one may be queued in the drafter as a
+    plain round's valid mask, so it is never written in place) and its ``rows``."""
+    if stopped:
+        active = batch.active.clone()
+        active[stopped] = False
+        batch.active, batch.rows = active, active.nonzero()[:, 0]
 
 
 def _of_every_row(x: torch.Tensor, rows: torch.Tensor, B: int) -> torch.Tensor:
@@ -180,16 +195,17 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
     scheduler.start(len(prompts))
     seconds = batch.results[0].seconds
     dev, B = target.device, len(prompts)
-    while bool(batch.active.any()):
+    while len(batch.rows):
         t0 = time.perf_counter()
-        rows = batch.active.nonzero()[:, 0]
+        rows = batch.rows
         N = len(rows)
         if not scheduler.should_draft(rows):  # 0. drafting does not pay now (scheduled_with_draft_cost): a plain step
-            step_tokens, step_valid = batch.anchors[:, None], batch.active[:, None].clone()  # _emit writes active
+            step_tokens, step_valid = batch.anchors[:, None], batch.active[:, None]  # views: both are replaced, not written
             layer_hidden, nxt = _plain_step(target, batch, rows, sampling, generator)
             session.extend(layer_hidden, step_tokens, step_valid)
             batch.anchors = _next_anchors(batch, rows, nxt)
-            _emit(batch, rows.tolist(), step_tokens, [0] * N, nxt.tolist(), [0] * N, max_new_tokens, eos_token_id)
+            zeros = [0] * N
+            _emit(batch, rows.tolist(), [[tok] for tok in nxt.tolist()], zeros, zeros, max_new_tokens, eos_token_id)
             elapsed = time.perf_counter() - t0
             seconds["verify"] += elapsed  # a plain round counts as a verify of width 1
             scheduler.observe(rows, None, None, elapsed)
@@ -222,8 +238,9 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
         session.extend(layer_hidden[:, :widest], block[:, :widest], keep[:, :widest].bool())
         batch.lengths += kept
         batch.anchors = _next_anchors(batch, rows, nxt)
-        rows_l, m_l = rows.tolist(), m.tolist()
-        _emit(batch, rows_l, block, m_l, nxt.tolist(), L.tolist(), max_new_tokens, eos_token_id)
+        rows_l, m_l, drafts = rows.tolist(), m.tolist(), block[:, 1:].tolist()
+        tokens = [drafts[r][:m_r] + [tok] for r, m_r, tok in zip(rows_l, m_l, nxt.tolist())]
+        _emit(batch, rows_l, tokens, m_l, L.tolist(), max_new_tokens, eos_token_id)
         for r, c in zip(rows_l, draft.confidence.float().tolist()):
             batch.results[r].confidences.append(c)
         t4 = time.perf_counter()
@@ -243,14 +260,16 @@ def autoregressive_generate_batch(target: TargetModel, prompts: list[torch.Tenso
     loop must match): one target forward per token for all rows."""
     batch, _, _, _ = _prefill(target, prompts, sampling, generator, max_new_tokens, eos_token_id)
     t1 = time.perf_counter()
-    while bool(batch.active.any()):
-        rows = batch.active.nonzero()[:, 0]
+    while len(batch.rows):
+        rows = batch.rows
         _, nxt = _plain_step(target, batch, rows, sampling, generator)
         batch.anchors = _next_anchors(batch, rows, nxt)
+        stopped = []
         for r, tok in zip(rows.tolist(), nxt.tolist()):
             batch.results[r].tokens.append(tok)
             if tok == eos_token_id or len(batch.results[r].tokens) >= max_new_tokens:
-                batch.active[r] = False
+                stopped.append(r)
+        _stop(batch, stopped)
     batch.results[0].seconds["verify"] = time.perf_counter() - t1
     return batch.results
 

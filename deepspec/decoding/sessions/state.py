@@ -45,8 +45,9 @@ class PendingFeatures:
         if every_row:
             self.chunks = []
         else:
-            for _, _, v in self.chunks:
-                v[rows] = False
+            # the taken rows' entries leave the queue; a new valid mask per chunk, never written in place (a plain
+            # round queues a view of the loop's own ``active`` mask)
+            self.chunks = [(f, t, v.index_put((rows,), torch.tensor(False))) for f, t, v in self.chunks]
             self.chunks = [c for c in self.chunks if bool(c[2].any())]
         counts = valid.sum(1)
         T = int(counts.max()) if len(rows) else 0
@@ -66,6 +67,7 @@ class IncrementalSession:
     def __init__(self, drafter, batch_size: int, block_size: int):
         self.d, self.g = drafter, block_size
         self.length = torch.zeros(batch_size, dtype=torch.long, device=drafter.fc.weight.device)  # cached positions per row
+        self.dtype = drafter.fc.weight.dtype  # the queue's features are cast to it (read once: extend runs every round)
         self.pending = PendingFeatures()
 
     @property
@@ -76,7 +78,7 @@ class IncrementalSession:
         """Queue verified tokens: features (B, T, L*d), the tokens at the same positions (B, T), valid (B, T).
         No tensor work beyond a dtype cast (none when the dtypes match) and no inference-mode context of its
         own (the loop runs in one): it runs every round, drafted or not."""
-        dtype = self.d.fc.weight.dtype
+        dtype = self.dtype
         self.pending.add(features if features.dtype == dtype else features.to(dtype), tokens, valid)
 
 
