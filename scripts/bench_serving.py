@@ -7,11 +7,13 @@ Real generations through the batched loop (not a replay), the same prompts and s
 policy, in one process. Each figure is a sum over interleaved runs, never a single run: ``--repeats``
 sweeps over every policy (the order reversed every other sweep, so drift hits every policy alike),
 throughput = tokens / seconds summed over the sweeps. A 3% criterion needs more than that on a
-noisy machine, so plain and scheduled_with_draft_cost then alternate in pairs (same prompts and
-seed within a pair; at R <= 4 each pair takes the next R prompts of a pool of 16) until each side
-has run ``--paired-seconds`` (and at least ``--paired-repeats`` pairs: at 32 rows 60 s is only ~13 pairs):
-``vs_plain_paired`` is the ratio of their summed throughputs, with the per-pair ratios, their spread and
-``vs_plain_paired_se`` (their standard deviation / sqrt(pairs)) beside it. On a VM whose pairs spread +-30% (stalls of seconds) that
+noisy machine (at 1-2 rows three sweeps have put fixed_g3 anywhere between 0.75x and 1.08x plain), so
+plain, the sweeps' best fixed length and scheduled_with_draft_cost then run in interleaved groups of three
+(same prompts and seed within a group, every order of the three in turn; at R <= 4 each group takes the
+next R prompts of a pool of 16) until each arm has run ``--paired-seconds`` (and at least
+``--paired-repeats`` groups: at 32 rows 60 s is only ~13): ``vs_plain_paired`` and ``vs_best_fixed_paired``
+are ratios of summed throughputs, with the per-group ratios, their spread and standard errors
+(``*_paired_se``: their standard deviation / sqrt(groups)) beside them. On a VM whose groups spread +-30% (stalls of seconds) that
 still resolves only a few percent, so the draft-cost runs of the pairs also account for their own
 rounds: ``vs_plain_in_process`` = 1 - (what the drafted rounds cost beyond what plain steps of the same
 run, at the same R, would have taken for their tokens) / the run's seconds. It is the gate's decisions
@@ -78,9 +80,9 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved sweeps over every policy per load (summed)")
-    ap.add_argument("--paired-repeats", type=int, default=6, help="at least this many plain / draft-cost pairs per load")
+    ap.add_argument("--paired-repeats", type=int, default=6, help="at least this many groups (plain, best fixed, draft-cost) per load")
     ap.add_argument("--paired-seconds", type=float, default=10.0,
-                    help="and pairs until each side has run this long: the paired ratio sums over them")
+                    help="and groups until each arm has run this long: the paired ratios sum over them")
     ap.add_argument("--calibration-prompts", type=int, default=12, help="STS fit when the export has no temperatures")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work-dir", default="runs/bench/targets")
@@ -134,12 +136,15 @@ def main() -> None:
                        "runs": args.repeats, "rounds_per_request": t["rounds"] / (R * args.repeats) or args.max_new_tokens,
                        "drafted_round_fraction": t["drafted_rounds"] / max(t["rounds"], 1),
                        "mean_verified": t["verified"] / max(t["rounds"], 1)} for name, t in total.items()}
-        pairs, paired = [], {"plain": [0, 0.0], "scheduled_with_draft_cost": [0, 0.0]}  # tokens, seconds
+        fixed = {k: v for k, v in summed.items() if k.startswith("fixed_g")}
+        top = max(fixed, key=lambda k: fixed[k]["throughput_tokens_per_s"])
+        arms = ["plain", top, "scheduled_with_draft_cost"]
+        pairs, pairs_best, paired = [], [], {name: [0, 0.0] for name in arms}  # per group ratios; tokens, seconds
         schedulers["scheduled_with_draft_cost"].rounds.clear()
         while len(pairs) < args.paired_repeats or min(v[1] for v in paired.values()) < args.paired_seconds:
             k = len(pairs)
             batch = [pool[(k * R + i) % len(pool)] for i in range(R)] if R <= 4 else ps
-            order = ["plain", "scheduled_with_draft_cost"][:: 1 if k % 2 == 0 else -1]
+            order = (arms[k % 3:] + arms[: k % 3])[:: 1 if k // 3 % 2 == 0 else -1]  # all 6 orders every 6 groups
             rate = {}
             for name in order:
                 res, sec = run(name, args.repeats + k, batch)
@@ -148,27 +153,30 @@ def main() -> None:
                 paired[name][1] += sec
                 rate[name] = tokens / sec
             pairs.append(rate["scheduled_with_draft_cost"] / rate["plain"])
-        fixed = {k: v for k, v in summed.items() if k.startswith("fixed_g")}
-        top = max(fixed, key=lambda k: fixed[k]["throughput_tokens_per_s"])
+            pairs_best.append(rate["scheduled_with_draft_cost"] / rate[top])
         row = {"concurrent_requests": R, **summed, "fixed_g7": summed.get("fixed_g7", summed[f"fixed_g{g}"]),
                "best_fixed": {**fixed[top], "policy": top}}
         for k in ("scheduled", "scheduled_with_draft_cost"):
             row[k]["vs_best_fixed"] = row[k]["throughput_tokens_per_s"] / row["best_fixed"]["throughput_tokens_per_s"]
             row[k]["vs_plain"] = row[k]["throughput_tokens_per_s"] / row["plain"]["throughput_tokens_per_s"]
-        (tp, sp), (ts, ss) = paired["plain"], paired["scheduled_with_draft_cost"]
+        rate = {name: tokens / sec for name, (tokens, sec) in paired.items()}
         row["scheduled_with_draft_cost"].update(
-            vs_plain_paired=(ts / ss) / (tp / sp), paired_runs=len(pairs), paired_seconds={"plain": sp, "scheduled_with_draft_cost": ss},
+            vs_plain_paired=rate["scheduled_with_draft_cost"] / rate["plain"],
+            vs_best_fixed_paired=rate["scheduled_with_draft_cost"] / rate[top], paired_best_fixed=top,
+            paired_runs=len(pairs), paired_seconds={name: sec for name, (_, sec) in paired.items()},
             vs_plain_pair_median=statistics.median(pairs), vs_plain_pair_min=min(pairs), vs_plain_pair_max=max(pairs),
-            # about one standard error of the paired figure: the spread of the pair ratios / sqrt(pairs)
+            # about one standard error of each paired figure: the spread of the group ratios / sqrt(groups)
             vs_plain_paired_se=statistics.stdev(pairs) / len(pairs) ** 0.5, vs_plain_pairs=pairs,
+            vs_best_fixed_paired_se=statistics.stdev(pairs_best) / len(pairs) ** 0.5, vs_best_fixed_pairs=pairs_best,
             **drafting_account(schedulers["scheduled_with_draft_cost"].rounds))
         loads.append(row)
         sd = row["scheduled_with_draft_cost"]
         print(f"R={R:3d}  tokens/s  plain {summed['plain']['throughput_tokens_per_s']:8.1f}  fixed_g{g} "
               f"{row['fixed_g7']['throughput_tokens_per_s']:8.1f}  best_fixed({top}) {fixed[top]['throughput_tokens_per_s']:8.1f}  "
               f"scheduled {row['scheduled']['throughput_tokens_per_s']:8.1f}  +draft_cost {sd['throughput_tokens_per_s']:8.1f}  "
-              f"(vs best_fixed {sd['vs_best_fixed']:.3f}, vs plain {sd['vs_plain']:.3f}, paired {sd['vs_plain_paired']:.3f} "
-              f"+- {sd['vs_plain_paired_se']:.3f} over {len(pairs)} pairs [{min(pairs):.2f}-{max(pairs):.2f}], in-process {sd['vs_plain_in_process']:.3f}, "
+              f"(sweeps: vs best_fixed {sd['vs_best_fixed']:.3f}, vs plain {sd['vs_plain']:.3f}; over {len(pairs)} groups: "
+              f"vs plain {sd['vs_plain_paired']:.3f} +- {sd['vs_plain_paired_se']:.3f} [{min(pairs):.2f}-{max(pairs):.2f}], "
+              f"vs {top} {sd['vs_best_fixed_paired']:.3f} +- {sd['vs_best_fixed_paired_se']:.3f}; in-process {sd['vs_plain_in_process']:.3f}, "
               f"drafted {sd['drafted_round_fraction']:.3f})", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
