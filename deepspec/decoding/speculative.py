@@ -68,7 +68,7 @@ class _Batch:
     # drafter's queue keeps a view of the previous anchors as the tokens of a plain round)
     active: torch.Tensor  # (B,) bool; replaced when rows stop, never written in place (the queue keeps views of it too)
     results: list[GenerationResult]
-    rows: torch.Tensor = None  # (N,) the active rows, sorted: kept with ``active`` (set once, then by ``_stop``)
+    rows: torch.Tensor = field(init=False)  # (N,) the active rows, sorted: kept with ``active`` (here, then by ``_stop``)
 
     def __post_init__(self):
         self.rows = self.active.nonzero()[:, 0]
@@ -264,12 +264,8 @@ def autoregressive_generate_batch(target: TargetModel, prompts: list[torch.Tenso
         rows = batch.rows
         _, nxt = _plain_step(target, batch, rows, sampling, generator)
         batch.anchors = _next_anchors(batch, rows, nxt)
-        stopped = []
-        for r, tok in zip(rows.tolist(), nxt.tolist()):
-            batch.results[r].tokens.append(tok)
-            if tok == eos_token_id or len(batch.results[r].tokens) >= max_new_tokens:
-                stopped.append(r)
-        _stop(batch, stopped)
+        zeros = [0] * len(rows)  # the engine's plain-round records: 0 drafts accepted and verified
+        _emit(batch, rows.tolist(), [[tok] for tok in nxt.tolist()], zeros, zeros, max_new_tokens, eos_token_id)
     batch.results[0].seconds["verify"] = time.perf_counter() - t1
     return batch.results
 

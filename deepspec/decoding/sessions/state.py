@@ -78,8 +78,7 @@ class IncrementalSession:
         """Queue verified tokens: features (B, T, L*d), the tokens at the same positions (B, T), valid (B, T).
         No tensor work beyond a dtype cast (none when the dtypes match) and no inference-mode context of its
         own (the loop runs in one): it runs every round, drafted or not."""
-        dtype = self.dtype
-        self.pending.add(features if features.dtype == dtype else features.to(dtype), tokens, valid)
+        self.pending.add(features if features.dtype == self.dtype else features.to(self.dtype), tokens, valid)
 
 
 class RaggedKV:
