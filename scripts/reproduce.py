@@ -41,7 +41,7 @@ def main() -> None:
         wanted = {r["id"] for r in study.runs()}
         records = [r for r in records if r["id"] in wanted]
         missing = sorted(wanted - {r["id"] for r in records})
-        if missing:  # a study stopped before its last runs: their claims read "inconclusive"
+        if missing:  # a study stopped before its last runs (it resumes): the claims that need them read "inconclusive"
             print(f"runs not finished (left out of the report): {', '.join(missing)}")
         from dataclasses import asdict
 

@@ -156,3 +156,17 @@ def test_held_out_sets_share_no_prompt_with_the_training_source():
     assert overlap == {Path(s.path).name: 0 for s in cfg.eval_sets}
     # the check can fail: rows 455 and 458 of the held-out split repeat training prompts (same function, two modules)
     assert prompt_overlap(Path(cfg.train_source), [(Path(cfg.eval_sets[0].path), 462)]) == {"heldout.jsonl": 2}
+
+
+def test_a_study_stopped_early_still_reports_and_calls_the_unfinished_claims_inconclusive(study_records, tmp_path):
+    """--report-only on a study that has trained only DSpark so far (the long study resumes over sessions)."""
+    recs, cfg = study_records
+    only_dspark = [r for r in recs if r["drafter"] == "dspark" and r["block_size"] == 7]
+    found = {c["claim"]: c for c in claims(only_dspark, cfg)}
+    assert [found[n]["verdict"] for n in range(1, 6)] == ["inconclusive", "inconclusive", "inconclusive", "reproduced", "inconclusive"]
+    assert any("vs n/a (no finished run)" in e for e in found[1]["evidence"])
+    study = {"config": cfg, "quick": False, "device": {"device": "cpu", "threads": 2, "torch": "x", "precision": "fp32"},
+             "data": {"counts": {"samples": 10, "loss_tokens": 100}, "manifest_sha256": "ab" * 32, "train_eval_overlap": {"a": 0}},
+             "runs": [r["id"] for r in only_dspark], "missing_runs": ["dflash_g7_s0"]}
+    readme = write_report(study, only_dspark, tmp_path).read_text()
+    assert "Runs not finished, left out" in readme and "dflash_g7_s0" in readme

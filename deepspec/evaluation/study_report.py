@@ -72,7 +72,13 @@ def verdict_from_ratios(ratios: list[float], a_vals: list[float], b_vals: list[f
 
 
 def spread(vals: list[float]) -> str:
+    if not vals:  # a study stopped before this drafter's runs finished
+        return "n/a (no finished run)"
     return f"{mean(vals):.3f}" + (f" ({min(vals):.3f}-{max(vals):.3f}, {len(vals)} seeds)" if len(vals) > 1 else " (1 seed)")
+
+
+def per_seed(ratios: list[float]) -> str:
+    return ", ".join(f"{x:.3f}" for x in ratios) or "n/a"
 
 
 # -- the five claims ---------------------------------------------------------------------------------
@@ -89,7 +95,7 @@ def claims(records: list[dict], cfg: dict) -> list[dict]:
             a, b = [macro(x, temp) for x in sp.values()], [macro(x, temp) for x in base.values()]
             v = verdict_from_ratios(r, a, b)
             rows.append(f"DSpark / {name} at {temp[0]}={temp[1]}: tau {spread(a)} vs {spread(b)}, ratio per seed "
-                        f"{', '.join(f'{x:.3f}' for x in r)} -> {v}")
+                        f"{per_seed(r)} -> {v}")
             if temp == "T1":
                 verdicts.append(v)
     out.append({"claim": 1, "title": f"At equal budget DSpark's acceptance length beats DFlash's and Eagle3's (gamma {g0})",
@@ -107,8 +113,8 @@ def claims(records: list[dict], cfg: dict) -> list[dict]:
         else:
             delta = mean(r_big) - mean(r_small)
             v = "reproduced" if delta > noise and mean(r_big) > 1 else "not reproduced" if delta < -noise else "inconclusive"
-        rows.append(f"DSpark / DFlash tau at T=1: gamma {g0} {', '.join(f'{x:.3f}' for x in r_small)}; gamma {g} "
-                    f"{', '.join(f'{x:.3f}' for x in r_big)} (seed spread at gamma {g0}: {noise:.3f}) -> {v}")
+        rows.append(f"DSpark / DFlash tau at T=1: gamma {g0} {per_seed(r_small)}; gamma {g} "
+                    f"{per_seed(r_big)} (seed spread at gamma {g0}: {noise:.3f}) -> {v}")
         verdicts.append(v)
     out.append({"claim": 2, "title": "The gain over DFlash grows with the block size", "verdict": combine(verdicts), "evidence": rows})
 
@@ -159,8 +165,9 @@ def claims(records: list[dict], cfg: dict) -> list[dict]:
     for name in ("dspark", "dspark_gated", "dspark_rnn"):
         head = select(records, name, g0)
         vals = [macro(x, "T1") for x in head.values()]
-        if not vals:
+        if not vals or not base:
             verdicts.append("inconclusive")
+            rows.append(f"{name}: tau T=1 {spread(vals)} vs DFlash {spread(base)} -> inconclusive")
             continue
         v = verdict_from_ratios(paired_ratios(head, fl, "T1") or [mean(vals) / mean(base)], vals, base)
         verdicts.append(v)
