@@ -41,5 +41,10 @@ def test_eval_cli_writes_a_lossless_report(tiny_target, tmp_path, policy):
     assert results["drafter"]["kind"] == "DSpark" and results["drafter"]["trainable_parameters"] > 0
     if policy == "fixed":  # every round drafted: calibration and the serving replay are reported
         assert "calibration" in entry["sampled"] and "serving_simulation" in entry
+        pooled = results["calibration_pooled"]  # one set: the pooled fit is that set's fit; it is what the drafter loads
+        assert pooled["sets"] == ["heldout"] and pooled["sts_temperatures"] == entry["sampled"]["calibration"]["sts_temperatures"]
+        assert pooled["after"]["ece"] == entry["sampled"]["calibration"]["after"]["ece"]
+        saved = json.loads((export / "confidence_temperatures.json").read_text())
+        assert saved["temperatures"] == pooled["sts_temperatures"] and saved["fitted_on"] == ["heldout"]
     else:  # the verify cost was profiled once and cached for the next run (unless other processes had the cores)
         assert list((tmp_path / "cache" / "verify_cost").glob("*.json")) or b"while the CPU was busy" in proc.stdout + proc.stderr

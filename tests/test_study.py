@@ -170,3 +170,20 @@ def test_a_study_stopped_early_still_reports_and_calls_the_unfinished_claims_inc
              "runs": [r["id"] for r in only_dspark], "missing_runs": ["dflash_g7_s0"]}
     readme = write_report(study, only_dspark, tmp_path).read_text()
     assert "Runs not finished, left out" in readme and "dflash_g7_s0" in readme
+
+
+def test_the_pooled_sts_fit_decides_claim_4_when_every_dspark_seed_recorded_one(study_records):
+    recs, cfg = study_records
+    for r in recs:  # per-set fits made things worse; the pooled fit got ECE to 0.02
+        for st in r["eval"]["sets"].values():
+            if "calibration" in st["T1"]:
+                st["T1"]["calibration"]["after"]["ece"] = [0.09] * r["block_size"]
+        if r["drafter"] == "dspark":
+            r["eval"]["calibration_pooled"] = {**st["T1"]["calibration"], "sets": ["a", "b"], "fit_rounds": 40,
+                                               "after": {**st["T1"]["calibration"]["after"], "ece": [0.02] * r["block_size"]}}
+    found = {c["claim"]: c for c in claims(recs, cfg)}[4]
+    assert found["verdict"] == "reproduced" and len(found["evidence"]) == 3  # per-set, pooled, scheduler
+    assert "STS fitted per set" in found["evidence"][0] and found["evidence"][0].endswith("-> not reproduced")
+    assert "one STS fit on every set's calibration prompts together (40-40 fit rounds" in found["evidence"][1]
+    del next(r for r in recs if r["drafter"] == "dspark")["eval"]["calibration_pooled"]  # one seed without: per-set decides
+    assert {c["claim"]: c for c in claims(recs, cfg)}[4]["verdict"] == "not reproduced"

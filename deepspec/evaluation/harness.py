@@ -67,6 +67,16 @@ def fit_sts(target, drafter, prompts: list[torch.Tensor], max_new_tokens: int, s
     return metrics.fit_sequential_temperatures(torch.tensor(conf), torch.tensor(accepted))
 
 
+def sts_fit_and_report(conf: torch.Tensor, accepted: torch.Tensor, fit: torch.Tensor) -> dict:
+    """STS fitted on the rounds where fit (R,) is True, calibration before/after on the others.
+    conf (R, g) raw per-position confidences; accepted (R,) drafts accepted per round."""
+    temps = metrics.fit_sequential_temperatures(conf[fit], accepted[fit])
+    held_conf, held_acc = conf[~fit], accepted[~fit]
+    return {"sts_temperatures": temps, "fit_rounds": int(fit.sum()), "report_rounds": int((~fit).sum()),
+            "before": metrics.calibration(held_conf, held_acc),
+            "after": metrics.calibration(metrics.apply_temperatures(held_conf, temps), held_acc)}
+
+
 class EvalHarness:
     def __init__(self, cfg: EvalStageConfig):
         self.cfg = cfg
@@ -149,14 +159,11 @@ class EvalHarness:
         fit = torch.tensor([p in fit_prompts for p in prompt_of_round])
         if fit.all() or not fit.any():
             fit = torch.arange(len(prompt_of_round)) % 2 == 0
-        temps = metrics.fit_sequential_temperatures(conf[fit], accepted[fit])
-        held_conf, held_acc = conf[~fit], accepted[~fit]
-        scaled = metrics.apply_temperatures(held_conf, temps)
-        return {"sts_temperatures": temps, "before": metrics.calibration(held_conf, held_acc),
-                "after": metrics.calibration(scaled, held_acc), "fit_rounds": int(fit.sum()), "report_rounds": int((~fit).sum()),
-                "threshold_sweep": metrics.threshold_sweep(scaled, held_acc),  # on cumulative survival
+        out = sts_fit_and_report(conf, accepted, fit)
+        scaled, held_acc = metrics.apply_temperatures(conf[~fit], out["sts_temperatures"]), accepted[~fit]
+        return {**out, "threshold_sweep": metrics.threshold_sweep(scaled, held_acc),  # on cumulative survival
                 "threshold_sweep_per_step": metrics.threshold_sweep(scaled, held_acc, per_step=True),
-                "_rounds": list(zip(conf.tolist(), accepted.tolist()))}  # for the serving simulation
+                "_rounds": list(zip(conf.tolist(), accepted.tolist())), "_fit": fit.tolist()}  # for the replay and the pooled fit
 
     def run(self) -> dict:
         cfg = self.cfg
@@ -164,6 +171,7 @@ class EvalHarness:
         results = {"config": asdict(cfg), "device": str(self.target.device), "datasets": {},
                    "drafter": {"kind": type(d).__name__.removesuffix("Drafter"), **d.cfg.to_dict(), "block": self.block_size,
                                "trainable_parameters": sum(p.numel() for p in d.parameters() if p.requires_grad)}}
+        recorded = {}  # set name -> (conf, accepted, fit mask) of its drafted T=1 rounds, for the pooled STS fit
         for ds in cfg.datasets:
             entry = {"sampled": self.run_dataset(ds, self.sampling)}
             if cfg.also_greedy and not self.sampling.greedy:
@@ -171,20 +179,28 @@ class EvalHarness:
             if cfg.peers:
                 entry["peers"] = self.time_peers(ds)
             cal = entry["sampled"].get("calibration")
-            if cal and ds is cfg.datasets[0]:  # the first dataset's fit is saved next to the drafter, applied at load
-                from deepspec.export import STS_FILE
-
-                (Path(cfg.drafter_path) / STS_FILE).write_text(json.dumps(
-                    {"temperatures": cal["sts_temperatures"], "fitted_on": ds.name, "temperature": cfg.temperature}, indent=1))
             if cal:  # replay the recorded rounds, STS-calibrated, in the serving simulation (Algorithm 1 vs fixed length)
+                conf, acc = zip(*cal.pop("_rounds"))
+                recorded[ds.name] = (torch.tensor(conf), torch.tensor(acc), torch.tensor(cal.pop("_fit")))
                 rounds = [(metrics.apply_temperatures(torch.tensor([c]), cal["sts_temperatures"])[0].tolist(), m)
-                          for c, m in cal.pop("_rounds")]
+                          for c, m in zip(conf, acc)]
                 entry["serving_simulation"] = simulate_serving(rounds, self.sps_table(), cfg.serving_loads,
                                                                g=len(rounds[0][0]), seed=cfg.seed)
             if "greedy" in entry and entry["greedy"].get("calibration"):
                 entry["greedy"]["calibration"].pop("_rounds", None)
+                entry["greedy"]["calibration"].pop("_fit", None)
             results["datasets"][ds.name] = entry
             log.info("%s: tau %.2f, speedup %.2fx (T=%s)", ds.name, entry["sampled"]["tau"], entry["sampled"]["speedup"], cfg.temperature)
+        if recorded:
+            # one STS fit on every set's calibration prompts together: a per-set fit sees tens to a few hundred
+            # rounds (most rejected at position 1), too few to place late positions' temperatures; the paper
+            # fits one calibration set
+            conf, accepted, fit = (torch.cat(parts) for parts in zip(*recorded.values()))
+            results["calibration_pooled"] = pooled = {"sets": list(recorded), **sts_fit_and_report(conf, accepted, fit)}
+            from deepspec.export import STS_FILE  # the pooled fit is saved next to the drafter, applied at load
+
+            (Path(cfg.drafter_path) / STS_FILE).write_text(json.dumps(
+                {"temperatures": pooled["sts_temperatures"], "fitted_on": pooled["sets"], "temperature": cfg.temperature}, indent=1))
         return results
 
     def scheduler(self) -> VerifyScheduler | None:

@@ -168,13 +168,15 @@ class Study:
                           "T0": {k: entry["greedy"][k] for k in keep if k in entry["greedy"]}}
             cal = entry["sampled"].get("calibration")
             if cal:
-                sets[name]["T1"]["calibration"] = {
-                    "sts_temperatures": cal["sts_temperatures"], "fit_rounds": cal["fit_rounds"], "report_rounds": cal["report_rounds"],
-                    **{when: {k: cal[when][k] for k in ("ece", "auroc", "brier", "reliability")} for when in ("before", "after")}}
+                sets[name]["T1"]["calibration"] = slim_calibration(cal)
                 sim = entry.get("serving_simulation")
                 if sim:
                     sets[name]["T1"]["serving_simulation"] = sim
-        return {"seconds": seconds, "trainable_parameters": res["drafter"]["trainable_parameters"], "sets": sets}
+        ev = {"seconds": seconds, "trainable_parameters": res["drafter"]["trainable_parameters"], "sets": sets}
+        pooled = res.get("calibration_pooled")  # one STS fit over every set's calibration prompts
+        if pooled:
+            ev["calibration_pooled"] = {"sets": pooled["sets"], **slim_calibration(pooled)}
+        return ev
 
     # -- the whole study -------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -210,6 +212,12 @@ class Study:
                  "wall_seconds": time.perf_counter() - start, "runs": [r["id"] for r in records]}
         write_report(study, records, self.results)
         return study
+
+
+def slim_calibration(cal: dict) -> dict:
+    """The parts of an STS fit the study keeps (not the threshold sweeps)."""
+    return {"sts_temperatures": cal["sts_temperatures"], "fit_rounds": cal["fit_rounds"], "report_rounds": cal["report_rounds"],
+            **{when: {k: cal[when][k] for k in ("ece", "auroc", "brier", "reliability")} for when in ("before", "after")}}
 
 
 def convergence(val_curve: list, steps: int, window: float, tolerance: float) -> dict:
