@@ -12,6 +12,7 @@ plots) to --results. A rerun skips what is finished. See deepspec/evaluation/stu
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -33,7 +34,10 @@ def main() -> None:
     cfg = load_study_config(args.config, args.quick, args.overrides)
     work = Path(args.work or ("runs/reproduce_quick" if args.quick else "runs/reproduce"))
     results = Path(args.results or (work / "results" if args.quick else "eval/results"))
-    study = Study(cfg, work, results, quick=args.quick)
+    command = " ".join(["python scripts/reproduce.py", *(["--quick"] if args.quick else []),
+                        *([f"--config {args.config}"] if args.config != ap.get_default("config") else []),
+                        *map(shlex.quote, args.overrides)])
+    study = Study(cfg, work, results, quick=args.quick, command=command)
     if args.report_only:
         from deepspec.evaluation.study_report import write_report
 
@@ -45,7 +49,7 @@ def main() -> None:
             print(f"runs not finished (left out of the report): {', '.join(missing)}")
         from dataclasses import asdict
 
-        write_report({"config": asdict(cfg), "quick": args.quick, "device": records[0]["device"], "data": records[0]["data"],
+        write_report({"config": asdict(cfg), "quick": args.quick, "command": command, "device": records[0]["device"], "data": records[0]["data"],
                       "runs": [r["id"] for r in records], "missing_runs": missing}, records, results)
     else:
         study.run()

@@ -61,8 +61,9 @@ def device_info() -> dict:
 
 
 class Study:
-    def __init__(self, cfg: StudyConfig, work_dir: str | Path, results_dir: str | Path, quick: bool = False):
-        self.cfg, self.quick = cfg, quick
+    def __init__(self, cfg: StudyConfig, work_dir: str | Path, results_dir: str | Path, quick: bool = False,
+                 command: str = "python scripts/reproduce.py"):
+        self.cfg, self.quick, self.command = cfg, quick, command  # command: how to rerun it, printed in the report
         self.work, self.results = Path(work_dir), Path(results_dir)
         self.cache_dir = self.work / "cache"
         (self.results / "runs").mkdir(parents=True, exist_ok=True)
@@ -208,7 +209,7 @@ class Study:
             records.append(record)
             log.info("%s: converged=%s, tau T1 %s", run["id"], train["convergence"]["converged"],
                      {k: round(v["T1"]["tau"], 2) for k, v in ev["sets"].items()})
-        study = {"config": asdict(c), "quick": self.quick, "device": dev, "data": data,
+        study = {"config": asdict(c), "quick": self.quick, "command": self.command, "device": dev, "data": data,
                  "wall_seconds": time.perf_counter() - start, "runs": [r["id"] for r in records]}
         write_report(study, records, self.results)
         return study
