@@ -182,7 +182,7 @@ def test_the_pooled_sts_fit_decides_claim_4_when_every_dspark_seed_recorded_one(
             r["eval"]["calibration_pooled"] = {**st["T1"]["calibration"], "sets": ["a", "b"], "fit_rounds": 40,
                                                "after": {**st["T1"]["calibration"]["after"], "ece": [0.02] * r["block_size"]}}
     found = {c["claim"]: c for c in claims(recs, cfg)}[4]
-    assert found["verdict"] == "reproduced" and len(found["evidence"]) == 3  # per-set, pooled, scheduler
+    assert found["verdict"] == "reproduced" and len(found["evidence"]) == 4  # per-set, pooled, rule, scheduler
     assert "STS fitted per set" in found["evidence"][0] and found["evidence"][0].endswith("-> not reproduced")
     assert "one STS fit on every set's calibration prompts together (40-40 fit rounds" in found["evidence"][1]
     del next(r for r in recs if r["drafter"] == "dspark")["eval"]["calibration_pooled"]  # one seed without: per-set decides
