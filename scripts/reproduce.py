@@ -36,6 +36,7 @@ def main() -> None:
     results = Path(args.results or (work / "results" if args.quick else "eval/results"))
     command = " ".join(["python scripts/reproduce.py", *(["--quick"] if args.quick else []),
                         *([f"--config {args.config}"] if args.config != ap.get_default("config") else []),
+                        *([f"--work {args.work}"] if args.work else []), *([f"--results {args.results}"] if args.results else []),
                         *map(shlex.quote, args.overrides)])
     study = Study(cfg, work, results, quick=args.quick, command=command)
     if args.report_only:
