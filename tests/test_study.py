@@ -187,3 +187,25 @@ def test_the_pooled_sts_fit_decides_claim_4_when_every_dspark_seed_recorded_one(
     assert "one STS fit on every set's calibration prompts together (40-40 fit rounds" in found["evidence"][1]
     del next(r for r in recs if r["drafter"] == "dspark")["eval"]["calibration_pooled"]  # one seed without: per-set decides
     assert {c["claim"]: c for c in claims(recs, cfg)}[4]["verdict"] == "not reproduced"
+
+
+def test_a_stage_timed_before_a_stop_keeps_its_time_on_resume(tmp_path, monkeypatch):
+    """The study stopped between a run's training and its record: the resumed study skips the training
+    (its result.json exists) and still reports how long it took."""
+    study = Study(load_study_config(CONFIG, quick=True), tmp_path / "work", tmp_path / "results")
+    run = study.runs()[0]
+    run_dir = tmp_path / "work" / "runs" / run["id"]
+    calls = []
+
+    def fake_stage(name, argv):  # what train.py leaves behind, without training
+        calls.append(name)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 10, "val/loss": 2.0, "val/expected_tau": 1.5}) + "\n")
+        (run_dir / "result.json").write_text(json.dumps({"best_val_expected_tau": 1.5}))
+        return 123.5
+
+    monkeypatch.setattr(study, "_run", fake_stage)
+    assert study.train(run)["seconds"] == 123.5
+    resumed = Study(load_study_config(CONFIG, quick=True), tmp_path / "work", tmp_path / "results")
+    monkeypatch.setattr(resumed, "_run", fake_stage)
+    assert resumed.train(run)["seconds"] == 123.5 and calls == [f"train_{run['id']}"]  # not trained again

@@ -83,6 +83,16 @@ class Study:
             raise RuntimeError(f"{name} failed (exit {rc}); log {log_path}:\n{tail}")
         return time.perf_counter() - t
 
+    def _run_once(self, name: str, argv: list[str], done: Path) -> float | None:
+        """_run unless ``done`` exists. The wall time is kept in logs/<name>.seconds, so a study stopped
+        between a stage and its run's record still reports it on resume (None: not measured)."""
+        timing = self.work / "logs" / f"{name}.seconds"
+        if done.exists():
+            return float(timing.read_text()) if timing.exists() else None
+        seconds = self._run(name, argv)
+        timing.write_text(f"{seconds}\n")
+        return seconds
+
     def runs(self) -> list[dict]:
         """The unique (drafter, block size, seed) runs of all experiments, each with the experiments using it."""
         out: dict[str, dict] = {}
@@ -134,9 +144,7 @@ class Study:
     def train(self, run: dict) -> dict:
         run_dir = self.work / "runs" / run["id"]
         result = run_dir / "result.json"
-        seconds = None
-        if not result.exists():
-            seconds = self._run(f"train_{run['id']}", self.train_argv(run))
+        seconds = self._run_once(f"train_{run['id']}", self.train_argv(run), result)
         curve = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
         val = [(r["step"], r["val/loss"], r.get("val/expected_tau")) for r in curve if "val/loss" in r]
         tokens_per_s = [r["tokens_per_s"] for r in curve if "tokens_per_s" in r]
@@ -157,9 +165,7 @@ class Study:
 
     def evaluate(self, run: dict) -> dict:
         out = self.work / "runs" / run["id"] / "eval" / "results.json"
-        seconds = None
-        if not out.exists():
-            seconds = self._run(f"eval_{run['id']}", self.eval_argv(run))
+        seconds = self._run_once(f"eval_{run['id']}", self.eval_argv(run), out)
         res = json.loads(out.read_text())
         keep = ("tau", "turns", "rounds", "conditional_acceptance", "prefix_survival", "accept_length_histogram",
                 "draft_acceptance_rate", "speedup", "greedy_identical_to_plain", "greedy_mismatched_prompts")
