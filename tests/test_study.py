@@ -209,3 +209,20 @@ def test_a_stage_timed_before_a_stop_keeps_its_time_on_resume(tmp_path, monkeypa
     resumed = Study(load_study_config(CONFIG, quick=True), tmp_path / "work", tmp_path / "results")
     monkeypatch.setattr(resumed, "_run", fake_stage)
     assert resumed.train(run)["seconds"] == 123.5 and calls == [f"train_{run['id']}"]  # not trained again
+
+
+def test_the_cache_is_built_and_verified_once_and_its_build_time_kept(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_stage(name, argv):  # what data/cache.py build leaves behind (the manifest, written last)
+        calls.append(name)
+        if name == "cache":
+            (tmp_path / "work" / "cache").mkdir(parents=True, exist_ok=True)
+            (tmp_path / "work" / "cache" / "manifest.json").write_text(json.dumps({"counts": {"samples": 3}}))
+        return 123.5
+
+    for _ in range(2):  # the second study resumes: nothing built or verified again
+        study = Study(load_study_config(CONFIG, quick=True), tmp_path / "work", tmp_path / "results")
+        monkeypatch.setattr(study, "_run", fake_stage)
+        assert study.build_cache()["build_seconds"] == 123.5
+    assert calls == ["cache", "cache_verify"]

@@ -108,19 +108,14 @@ class Study:
     # -- 1. cache ------------------------------------------------------------------------------------
     def build_cache(self) -> dict:
         c = self.cfg
-        manifest = self.cache_dir / "manifest.json"
-        seconds = 0.0
-        if not manifest.exists():  # written last: its presence means the cache is complete
-            seconds = self._run("cache", [
-                "data/cache.py", "build", f"target={c.target}", f"cache={c.cache}", f"input.paths=[{c.train_source}]",
-                f"input.max_rows={c.rows}", "regenerate.enabled=true", f"regenerate.max_new_tokens={c.regenerate_max_new_tokens}",
-                "regenerate.batch_size=32", f"out_dir={self.cache_dir}"])
+        manifest = self.cache_dir / "manifest.json"  # written last: its presence means the cache is complete
+        built = manifest.exists()
+        seconds = self._run_once("cache", [
+            "data/cache.py", "build", f"target={c.target}", f"cache={c.cache}", f"input.paths=[{c.train_source}]",
+            f"input.max_rows={c.rows}", "regenerate.enabled=true", f"regenerate.max_new_tokens={c.regenerate_max_new_tokens}",
+            "regenerate.batch_size=32", f"out_dir={self.cache_dir}"], manifest)
+        if not built:
             self._run("cache_verify", ["data/cache.py", "verify", f"target={c.target}", f"out_dir={self.cache_dir}"])
-        timing = self.work / "cache_build_seconds.json"  # kept for a resumed study's report
-        if seconds:
-            timing.write_text(json.dumps(seconds))
-        elif timing.exists():
-            seconds = json.loads(timing.read_text())
         m = json.loads(manifest.read_text())
         return {"manifest_sha256": sha256_file(manifest), "counts": m["counts"], "build_seconds": seconds,
                 "train_source_sha256": sha256_file(REPO / c.train_source)}
