@@ -7,7 +7,8 @@
     python scripts/reproduce.py --report-only      # rebuild README/plots from results/runs/*.json
 
 Work files (cache, checkpoints, logs) go to --work; results (one JSON per run, study.json, README.md,
-plots) to --results. A rerun skips what is finished. See deepspec/evaluation/study.py.
+plots) to --results. A rerun skips what is finished; a run recorded in --results with the same
+settings on a byte-identical cache is kept even when --work is gone. See deepspec/evaluation/study.py.
 """
 import argparse
 import json

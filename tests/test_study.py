@@ -226,3 +226,22 @@ def test_the_cache_is_built_and_verified_once_and_its_build_time_kept(tmp_path, 
         monkeypatch.setattr(study, "_run", fake_stage)
         assert study.build_cache()["build_seconds"] == 123.5
     assert calls == ["cache", "cache_verify"]
+
+
+def test_a_run_recorded_with_the_same_settings_and_cache_is_kept_without_its_work_folder(tmp_path, monkeypatch):
+    """A study resumed from its results folder alone (committed results on a fresh clone): a record made
+    with the same arguments on the same cache bytes is kept; one made on another cache is run again."""
+    study = Study(load_study_config(CONFIG, quick=True), tmp_path / "work", tmp_path / "results")
+    run = study.runs()[0]
+    path = tmp_path / "results" / "runs" / f"{run['id']}.json"
+    data = {"manifest_sha256": "a" * 64}
+    record = {**run, "train_argv": study.train_argv(run), "eval_argv": study.eval_argv(run), "quick": False, "data": data,
+              "train": {"val_curve": [[15, 2.0, 1.5], [30, 1.9, 1.6], [45, 1.8, 1.7], [60, 1.8, 1.7]],
+                        "convergence": {"converged": "stale"}}}
+    path.write_text(json.dumps(record))
+    kept = study.kept_record(run, path, data)
+    assert kept["id"] == run["id"] and kept["train"]["convergence"]["converged"] is True  # recomputed, not the stale one
+    assert study.kept_record(run, path, {"manifest_sha256": "b" * 64}) is None  # another cache build
+    path.write_text(json.dumps({**record, "train_argv": study.train_argv(run) + ["optim.lr=2e-3"]}))
+    assert study.kept_record(run, path, data) is None  # other training arguments
+    assert study.kept_record(study.runs()[1], tmp_path / "results" / "runs" / "absent.json", data) is None

@@ -194,18 +194,17 @@ class Study:
         records = []
         for run in self.runs():
             path = self.results / "runs" / f"{run['id']}.json"
+            kept = self.kept_record(run, path, data)
+            if kept is not None:
+                records.append(kept)
+                log.info("%s: kept (recorded earlier with these settings on this cache)", run["id"])
+                continue
             t = time.perf_counter()
             train = self.train(run)
             ev = self.evaluate(run)
             record = {**run, "drafter_config": asdict(c.drafters[run["drafter"]]), "train_argv": self.train_argv(run),
                       "eval_argv": self.eval_argv(run), "data": data, "device": dev, "train": train, "eval": ev,
                       "wall_seconds": time.perf_counter() - t, "quick": self.quick}
-            if path.exists() and (train["seconds"] is None or ev["seconds"] is None):  # resumed: keep the measured times
-                old = json.loads(path.read_text())
-                train["seconds"] = train["seconds"] or old["train"]["seconds"]
-                train["steps_per_s"] = train["steps_per_s"] or old["train"].get("steps_per_s")
-                ev["seconds"] = ev["seconds"] or old["eval"]["seconds"]
-                record["wall_seconds"] = old["wall_seconds"]
             path.write_text(json.dumps(record, indent=1, default=str))
             records.append(record)
             log.info("%s: converged=%s, tau T1 %s", run["id"], train["convergence"]["converged"],
@@ -214,6 +213,27 @@ class Study:
                  "wall_seconds": time.perf_counter() - start, "runs": [r["id"] for r in records]}
         write_report(study, records, self.results)
         return study
+
+
+    def kept_record(self, run: dict, path: Path, data: dict) -> dict | None:
+        """The run's record from an earlier study, if it was made with the same training and evaluation
+        arguments, mode and cache bytes (the manifest's sha256); else None and the run is done again.
+        So a study resumes from its results folder alone, e.g. committed results on a fresh clone whose
+        work folder (checkpoints, logs) is gone. The convergence verdict is recomputed under today's rule."""
+        if not path.exists():
+            return None
+        old = json.loads(path.read_text())
+        differs = [what for what, same in (
+            ("training arguments", old.get("train_argv") == self.train_argv(run)),
+            ("evaluation arguments", old.get("eval_argv") == self.eval_argv(run)),
+            ("quick mode", old.get("quick") == self.quick),
+            ("cache", old.get("data", {}).get("manifest_sha256") == data["manifest_sha256"])) if not same]
+        if differs:
+            log.warning("%s: %s was recorded with other %s; running it again", run["id"], path, ", ".join(differs))
+            return None
+        c = self.cfg
+        old["train"]["convergence"] = convergence(old["train"]["val_curve"], c.steps, c.convergence_window, c.convergence_tolerance)
+        return old
 
 
 def slim_calibration(cal: dict) -> dict:
