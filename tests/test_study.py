@@ -234,14 +234,32 @@ def test_a_run_recorded_with_the_same_settings_and_cache_is_kept_without_its_wor
     study = Study(load_study_config(CONFIG, quick=True), tmp_path / "work", tmp_path / "results")
     run = study.runs()[0]
     path = tmp_path / "results" / "runs" / f"{run['id']}.json"
-    data = {"manifest_sha256": "a" * 64}
+    data = {"manifest_sha256": "a" * 64, "settings_sha256": "s" * 64, "counts": {"samples": 3}, "train_source_sha256": "t" * 64}
     record = {**run, "train_argv": study.train_argv(run), "eval_argv": study.eval_argv(run), "quick": False, "data": data,
               "train": {"val_curve": [[15, 2.0, 1.5], [30, 1.9, 1.6], [45, 1.8, 1.7], [60, 1.8, 1.7]],
                         "convergence": {"converged": "stale"}}}
     path.write_text(json.dumps(record))
     kept = study.kept_record(run, path, data)
     assert kept["id"] == run["id"] and kept["train"]["convergence"]["converged"] is True  # recomputed, not the stale one
-    assert study.kept_record(run, path, {"manifest_sha256": "b" * 64}) is None  # another cache build
+    rebuilt = {**data, "manifest_sha256": "b" * 64}  # the same settings and samples, other bytes: kept
+    assert study.kept_record(run, path, rebuilt)["id"] == run["id"]
+    assert study.kept_record(run, path, {**rebuilt, "settings_sha256": "x" * 64}) is None  # e.g. another storage dtype
+    assert study.kept_record(run, path, {**rebuilt, "counts": {"samples": 4}}) is None
+    legacy = {k: v for k, v in data.items() if k != "settings_sha256"}  # recorded before settings were hashed
+    path.write_text(json.dumps({**record, "data": legacy}))
+    assert study.kept_record(run, path, rebuilt)["id"] == run["id"]
+    assert study.kept_record(run, path, {**rebuilt, "train_source_sha256": "u" * 64}) is None
+    path.write_text(json.dumps(record))
     path.write_text(json.dumps({**record, "train_argv": study.train_argv(run) + ["optim.lr=2e-3"]}))
     assert study.kept_record(run, path, data) is None  # other training arguments
     assert study.kept_record(study.runs()[1], tmp_path / "results" / "runs" / "absent.json", data) is None
+
+
+def test_the_report_names_which_runs_used_which_build_of_the_cache():
+    from deepspec.evaluation.study_report import cache_builds
+
+    data = {"manifest_sha256": "a" * 64}
+    assert cache_builds(data, [{"id": "r1", "data": data}]) == f"manifest sha256 `{'a' * 12}`"
+    line = cache_builds(data, [{"id": "r1", "data": data}, {"id": "r2", "data": {"manifest_sha256": "b" * 64}},
+                               {"id": "r3", "data": data}])
+    assert line.startswith("2 builds of the cache") and f"`{'a' * 12}` (r1, r3); `{'b' * 12}` (r2)" in line

@@ -16,6 +16,7 @@ test of the pipeline. Finished steps are skipped on a rerun (a killed study resu
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -117,8 +118,8 @@ class Study:
         if not built:
             self._run("cache_verify", ["data/cache.py", "verify", f"target={c.target}", f"out_dir={self.cache_dir}"])
         m = json.loads(manifest.read_text())
-        return {"manifest_sha256": sha256_file(manifest), "counts": m["counts"], "build_seconds": seconds,
-                "train_source_sha256": sha256_file(REPO / c.train_source)}
+        return {"manifest_sha256": sha256_file(manifest), "settings_sha256": cache_settings_sha256(m), "counts": m["counts"],
+                "build_seconds": seconds, "train_source_sha256": sha256_file(REPO / c.train_source)}
 
     # -- 2. train ------------------------------------------------------------------------------------
     def train_argv(self, run: dict) -> list[str]:
@@ -217,7 +218,7 @@ class Study:
 
     def kept_record(self, run: dict, path: Path, data: dict) -> dict | None:
         """The run's record from an earlier study, if it was made with the same training and evaluation
-        arguments, mode and cache bytes (the manifest's sha256); else None and the run is done again.
+        arguments, mode and cache (``same_cache``); else None and the run is done again.
         So a study resumes from its results folder alone, e.g. committed results on a fresh clone whose
         work folder (checkpoints, logs) is gone. The convergence verdict is recomputed under today's rule."""
         if not path.exists():
@@ -227,13 +228,32 @@ class Study:
             ("training arguments", old.get("train_argv") == self.train_argv(run)),
             ("evaluation arguments", old.get("eval_argv") == self.eval_argv(run)),
             ("quick mode", old.get("quick") == self.quick),
-            ("cache", old.get("data", {}).get("manifest_sha256") == data["manifest_sha256"])) if not same]
+            ("cache", same_cache(old.get("data", {}), data))) if not same]
         if differs:
             log.warning("%s: %s was recorded with other %s; running it again", run["id"], path, ", ".join(differs))
             return None
         c = self.cfg
         old["train"]["convergence"] = convergence(old["train"]["val_curve"], c.steps, c.convergence_window, c.convergence_tolerance)
         return old
+
+
+def cache_settings_sha256(manifest: dict) -> str:
+    """sha256 of what fixes a cache's content: the manifest less its shards, counts and byte sizes
+    (the build plan: target identity, sources' sha256, template, layers, dtype, format, regeneration)."""
+    built = {"counts", "shards", "bytes", "bytes_per_token", "malformed_rows", "content_sha256"}
+    return hashlib.sha256(json.dumps({k: v for k, v in manifest.items() if k not in built}, sort_keys=True).encode()).hexdigest()
+
+
+def same_cache(recorded: dict, now: dict) -> bool:
+    """Whether a run recorded on cache ``recorded`` was trained on the data of cache ``now`` (the study's
+    ``data`` dicts). The same bytes, or the same settings and counts: a rebuild may differ in the last bits
+    of the stored activations (float reductions are not bit-reproducible across builds and machines), not
+    in its samples. A record from before settings_sha256 was kept falls back to the training source's
+    sha256 and the counts (token for token; changing rows, template, length or regeneration changes them)."""
+    if recorded.get("manifest_sha256") == now["manifest_sha256"]:
+        return True
+    settings = ("settings_sha256",) if "settings_sha256" in recorded else ("train_source_sha256",)
+    return all(recorded.get(k) == now[k] for k in (*settings, "counts"))
 
 
 def slim_calibration(cal: dict) -> dict:

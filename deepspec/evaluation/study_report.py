@@ -201,6 +201,18 @@ def combine(verdicts: list[str]) -> str:
 
 
 # -- files ---------------------------------------------------------------------------------------------
+def cache_builds(data: dict, records: list[dict]) -> str:
+    """The cache's manifest sha256, or, when the runs were trained on several builds of it (a study resumed
+    on a rebuilt cache with the same settings and counts, see study.same_cache), which runs used which."""
+    builds: dict[str, list[str]] = {}
+    for r in records:
+        builds.setdefault(r.get("data", data)["manifest_sha256"], []).append(r["id"])
+    if len(builds) <= 1:
+        return f"manifest sha256 `{next(iter(builds), data['manifest_sha256'])[:12]}`"
+    return (f"{len(builds)} builds of the cache with the same settings and counts, so the same samples: manifest sha256 "
+            + "; ".join(f"`{sha[:12]}` ({', '.join(ids)})" for sha, ids in builds.items()))
+
+
 def write_report(study: dict, records: list[dict], results_dir: str | Path) -> Path:
     results_dir = Path(results_dir)
     cfg = study["config"]
@@ -216,7 +228,7 @@ def write_report(study: dict, records: list[dict], results_dir: str | Path) -> P
         f"({total_minutes(study, records):.0f} min of compute on {dev['device']}, {dev['threads']} threads, torch {dev['torch']}, "
         f"training precision {dev['precision']}). Target `{cfg['target']}`; {data['counts']['samples']} cached samples "
         f"({data['counts']['loss_tokens']} supervised tokens) of the target's own answers to `{cfg['train_source']}` "
-        f"(manifest sha256 `{data['manifest_sha256'][:12]}`); every drafter trained {cfg['steps']} steps x "
+        f"({cache_builds(data, records)}); every drafter trained {cfg['steps']} steps x "
         f"{cfg['global_batch_size']} samples at lr {cfg['lr']}; real speculative decoding on "
         f"{sets}, {cfg['max_new_tokens']} new tokens "
         f"per turn. Training prompts found in the held-out sets: {sum(data['train_eval_overlap'].values())}.",
