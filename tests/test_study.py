@@ -255,11 +255,14 @@ def test_a_run_recorded_with_the_same_settings_and_cache_is_kept_without_its_wor
     assert study.kept_record(study.runs()[1], tmp_path / "results" / "runs" / "absent.json", data) is None
 
 
-def test_the_report_names_which_runs_used_which_build_of_the_cache():
-    from deepspec.evaluation.study_report import cache_builds
+def test_the_report_names_which_runs_used_which_build_of_the_cache_and_which_machine():
+    from deepspec.evaluation.study_report import cache_builds, machines
 
     data = {"manifest_sha256": "a" * 64}
     assert cache_builds(data, [{"id": "r1", "data": data}]) == f"manifest sha256 `{'a' * 12}`"
     line = cache_builds(data, [{"id": "r1", "data": data}, {"id": "r2", "data": {"manifest_sha256": "b" * 64}},
                                {"id": "r3", "data": data}])
     assert line.startswith("2 builds of the cache") and f"`{'a' * 12}` (r1, r3); `{'b' * 12}` (r2)" in line
+    device = {"device": "CPU A"}
+    assert machines(device, [{"id": "r1", "device": device}, {"id": "r2"}]) == "CPU A"  # a record without one: this study's
+    assert machines(device, [{"id": "r1", "device": device}, {"id": "r2", "device": {"device": "CPU B"}}]) == "CPU A (r1) and CPU B (r2)"
