@@ -8,7 +8,7 @@
 
 Work files (cache, checkpoints, logs) go to --work; results (one JSON per run, study.json, README.md,
 plots) to --results. A rerun skips what is finished; a run recorded in --results with the same
-settings on a byte-identical cache is kept even when --work is gone. See deepspec/evaluation/study.py.
+arguments, on a cache with the same settings and counts, is kept even when --work is gone. See deepspec/evaluation/study.py.
 """
 import argparse
 import json

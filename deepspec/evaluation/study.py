@@ -16,7 +16,6 @@ test of the pipeline. Finished steps are skipped on a rerun (a killed study resu
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,7 +30,8 @@ from omegaconf import OmegaConf
 
 from deepspec.config.base import check
 from deepspec.config.study import BLOCK_DRAFTERS, StudyConfig
-from deepspec.integrity import sha256_file
+from deepspec.data.cache.manifest import build_plan
+from deepspec.integrity import self_digest, sha256_file
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
@@ -118,7 +118,7 @@ class Study:
         if not built:
             self._run("cache_verify", ["data/cache.py", "verify", f"target={c.target}", f"out_dir={self.cache_dir}"])
         m = json.loads(manifest.read_text())
-        return {"manifest_sha256": sha256_file(manifest), "settings_sha256": cache_settings_sha256(m), "counts": m["counts"],
+        return {"manifest_sha256": sha256_file(manifest), "settings_sha256": self_digest(build_plan(m)), "counts": m["counts"],
                 "build_seconds": seconds, "train_source_sha256": sha256_file(REPO / c.train_source)}
 
     # -- 2. train ------------------------------------------------------------------------------------
@@ -215,7 +215,6 @@ class Study:
         write_report(study, records, self.results)
         return study
 
-
     def kept_record(self, run: dict, path: Path, data: dict) -> dict | None:
         """The run's record from an earlier study, if it was made with the same training and evaluation
         arguments, mode and cache (``same_cache``); else None and the run is done again.
@@ -235,13 +234,6 @@ class Study:
         c = self.cfg
         old["train"]["convergence"] = convergence(old["train"]["val_curve"], c.steps, c.convergence_window, c.convergence_tolerance)
         return old
-
-
-def cache_settings_sha256(manifest: dict) -> str:
-    """sha256 of what fixes a cache's content: the manifest less its shards, counts and byte sizes
-    (the build plan: target identity, sources' sha256, template, layers, dtype, format, regeneration)."""
-    built = {"counts", "shards", "bytes", "bytes_per_token", "malformed_rows", "content_sha256"}
-    return hashlib.sha256(json.dumps({k: v for k, v in manifest.items() if k not in built}, sort_keys=True).encode()).hexdigest()
 
 
 def same_cache(recorded: dict, now: dict) -> bool:

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from deepspec.data.cache.shards import shard_name, write_json_atomic
-from deepspec.integrity import read_json_checked, with_self_digest
+from deepspec.integrity import SELF_DIGEST_KEY, read_json_checked, with_self_digest
 from deepspec.target import TargetIdentity
 
 FORMAT_VERSION = 1
@@ -74,6 +74,15 @@ def finalize(out_dir: Path) -> dict:
     manifest = with_self_digest(manifest)  # a flipped byte in the manifest itself is caught at read time
     write_json_atomic(out_dir / MANIFEST, manifest)
     return manifest
+
+
+# What finalize adds to the plan (with the manifest's own digest): the rest of a manifest is its plan.
+BUILT_KEYS = ("counts", "malformed_rows", "bytes", "bytes_per_token", "shards")
+
+
+def build_plan(manifest: dict) -> dict:
+    """The settings a finished cache was built with: its manifest less what the build produced."""
+    return {k: v for k, v in manifest.items() if k not in BUILT_KEYS and k != SELF_DIGEST_KEY}
 
 
 def load_manifest(cache_dir: str | Path) -> dict:
