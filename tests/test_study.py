@@ -249,6 +249,11 @@ def test_a_run_recorded_with_the_same_settings_and_cache_is_kept_without_its_wor
     path.write_text(json.dumps({**record, "data": legacy}))
     assert study.kept_record(run, path, rebuilt)["id"] == run["id"]
     assert study.kept_record(run, path, {**rebuilt, "train_source_sha256": "u" * 64}) is None
+    moved = {k: [a.replace(str(study.work), "runs/elsewhere") for a in record[k]] for k in ("train_argv", "eval_argv")}
+    path.write_text(json.dumps({**record, **moved}))  # made under another --work: the same run
+    assert study.kept_record(run, path, data)["id"] == run["id"]
+    path.write_text(json.dumps({**record, "eval_argv": [a.replace(str(study.work), "runs/elsewhere") for a in record["eval_argv"]]}))
+    assert study.kept_record(run, path, data) is None  # evaluated a checkpoint outside its own work folder
     path.write_text(json.dumps({**record, "train_argv": study.train_argv(run) + ["optim.lr=2e-3"]}))
     assert study.kept_record(run, path, data) is None  # other training arguments
     assert study.kept_record(study.runs()[1], tmp_path / "results" / "runs" / "absent.json", data) is None

@@ -223,9 +223,10 @@ class Study:
         if not path.exists():
             return None
         old = json.loads(path.read_text())
+        old_work = work_folder(old.get("train_argv", []))
         differs = [what for what, same in (
-            ("training arguments", old.get("train_argv") == self.train_argv(run)),
-            ("evaluation arguments", old.get("eval_argv") == self.eval_argv(run)),
+            ("training arguments", relocated(old.get("train_argv"), old_work) == relocated(self.train_argv(run), self.work)),
+            ("evaluation arguments", relocated(old.get("eval_argv"), old_work) == relocated(self.eval_argv(run), self.work)),
             ("quick mode", old.get("quick") == self.quick),
             ("cache", same_cache(old.get("data", {}), data))) if not same]
         if differs:
@@ -234,6 +235,20 @@ class Study:
         c = self.cfg
         old["train"]["convergence"] = convergence(old["train"]["val_curve"], c.steps, c.convergence_window, c.convergence_tolerance)
         return old
+
+
+def work_folder(train_argv: list[str]) -> str | None:
+    """The work folder a training command was made under: its run_dir is <work>/runs/<id>."""
+    run_dir = next((a.split("=", 1)[1] for a in train_argv if a.startswith("run_dir=")), None)
+    return str(Path(run_dir).parent.parent) if run_dir else None
+
+
+def relocated(argv: list[str] | None, work: str | Path | None) -> list[str] | None:
+    """``argv`` with its work folder written ``<work>``: where the checkpoints lived is not a setting, so a
+    run recorded under --work runs/reproduce_long is kept by a study working in runs/reproduce."""
+    if argv is None or work is None:
+        return argv
+    return [a.replace(f"{Path(work)}/", "<work>/") for a in argv]
 
 
 def same_cache(recorded: dict, now: dict) -> bool:
