@@ -211,6 +211,34 @@ def test_a_stage_timed_before_a_stop_keeps_its_time_on_resume(tmp_path, monkeypa
     assert resumed.train(run)["seconds"] == 123.5 and calls == [f"train_{run['id']}"]  # not trained again
 
 
+def test_a_work_folder_holding_a_stage_made_with_other_arguments_is_an_error_not_reused(tmp_path, monkeypatch):
+    """The study's config changed (here the steps) but its work folder still holds the old run: training
+    must neither be skipped (its result.json exists) nor resumed from the old checkpoint."""
+    calls = []
+
+    def fake_stage(name, argv):
+        calls.append(name)
+        (tmp_path / "done").write_text("")
+        return 1.0
+
+    study = Study(load_study_config(CONFIG, quick=True), tmp_path / "work", tmp_path / "results")
+    monkeypatch.setattr(study, "_run", fake_stage)
+    assert study._run_once("train_x", ["train/train.py", "max_steps=60"], tmp_path / "done") == 1.0
+    assert study._run_once("train_x", ["train/train.py", "max_steps=60"], tmp_path / "done") == 1.0  # resumed: skipped
+    with pytest.raises(RuntimeError, match=r"train_x: the work folder .* other arguments .*max_steps=3000"):
+        study._run_once("train_x", ["train/train.py", "max_steps=3000"], tmp_path / "done")
+    assert calls == ["train_x"]
+
+    def killed(name, argv):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(study, "_run", killed)  # stopped mid-stage (a checkpoint, no result): not resumed with others
+    with pytest.raises(RuntimeError, match="killed"):
+        study._run_once("train_y", ["train/train.py", "max_steps=60"], tmp_path / "done_y")
+    with pytest.raises(RuntimeError, match="other arguments"):
+        study._run_once("train_y", ["train/train.py", "max_steps=3000"], tmp_path / "done_y")
+
+
 def test_the_cache_is_built_and_verified_once_and_its_build_time_kept(tmp_path, monkeypatch):
     calls = []
 

@@ -86,10 +86,20 @@ class Study:
 
     def _run_once(self, name: str, argv: list[str], done: Path) -> float | None:
         """_run unless ``done`` exists. The wall time is kept in logs/<name>.seconds, so a study stopped
-        between a stage and its run's record still reports it on resume (None: not measured)."""
-        timing = self.work / "logs" / f"{name}.seconds"
+        between a stage and its run's record still reports it on resume (None: not measured).
+        The stage's arguments are kept in logs/<name>.argv.json when it starts: a work folder holding a
+        stage made with other arguments (e.g. a 600-step checkpoint when the config now says 3,000) is
+        an error, never silently reused or resumed. Work folders from before this check are trusted."""
+        timing, recorded = self.work / "logs" / f"{name}.seconds", self.work / "logs" / f"{name}.argv.json"
+        if recorded.exists() and json.loads(recorded.read_text()) != argv:
+            old = json.loads(recorded.read_text())
+            changed = sorted(set(old) ^ set(argv))
+            raise RuntimeError(f"{name}: the work folder {self.work} holds this stage made with other arguments "
+                               f"(differing: {changed}; recorded in {recorded}). Use another --work, or delete "
+                               f"{self.work} to redo it.")
         if done.exists():
             return float(timing.read_text()) if timing.exists() else None
+        recorded.write_text(json.dumps(argv))
         seconds = self._run(name, argv)
         timing.write_text(f"{seconds}\n")
         return seconds
