@@ -7,7 +7,7 @@ import json
 import pytest
 
 from deepspec.config.base import ConfigError
-from deepspec.evaluation.study import Study, convergence, load_study_config, prompt_overlap
+from deepspec.evaluation.study import Study, convergence, load_study_config, prompt_overlap, relocated
 from deepspec.evaluation.study_report import claims, verdict_from_ratios, write_report
 
 CONFIG = "configs/reproduce/toy.yaml"
@@ -216,27 +216,44 @@ def test_a_work_folder_holding_a_stage_made_with_other_arguments_is_an_error_not
     must neither be skipped (its result.json exists) nor resumed from the old checkpoint."""
     calls = []
 
-    def fake_stage(name, argv):
+    def fake_stage(name, argv):  # a finished stage leaves its result
         calls.append(name)
-        (tmp_path / "done").write_text("")
+        (tmp_path / f"{name}.done").write_text("")
         return 1.0
 
-    study = Study(load_study_config(CONFIG, quick=True), tmp_path / "work", tmp_path / "results")
-    monkeypatch.setattr(study, "_run", fake_stage)
-    assert study._run_once("train_x", ["train/train.py", "max_steps=60"], tmp_path / "done") == 1.0
-    assert study._run_once("train_x", ["train/train.py", "max_steps=60"], tmp_path / "done") == 1.0  # resumed: skipped
-    with pytest.raises(RuntimeError, match=r"train_x: the work folder .* other arguments .*max_steps=3000"):
-        study._run_once("train_x", ["train/train.py", "max_steps=3000"], tmp_path / "done")
-    assert calls == ["train_x"]
-
-    def killed(name, argv):
+    def killed(name, argv):  # a stage stopped half-way (a checkpoint, no result)
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(study, "_run", killed)  # stopped mid-stage (a checkpoint, no result): not resumed with others
+    def once(study, name, argv):
+        return study._run_once(name, ["train/train.py", *argv], tmp_path / f"{name}.done")
+
+    cfg = load_study_config(CONFIG, quick=True)
+    study = Study(cfg, tmp_path / "work", tmp_path / "results")
+    monkeypatch.setattr(study, "_run", fake_stage)
+    assert once(study, "train_x", ["max_steps=60"]) == 1.0
+    assert once(study, "train_x", ["max_steps=60"]) == 1.0 and calls == ["train_x"]  # resumed: skipped
+    with pytest.raises(RuntimeError, match=r"train_x: the work folder .* other arguments .*max_steps=3000"):
+        once(study, "train_x", ["max_steps=3000"])
+
+    monkeypatch.setattr(study, "_run", killed)
     with pytest.raises(RuntimeError, match="killed"):
-        study._run_once("train_y", ["train/train.py", "max_steps=60"], tmp_path / "done_y")
-    with pytest.raises(RuntimeError, match="other arguments"):
-        study._run_once("train_y", ["train/train.py", "max_steps=3000"], tmp_path / "done_y")
+        once(study, "train_y", ["max_steps=60"])
+    with pytest.raises(RuntimeError, match="other arguments"):  # not resumed with other arguments...
+        once(study, "train_y", ["max_steps=3000"])
+    monkeypatch.setattr(study, "_run", fake_stage)
+    once(study, "train_y", ["max_steps=60"])  # ... but with the same ones
+    assert calls == ["train_x", "train_y"]
+
+    monkeypatch.chdir(tmp_path)  # the same folder named another way (relative, then absolute) holds the same stage
+    for work in ("work", tmp_path / "work"):
+        named = Study(cfg, work, tmp_path / "results")
+        monkeypatch.setattr(named, "_run", fake_stage)
+        once(named, "train_w", [f"run_dir={work}/runs/w"])
+    assert calls == ["train_x", "train_y", "train_w"]
+
+    (tmp_path / "train_v.done").write_text("")  # a stage left by a version that recorded no arguments
+    with pytest.raises(RuntimeError, match="did not record"):
+        once(study, "train_v", ["max_steps=60"])
 
 
 def test_the_cache_is_built_and_verified_once_and_its_build_time_kept(tmp_path, monkeypatch):
@@ -282,6 +299,8 @@ def test_a_run_recorded_with_the_same_settings_and_cache_is_kept_without_its_wor
     assert study.kept_record(run, path, data)["id"] == run["id"]
     path.write_text(json.dumps({**record, "eval_argv": [a.replace(str(study.work), "runs/elsewhere") for a in record["eval_argv"]]}))
     assert study.kept_record(run, path, data) is None  # evaluated a checkpoint outside its own work folder
+    assert relocated(["eval/eval.py", "run_dir=eval/runs/x", "cache_dir=eval_long/cache"], "eval") == \
+        ["eval/eval.py", "run_dir=<work>/runs/x", "cache_dir=eval_long/cache"]  # only values under the folder
     path.write_text(json.dumps({**record, "train_argv": study.train_argv(run) + ["optim.lr=2e-3"]}))
     assert study.kept_record(run, path, data) is None  # other training arguments
     assert study.kept_record(study.runs()[1], tmp_path / "results" / "runs" / "absent.json", data) is None

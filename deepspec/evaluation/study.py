@@ -87,19 +87,23 @@ class Study:
     def _run_once(self, name: str, argv: list[str], done: Path) -> float | None:
         """_run unless ``done`` exists. The wall time is kept in logs/<name>.seconds, so a study stopped
         between a stage and its run's record still reports it on resume (None: not measured).
-        The stage's arguments are kept in logs/<name>.argv.json when it starts: a work folder holding a
-        stage made with other arguments (e.g. a 600-step checkpoint when the config now says 3,000) is
-        an error, never silently reused or resumed. Work folders from before this check are trusted."""
+        The stage's arguments (work folder written <work>) are kept in logs/<name>.argv.json when it
+        starts. A stage left in the work folder with other arguments (e.g. a 600-step checkpoint when the
+        config now says 3,000), or by a version that did not record them, is an error: never silently
+        reused, nor resumed with the new arguments."""
         timing, recorded = self.work / "logs" / f"{name}.seconds", self.work / "logs" / f"{name}.argv.json"
-        if recorded.exists() and json.loads(recorded.read_text()) != argv:
+        argv_here = relocated(argv, self.work)
+        if recorded.exists():
             old = json.loads(recorded.read_text())
-            changed = sorted(set(old) ^ set(argv))
-            raise RuntimeError(f"{name}: the work folder {self.work} holds this stage made with other arguments "
-                               f"(differing: {changed}; recorded in {recorded}). Use another --work, or delete "
-                               f"{self.work} to redo it.")
+            problem = None if old == argv_here else f"other arguments (differing: {sorted(set(old) ^ set(argv_here))})"
+        else:
+            problem = "arguments it did not record (made by an older deepspec)" if done.exists() else None
+        if problem:
+            raise RuntimeError(f"{name}: the work folder {self.work} holds this stage made with {problem}. Use another "
+                               f"--work, or delete {done.parent} and {recorded} to redo this stage.")
         if done.exists():
             return float(timing.read_text()) if timing.exists() else None
-        recorded.write_text(json.dumps(argv))
+        recorded.write_text(json.dumps(argv_here))
         seconds = self._run(name, argv)
         timing.write_text(f"{seconds}\n")
         return seconds
@@ -233,7 +237,7 @@ class Study:
         if not path.exists():
             return None
         old = json.loads(path.read_text())
-        old_work = work_folder(old.get("train_argv", []))
+        old_work = work_folder(old.get("train_argv") or [])
         differs = [what for what, same in (
             ("training arguments", relocated(old.get("train_argv"), old_work) == relocated(self.train_argv(run), self.work)),
             ("evaluation arguments", relocated(old.get("eval_argv"), old_work) == relocated(self.eval_argv(run), self.work)),
@@ -254,11 +258,18 @@ def work_folder(train_argv: list[str]) -> str | None:
 
 
 def relocated(argv: list[str] | None, work: str | Path | None) -> list[str] | None:
-    """``argv`` with its work folder written ``<work>``: where the checkpoints lived is not a setting, so a
-    run recorded under --work runs/reproduce_long is kept by a study working in runs/reproduce."""
+    """``argv`` with its work folder written ``<work>`` where an argument's value starts with it: where the
+    checkpoints lived is not a setting, so a run recorded under --work runs/reproduce_long is kept by a
+    study working in runs/reproduce."""
     if argv is None or work is None:
         return argv
-    return [a.replace(f"{Path(work)}/", "<work>/") for a in argv]
+    prefix = f"{Path(work)}/"
+
+    def one(arg: str) -> str:
+        key, eq, value = arg.partition("=")
+        return f"{key}={'<work>/' + value[len(prefix):]}" if eq and value.startswith(prefix) else arg
+
+    return [one(a) for a in argv]
 
 
 def same_cache(recorded: dict, now: dict) -> bool:
