@@ -44,8 +44,9 @@ def main() -> None:
         from deepspec.evaluation.study_report import write_report
 
         records = [json.loads(p.read_text()) for p in sorted((results / "runs").glob("*.json"))]
-        wanted = {r["id"] for r in study.runs()}
-        records = [r for r in records if r["id"] in wanted]
+        order = [r["id"] for r in study.runs()]  # the study's order, as a full run reports them
+        records = sorted((r for r in records if r["id"] in order), key=lambda r: order.index(r["id"]))
+        wanted = set(order)
         missing = sorted(wanted - {r["id"] for r in records})
         if missing:  # a study stopped before its last runs (it resumes): the claims that need them read "inconclusive"
             print(f"runs not finished (left out of the report): {', '.join(missing)}")
