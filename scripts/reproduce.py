@@ -11,7 +11,6 @@ plots) to --results. A rerun skips what is finished; a run recorded in --results
 arguments, on a cache with the same settings and counts, is kept even when --work is gone. See deepspec/evaluation/study.py.
 """
 import argparse
-import json
 import logging
 import shlex
 import sys
@@ -41,19 +40,7 @@ def main() -> None:
                         *map(shlex.quote, args.overrides)])
     study = Study(cfg, work, results, quick=args.quick, command=command)
     if args.report_only:
-        from deepspec.evaluation.study_report import write_report
-
-        records = [json.loads(p.read_text()) for p in sorted((results / "runs").glob("*.json"))]
-        order = [r["id"] for r in study.runs()]  # the study's order, as a full run reports them
-        records = sorted((r for r in records if r["id"] in order), key=lambda r: order.index(r["id"]))
-        wanted = set(order)
-        missing = sorted(wanted - {r["id"] for r in records})
-        if missing:  # a study stopped before its last runs (it resumes): the claims that need them read "inconclusive"
-            print(f"runs not finished (left out of the report): {', '.join(missing)}")
-        from dataclasses import asdict
-
-        write_report({"config": asdict(cfg), "quick": args.quick, "command": command, "device": records[0]["device"], "data": records[0]["data"],
-                      "runs": [r["id"] for r in records], "missing_runs": missing}, records, results)
+        study.report_only()
     else:
         study.run()
     print(f"report: {results / 'README.md'}")

@@ -172,6 +172,20 @@ def test_a_study_stopped_early_still_reports_and_calls_the_unfinished_claims_inc
     assert "Runs not finished, left out" in readme and "dflash_g7_s0" in readme
 
 
+def test_report_only_reads_the_recorded_runs_in_the_studys_order_and_lists_the_missing(tmp_path):
+    study = Study(load_study_config(CONFIG, quick=True), tmp_path / "work", tmp_path / "results")
+    names = [s.name for s in study.cfg.eval_sets]
+    for rec in (_record("dflash", 7, 0, 2.0, [0.5] * 7), _record("dspark", 7, 1, 2.4, [0.6] * 7), _record("dspark", 7, 0, 2.3, [0.6] * 7)):
+        rec["eval"]["sets"] = {n: rec["eval"]["sets"]["a"] for n in names}
+        rec |= {"device": {"device": "cpu", "threads": 2, "torch": "x", "precision": "fp32"},
+                "data": {"counts": {"samples": 10, "loss_tokens": 100}, "manifest_sha256": "ab" * 32, "train_eval_overlap": {}}}
+        (study.results / "runs" / f"{rec['id']}.json").write_text(json.dumps(rec))
+    report = study.report_only()
+    assert report["runs"] == ["dspark_g7_s0", "dspark_g7_s1", "dflash_g7_s0"]  # the study's order, not the files'
+    assert "eagle3_g7_s0" in report["missing_runs"] and "dflash_g7_s1" in report["missing_runs"]
+    assert "Runs not finished, left out" in (study.results / "README.md").read_text()
+
+
 def test_the_pooled_sts_fit_decides_claim_4_when_every_dspark_seed_recorded_one(study_records):
     recs, cfg = study_records
     for r in recs:  # per-set fits made things worse; the pooled fit got ECE to 0.02

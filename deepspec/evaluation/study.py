@@ -229,6 +229,22 @@ class Study:
         write_report(study, records, self.results)
         return study
 
+    def report_only(self) -> dict:
+        """The report from the records in results/runs alone (no cache, no training), in the study's order.
+        Runs not recorded yet are listed; the claims that need them read inconclusive."""
+        from deepspec.evaluation.study_report import write_report
+
+        recorded = {r["id"]: r for r in (json.loads(p.read_text()) for p in (self.results / "runs").glob("*.json"))}
+        order = [r["id"] for r in self.runs()]
+        records = [recorded[i] for i in order if i in recorded]
+        missing = sorted(set(order) - set(recorded))
+        if missing:  # a study stopped before its last runs (it resumes)
+            log.warning("runs not finished (left out of the report): %s", ", ".join(missing))
+        study = {"config": asdict(self.cfg), "quick": self.quick, "command": self.command, "device": records[0]["device"],
+                 "data": records[0]["data"], "runs": [r["id"] for r in records], "missing_runs": missing}
+        write_report(study, records, self.results)
+        return study
+
     def kept_record(self, run: dict, path: Path, data: dict) -> dict | None:
         """The run's record from an earlier study, if it was made with the same training and evaluation
         arguments, mode and cache (``same_cache``); else None and the run is done again.
@@ -267,7 +283,7 @@ def relocated(argv: list[str] | None, work: str | Path | None) -> list[str] | No
 
     def one(arg: str) -> str:
         key, eq, value = arg.partition("=")
-        return f"{key}={'<work>/' + value[len(prefix):]}" if eq and value.startswith(prefix) else arg
+        return f"{key}=<work>/{value[len(prefix):]}" if eq and value.startswith(prefix) else arg
 
     return [one(a) for a in argv]
 
