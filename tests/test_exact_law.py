@@ -30,6 +30,7 @@ from deepspec.decoding import kernels
 from deepspec.decoding.scheduler import VerifyCostModel, VerifyScheduler
 from deepspec.decoding.sessions import make_session
 from deepspec.decoding.speculative import autoregressive_generate_batch, speculative_generate_batch
+from deepspec.decoding.target_cache import TargetCache
 from deepspec.decoding.verify import SamplingConfig
 from deepspec.drafters import DFlashConfig, DFlashDrafter, DSparkConfig, DSparkDrafter, Eagle3Config, Eagle3Drafter
 from deepspec.target import TargetModel, load_frozen_embeddings
@@ -39,17 +40,34 @@ PROMPTS = [torch.tensor([1, 2, 3]), torch.tensor([4, 0, 1, 5, 2])]
 P_MIN = 1e-4
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+def tiny_target(path, family: str = "qwen3"):
+    """A vocabulary-6 target of ``family``: Qwen3 (attention only) or a hybrid one, whose first layer is a gated
+    delta-net (linear attention: a recurrent and a conv state the engine rolls back per row) and second attention."""
+    import transformers as T
 
-    path = tmp_path_factory.mktemp("v6_target")
+    common = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=16, initializer_range=0.5, tie_word_embeddings=True)
+    hybrid = dict(layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2, linear_key_head_dim=8,
+                  linear_num_value_heads=2, linear_value_head_dim=8)
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+    config_cls, model_cls, extra = {"qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, {}),
+                                    "qwen3_5": (T.Qwen3_5TextConfig, T.Qwen3_5ForCausalLM, hybrid),
+                                    "qwen3_next": (T.Qwen3NextConfig, T.Qwen3NextForCausalLM, hybrid | moe)}[family]
     torch.manual_seed(0)
-    cfg = Qwen3Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, head_dim=16, initializer_range=0.5, tie_word_embeddings=True)
-    Qwen3ForCausalLM(cfg).save_pretrained(path)
+    cfg = config_cls(**common, **extra)
+    model_cls(cfg).save_pretrained(path)
     tcfg = TargetConfig(name_or_path=str(path), layer_ids=[0, 1], mask_token_id=5)
     return TargetModel.from_config(tcfg), tcfg, cfg
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_target(tmp_path_factory.mktemp("v6_target"))
+
+
+@pytest.fixture(scope="module", params=["qwen3_5", "qwen3_next"])
+def tiny_hybrid(request, tmp_path_factory):
+    return tiny_target(tmp_path_factory.mktemp(f"v6_{request.param}"), request.param)
 
 
 def drafter(kind: str, tiny, block: int = 3):
@@ -97,10 +115,10 @@ def chi2_pvalue(samples: list[list[int]], law: torch.Tensor) -> float:
     return float(chisquare(obs[keep].numpy(), exp[keep].numpy() * float(obs[keep].sum() / exp[keep].sum())).pvalue)
 
 
-def cost_model(g: int) -> VerifyCostModel:
-    """Verification at 80% of a step per column: Algorithm 1 verifies prefixes shorter than the block."""
+def cost_model(g: int, column_cost: float = 0.8) -> VerifyCostModel:
+    """Verification at ``column_cost`` of a step per column: Algorithm 1 verifies prefixes shorter than the block."""
     rows = [1, 2 * DRAWS]
-    return VerifyCostModel(rows, list(range(1, g + 2)), [[r * (1 + 0.8 * (w - 1)) for w in range(1, g + 2)] for r in rows], {})
+    return VerifyCostModel(rows, list(range(1, g + 2)), [[r * (1 + column_cost * (w - 1)) for w in range(1, g + 2)] for r in rows], {})
 
 
 class OwnTokenConfidence:
@@ -118,13 +136,27 @@ class OwnTokenConfidence:
         return d
 
 
+class SpreadConfidence(OwnTokenConfidence):
+    """A session whose confidences are drawn at random per round and slot, independent of the drafts (so scheduling on
+    them is lossless): verification lengths spread over 0..g whatever the drafter's own head says about this target."""
+
+    def __init__(self, session):
+        super().__init__(session)
+        self.gen = torch.Generator().manual_seed(7)
+
+    def draft(self, rows, anchors, sampling, generator):
+        d = self.s.draft(rows, anchors, sampling, generator)
+        d.confidence = torch.rand(d.tokens.shape, generator=self.gen)
+        return d
+
+
 def draw(tiny, session_drafter, sampling: SamplingConfig, policy: str = "fixed", seed: int = 0,
-         wrap=lambda s: s) -> list[list[list[int]]]:
+         wrap=lambda s: s, column_cost: float = 0.8) -> list[list[list[int]]]:
     """DRAWS generations per prompt through the real batched loop (the two prompts interleaved: ragged rows)."""
     target = tiny[0]
     prompts = [PROMPTS[i % 2] for i in range(2 * DRAWS)]
     g = make_session(session_drafter, 1).block_size
-    sched = VerifyScheduler(ScheduleConfig(policy=policy), g, cost_model(g) if policy.startswith("scheduled") else None)
+    sched = VerifyScheduler(ScheduleConfig(policy=policy), g, cost_model(g, column_cost) if policy.startswith("scheduled") else None)
     if sched.gate is not None:  # the synthetic profile is the truth here: every load's plain step "timed" as predicted
         for R in range(1, 2 * DRAWS + 1):
             for _ in range(sched.gate.plain_samples):
@@ -244,6 +276,10 @@ def test_a_broken_acceptance_rule_is_caught(tiny, monkeypatch):
        seed=st.integers(0, 1000))
 def test_greedy_equals_plain_greedy_on_generated_cases(tiny, kind, block, lengths, max_new, eos, policy, seed):
     """Odd lengths, EOS inside a block, max_new_tokens inside a block, ragged batches, every policy."""
+    check_greedy_identity(tiny, kind, block, lengths, max_new, eos, policy, seed)
+
+
+def check_greedy_identity(tiny, kind, block, lengths, max_new, eos, policy, seed):
     target = tiny[0]
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, V, (n,), generator=g) for n in lengths]
@@ -256,3 +292,49 @@ def test_greedy_equals_plain_greedy_on_generated_cases(tiny, kind, block, length
     for r in got:
         assert len(r.tokens) <= max_new and (eos not in r.tokens[:-1])
         assert sum(r.emitted_per_round) + 1 == len(r.tokens)  # tau counts nothing after EOS / max_new_tokens
+
+
+# ----------------------------------------------------------------------------- hybrid targets (recurrent layers)
+HYBRID_CASES = [  # every drafter and every policy on targets whose first layer keeps a recurrent state
+    ("vanilla", SamplingConfig(1.0), "fixed"),
+    ("rnn", SamplingConfig(0.7, top_k=4), "threshold"),
+    ("gated", SamplingConfig(1.0), "fixed"),
+    ("vanilla", SamplingConfig(1.0), "scheduled"),
+    ("dflash", SamplingConfig(1.0, top_p=0.9), "fixed"),
+    ("eagle3", SamplingConfig(1.0), "threshold"),
+    ("vanilla", SamplingConfig(1.0), "scheduled_with_draft_cost"),  # plain rounds mixed with drafted ones
+]
+
+
+@pytest.mark.parametrize("kind,sampling,policy", HYBRID_CASES, ids=[f"{k}-{p}" for k, _, p in HYBRID_CASES])
+def test_whole_generations_on_hybrid_targets_follow_the_target_law(tiny_hybrid, kind, sampling, policy):
+    """Qwen3.5 / Qwen3-Next shapes: rows reject different amounts in one verify pass, and each row's recurrent and conv
+    states must be those after its own accepted prefix for the next round's law to be the target's."""
+    samples = draw(tiny_hybrid, drafter(kind, tiny_hybrid), sampling, policy, wrap=SpreadConfidence, column_cost=0.3)
+    for prompt, got in zip(PROMPTS, samples):
+        p = chi2_pvalue(got, exact_law(tiny_hybrid[0], prompt, sampling))
+        assert p > P_MIN, (kind, policy, prompt.tolist(), p)
+
+
+def test_a_broken_rollback_is_caught(tiny_hybrid, monkeypatch):
+    """A rollback that keeps the state of rejected drafts fails the law test."""
+    sampling = SamplingConfig(1.0)
+    original = TargetCache.keep_prefix
+
+    def keep_all(self, kept):  # state kept from rejected drafts: every verified position, not the accepted prefix
+        W = len(self.layers[self.recurrent[0]].recurrent_states_history[0])
+        return original(self, torch.where(kept > 0, torch.full_like(kept, W), kept))
+
+    monkeypatch.setattr(TargetCache, "keep_prefix", keep_all)
+    samples = draw(tiny_hybrid, drafter("vanilla", tiny_hybrid), sampling)
+    p = min(chi2_pvalue(got, exact_law(tiny_hybrid[0], prompt, sampling)) for prompt, got in zip(PROMPTS, samples))
+    assert p < 1e-12, p
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(["vanilla", "gated", "rnn", "dflash", "eagle3"]), block=st.integers(1, 4),
+       lengths=st.lists(st.integers(1, 9), min_size=1, max_size=4), max_new=st.integers(1, 11),
+       eos=st.sampled_from([None, 0, 1, 2, 3, 4, 5]), policy=st.sampled_from(["fixed", "threshold", "scheduled", "scheduled_with_draft_cost"]),
+       seed=st.integers(0, 1000))
+def test_greedy_equals_plain_greedy_on_hybrid_targets(tiny_hybrid, kind, block, lengths, max_new, eos, policy, seed):
+    check_greedy_identity(tiny_hybrid, kind, block, lengths, max_new, eos, policy, seed)

@@ -133,7 +133,7 @@ class VerifyCostModel:
     @torch.no_grad()
     def profile(cls, target, max_rows: int, max_width: int, context: int = 128, repeats: int = 3) -> "VerifyCostModel":
         """Time target forwards of R x W new tokens after ``context`` cached ones (R = 1, 2, 4, ... max_rows)."""
-        from transformers import DynamicCache
+        from deepspec.decoding.target_cache import TargetCache
 
         dev = target.device
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -141,8 +141,10 @@ class VerifyCostModel:
         widths = list(range(1, max_width + 1))
         table = []
         for R in rows:
-            cache = DynamicCache()
+            cache = TargetCache(target.config)
             target(torch.zeros(R, context, dtype=torch.long, device=dev), past_key_values=cache)
+            cache.record(max_width)  # a hybrid target's verify pays for its per-position states, as in the engine
+            nothing_kept = torch.zeros(R, dtype=torch.long, device=dev)
             line = []
             for W in widths:
                 best = float("inf")
@@ -150,9 +152,10 @@ class VerifyCostModel:
                     sync()
                     t = time.perf_counter()
                     target(torch.ones(R, W, dtype=torch.long, device=dev), past_key_values=cache)
+                    cache.keep_prefix(nothing_kept)  # the rollback is part of a round's verify cost
                     sync()
                     best = min(best, time.perf_counter() - t)
-                    cache.crop(-W)  # transformers 5 crops by a negative count
+                    cache.drop_slots(W)
                 line.append(best)
             table.append(line)
         return cls(rows, widths, table, cost_key(target, context))

@@ -12,7 +12,8 @@ confidence-scheduled verification (Algorithm 1), for the R active rows at once:
     4. accept    ``verify_block``: per row the accepted prefix d_1..d_m and the next token (a
                  correction from the residual, or the bonus token after the last verified draft)
     5. commit    the rows' rejected positions become holes in the target's KV cache (the slots every
-                 row rejected are cropped, so a batch of one has none); the drafter
+                 row rejected are cropped, so a batch of one has none), and a hybrid target's recurrent
+                 layers keep each row's state after its accepted prefix (``target_cache``); the drafter
                  queues the accepted tokens' target features; the next token becomes the anchor
 
 A single prompt is the batch of one. Rows stop at ``max_new_tokens`` or after emitting
@@ -28,10 +29,9 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
-
 from deepspec.decoding.scheduler import ScheduleConfig, VerifyScheduler
 from deepspec.decoding.sessions import make_session
+from deepspec.decoding.target_cache import TargetCache, unsupported_layer_types
 from deepspec.decoding.verify import SamplingConfig, next_token, verify_block
 from deepspec.target import TargetModel
 
@@ -61,7 +61,7 @@ class GenerationResult:
 class _Batch:
     """The target side of a batch: KV cache, attention mask over it, real lengths, anchors."""
 
-    cache: DynamicCache
+    cache: TargetCache
     mask: torch.Tensor  # (B, cache length) 1 = a real token of the row, 0 = padding or hole
     lengths: torch.Tensor  # (B,) real tokens per row = position of the anchor
     anchors: torch.Tensor  # (B,) the last emitted token per row; replaced each round, never written in place (the
@@ -85,7 +85,7 @@ def _prefill(target: TargetModel, prompts: list[torch.Tensor], sampling: Samplin
     mask = torch.zeros(B, P, dtype=torch.long, device=dev)
     for i, p in enumerate(prompts):  # left padding: every row's last prompt token at column P-1
         ids[i, P - len(p):], mask[i, P - len(p):] = p.to(dev), 1
-    cache = DynamicCache()
+    cache = TargetCache(target.config)
     features, final = target.decoder_with_positions(ids, mask, (mask.cumsum(1) - 1).clamp_min(0), cache)
     first = next_token(target.logits(final[:, -1]), sampling, generator)  # (B,)
     results = [GenerationResult([tok]) for tok in first.tolist()]
@@ -151,7 +151,7 @@ def _drop_trailing_holes(batch: _Batch, n: int) -> None:
     slots after the longest kept prefix are holes in every row. A batch of one then never has holes, and
     the target attends over the tokens it emitted, not over every verified draft."""
     if n > 0:
-        batch.cache.crop(-n)
+        batch.cache.drop_slots(n)
         batch.mask = batch.mask[:, :-n]
 
 
@@ -170,15 +170,15 @@ def _plain_step(target: TargetModel, batch: _Batch, rows: torch.Tensor, sampling
 
 @torch.no_grad()
 def check_speculative_support(target: TargetModel) -> None:
-    """Refuse, by name, targets the engine cannot verify losslessly: layers whose cache is a recurrent state
-    (Qwen3.5/Qwen3-Next linear attention) cannot drop rejected drafts by masking or cropping, so they would keep
-    state from tokens the target never emitted."""
-    cfg = getattr(target.config, "text_config", None) or target.config
-    recurrent = sorted({t for t in (getattr(cfg, "layer_types", None) or []) if t not in ("full_attention", "sliding_attention")})
-    if recurrent:
+    """Refuse, by name, targets the engine cannot verify losslessly: a layer type that is neither attention (holes,
+    crops) nor a linear-attention layer whose state ``TargetCache`` rolls back per row would keep state from tokens
+    the target never emitted."""
+    unknown = unsupported_layer_types(target.config)
+    if unknown:
+        cfg = getattr(target.config, "text_config", None) or target.config
         raise NotImplementedError(
-            f"{cfg.model_type}: layers of type {recurrent} keep a recurrent state, which speculative decoding would have to "
-            "snapshot and roll back on rejection; this engine does not yet (caching features and training work)")
+            f"{cfg.model_type}: layers of type {unknown} keep a state this engine cannot roll back to an accepted prefix "
+            "(supported: attention layers and linear_attention, e.g. Qwen3.5 / Qwen3-Next); caching features and training work")
 
 
 @torch.inference_mode()  # no autograd state at all (not just no graph): less work per op in an op-bound loop
@@ -191,6 +191,7 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
     sync = torch.cuda.synchronize if target.device.type == "cuda" else (lambda: None)
     batch, features, ids, prompt_mask = _prefill(target, prompts, sampling, generator, max_new_tokens, eos_token_id)
     session.extend(features, ids, prompt_mask)
+    batch.cache.record(session.block_size + 1)  # a hybrid target keeps per-position states of each round (commit)
     scheduler = scheduler or VerifyScheduler(ScheduleConfig(), session.block_size)
     scheduler.start(len(prompts))
     seconds = batch.results[0].seconds
@@ -202,6 +203,7 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
         if not scheduler.should_draft(rows):  # 0. drafting does not pay now (scheduled_with_draft_cost): a plain step
             step_tokens, step_valid = batch.anchors[:, None], batch.active[:, None]  # views: both are replaced, not written
             layer_hidden, nxt = _plain_step(target, batch, rows, sampling, generator)
+            batch.cache.keep_prefix(step_valid[:, 0].long())  # a finished row keeps its state (hybrid targets)
             session.extend(layer_hidden, step_tokens, step_valid)
             batch.anchors = _next_anchors(batch, rows, nxt)
             zeros = [0] * N
@@ -233,6 +235,7 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
         keep = _of_every_row((steps <= m[:, None]).long(), rows, B)  # 5. commit
         batch.mask[:, -W:] = keep  # rejected positions become holes
         kept = keep.sum(1)
+        batch.cache.keep_prefix(kept)  # recurrent layers: each row's state after its kept prefix
         widest = int(kept.max())  # the longest kept prefix: later columns are rejected in every row
         _drop_trailing_holes(batch, W - widest)
         session.extend(layer_hidden[:, :widest], block[:, :widest], keep[:, :widest].bool())

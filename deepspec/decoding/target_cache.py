@@ -1,0 +1,103 @@
+"""The target's cache in the batched engine: attention layers keep holes, recurrent layers keep the accepted prefix.
+
+Attention layers (full or sliding) hold one key/value slot per verified position. A row's rejected drafts stay as
+holes that the attention mask hides, and slots that every row rejected are cropped (``drop_slots``).
+
+Linear-attention layers (Qwen3.5 / Qwen3-Next gated delta-nets, 3 of every 4 layers) hold no slots but a recurrent
+state (B, H, dk, dv) and a short-convolution state (B, C, K): a rejected draft cannot be hidden, it has to be
+taken out of the state. The method here keeps the per-position states of the verify pass and selects, per row, the
+one after the row's accepted prefix:
+
+    before a target forward of W positions:  recording is on (transformers' past recording for assisted decoding)
+    during it:  every linear layer computes the W states token by token (the recurrent form plain decoding uses)
+                and keeps [state before, after 1, ..., after W] and its conv inputs [K old columns, W new]
+    after it:   ``keep_prefix(kept)`` sets row b's state to entry kept[b] and its conv state to the K columns
+                ending there (ragged across rows: kept = 1 + accepted drafts, 0 for a finished row)
+
+Why this and not the alternatives: snapshot + replay (restore the state before the block, run the accepted tokens
+through the linear layers again) costs a second pass over those layers every round, a sequential dependency on
+the accept step; keeping W states costs W copies of the state for one round and no extra pass, and the selected
+state is computed by the same per-token recurrence as plain decoding, so it equals plain decoding's state, not
+just approximately (vLLM's and SGLang's gated delta-net spec decoding keep per-draft-token states the same way).
+The chunked form would be faster for long blocks on a GPU; at block sizes 4-16 the recurrence is the verify pass's
+small part (``scripts/bench_decoding.py``'s hybrid section measures the rollback's share of a round).
+"""
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, LinearAttentionCacheLayerMixin, LinearAttentionLayer
+
+ATTENTION_TYPES = ("full_attention", "sliding_attention")
+RECURRENT_TYPES = ("linear_attention",)
+"""Layer types whose state this engine rolls back (transformers' ``LinearAttentionLayer`` with past recording)."""
+
+
+def text_config(config):
+    return getattr(config, "text_config", None) or config
+
+
+def layer_types(config) -> list[str]:
+    """The decoder's layer types ("full_attention" for every layer when the config names none)."""
+    cfg = text_config(config)
+    return list(getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers)
+
+
+def unsupported_layer_types(config) -> list[str]:
+    """Layer types the engine cannot verify speculatively (neither attention nor a recurrent type it rolls back)."""
+    return sorted({t for t in layer_types(config) if t not in ATTENTION_TYPES + RECURRENT_TYPES})
+
+
+class TargetCache(DynamicCache):
+    """A DynamicCache whose attention layers are plain ``DynamicLayer`` (sliding layers too: the engine's explicit masks
+    apply the window in logical positions, so a cache that dropped old slots would miscount with holes) and whose
+    linear-attention layers can be rolled back per row (module docstring)."""
+
+    def __init__(self, config):
+        super().__init__()
+        types = layer_types(config)
+        self.recurrent = [i for i, t in enumerate(types) if t in RECURRENT_TYPES]
+        if self.recurrent:  # otherwise layers are created lazily, as a bare DynamicCache does
+            self.layers = [LinearAttentionLayer() if t in RECURRENT_TYPES else DynamicLayer() for t in types]
+            self.layer_class_to_replicate = None
+
+    @property
+    def has_recurrent_layers(self) -> bool:
+        return bool(self.recurrent)
+
+    def record(self, max_width: int) -> None:
+        """From now on every forward keeps the per-position states of up to ``max_width`` new positions, until
+        ``keep_prefix`` picks one per row. Call after the prefill (its states need no rollback)."""
+        for i in self.recurrent:
+            self.layers[i].activate_past_recording(recurrent_states_to_keep=max_width)
+
+    @torch.no_grad()
+    def keep_prefix(self, kept: torch.Tensor) -> None:
+        """kept (B,) int: after the last forward of W positions, row b keeps the state after its first kept[b] of them
+        (0 = the state before the forward). A no-op without recurrent layers or outside recording."""
+        for i in self.recurrent:
+            layer = self.layers[i]
+            if not layer.record_past:
+                continue
+            for s in range(layer.number_of_states):
+                if layer.is_conv_states_initialized[s]:
+                    self._keep_conv(layer, s, kept)
+                if layer.is_recurrent_states_initialized[s]:
+                    states = torch.stack(layer.recurrent_states_history[s] + [layer.recurrent_states[s]])  # (W+1, B, ...)
+                    layer.recurrent_states[s] = states[kept, torch.arange(len(kept), device=kept.device)]
+                    layer.recurrent_states_history[s] = []  # a new list: transformers shares one between states
+
+    @staticmethod
+    def _keep_conv(layer: LinearAttentionCacheLayerMixin, s: int, kept: torch.Tensor) -> None:
+        """The conv state grew to (B, C, K + W) during recording: row b keeps the K columns ending after kept[b]."""
+        full, K = layer.conv_states[s], layer.conv_kernel_size[s]
+        cols = kept[:, None, None] + torch.arange(K, device=full.device)  # (B, 1, K)
+        layer.conv_states[s] = full.gather(2, cols.expand(-1, full.shape[1], -1))
+
+    def drop_slots(self, n: int) -> None:
+        """Crop the last ``n`` slots of the attention layers (the slots no row kept). Recurrent layers have no
+        slots: ``keep_prefix`` has already put their states where each row's prefix ends."""
+        if n > 0:
+            for i, layer in enumerate(self.layers):
+                if i not in self.recurrent:
+                    layer.crop(-n)
