@@ -17,6 +17,11 @@ from deepspec.decoding.verify import SamplingConfig
 from deepspec.target import TargetModel, final_logit_softcap
 
 
+# Layers 0-2 gated delta-nets (a recurrent and a conv state each), layer 3 attention, as the real models' 3:1 pattern.
+HYBRID = {"linear_num_key_heads": 2, "linear_key_head_dim": 16, "linear_num_value_heads": 4, "linear_value_head_dim": 16}
+MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32}
+
+
 def family_classes(family: str):
     """(config class, model class, family-specific config fields) of a tiny random text model."""
     import transformers as T
@@ -30,13 +35,14 @@ def family_classes(family: str):
         "qwen3_moe": (T.Qwen3MoeConfig, T.Qwen3MoeForCausalLM, {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}),
         "gemma3": (T.Gemma3TextConfig, T.Gemma3ForCausalLM, {"sliding_window": 8, "query_pre_attn_scalar": 32}),
         "gemma4": (T.Gemma4TextConfig, T.Gemma4ForCausalLM, {"sliding_window": 8}),
-        "qwen3_5": (T.Qwen3_5TextConfig, T.Qwen3_5ForCausalLM, {}),  # hybrid: gated delta-net (linear attention) layers
+        "qwen3_5": (T.Qwen3_5TextConfig, T.Qwen3_5ForCausalLM, HYBRID),  # hybrid: gated delta-net (linear attention) layers
+        "qwen3_5_moe": (T.Qwen3_5MoeTextConfig, T.Qwen3_5MoeForCausalLM, HYBRID | MOE),
+        "qwen3_next": (T.Qwen3NextConfig, T.Qwen3NextForCausalLM, HYBRID | MOE),
     }[family]
 
 
-FAMILIES = ["qwen3", "gemma2", "llama", "mistral", "qwen3_moe", "gemma3", "gemma4", "qwen3_5"]
-UNSUPPORTED_DRAFTING = {"gemma4": "per-layer head sizes: refused by name (test_unsupported_families_are_refused_by_name)",
-                        "qwen3_5": "recurrent linear-attention state: refused by name (test_unsupported_families_are_refused_by_name)"}
+FAMILIES = ["qwen3", "gemma2", "llama", "mistral", "qwen3_moe", "gemma3", "gemma4", "qwen3_5", "qwen3_5_moe", "qwen3_next"]
+UNSUPPORTED_DRAFTING = {"gemma4": "per-layer head sizes: refused by name (test_unsupported_families_are_refused_by_name)"}
 
 
 def save_tiny(path: Path, family: str) -> Path:
@@ -109,12 +115,11 @@ def test_speculative_greedy_equals_plain_greedy_per_family(tmp_path, family):
     torch.manual_seed(1)
     drafter = DSparkDrafter(DSparkConfig(block_size=3, num_hidden_layers=1, markov_rank=8, target_layer_ids=[0, 2], mask_token_id=3),
                             target.model.config, embed, head).eval()
-    from transformers import DynamicCache
-
+    from deepspec.decoding.target_cache import TargetCache
     from deepspec.losses import target_logits
 
     ids = torch.randint(4, 4096, (1, 6))
-    _, final = target.decoder_with_positions(ids, torch.ones_like(ids), torch.arange(6)[None], DynamicCache())
+    _, final = target.decoder_with_positions(ids, torch.ones_like(ids), torch.arange(6)[None], TargetCache(target.config))
     torch.testing.assert_close(target_logits(drafter, final), target.logits(final))  # the losses' soft labels, capped too
     greedy = SamplingConfig(temperature=0)
     for n in (5, 9):
@@ -123,9 +128,8 @@ def test_speculative_greedy_equals_plain_greedy_per_family(tmp_path, family):
 
 
 def test_unsupported_families_are_refused_by_name(tmp_path):
-    """Gemma-4 (per-layer head sizes) cannot get a drafter yet, Qwen3.5 (recurrent layers) cannot be verified
-    speculatively yet: each says so by family, instead of an IndexError deep in the cache or a wrong output."""
-    from deepspec.decoding.speculative import check_speculative_support
+    """Gemma-4 (per-layer head sizes) cannot get a drafter yet: it says so by family, instead of an IndexError deep
+    in the cache or a wrong output."""
     from deepspec.drafters import DSparkConfig, DSparkDrafter
     from deepspec.target import load_frozen_embeddings
 
@@ -136,9 +140,19 @@ def test_unsupported_families_are_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match="gemma4.*head_dim differs per layer"):
         DSparkDrafter(DSparkConfig(block_size=3, num_hidden_layers=1, markov_rank=8, target_layer_ids=[0, 2], mask_token_id=3),
                       target.model.config, embed, head)
-    path = save_tiny(tmp_path / "qwen3_5", "qwen3_5")
-    with pytest.raises(NotImplementedError, match="qwen3_5.*linear_attention.*recurrent state"):
-        check_speculative_support(TargetModel.from_config(TargetConfig(name_or_path=str(path), layer_ids=[0, 2], dtype="float32", device="cpu")))
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe", "qwen3_next"])
+def test_hybrid_targets_are_verified_not_refused(tmp_path, family):
+    """Gated delta-net layers are rolled back per row (deepspec/decoding/target_cache.py), so no hybrid family that
+    transformers runs is refused; the engine's cache has a rollback-capable layer for each linear-attention layer."""
+    from deepspec.decoding.speculative import check_speculative_support
+    from deepspec.decoding.target_cache import TargetCache
+
+    target = TargetModel.from_config(TargetConfig(name_or_path=str(save_tiny(tmp_path / family, family)), layer_ids=[0, 2],
+                                                  dtype="float32", device="cpu"))
+    check_speculative_support(target)
+    assert TargetCache(target.config).recurrent == [0, 1, 2]
 
 
 # ----------------------------------------------------------------------------- what a drafter sees (docs/targets.md)

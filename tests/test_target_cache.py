@@ -1,0 +1,102 @@
+"""A hybrid target's recurrent layers after any accept/reject history hold plain decoding's states.
+
+The real batched loop runs on tiny Qwen3.5 / Qwen3-Next targets (a gated delta-net layer, then attention) with
+random drafters, so rows accept different amounts every round, finish at different times and take plain rounds.
+After every round, each row's recurrent state (H, dk, dv) and conv state (C, K) in every linear-attention layer
+must equal those of plain one-token-at-a-time decoding of the same tokens from that row's prompt alone (no padding,
+no batch), to fp32 tolerance.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from test_exact_law import V, cost_model, drafter, tiny_target
+from deepspec.config.decoding import ScheduleConfig
+from deepspec.decoding import speculative
+from deepspec.decoding.scheduler import VerifyScheduler
+from deepspec.decoding.sessions import make_session
+from deepspec.decoding.target_cache import TargetCache, unsupported_layer_types
+from deepspec.decoding.verify import SamplingConfig
+
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module", params=["qwen3_5", "qwen3_next"])
+def hybrid(request, tmp_path_factory):
+    return tiny_target(tmp_path_factory.mktemp(f"state_{request.param}"), request.param)
+
+
+def linear_states(cache: TargetCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(recurrent (B, H, dk, dv), conv (B, C, K)) of every linear-attention layer, copied."""
+    return [(cache.layers[i].recurrent_states[0].clone(), cache.layers[i].conv_states[0].clone()) for i in cache.recurrent]
+
+
+class RecordingCache(TargetCache):
+    """The engine's cache, keeping a copy of the linear states and of ``kept`` after every rollback."""
+
+    instances: list["RecordingCache"] = []
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.after_rounds: list[tuple[torch.Tensor, list]] = []
+        RecordingCache.instances.append(self)
+
+    def keep_prefix(self, kept):
+        super().keep_prefix(kept)
+        self.after_rounds.append((kept.clone(), linear_states(self)))
+
+
+@torch.no_grad()
+def plain_states(target, prompt: torch.Tensor, tokens: list[int]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """states[n]: the linear states after the prompt and the first n ``tokens``, fed one at a time (plain decoding)."""
+    cache = TargetCache(target.config)
+    P = len(prompt)
+    target.decoder_with_positions(prompt[None], torch.ones(1, P, dtype=torch.long), torch.arange(P)[None], cache)
+    states = [linear_states(cache)]
+    for n, tok in enumerate(tokens):
+        mask = torch.ones(1, P + n + 1, dtype=torch.long)
+        target.decoder_with_positions(torch.tensor([[tok]]), mask, torch.tensor([[P + n]]), cache)
+        states.append(linear_states(cache))
+    return states
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(["vanilla", "dflash", "eagle3"]), block=st.integers(1, 4),
+       lengths=st.lists(st.integers(1, 7), min_size=1, max_size=4), max_new=st.integers(2, 12),
+       policy=st.sampled_from(["fixed", "scheduled_with_draft_cost"]), temperature=st.sampled_from([0.0, 1.0]),
+       seed=st.integers(0, 1000))
+def test_each_rows_recurrent_and_conv_states_equal_plain_decodings(hybrid, monkeypatch, kind, block, lengths, max_new, policy,
+                                                                    temperature, seed):
+    target = hybrid[0]
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, V, (n,), generator=g) for n in lengths]
+    RecordingCache.instances = []
+    monkeypatch.setattr(speculative, "TargetCache", RecordingCache)
+    sched = VerifyScheduler(ScheduleConfig(policy=policy), block, cost_model(block) if policy != "fixed" else None)
+    results = speculative.speculative_generate_batch(target, make_session(drafter(kind, hybrid, block), len(prompts)), prompts,
+                                                     max_new, SamplingConfig(temperature), None, g, sched)
+    (cache,) = RecordingCache.instances
+    for r, (prompt, res) in enumerate(zip(prompts, results)):
+        plain = plain_states(target, prompt, res.tokens)
+        rounds = [states for kept, states in cache.after_rounds if int(kept[r]) > 0]  # the rounds row r took part in
+        assert len(rounds) == len(res.emitted_per_round)
+        fed = 0
+        for i, (states, emitted, accepted) in enumerate(zip(rounds, res.emitted_per_round, res.accepted_per_round)):
+            if emitted < accepted + 1:  # the last round, cut at max_new_tokens: it fed drafts the row never emitted
+                assert i == len(rounds) - 1
+                break
+            fed += emitted  # the anchor and the accepted drafts went through the target this round
+            for (rec, conv), (rec_plain, conv_plain) in zip(states, plain[fed]):
+                torch.testing.assert_close(rec[r], rec_plain[0], rtol=0, atol=ATOL)
+                torch.testing.assert_close(conv[r], conv_plain[0], rtol=0, atol=ATOL)
+
+
+def test_layer_types_the_engine_cannot_roll_back_are_refused_by_name():
+    """A layer type that is neither attention nor a linear-attention layer with a rollback is named; Qwen3.5's are not."""
+    from transformers import Lfm2Config, Qwen3_5TextConfig
+
+    assert unsupported_layer_types(Qwen3_5TextConfig(num_hidden_layers=4)) == []
+    assert unsupported_layer_types(Lfm2Config(num_hidden_layers=4, full_attn_idxs=[3])) == ["conv"]
