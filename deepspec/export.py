@@ -32,10 +32,12 @@ from safetensors.torch import load_file, save_file
 from deepspec.config.data import TargetConfig
 from deepspec.drafters import DRAFTERS
 from deepspec.drafters.draft_vocab import DraftVocab
+from deepspec.drafters.gemma4_layers import full_attention_shape, is_gemma4
+from deepspec.drafters.layer_family import layer_family
 from deepspec.integrity import SELF_DIGEST_KEY, checksum_problems, file_checksums, read_json_checked, with_self_digest
 
 FROZEN = ("embed_tokens.weight", "lm_head.weight")  # the target's, at full vocabulary
-TRAINING_ONLY = ("rotary.", "target_lm_head.")  # never exported: recomputed / the target's own head
+TRAINING_ONLY = ("rotary.", "target_lm_head.")  # never exported: recomputed / the target's own (uncapped) head
 STS_FILE = "confidence_temperatures.json"
 CHECKSUMS_FILE = "checksums.json"
 
@@ -52,6 +54,29 @@ def drafter_name(drafter) -> str:
 
 
 def serving_config(drafter, name: str, include_frozen: bool, target: TargetConfig | None) -> dict:
+    c = drafter.cfg
+    cfg = gemma4_layout_config(drafter, name) if drafter.family == "gemma4" else qwen3_layout_config(drafter, name)
+    if drafter.d2t is not None:  # reduced: every engine sizes lm_head / markov_w2 / logits from it
+        cfg["draft_vocab_size"] = drafter.draft_vocab_size
+    cfg["deepspec"] = {"drafter": name, "config": c.to_dict(), "frozen_from_target": None if include_frozen else (target.name_or_path if target else True),
+                       "checksums": CHECKSUMS_FILE}
+    return cfg
+
+
+def _block_keys(c, name: str, num_target_layers: int) -> dict:
+    """The DSpark/DFlash keys of the reference layout (DFlash: markov_rank 0, no confidence head)."""
+    dspark = name == "dspark"
+    rank = c.markov_rank if dspark else 0
+    conf = dspark and c.enable_confidence_head
+    return dict(num_target_layers=num_target_layers, num_hidden_layers=c.num_hidden_layers, block_size=c.block_size,
+                mask_token_id=c.mask_token_id, target_layer_ids=list(c.target_layer_ids), num_anchors=c.num_anchors,
+                enable_confidence_head=conf, markov_rank=rank, layer_types=["full_attention"] * c.num_hidden_layers,
+                confidence_head_with_markov=bool(conf and c.confidence_head_with_markov and rank > 0),
+                markov_head_type=c.markov_head_type if dspark else "vanilla")
+
+
+def qwen3_layout_config(drafter, name: str) -> dict:
+    """config.json for Qwen3-shaped drafters: vLLM/SGLang/TensorRT-LLM's Qwen3 DSpark/DFlash and Eagle3 layouts."""
     tc = drafter.target_config.to_dict()
     c = drafter.cfg
     cfg = {k: v for k, v in tc.items() if k not in ("architectures", "auto_map", "_name_or_path", "transformers_version")}
@@ -67,25 +92,39 @@ def serving_config(drafter, name: str, include_frozen: bool, target: TargetConfi
                    draft_vocab_size=tc["vocab_size"], target_hidden_size=tc["hidden_size"],
                    eagle_config={"eagle_aux_hidden_state_layer_ids": ids}, eagle_aux_hidden_state_layer_ids=[i + 1 for i in ids],
                    norm_before_residual=False, intermediate_size=c.intermediate_size or tc["intermediate_size"])
-    else:
-        dspark = name == "dspark"
-        rank = c.markov_rank if dspark else 0
-        conf = dspark and c.enable_confidence_head
-        # DFlash loads as DFlashDraftModel everywhere (vLLM, SGLang, TensorRT-LLM); under Qwen3DSparkModel SGLang would
-        # build a DSpark and refuse markov_rank 0. TensorRT-LLM reads DFlash's ids from dflash_config only.
-        cfg.update(architectures=["Qwen3DSparkModel" if dspark else "DFlashDraftModel"], num_target_layers=tc["num_hidden_layers"],
-                   num_hidden_layers=c.num_hidden_layers, block_size=c.block_size, mask_token_id=c.mask_token_id,
-                   target_layer_ids=list(c.target_layer_ids), num_anchors=c.num_anchors, enable_confidence_head=conf,
-                   markov_rank=rank, layer_types=["full_attention"] * c.num_hidden_layers)
-        cfg["confidence_head_with_markov"] = bool(conf and c.confidence_head_with_markov and rank > 0)
-        cfg["markov_head_type"] = c.markov_head_type if dspark else "vanilla"
-        if not dspark:
-            cfg["dflash_config"] = {"mask_token_id": c.mask_token_id, "target_layer_ids": list(c.target_layer_ids), "block_size": c.block_size}
-    if drafter.d2t is not None:  # reduced: every engine sizes lm_head / markov_w2 / logits from it
-        cfg["draft_vocab_size"] = drafter.draft_vocab_size
-    cfg["deepspec"] = {"drafter": name, "config": c.to_dict(), "frozen_from_target": None if include_frozen else (target.name_or_path if target else True),
-                       "checksums": CHECKSUMS_FILE}
+        return cfg
+    # DFlash loads as DFlashDraftModel everywhere (vLLM, SGLang, TensorRT-LLM); under Qwen3DSparkModel SGLang would
+    # build a DSpark and refuse markov_rank 0. TensorRT-LLM reads DFlash's ids from dflash_config only.
+    cfg.update(architectures=[layer_family(drafter.target_config).architectures[name]], **_block_keys(c, name, tc["num_hidden_layers"]))
+    if name == "dflash":
+        cfg["dflash_config"] = {"mask_token_id": c.mask_token_id, "target_layer_ids": list(c.target_layer_ids), "block_size": c.block_size}
     return cfg
+
+
+def gemma4_layout_config(drafter, name: str) -> dict:
+    """config.json of the reference's Gemma-4 drafters (``Gemma4DSparkModel``, DFlash included, and
+    ``Gemma4Eagle3Model``): the target's text config with the full-attention sizes under its flat keys
+    (``global_head_dim``, ``num_global_key_value_heads``; ``head_dim`` stays the sliding one) and the drafter's
+    keys. ``final_logit_softcapping`` stays: vLLM's Gemma-4 DSpark class caps draft logits with it. The embedding
+    scale is not a key: the reference and vLLM derive sqrt(hidden_size) themselves."""
+    tcfg, c = drafter.target_config, drafter.cfg
+    tc = tcfg.to_dict()
+    kv_heads, head_dim = full_attention_shape(tcfg)
+    drop = ("architectures", "auto_map", "_name_or_path", "transformers_version", "per_layer_config")
+    cfg = {k: v for k, v in tc.items() if k not in drop}
+    cfg.update(global_head_dim=head_dim, num_global_key_value_heads=kv_heads if tc.get("attention_k_eq_v") else None,
+               tie_word_embeddings=False, target_model_type=tc["model_type"].removesuffix("_text"), target_text_model_type=tc["model_type"],
+               num_target_layers=tc["num_hidden_layers"], architectures=[layer_family(tcfg).architectures[name]])
+    if name == "eagle3":
+        cfg.update(num_hidden_layers=1, draft_num_hidden_layers=1, layer_types=["full_attention"], target_layer_ids=list(c.target_layer_ids),
+                   ttt_length=c.ttt_steps, step_loss_decay=c.step_loss_decay, intermediate_size=c.intermediate_size or tc["intermediate_size"])
+    else:
+        cfg.update(_block_keys(c, name, tc["num_hidden_layers"]))
+    return cfg
+
+
+# Tensor names that differ from our modules' in a layout: (family, drafter) -> (ours, the layout's)
+LAYOUT_RENAMES = {("gemma4", "eagle3"): ("midlayer.", "layers.0.")}  # the reference's Gemma-4 Eagle3 is a layer list
 
 
 def export_drafter(drafter, out_dir: str | Path, state_dict: dict | None = None, include_frozen: bool = True,
@@ -99,9 +138,11 @@ def export_drafter(drafter, out_dir: str | Path, state_dict: dict | None = None,
     # vocabulary's LM head is trained, not the target's, so it is always written.
     left_out = () if include_frozen else ("embed_tokens.weight",) if name == "eagle3" or drafter.d2t is not None else FROZEN
     tensors = {}
+    ours, theirs = LAYOUT_RENAMES.get((drafter.family, name), ("", ""))
     for k, v in state.items():
         if k.startswith(TRAINING_ONLY) or k in left_out:
             continue
+        k = theirs + k.removeprefix(ours) if ours and k.startswith(ours) else k
         tensors[k] = v.detach().to("cpu").contiguous().clone()  # clone: tied embed/lm_head must not share storage
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(serving_config(drafter, name, include_frozen, target), indent=2, default=str))
@@ -128,34 +169,60 @@ def check_export_files(path: Path) -> None:
         raise ValueError(f"{path}: the export is corrupt:\n  " + "\n  ".join(problems))
 
 
-def load_drafter(path: str | Path, target: TargetConfig | None = None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32):
-    """Load an export (ours, either form, or a reference-layout DSpark folder) as a drafter module."""
+REFERENCE_BLOCK = (["Qwen3DSparkModel"], ["DFlashDraftModel"], ["Gemma4DSparkModel"])
+
+
+def drafter_fields(path: Path, raw: dict) -> tuple[str, dict]:
+    """(drafter name, its config fields) of an export: ours (the ``deepspec`` block), or a folder in the reference's
+    layout written by another tool (Qwen3DSparkModel / DFlashDraftModel / Gemma4DSparkModel / Gemma4Eagle3Model)."""
+    meta = raw.get("deepspec")
+    if meta is not None:
+        return meta["drafter"], meta["config"]
+    if raw.get("architectures") in REFERENCE_BLOCK:
+        name = "dspark" if raw.get("markov_rank", 0) or raw.get("enable_confidence_head") else "dflash"
+        keys = DRAFTERS[name].config_class.__dataclass_fields__
+        fields = {k: raw[k] for k in keys if k in raw}
+        fields["num_hidden_layers"] = raw["num_hidden_layers"]
+        return name, fields
+    if raw.get("architectures") == ["Gemma4Eagle3Model"]:
+        if raw.get("num_hidden_layers", 1) != 1:
+            raise ValueError(f"{path}: a Gemma4Eagle3Model with {raw['num_hidden_layers']} layers; deepspec's Eagle3 has one")
+        return "eagle3", {"target_layer_ids": raw["target_layer_ids"], "ttt_steps": raw.get("ttt_length", 7),
+                          "step_loss_decay": raw.get("step_loss_decay", 0.8)}
+    raise ValueError(f"{path}: config.json is neither a deepspec export nor a {'/'.join(a[0] for a in REFERENCE_BLOCK)}/"
+                     "Gemma4Eagle3Model folder")
+
+
+def target_config_of(raw: dict, name: str):
+    """The target's (text) config rebuilt from an export's config.json: its num_hidden_layers/layer_types are the
+    drafter's, so the target's layer count comes from num_target_layers (layer types then take the family default)."""
     from transformers import AutoConfig
 
+    tconf = {k: v for k, v in raw.items() if k != "deepspec"}
+    if name != "eagle3" or "num_target_layers" in raw:
+        tconf["num_hidden_layers"] = raw.get("num_target_layers", tconf["num_hidden_layers"])
+    tconf.pop("layer_types", None)
+    rope = tconf.get("rope_parameters")
+    if isinstance(rope, dict) and "full_attention" in rope:  # per layer type; the reference's files add flat leftovers
+        tconf["rope_parameters"] = {k: v for k, v in rope.items() if isinstance(v, dict)}
+    return AutoConfig.for_model(tconf.pop("model_type", "qwen3"), **tconf)
+
+
+def load_drafter(path: str | Path, target: TargetConfig | None = None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32):
+    """Load an export (ours, either form, or a reference-layout DSpark/DFlash/Eagle3 folder) as a drafter module."""
     from deepspec.target import load_frozen_embeddings
 
     path = Path(path)
     check_export_files(path)
     raw = json.loads((path / "config.json").read_text())
-    meta = raw.get("deepspec")
-    if meta is not None:
-        name, fields = meta["drafter"], meta["config"]
-    elif raw.get("architectures") in (["Qwen3DSparkModel"], ["DFlashDraftModel"]):  # a reference-layout folder not written by us
-        name = "dspark" if raw.get("markov_rank", 0) or raw.get("enable_confidence_head") else "dflash"
-        keys = DRAFTERS[name].config_class.__dataclass_fields__
-        fields = {k: raw[k] for k in keys if k in raw}
-        fields["num_hidden_layers"] = raw["num_hidden_layers"]
-    else:
-        raise ValueError(f"{path}: config.json is neither a deepspec export nor a Qwen3DSparkModel/DFlashDraftModel folder")
+    name, fields = drafter_fields(path, raw)
     spec = DRAFTERS[name]
     dcfg = spec.config_class(**fields)
-    tconf_dict = {k: v for k, v in raw.items() if k != "deepspec"}
-    if name != "eagle3":  # the file's num_hidden_layers/layer_types are the drafter's; the target's shape is wanted here
-        tconf_dict["num_hidden_layers"] = raw.get("num_target_layers", tconf_dict["num_hidden_layers"])
-    tconf_dict.pop("layer_types", None)
-    tconf = AutoConfig.for_model(tconf_dict.pop("model_type", "qwen3"), **tconf_dict)
+    tconf = target_config_of(raw, name)
     state = load_file(path / "model.safetensors")
+    ours, theirs = LAYOUT_RENAMES.get(("gemma4" if is_gemma4(tconf) else "qwen3", name), ("", ""))
+    state = {ours + k.removeprefix(theirs) if theirs and k.startswith(theirs) else k: v for k, v in state.items()}
     vocab = DraftVocab.from_d2t(state["d2t"], tconf.vocab_size) if "d2t" in state else None
     frozen = FROZEN if vocab is None else ("embed_tokens.weight",)  # a reduced vocabulary's lm_head is the drafter's own
     if all(k in state for k in frozen):

@@ -51,8 +51,11 @@ class RotaryEmbedding(nn.Module):
     compute RoPE in fp32, would then disagree with the trained drafter.
     """
 
-    def __init__(self, config):
+    def __init__(self, config=None, inv_freq: torch.Tensor | None = None):
         super().__init__()
+        if inv_freq is not None:  # a family that computes its own frequencies (gemma4_layers.py)
+            self.inv_freq_fp32, self.attention_scaling = inv_freq.detach().float().clone(), 1.0
+            return
         from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
         # Qwen3RotaryEmbedding only reads the generic RoPE fields (rope_parameters, head_dim). Targets whose RoPE
@@ -84,15 +87,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, backend: str = "sdpa") -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, backend: str = "sdpa", scale: float | None = None) -> torch.Tensor:
     """Scaled dot-product attention.
 
     q (B, H, Q, hd); k, v (B, Hkv, K, hd); mask: bool (B, 1, Q, K) for ``sdpa``, a flex
-    ``BlockMask`` for ``flex``. Returns (B, H, Q, hd).
+    ``BlockMask`` for ``flex``; ``scale`` None = 1/sqrt(hd) (Gemma-4's layers use 1: q and k are RMS-normed).
+    Returns (B, H, Q, hd).
     """
     if backend == "flex":
-        return _flex(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+        return _flex(q.is_cuda)(q, k, v, block_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 
 
 _FLEX = {}
@@ -122,6 +126,8 @@ class ContextAttention(nn.Module):
     never from the layer's input, so they depend on the context alone: a decoding session computes
     them once per token and caches them, exactly like a target's KV cache.
     """
+
+    scale = None  # attention scale: 1/sqrt(hd)
 
     def __init__(self, d: int, num_heads: int, num_kv_heads: int, head_dim: int, eps: float):
         super().__init__()
@@ -161,7 +167,7 @@ class ContextAttention(nn.Module):
             k, v = ctx_k, ctx_v
         else:
             k, v = torch.cat([ctx_k, k], dim=2), torch.cat([ctx_v, v], dim=2)
-        out = attend(q, k, v, mask, backend)  # (B, H, Q, hd)
+        out = attend(q, k, v, mask, backend, self.scale)  # (B, H, Q, hd)
         return self.o_proj(out.transpose(1, 2).reshape(x.shape[0], Q, -1))
 
 

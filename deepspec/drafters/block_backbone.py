@@ -9,17 +9,19 @@
 per token (``deepspec/decoding/sessions``); ``block_hidden`` is the per-round work.
 
 The embedding and LM head are the target's, frozen and shared (never copied); with a reduced draft
-vocabulary the LM head is the drafter's own (``draft_vocab.py``). Parameter names match the
-reference checkpoint layout (fc, hidden_norm, layers.i.*, norm, lm_head, d2t, t2d).
+vocabulary the LM head is the drafter's own (``draft_vocab.py``). The layers, RoPE, embedding scale and
+logit cap come from the target's layer family (``layer_family.py``: Qwen3-shaped, or Gemma-4's).
+Parameter names match the reference checkpoint layout (fc, hidden_norm, layers.i.*, norm, lm_head, d2t, t2d).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from deepspec.drafters.attention import ContextDecoderLayer, RMSNorm, RotaryEmbedding, flex_block_mask
+from deepspec.drafters.attention import RMSNorm, flex_block_mask
 from deepspec.drafters.blocks import Blocks, block_attention_mask, flex_mask_mod
 from deepspec.drafters.draft_vocab import DraftLMHead, DraftVocab, DraftVocabMixin
+from deepspec.drafters.layer_family import family_embedding, layer_family
 
 
 def init_trainable(m: nn.Module) -> None:
@@ -31,16 +33,6 @@ def init_trainable(m: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def target_head_dim(tc) -> int:
-    """The attention head size the drafter's layers copy from the target; a clear error where the target's
-    differs per layer (Gemma-4's global vs local heads), since the drafter's layers are one shape."""
-    try:
-        return getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-    except Exception as e:  # noqa: BLE001 -- transformers' per-layer attribute guard
-        raise ValueError(f"{tc.model_type}: the target's head_dim differs per layer ({type(e).__name__}); the drafters copy "
-                         "one layer shape from the target and do not support this family yet") from None
-
-
 class BlockDraftBackbone(DraftVocabMixin, nn.Module):
     """fc + hidden_norm + context-injected layers + norm, over a frozen embedding and the LM head
     (the target's, frozen, or the drafter's own over a reduced vocabulary)."""
@@ -50,17 +42,15 @@ class BlockDraftBackbone(DraftVocabMixin, nn.Module):
         super().__init__()
         tc = target_config
         d, L = tc.hidden_size, len(target_layer_ids)
-        head_dim = target_head_dim(tc)
-        self.target_config, self.attention_backend = tc, attention_backend
-        self.embed_tokens = embed_tokens.requires_grad_(False)
-        self.attach_lm_heads(lm_head, draft_vocab, d)
+        family = layer_family(tc)
+        self.target_config, self.attention_backend, self.family = tc, attention_backend, family.name
+        self.embed_tokens = family_embedding(embed_tokens, family.embed_scale(tc))
+        self.attach_lm_heads(lm_head, draft_vocab, d, family.logit_softcap(tc))
         self.fc = nn.Linear(L * d, d, bias=False)
         self.hidden_norm = RMSNorm(d, tc.rms_norm_eps)
-        self.layers = nn.ModuleList(
-            ContextDecoderLayer(d, tc.intermediate_size, tc.num_attention_heads, tc.num_key_value_heads, head_dim, tc.rms_norm_eps)
-            for _ in range(num_layers))
+        self.layers = nn.ModuleList(family.context_layer(tc, i, num_layers) for i in range(num_layers))
         self.norm = RMSNorm(d, tc.rms_norm_eps)
-        self.rotary = RotaryEmbedding(tc)
+        self.rotary = family.rotary(tc)
 
     def context_kv(self, hidden: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """hidden (B, C, L*d) target features at ``positions`` (B, C) -> per layer (k, v), each (B, Hkv, C, hd).
@@ -77,8 +67,8 @@ class BlockDraftBackbone(DraftVocabMixin, nn.Module):
 
         ``decoding``: a session's round, whose ``ctx_kv`` have Q free key slots after the context
         (``ContextAttention.forward``)."""
-        # The bare target rows, no family scale (not Gemma's sqrt(d) either): what vLLM's DSpark/DFlash loaders feed
-        # the drafter (docs/targets.md, "What a drafter sees").
+        # The bare target rows for Qwen3-shaped layers (not Gemma-2/3's sqrt(d) either), scaled rows for Gemma-4:
+        # what vLLM's DSpark/DFlash loaders feed each (docs/targets.md, "What a drafter sees").
         x = self.embed_tokens(block_ids).to(ctx_kv[0][0].dtype)  # (B, Q, d)
         rope_q = self.rotary(x, block_pos)
         for layer, (k, v) in zip(self.layers, ctx_kv):

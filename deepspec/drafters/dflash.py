@@ -46,8 +46,6 @@ class DFlashConfig:
 
 
 class DFlashDrafter(BlockDraftBackbone):
-    architecture = "DFlashDraftModel"  # DSpark's layout with markov_rank=0 and no confidence head, under the engines' DFlash name
-
     def __init__(self, cfg: DFlashConfig, target_config, embed_tokens: nn.Embedding, lm_head: nn.Linear | None,
                  draft_vocab: DraftVocab | None = None):
         super().__init__(cfg.num_hidden_layers, cfg.target_layer_ids, cfg.attention_backend, target_config, embed_tokens, lm_head,
@@ -56,8 +54,8 @@ class DFlashDrafter(BlockDraftBackbone):
         self.apply(init_trainable)
 
     def logits(self, h: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-        """h (n, g, d) -> (n, g, N) over the draft vocabulary (N = V at full vocabulary); prev is unused. Never
-        soft-capped (vLLM's DFlash head applies no cap; docs/targets.md)."""
+        """h (n, g, d) -> (n, g, N) over the draft vocabulary (N = V at full vocabulary); prev is unused. Soft-capped
+        only for Gemma-4 (its family's head); vLLM's Qwen3 DFlash head applies no cap (docs/targets.md)."""
         return self.lm_head(h)
 
     def confidence_logits(self, h: torch.Tensor, prev: torch.Tensor) -> None:

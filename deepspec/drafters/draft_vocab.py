@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -84,7 +85,18 @@ class DraftVocab:
         return vocab
 
 
-class DraftLMHead(nn.Linear):
+class LMHead(nn.Linear):
+    """A bias-free LM head whose logits are soft-capped, cap * tanh(logits / cap), where ``softcap`` is set (a
+    Gemma-4 drafter's draft logits: ``layer_family.py``)."""
+
+    softcap: float | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x, self.weight)
+        return logits if self.softcap is None else torch.tanh(logits / self.softcap) * self.softcap
+
+
+class DraftLMHead(LMHead):
     """The drafter's own LM head over the draft vocabulary (N, d), trainable; it starts as the target's rows
     of the draft ids (``init_trainable`` leaves it alone)."""
 
@@ -98,15 +110,22 @@ class DraftVocabMixin:
     buffers ``d2t`` (N,) int64 and ``t2d`` (V,) bool travel with the weights.
     """
 
-    def attach_lm_heads(self, target_head: nn.Linear | None, vocab: DraftVocab | None, d: int) -> None:
+    def attach_lm_heads(self, target_head: nn.Linear | None, vocab: DraftVocab | None, d: int, softcap: float | None = None) -> None:
         """Call once in the constructor, where the full-vocabulary drafter registered its frozen head.
-        ``target_head`` may be None for a reduced drafter loaded for decoding only (no losses)."""
+        ``target_head`` may be None for a reduced drafter loaded for decoding only (no losses). ``softcap``: the
+        drafter's logits are capped (Gemma-4); at full vocabulary ``lm_head`` is then a capped head sharing the
+        target's frozen weight and ``target_lm_head`` the uncapped one (the losses cap p_t themselves)."""
         if vocab is None:
             self.lm_head = target_head.requires_grad_(False)
+            if softcap is not None:
+                self.target_lm_head = target_head
+                self.lm_head = LMHead(*reversed(target_head.weight.shape), bias=False, device="meta")
+                self.lm_head.weight, self.lm_head.softcap = target_head.weight, float(softcap)
             self.register_buffer("d2t", None)
             self.register_buffer("t2d", None)
             return
         self.lm_head = DraftLMHead(d, vocab.size, bias=False)
+        self.lm_head.softcap = None if softcap is None else float(softcap)
         if target_head is not None:
             self.target_lm_head = target_head.requires_grad_(False)
             with torch.no_grad():
@@ -121,10 +140,11 @@ class DraftVocabMixin:
 
     @property
     def target_head(self) -> nn.Module:
-        """The target's LM head (p_t in the losses): ``lm_head`` itself at full vocabulary."""
-        if self.d2t is None:
-            return self.lm_head
+        """The target's LM head, uncapped (p_t in the losses): ``lm_head`` itself at full vocabulary unless the draft
+        logits are capped."""
         head = self._modules.get("target_lm_head")
+        if head is None and self.d2t is None:
+            return self.lm_head
         if head is None:
             raise RuntimeError("this reduced-vocabulary drafter was loaded without the target's LM head: pass target= to "
                                "load_drafter to compute losses (decoding does not need it)")

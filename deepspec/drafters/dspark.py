@@ -62,8 +62,6 @@ class DSparkConfig:
 class DSparkDrafter(BlockDraftBackbone):
     """DSpark drafter: the shared block backbone plus the Markov and confidence heads."""
 
-    architecture = "Qwen3DSparkModel"
-
     def __init__(self, cfg: DSparkConfig, target_config, embed_tokens: nn.Embedding, lm_head: nn.Linear | None,
                  draft_vocab: DraftVocab | None = None):
         super().__init__(cfg.num_hidden_layers, cfg.target_layer_ids, cfg.attention_backend, target_config, embed_tokens, lm_head,
@@ -78,8 +76,9 @@ class DSparkDrafter(BlockDraftBackbone):
     # ------------------------------------------------------------------ heads (any subset of blocks)
     def logits(self, h: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         """h (n, g, d), prev (n, g) target ids -> draft logits (n, g, N) = lm_head(h) + Markov bias, over the draft
-        vocabulary (N = V at full vocabulary). No final-logit soft-capping, even where the target has one (Gemma-2):
-        vLLM's DSpark head applies none (docs/targets.md, "What a drafter sees")."""
+        vocabulary (N = V at full vocabulary). lm_head(h) is soft-capped only where the layer family caps (Gemma-4,
+        before the Markov bias, as the reference and vLLM's Gemma-4 class do); never for Qwen3-shaped drafters, even
+        where the target caps (Gemma-2): vLLM's Qwen3 DSpark head applies none (docs/targets.md, "What a drafter sees")."""
         base = self.lm_head(h)
         if self.markov_head is None:
             return base

@@ -26,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepspec.drafters.attention import MLP, RMSNorm, RotaryEmbedding, apply_rope, attend, flex_block_mask
-from deepspec.drafters.block_backbone import init_trainable, target_head_dim
+from deepspec.drafters.attention import MLP, RMSNorm, apply_rope, attend, flex_block_mask
+from deepspec.drafters.block_backbone import init_trainable
 from deepspec.drafters.draft_vocab import DraftVocab, DraftVocabMixin
+from deepspec.drafters.layer_family import family_embedding, layer_family
 
 
 @dataclass
@@ -60,6 +61,8 @@ class Eagle3Config:
 class Eagle3Attention(nn.Module):
     """Llama-style attention whose q/k/v read the 2d-wide [embedding; hidden] input."""
 
+    scale = None  # attention scale: 1/sqrt(hd)
+
     def __init__(self, d: int, num_heads: int, num_kv_heads: int, head_dim: int):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -86,6 +89,13 @@ class Eagle3Midlayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(d, eps)
         self.mlp = MLP(d, intermediate)
 
+    def attention_residual(self, hidden: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """hidden (B, T, d) residual, attn (B, T, H*hd) attention output -> h (B, T, d)."""
+        return hidden + self.self_attn.o_proj(attn)
+
+    def mlp_residual(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.mlp(self.post_attention_layernorm(h))
+
 
 def ttt_mask(T: int, step: int, valid: torch.Tensor) -> torch.Tensor:
     """Bool mask (B, 1, T, (step+1)*T): causal over step-0 keys (real tokens only), diagonal over steps 1..step."""
@@ -96,14 +106,14 @@ def ttt_mask(T: int, step: int, valid: torch.Tensor) -> torch.Tensor:
     return torch.cat([causal] + [diag] * step, dim=-1)[:, None]
 
 
-def ttt_attend(q: torch.Tensor, past_kv: list, causal: torch.Tensor) -> torch.Tensor:
+def ttt_attend(q: torch.Tensor, past_kv: list, causal: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Attention of TTT step k = len(past_kv) - 1 without materialising its (T, (k+1)T) score matrix.
 
     Query t sees the step-0 keys allowed by ``causal`` (B, 1, T, T) and, from each later step j, only
     its own position's key: scores [q K_0^T | q.k_j(t) for j = 1..k] share one softmax. The same result as
     SDPA over the concatenated keys with ``ttt_mask(T, k, valid)`` (tested), in O(T^2 + kT) instead of
     O(kT^2): at 7 steps most of an Eagle3 training step was attention over masked-out keys.
-    q (B, H, T, hd); past_kv[j] = (k_j, v_j), each (B, Hkv, T, hd). Returns (B, H, T, hd).
+    q (B, H, T, hd); past_kv[j] = (k_j, v_j), each (B, Hkv, T, hd); scale None = 1/sqrt(hd). Returns (B, H, T, hd).
     """
     B, H, T, hd = q.shape
     Hkv = past_kv[0][0].shape[1]
@@ -111,7 +121,7 @@ def ttt_attend(q: torch.Tensor, past_kv: list, causal: torch.Tensor) -> torch.Te
     (k0, v0), later = past_kv[0], past_kv[1:]
     scores = [torch.matmul(qg, k0[:, :, None].transpose(-1, -2)).masked_fill(~causal[:, :, None], float("-inf"))]  # (B, Hkv, G, T, T)
     scores += [(qg * kj[:, :, None]).sum(-1, keepdim=True) for kj, _ in later]  # (B, Hkv, G, T, 1) each
-    w = torch.softmax(torch.cat(scores, -1).float() * hd**-0.5, dim=-1).to(q.dtype)
+    w = torch.softmax(torch.cat(scores, -1).float() * (hd**-0.5 if scale is None else scale), dim=-1).to(q.dtype)
     out = torch.matmul(w[..., :T], v0[:, :, None])
     for j, (_, vj) in enumerate(later):
         out = out + w[..., T + j : T + j + 1] * vj[:, :, None]
@@ -119,21 +129,19 @@ def ttt_attend(q: torch.Tensor, past_kv: list, causal: torch.Tensor) -> torch.Te
 
 
 class Eagle3Drafter(DraftVocabMixin, nn.Module):
-    architecture = "LlamaForCausalLMEagle3"
-
     def __init__(self, cfg: Eagle3Config, target_config, embed_tokens: nn.Embedding, lm_head: nn.Linear | None,
                  draft_vocab: DraftVocab | None = None):
         super().__init__()
         tc = target_config
         d, L = tc.hidden_size, len(cfg.target_layer_ids)
-        head_dim = target_head_dim(tc)
-        self.cfg, self.target_config = cfg, tc
-        self.embed_tokens = embed_tokens.requires_grad_(False)
-        self.attach_lm_heads(lm_head, draft_vocab, d)
+        family = layer_family(tc)  # Qwen3-shaped, or Gemma-4's layer (layer_family.py)
+        self.cfg, self.target_config, self.family = cfg, tc, family.name
+        self.embed_tokens = family_embedding(embed_tokens, family.embed_scale(tc))
+        self.attach_lm_heads(lm_head, draft_vocab, d, family.logit_softcap(tc))
         self.fc = nn.Linear(L * d, d, bias=False)
-        self.midlayer = Eagle3Midlayer(d, cfg.intermediate_size or tc.intermediate_size, tc.num_attention_heads, tc.num_key_value_heads, head_dim, tc.rms_norm_eps)
+        self.midlayer = family.eagle3_midlayer(tc, cfg.intermediate_size or tc.intermediate_size)
         self.norm = RMSNorm(d, tc.rms_norm_eps)
-        self.rotary = RotaryEmbedding(tc)
+        self.rotary = family.rotary(tc)
         self.apply(init_trainable)
 
     def _layer(self, tokens_emb, hidden, rope, past_kv: list, mask) -> torch.Tensor:
@@ -145,11 +153,11 @@ class Eagle3Drafter(DraftVocabMixin, nn.Module):
         if self.cfg.attention_backend == "flex":
             K = torch.cat([kv[0] for kv in past_kv], dim=2)  # (B, Hkv, (step+1)*T, hd)
             V = torch.cat([kv[1] for kv in past_kv], dim=2)
-            out = attend(q, K, V, mask, "flex")
+            out = attend(q, K, V, mask, "flex", m.self_attn.scale)
         else:
-            out = ttt_attend(q, past_kv, mask)
-        h = hidden + m.self_attn.o_proj(out.transpose(1, 2).reshape(hidden.shape))
-        return h + m.mlp(m.post_attention_layernorm(h))
+            out = ttt_attend(q, past_kv, mask, m.self_attn.scale)
+        h = m.attention_residual(hidden, out.transpose(1, 2).reshape(*hidden.shape[:-1], -1))  # (B, T, d)
+        return m.mlp_residual(h)
 
     def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """TTT unroll. hidden (B, S, L*d); input_ids, valid (B, S) -> post-norm h (B, K, S, d) for steps 0..K-1.
@@ -163,7 +171,7 @@ class Eagle3Drafter(DraftVocabMixin, nn.Module):
         outs, h = [], g
         for k in range(self.cfg.ttt_steps):
             shifted = F.pad(input_ids[:, 1 + k :], (0, 1 + k))  # token t+1+k, 0 past the end
-            emb = self.embed_tokens(shifted).to(g.dtype)  # bare target rows, unscaled for every family, as in vLLM
+            emb = self.embed_tokens(shifted).to(g.dtype)  # bare rows (Qwen3-shaped) or sqrt(d)-scaled (Gemma-4), as in vLLM
             rope = self.rotary(emb, pos + k)
             mask = self._mask(S, k, valid, hidden.device)
             h = self._layer(emb, h, rope, past_kv, mask)
