@@ -30,6 +30,7 @@ class LoaderRequirements:
     tensors: tuple[str, ...]  # regexes every export must contain a match for
     checks: tuple[Check, ...] = field(default_factory=tuple)
     notes: str = ""
+    family: str = "qwen3"  # the draft-layer layout it reads: "qwen3" or "gemma4" (deepspec/drafters/layer_family.py)
 
 
 def _get(cfg: dict, dotted: str):
@@ -51,6 +52,11 @@ EAGLE3 = (r"midlayer\.self_attn\.[qkvo]_proj\.weight", r"midlayer\.mlp\.(gate|up
           r"midlayer\.(input_layernorm|hidden_norm|post_attention_layernorm)\.weight", r"fc\.weight", r"norm\.weight")
 QWEN3_SHAPE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
                "intermediate_size", "rms_norm_eps", "vocab_size")
+GEMMA4_SHAPE = (*QWEN3_SHAPE, "global_head_dim", "attention_k_eq_v", "hidden_activation", "layer_types", "rope_parameters")
+GEMMA4_BACKBONE = (r"layers\.\d+\.self_attn\.[qko]_proj\.weight", r"layers\.\d+\.self_attn\.[qk]_norm\.weight",
+                   r"layers\.\d+\.mlp\.(gate|up|down)_proj\.weight",
+                   r"layers\.\d+\.(input|post_attention|pre_feedforward|post_feedforward)_layernorm\.weight",
+                   r"layers\.\d+\.layer_scalar", r"fc\.weight", r"hidden_norm\.weight", r"norm\.weight")
 
 def _draft_vocab(c: dict) -> int:
     return c.get("draft_vocab_size") or c["vocab_size"]
@@ -139,6 +145,23 @@ REQUIREMENTS: tuple[LoaderRequirements, ...] = (
         ("LlamaForCausalLMEagle3",), (*QWEN3_SHAPE,), EAGLE3, (_full_vocab_or_d2t,),
         "Capture layers come from the LLM API's eagle3_layers_to_capture (layer outputs), not the checkpoint."),
     LoaderRequirements(
+        "vLLM", "dspark", "vllm-project/vllm vllm/model_executor/models/gemma4_dspark.py@9d9cfb5d (+ gemma4_mtp.py@03b60164, "
+        "registry.py: Gemma4DSparkModel -> Gemma4DSparkForCausalLM)",
+        ("Gemma4DSparkModel",), (*GEMMA4_SHAPE, "markov_rank", "target_layer_ids", "final_logit_softcapping"),
+        (*GEMMA4_BACKBONE, r"embed_tokens\.weight", r"lm_head\.weight", r"markov_head\.markov_w1\.weight", r"markov_head\.markov_w2\.weight"),
+        (("markov_rank > 0", lambda c, t: (c.get("markov_rank") or 0) > 0),
+         ("markov_head_type is vanilla (the loader builds only the vanilla head)", lambda c, t: c.get("markov_head_type", "vanilla") == "vanilla"),
+         ("every draft layer is full_attention (head size and K=V sharing are chosen per layer type)",
+          lambda c, t: c.get("layer_types") == ["full_attention"] * c["num_hidden_layers"]),
+         ("attention_k_eq_v with num_global_key_value_heads (its fused context-K/V precompute asserts K=V on every layer)",
+          lambda c, t: c.get("attention_k_eq_v") is True and bool(c.get("num_global_key_value_heads"))),
+         ("final_logit_softcapping written (its logits processor caps draft logits with it, as they were trained)",
+          lambda c, t: bool(c.get("final_logit_softcapping"))),
+         _full_vocab_only),
+        "Self-contained: embed_tokens and lm_head are read from the folder (dspark_shares_target_embeddings False), so export "
+        "with the frozen tensors (the default). The sqrt(hidden_size) embedding scale is not a key: the class applies it. "
+        "Confidence-head weights are skipped; block_size is not read.", family="gemma4"),
+    LoaderRequirements(
         "TensorRT-LLM", "dflash", "NVIDIA/TensorRT-LLM tensorrt_llm/_torch/models/modeling_dflash.py@7c7504c0",
         ("DFlashDraftModel",), (*QWEN3_SHAPE, "dflash_config.target_layer_ids", "dflash_config.mask_token_id", "block_size"),
         BACKBONE, (_full_vocab_only,),
@@ -155,21 +178,30 @@ def read_export(path: str | Path) -> tuple[dict, dict]:
     return config, tensors
 
 
+def export_family(config: dict) -> str:
+    """The draft-layer layout of an export: "gemma4" for the reference's Gemma-4 architectures, else "qwen3"."""
+    return "gemma4" if (config.get("architectures") or [""])[0].startswith("Gemma4") else "qwen3"
+
+
 def export_kind(config: dict) -> str:
     meta = config.get("deepspec") or {}
     if meta.get("drafter"):
         return meta["drafter"]
     arch = (config.get("architectures") or [""])[0]
-    return "eagle3" if "Eagle3" in arch else "dflash" if arch.startswith("DFlash") else "dspark"
+    if "Eagle3" in arch:
+        return "eagle3"
+    if arch.startswith("DFlash") or (arch == "Gemma4DSparkModel" and not config.get("markov_rank")):
+        return "dflash"
+    return "dspark"
 
 
 def check_export(path: str | Path) -> dict[str, list[str]]:
     """Every loader of this drafter kind -> the requirements the export at ``path`` misses (empty = it should load)."""
     config, tensors = read_export(path)
-    kind = export_kind(config)
+    kind, family = export_kind(config), export_family(config)
     out = {}
     for req in REQUIREMENTS:
-        if req.drafter != kind:
+        if req.drafter != kind or req.family != family:
             continue
         problems = []
         if not set(config.get("architectures") or []) & set(req.architectures):
@@ -193,10 +225,11 @@ def requirements_markdown() -> str:
     lines = ["| engine | drafter | architectures | config keys required | tensors required | also checked | loader read |",
              "|---|---|---|---|---|---|---|"]
     for r in REQUIREMENTS:
+        family, shape = ("Gemma-4", GEMMA4_SHAPE) if r.family == "gemma4" else ("Qwen3", QWEN3_SHAPE)
         tensors = ", ".join(f"`{p}`" for p in r.tensors if not p.startswith("layers"))
         if any(p.startswith("layers") for p in r.tensors):
-            tensors = "`layers.{i}.*` (Qwen3 names), " + tensors
-        keys = ", ".join(f"`{k}`" for k in r.config_keys if k not in QWEN3_SHAPE)
-        lines.append(f"| {r.engine} | {r.drafter} | {', '.join(f'`{a}`' for a in r.architectures)} | the Qwen3 shape keys, {keys or '-'} | "
+            tensors = f"`layers.{{i}}.*` ({family} names), " + tensors
+        keys = ", ".join(f"`{k}`" for k in r.config_keys if k not in shape)
+        lines.append(f"| {r.engine} | {r.drafter} | {', '.join(f'`{a}`' for a in r.architectures)} | the {family} shape keys, {keys or '-'} | "
                      f"{tensors} | {'; '.join(d for d, _ in r.checks) or '-'} | {r.source} |")
     return "\n".join(lines)

@@ -77,3 +77,23 @@ def test_reference_layout_dflash_folders_load(tiny_target, tmp_path):
 def test_the_docs_table_is_the_checked_table():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "serving_loaders.md").read_text()
     assert requirements_markdown() in doc, "docs/serving_loaders.md is stale: paste deepspec.serving_loaders.requirements_markdown()"
+
+
+def test_gemma4_exports_meet_vllms_gemma4_dspark_loader(tmp_path):
+    """Gemma-4 drafters export as the reference's Gemma4DSparkModel, which vLLM's Gemma-4 DSpark class loads: vanilla
+    passes; a gated head, a folder without the frozen embedding/LM head (the class is self-contained), a dropped
+    soft-cap (draft logits would be served uncapped) or no K=V sharing are reported. No loader is known for the rest."""
+    fixture = Path(__file__).parent / "fixtures" / "reference_gemma4"
+
+    def gemma4_export(variant: str, **kw) -> Path:
+        return export_drafter(load_drafter(fixture / variant), tmp_path / f"{variant}-{len(kw)}", **kw)
+
+    assert check_export(gemma4_export("dspark_vanilla")) == {"vLLM dspark": []}
+    assert any("markov_head_type" in p for p in check_export(gemma4_export("dspark_gated"))["vLLM dspark"])
+    headless = check_export(gemma4_export("dspark_vanilla", include_frozen=False, target=None))["vLLM dspark"]
+    assert any("embed_tokens" in p for p in headless) and any("lm_head" in p for p in headless)
+    uncapped = _rewrite(gemma4_export("dspark_vanilla"), lambda c: c.update(final_logit_softcapping=None))
+    assert any("final_logit_softcapping" in p for p in check_export(uncapped)["vLLM dspark"])
+    no_k_eq_v = _rewrite(gemma4_export("dspark_vanilla"), lambda c: c.update(attention_k_eq_v=False))
+    assert any("attention_k_eq_v" in p for p in check_export(no_k_eq_v)["vLLM dspark"])
+    assert check_export(gemma4_export("dflash")) == {} and check_export(gemma4_export("eagle3")) == {}
