@@ -34,7 +34,10 @@ def family_classes(family: str):
         "mistral": (T.MistralConfig, T.MistralForCausalLM, {"sliding_window": 8}),
         "qwen3_moe": (T.Qwen3MoeConfig, T.Qwen3MoeForCausalLM, {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}),
         "gemma3": (T.Gemma3TextConfig, T.Gemma3ForCausalLM, {"sliding_window": 8, "query_pre_attn_scalar": 32}),
-        "gemma4": (T.Gemma4TextConfig, T.Gemma4ForCausalLM, {"sliding_window": 8}),
+        # 12B-like: global layers with wider heads (64 vs 32) and one shared K=V head, soft-capped logits, no per-layer input
+        "gemma4": (T.Gemma4TextConfig, T.Gemma4ForCausalLM, {"sliding_window": 8, "global_head_dim": 64, "num_global_key_value_heads": 1,
+                                                             "attention_k_eq_v": True, "hidden_size_per_layer_input": 0,
+                                                             "final_logit_softcapping": 2.0}),
         "qwen3_5": (T.Qwen3_5TextConfig, T.Qwen3_5ForCausalLM, HYBRID),  # hybrid: gated delta-net (linear attention) layers
         "qwen3_5_moe": (T.Qwen3_5MoeTextConfig, T.Qwen3_5MoeForCausalLM, HYBRID | MOE),
         "qwen3_next": (T.Qwen3NextConfig, T.Qwen3NextForCausalLM, HYBRID | MOE),
@@ -42,7 +45,20 @@ def family_classes(family: str):
 
 
 FAMILIES = ["qwen3", "gemma2", "llama", "mistral", "qwen3_moe", "gemma3", "gemma4", "qwen3_5", "qwen3_5_moe", "qwen3_next"]
-UNSUPPORTED_DRAFTING = {"gemma4": "per-layer head sizes: refused by name (test_unsupported_families_are_refused_by_name)"}
+# Gemma-4 drafters build, train, export and reload; decoding them waits on the sessions reading the draft layers' own
+# K/V shape and residual form (deepspec/decoding/sessions/draft.py and eagle3.py read the target's head_dim and the
+# Qwen3 layer form). The decode steps below assert that it still fails, so the entry goes when the sessions change.
+DECODING_PENDING = {"gemma4": "decoding sessions size the drafter's K/V cache from the target's head_dim"}
+
+
+def decode_or_pending(family: str, decode) -> None:
+    """Run ``decode``; for a family in DECODING_PENDING, check it still fails and mark the test xfail."""
+    if family not in DECODING_PENDING:
+        decode()
+        return
+    with pytest.raises(Exception):  # noqa: B017 -- whatever the sessions raise on the wider heads
+        decode()
+    pytest.xfail(DECODING_PENDING[family])
 
 
 def save_tiny(path: Path, family: str) -> Path:
@@ -77,7 +93,7 @@ def test_target_logits_and_layers_equal_hf(tmp_path, family):
     torch.testing.assert_close(target.logits(final), out.logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family,cap", [("gemma2", 2.0), ("qwen3", None)])
+@pytest.mark.parametrize("family,cap", [("gemma2", 2.0), ("gemma4", 2.0), ("qwen3", None)])
 def test_target_logits_equal_hf_logits(tmp_path, family, cap):
     from transformers import AutoModelForCausalLM
 
@@ -106,8 +122,6 @@ def test_speculative_greedy_equals_plain_greedy_per_family(tmp_path, family):
     from deepspec.target import load_frozen_embeddings
 
     path = save_tiny(tmp_path / family, family)
-    if family in UNSUPPORTED_DRAFTING:
-        pytest.skip(UNSUPPORTED_DRAFTING[family])
     tcfg = TargetConfig(name_or_path=str(path), layer_ids=[0, 2], dtype="float32", device="cpu", mask_token_id=3,
                         attn_implementation="eager")
     target = TargetModel.from_config(tcfg)
@@ -122,24 +136,29 @@ def test_speculative_greedy_equals_plain_greedy_per_family(tmp_path, family):
     _, final = target.decoder_with_positions(ids, torch.ones_like(ids), torch.arange(6)[None], TargetCache(target.config))
     torch.testing.assert_close(target_logits(drafter, final), target.logits(final))  # the losses' soft labels, capped too
     greedy = SamplingConfig(temperature=0)
-    for n in (5, 9):
-        prompt = torch.randint(4, 4096, (n,))
-        assert speculative_generate(target, drafter, prompt, 20, greedy).tokens == autoregressive_generate(target, prompt, 20, greedy).tokens
+
+    def decode():
+        for n in (5, 9):
+            prompt = torch.randint(4, 4096, (n,))
+            assert speculative_generate(target, drafter, prompt, 20, greedy).tokens == autoregressive_generate(target, prompt, 20, greedy).tokens
+
+    decode_or_pending(family, decode)
 
 
-def test_unsupported_families_are_refused_by_name(tmp_path):
-    """Gemma-4 (per-layer head sizes) cannot get a drafter yet: it says so by family, instead of an IndexError deep
-    in the cache or a wrong output."""
+def test_gemma4_variants_without_draft_layers_are_refused_by_name():
+    """Gemma-4 drafters are built from the target's full-attention layer; the variants the reference's Gemma-4 drafters
+    do not build either (MoE blocks: 26B-A4B; per-layer input gates: E2B/E4B) are refused naming the key, not built wrong."""
+    import transformers as T
+
     from deepspec.drafters import DSparkConfig, DSparkDrafter
-    from deepspec.target import load_frozen_embeddings
 
-    path = save_tiny(tmp_path / "gemma4", "gemma4")
-    tcfg = TargetConfig(name_or_path=str(path), layer_ids=[0, 2], dtype="float32", device="cpu", mask_token_id=3)
-    target = TargetModel.from_config(tcfg)
-    embed, head = load_frozen_embeddings(tcfg)
-    with pytest.raises(ValueError, match="gemma4.*head_dim differs per layer"):
-        DSparkDrafter(DSparkConfig(block_size=3, num_hidden_layers=1, markov_rank=8, target_layer_ids=[0, 2], mask_token_id=3),
-                      target.model.config, embed, head)
+    for extra, key in (({"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 32}, "enable_moe_block"),
+                       ({"hidden_size_per_layer_input": 16}, "hidden_size_per_layer_input")):
+        tc = T.Gemma4TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                num_key_value_heads=1, head_dim=16, **{"hidden_size_per_layer_input": 0, **extra})
+        with pytest.raises(ValueError, match=f"gemma4_text.*{key}"):
+            DSparkDrafter(DSparkConfig(block_size=3, num_hidden_layers=1, markov_rank=8, target_layer_ids=[0], mask_token_id=3),
+                          tc, torch.nn.Embedding(64, 32), torch.nn.Linear(32, 64, bias=False))
 
 
 @pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe", "qwen3_next"])
@@ -245,8 +264,35 @@ def test_draft_logits_are_not_soft_capped_where_the_target_is(tmp_path, name):
     assert target.logits(h).abs().max() <= 2.0
 
 
+def test_gemma4_drafters_embed_scaled_rows_and_cap_their_logits(tmp_path):
+    """Gemma-4 drafters are the reference's (and vLLM's Gemma-4 DSpark class): token input = the stored rows times
+    sqrt(d), draft logits soft-capped with the target's final_logit_softcapping (the tiny config's 2.0), before
+    and after export; the losses' p_t stays the target's own capped distribution (capped once)."""
+    from safetensors.torch import load_file
+
+    from deepspec.export import export_drafter, load_drafter
+    from deepspec.losses import target_logits
+
+    path = save_tiny(tmp_path / "gemma4", "gemma4")
+    rows = load_file(path / "model.safetensors")["model.embed_tokens.weight"]
+    ids = torch.randint(4, 4096, (1, 12), generator=torch.Generator().manual_seed(0))
+    target = TargetModel.from_config(TargetConfig(name_or_path=str(path), layer_ids=[0], dtype="float32", device="cpu",
+                                                  attn_implementation="eager"))
+    for name in ("dspark", "dflash", "eagle3"):
+        drafter, cfg = tiny_drafter(path, name)
+        loaded = load_drafter(export_drafter(drafter, tmp_path / f"gemma4-{name}", target=cfg.target))
+        for model in (drafter, loaded):
+            seen, token_ids = first_layer_token_input(model, ids)
+            torch.testing.assert_close(seen, rows[token_ids] * 64**0.5, msg=f"{name}: not the sqrt(d)-scaled rows")
+            h = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(1)) * 10
+            with torch.no_grad():
+                draft = model.lm_head(h)
+                assert draft.abs().max() <= 2.0 and (model.target_head(h) - draft).abs().max() > 1.0, name
+                torch.testing.assert_close(target_logits(model, h), target.logits(h))
+
+
 # ----------------------------------------------------------------------------- each family end to end
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in UNSUPPORTED_DRAFTING])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_each_family_cache_train_export_reload_decodes_losslessly(tmp_path, chat_jsonl, family):
     """cache (a few chat rows) -> 3 DSpark steps (micro batch 1, fp32) -> export -> vLLM DSpark loader table ->
     load_drafter -> speculative greedy decoding equal to plain greedy, with the reloaded drafter drafting exactly
@@ -290,8 +336,12 @@ def test_each_family_cache_train_export_reload_decodes_losslessly(tmp_path, chat
                                                   **target_fields))
     greedy = SamplingConfig(temperature=0)
     prompt = torch.tensor(samples[0]["input_ids"][:10].tolist())
-    plain = autoregressive_generate(target, prompt, 16, greedy)
-    spec_trained, spec_loaded = (speculative_generate(target, d, prompt, 16, greedy) for d in (drafter, loaded))
-    assert spec_loaded.tokens == plain.tokens
-    assert spec_loaded.accepted_per_round == spec_trained.accepted_per_round
-    assert spec_loaded.confidences == spec_trained.confidences
+
+    def decode():
+        plain = autoregressive_generate(target, prompt, 16, greedy)
+        spec_trained, spec_loaded = (speculative_generate(target, d, prompt, 16, greedy) for d in (drafter, loaded))
+        assert spec_loaded.tokens == plain.tokens
+        assert spec_loaded.accepted_per_round == spec_trained.accepted_per_round
+        assert spec_loaded.confidences == spec_trained.confidences
+
+    decode_or_pending(family, decode)
