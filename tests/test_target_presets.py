@@ -74,3 +74,37 @@ def test_docs_table_lists_every_preset():
                     str(public["vocab_size"]), ", ".join(map(str, values["layer_ids"]))]
         assert cells[:5] == expected, (name, cells[:5], expected)
         assert f"({values['mask_token_id']})" in cells[5], (name, cells[5])
+
+
+def qwen3_5_layer_types(n: int) -> list[str]:
+    """Qwen3.5's pattern (full_attention_interval 4, cited for every size in the fixture's source): layers 3, 7, ... attend."""
+    return ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(n)]
+
+
+def test_full_attention_selection_of_the_27b_preset_is_specforges_dflash_recipe():
+    """target.layer_selection=full_attention on qwen3_5_27b gives 3, 15, 31, 47, 59: the target layers of SpecForge's
+    Qwen3.5-27B DFlash config (configs/qwen3.5-27b-dflash.json @5a9fcf26, sgl-project/SpecForge PR 573), written there
+    by hand; here derived from the evenly spaced preset by moving each id to the nearest full-attention layer."""
+    from deepspec.config.data import nearest_full_attention
+
+    values, _ = preset("qwen3_5_27b")
+    assert nearest_full_attention(values["layer_ids"], qwen3_5_layer_types(64)) == [3, 15, 31, 47, 59]
+    for name in [n for n in PRESETS if n.startswith("qwen3_5_")]:  # every Qwen3.5 preset has a valid selection
+        ids = nearest_full_attention(preset(name)[0]["layer_ids"], qwen3_5_layer_types(PUBLIC[name]["num_hidden_layers"]))
+        assert all((i + 1) % 4 == 0 and i < PUBLIC[name]["num_hidden_layers"] - 1 for i in ids), (name, ids)
+
+
+def test_layer_selection_is_resolved_at_start_up_from_the_targets_config(tmp_path):
+    """The stage config resolves layer_ids from the target's config.json (no weights), and a selection that would
+    repeat a layer is a start-up error that names the key."""
+    from transformers import Qwen3_5TextConfig
+
+    from deepspec.config import ConfigError, DataStageConfig, to_dataclass
+    from omegaconf import OmegaConf
+
+    Qwen3_5TextConfig(num_hidden_layers=16).save_pretrained(tmp_path)  # full attention at 3, 7, 11, 15
+    cfg = lambda ids: OmegaConf.create({"input": {"paths": ["x.jsonl"]}, "target": {  # noqa: E731
+        "name_or_path": str(tmp_path), "layer_ids": ids, "layer_selection": "full_attention"}})
+    assert to_dataclass(cfg([1, 6, 12]), DataStageConfig).target.layer_ids == [3, 7, 11]
+    with pytest.raises(ConfigError, match="layer_selection=full_attention.*repeats a layer"):
+        to_dataclass(cfg([1, 2, 12]), DataStageConfig)

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from deepspec.config.base import ConfigError, WandbConfig, check
-from deepspec.config.data import CacheConfig, DataStageConfig, InputConfig, RegenerateConfig, TargetConfig
+from deepspec.config.data import CacheConfig, DataStageConfig, InputConfig, RegenerateConfig, TargetConfig, resolve_layer_selection
 from deepspec.config.eval import EvalStageConfig
 from deepspec.config.train import TrainStageConfig
 
@@ -49,6 +49,11 @@ def to_dataclass(cfg: DictConfig, schema: type):
         raise ConfigError(f"invalid configuration:\n  - {key}: {str(e).splitlines()[0]}") from None
     obj = OmegaConf.to_object(merged)
     check(obj)
+    if isinstance(getattr(obj, "target", None), TargetConfig):
+        try:
+            resolve_layer_selection(obj.target)
+        except ValueError as e:
+            raise ConfigError(f"invalid configuration:\n  - {e}") from None
     return obj
 
 

@@ -19,6 +19,10 @@ class TargetConfig:
     """HF model folder or hub id; ``toy`` is the embedded target shipped in deepspec/assets."""
     layer_ids: list[int] = field(default_factory=lambda: [0, 2, 4])
     """Decoder layers whose output hidden states feed the drafter (-1 = embedding output)."""
+    layer_selection: str = "listed"
+    """``listed`` (layer_ids as given) | ``full_attention``: on a hybrid target (Qwen3.5, Qwen3-Next), each listed id moves
+    to the nearest full-attention layer below the last layer (ties: the lower one), resolved at start-up from the
+    target's config (``resolve_layer_selection``)."""
     mask_token_id: Optional[int] = None
     """Unused vocabulary id the drafter uses as MASK (None: look up ``<|mask|>`` in the tokenizer)."""
     dtype: str = "auto"
@@ -39,7 +43,36 @@ class TargetConfig:
         if len(set(self.layer_ids)) != len(self.layer_ids):
             out.append(f"{prefix}layer_ids={list(self.layer_ids)} has duplicates")
         out += [f"{prefix}layer_ids has {i}: ids must be >= -1" for i in self.layer_ids if i < -1]
+        out += one_of(prefix, "layer_selection", self.layer_selection, ("listed", "full_attention"))
         return out
+
+
+def nearest_full_attention(layer_ids: list[int], layer_types: list[str]) -> list[int]:
+    """Each id -> the nearest full-attention layer below the last layer (whose output the LM head reads anyway);
+    ties go to the lower layer. Raises ValueError when there is none, or when two ids land on the same layer."""
+    full = [i for i, t in enumerate(layer_types[:-1]) if t == "full_attention"]
+    if not full:
+        raise ValueError(f"target.layer_selection=full_attention: the target has no full-attention layer below its last "
+                         f"(layer types {sorted(set(layer_types))})")
+    picked = [min(full, key=lambda f: (abs(f - i), f)) for i in layer_ids]
+    if len(set(picked)) != len(picked):
+        raise ValueError(f"target.layer_selection=full_attention: layer_ids={list(layer_ids)} map to {picked}, which repeats a "
+                         f"layer (full-attention layers: {full}); list ids further apart")
+    return picked
+
+
+def resolve_layer_selection(cfg: TargetConfig) -> None:
+    """Apply ``layer_selection`` to ``layer_ids`` in place, reading only the target's config.json (no weights)."""
+    if cfg.layer_selection == "listed":
+        return
+    from transformers import AutoConfig
+
+    from deepspec.target import resolve_target_path
+
+    config = AutoConfig.from_pretrained(resolve_target_path(cfg.name_or_path), trust_remote_code=cfg.trust_remote_code)
+    text = getattr(config, "text_config", None) or config
+    cfg.layer_ids = nearest_full_attention(cfg.layer_ids, list(getattr(text, "layer_types", None) or []) or
+                                           ["full_attention"] * text.num_hidden_layers)
 
 
 @dataclass
