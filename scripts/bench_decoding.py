@@ -26,6 +26,11 @@ grow with the context: the drafter's state is incremental; a step is the forward
 logits, as in plain decoding, timed alternately with the draft, median of 15 each), and HF ``generate`` baselines at T=0
 (plain, prompt lookup, assisted generation with a one-layer draft model) on the same prompts.
 Random targets come with random drafters (tau ~ 1): they measure cost at a model shape, not acceptance.
+
+Hybrid targets (``qwen3_5-30m``: gated delta-net layers with recurrent states) add the rollback's cost: per verify
+width, the verify with per-position states kept and each row's state selected vs the same forward without, timed
+alternately (``rollback``), and per run the rollback's share of the loop (``rollback_share``: the selection, timed in
+the real rounds, plus the verify's extra for its per-position states at the run's width).
 """
 from __future__ import annotations
 
@@ -35,12 +40,12 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
 
 from bench_setup import build_drafter, machine, prompts, target_config
 from deepspec.decoding.scheduler import VerifyCostModel
 from deepspec.decoding.sessions import make_session
 from deepspec.decoding.speculative import autoregressive_generate, speculative_generate
+from deepspec.decoding.target_cache import TargetCache
 from deepspec.decoding.verify import SamplingConfig
 from deepspec.target import TargetModel, load_tokenizer
 
@@ -63,13 +68,13 @@ def draft_cost_in_steps(target, drafter, contexts=(100, 400, 1000)) -> dict:
     F = sum(1 for _ in target.layer_ids) * target.config.hidden_size
     out = {}
     for n in contexts:
-        cache = DynamicCache()
+        cache = TargetCache(target.config)
         target(torch.zeros(1, n, dtype=torch.long), past_key_values=cache)
 
-        def step():
+        def step():  # a hybrid target's recurrent states move on (no rollback in plain decoding): the same cost
             _, final = target(torch.ones(1, 1, dtype=torch.long), past_key_values=cache)
             target.logits(final[:, -1])
-            cache.crop(-1)
+            cache.drop_slots(1)
 
         session = make_session(drafter, 1)
         session.extend(torch.randn(1, n, F), torch.zeros(1, n, dtype=torch.long), torch.ones(1, n, dtype=torch.bool))
@@ -86,23 +91,75 @@ def draft_cost_in_steps(target, drafter, contexts=(100, 400, 1000)) -> dict:
     return out
 
 
+@torch.inference_mode()
+def rollback_cost(target, widths: list[int], context: int) -> dict:
+    """A hybrid target's verify of W tokens with per-position states kept and each row's state selected (the engine's
+    rollback) vs the same forward without (transformers' chunked form, which could not roll back), alternately timed;
+    ``keep_ms`` is the selection alone. Per W: ms of each and the rollback's extra as a share of the verify."""
+    out = {}
+    for W in widths:
+        plain_cache, kept_cache = TargetCache(target.config), TargetCache(target.config)
+        for c in (plain_cache, kept_cache):
+            target(torch.zeros(1, context, dtype=torch.long), past_key_values=c)
+        kept_cache.record(W)
+        ids, none_kept, keep_s = torch.ones(1, W, dtype=torch.long), torch.zeros(1, dtype=torch.long), []
+
+        def without():
+            target(ids, past_key_values=plain_cache)
+            plain_cache.drop_slots(W)
+
+        def with_rollback():
+            target(ids, past_key_values=kept_cache)
+            t = time.perf_counter()
+            kept_cache.keep_prefix(none_kept)
+            keep_s.append(time.perf_counter() - t)
+            kept_cache.drop_slots(W)
+
+        t = interleaved_medians({"without": without, "with": with_rollback})
+        out[str(W)] = {"verify_ms_without_rollback": 1e3 * t["without"], "verify_ms_with_rollback": 1e3 * t["with"],
+                       "keep_ms": 1e3 * sorted(keep_s)[len(keep_s) // 2],
+                       "rollback_share_of_verify": 1 - t["without"] / t["with"]}
+    return out
+
+
+class KeepTimer:
+    """Wall time of every ``TargetCache.keep_prefix`` call while installed (the rollback's share of real rounds)."""
+
+    def __enter__(self):
+        self.seconds, self.calls, original = 0.0, 0, TargetCache.keep_prefix
+
+        def timed(cache, kept):
+            t = time.perf_counter()
+            original(cache, kept)
+            self.seconds += time.perf_counter() - t
+            self.calls += 1
+
+        self.original, TargetCache.keep_prefix = original, timed
+        return self
+
+    def __exit__(self, *exc):
+        TargetCache.keep_prefix = self.original
+
+
 def hf_baselines(target, tok, ps, max_new: int, plain_tokens_per_s: float) -> dict:
     """transformers' generate at T=0: plain, prompt lookup, and assisted by a one-layer model that
-    shares the target's embedding, first layer and final norm (a small draft model of the same vocabulary)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    shares the target's embedding, first layer and final norm (a small draft model of the same vocabulary).
+    A hybrid target has no assisted baseline: its first layer is linear attention, and transformers' masks need
+    an attention layer in the model."""
+    from transformers import AutoModelForCausalLM
 
     model = target.model
-    cfg = AutoConfig.from_pretrained(model.config._name_or_path) if model.config._name_or_path else model.config
-    small_cfg = type(model.config).from_dict({**model.config.to_dict(), "num_hidden_layers": 1, "layer_types": ["full_attention"]})
-    assistant = AutoModelForCausalLM.from_config(small_cfg).eval()
-    assistant.model.embed_tokens.load_state_dict(model.model.embed_tokens.state_dict())
-    assistant.model.layers[0].load_state_dict(model.model.layers[0].state_dict())
-    assistant.model.norm.load_state_dict(model.model.norm.state_dict())
-    assistant.tie_weights()
-    del cfg
+    methods = [("hf_plain", {}), ("hf_prompt_lookup", {"prompt_lookup_num_tokens": 7})]
+    if not TargetCache(model.config).has_recurrent_layers:
+        small_cfg = type(model.config).from_dict({**model.config.to_dict(), "num_hidden_layers": 1, "layer_types": ["full_attention"]})
+        assistant = AutoModelForCausalLM.from_config(small_cfg).eval()
+        assistant.model.embed_tokens.load_state_dict(model.model.embed_tokens.state_dict())
+        assistant.model.layers[0].load_state_dict(model.model.layers[0].state_dict())
+        assistant.model.norm.load_state_dict(model.model.norm.state_dict())
+        assistant.tie_weights()
+        methods.append(("hf_assisted_1layer", {"assistant_model": assistant}))
     out = {}
-    for name, extra in (("hf_plain", {}), ("hf_prompt_lookup", {"prompt_lookup_num_tokens": 7}),
-                        ("hf_assisted_1layer", {"assistant_model": assistant})):
+    for name, extra in methods:
         kw = dict(do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None, **extra)
         model.generate(ps[0][None], max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up
         tokens, t = 0, time.perf_counter()
@@ -133,13 +190,16 @@ def run_target(name: str, args, drafter_paths: dict) -> tuple[list[dict], dict]:
                        "t_verify_ms_by_width": {str(w): 1e3 * cost(1, w) for w in range(1, g + 2)}, "draft_cost": {}}
     for dname, drafter in drafters.items():
         extra["draft_cost"][dname] = draft_cost_in_steps(target, drafter)
+    hybrid = TargetCache(target.config).has_recurrent_layers
+    if hybrid:
+        extra["rollback"] = rollback_cost(target, sorted({1, (g + 1) // 2 + 1, g + 1}), context)
     for T in args.temperatures:
         sampling = SamplingConfig(temperature=T)
         autoregressive_generate(target, ps[0], 8, sampling)  # warm-up
         for d in drafters.values():
             speculative_generate(target, d, ps[0], 8, sampling)
         plain = {"tokens": 0, "seconds": 0.0, "prefill": 0.0}
-        spec = {d: {"tokens": 0, "wall": 0.0, "rounds": 0, "emitted": 0, "parts": {}} for d in drafters}
+        spec = {d: {"tokens": 0, "wall": 0.0, "rounds": 0, "emitted": 0, "parts": {}, "keep": 0.0} for d in drafters}
         for i, p in enumerate(ps):  # interleaved: drift on a noisy machine hits every method alike
             t = time.perf_counter()
             r = autoregressive_generate(target, p, max_new, sampling, None, torch.Generator().manual_seed(i))
@@ -147,10 +207,12 @@ def run_target(name: str, args, drafter_paths: dict) -> tuple[list[dict], dict]:
             plain["tokens"] += len(r.tokens)
             plain["prefill"] += r.seconds["prefill"]
             for dname, drafter in drafters.items():
-                t = time.perf_counter()
-                r = speculative_generate(target, drafter, p, max_new, sampling, None, torch.Generator().manual_seed(i))
-                s = spec[dname]
-                s["wall"] += time.perf_counter() - t
+                with KeepTimer() as keep:
+                    t = time.perf_counter()
+                    r = speculative_generate(target, drafter, p, max_new, sampling, None, torch.Generator().manual_seed(i))
+                    s = spec[dname]
+                    s["wall"] += time.perf_counter() - t
+                s["keep"] += keep.seconds
                 s["tokens"] += len(r.tokens)
                 s["rounds"] += len(r.emitted_per_round)
                 s["emitted"] += sum(r.emitted_per_round)
@@ -177,6 +239,11 @@ def run_target(name: str, args, drafter_paths: dict) -> tuple[list[dict], dict]:
                          "block": gd, "plain_tokens_per_s": plain_rate, "spec_tokens_per_s": s["tokens"] / s["wall"],
                          "trained_drafter": bool(name == "toy" and drafter_paths.get(dname)),
                          "drafter_config": drafters[dname].cfg.to_dict()})
+            if hybrid:  # the rollback: the selection (timed in the loop) + the verify's per-position states (profiled)
+                at = extra["rollback"][str(gd + 1)]
+                extra_forward = (at["verify_ms_with_rollback"] - at["verify_ms_without_rollback"] - at["keep_ms"]) / 1e3
+                runs[-1] |= {"rollback_keep_share": s["keep"] / loop,
+                             "rollback_share": (s["keep"] + s["rounds"] * max(extra_forward, 0.0)) / loop}
             print(f"{name:11s} {dname:10s} T={T:g}  tau {tau:5.2f}  speedup {speedup:5.2f} (decode {decode_speedup:5.2f})  "
                   f"ideal {ideal:5.2f}  loop_eff {decode_speedup / ideal:5.2f}  draft/verify/overhead {runs[-1]['draft_share']:.2f}/"
                   f"{runs[-1]['verify_share']:.2f}/{runs[-1]['overhead_share']:.2f}", flush=True)
@@ -184,6 +251,9 @@ def run_target(name: str, args, drafter_paths: dict) -> tuple[list[dict], dict]:
             extra["hf"] = hf_baselines(target, tok, ps, max_new, plain_rate)
             print(f"{name:11s} HF generate (T=0, tokens/s vs our plain): " +
                   ", ".join(f"{k} {v['speedup_vs_plain']:.2f}x" for k, v in extra["hf"].items()), flush=True)
+    for W, c in extra.get("rollback", {}).items():
+        print(f"{name:11s} rollback at W={W}: verify {c['verify_ms_without_rollback']:.2f} -> {c['verify_ms_with_rollback']:.2f} ms "
+              f"(selection {c['keep_ms']:.3f} ms): {100 * c['rollback_share_of_verify']:.1f}% of the verify", flush=True)
     for dname, c in extra["draft_cost"].items():
         print(f"{name:11s} {dname:10s} draft cost in target steps at context 100/400/1000: " +
               " / ".join(f"{c[k]['draft_in_target_steps']:.2f}" for k in ("100", "400", "1000")), flush=True)

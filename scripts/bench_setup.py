@@ -1,5 +1,6 @@
 """What the decoding benchmarks share: targets (the toy one and random Qwen3s of a given size),
-drafters (trained exports or random), prompts, and a side-by-side timer.
+drafters (trained exports or random), prompts, and a side-by-side timer. A random Qwen3.5 is a hybrid target: its
+gated delta-net layers keep recurrent states that the engine rolls back per row (deepspec/decoding/target_cache.py).
 
 Random targets use the toy tokenizer (vocabulary 4,096) and HF's own initialisation; they test
 speed at a model shape, not acceptance (their drafters are random too, unless one is given).
@@ -25,24 +26,37 @@ RANDOM_QWEN3 = {
     "qwen3-400m": (1280, 20, 3840, 16, 8),
 }
 
+# name -> the same shape fields: Qwen3.5-shaped hybrids, 3 gated delta-net layers to 1 attention layer, the linear
+# layers' key/value heads in Qwen3.5-4B's proportions (key width 0.8 d, twice as many value heads as key heads)
+RANDOM_QWEN3_5 = {
+    "qwen3_5-30m": (512, 8, 1536, 8, 4),
+}
+
 
 def target_dir(name: str, root: Path) -> Path:
-    """The toy target's folder, or a random Qwen3 saved once under ``root``."""
+    """The toy target's folder, or a random Qwen3 / Qwen3.5 (hybrid) saved once under ``root``."""
     if name == "toy":
         return TOY_DIR
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    import transformers as T
 
     path = root / name
     if not (path / "model.safetensors").exists():
-        d, L, inter, heads, kv = RANDOM_QWEN3[name]
+        hybrid = name in RANDOM_QWEN3_5
+        d, L, inter, heads, kv = (RANDOM_QWEN3_5 if hybrid else RANDOM_QWEN3)[name]
         path.mkdir(parents=True, exist_ok=True)
         for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
             shutil.copy(TOY_DIR / f, path / f)
         torch.manual_seed(0)
-        cfg = Qwen3Config(vocab_size=4096, hidden_size=d, intermediate_size=inter, num_hidden_layers=L, num_attention_heads=heads,
-                          num_key_value_heads=kv, head_dim=d // heads, max_position_embeddings=4096, tie_word_embeddings=True,
-                          bos_token_id=0, eos_token_id=2, pad_token_id=0)
-        Qwen3ForCausalLM(cfg).save_pretrained(path)
+        shape = dict(vocab_size=4096, hidden_size=d, intermediate_size=inter, num_hidden_layers=L, num_attention_heads=heads,
+                     num_key_value_heads=kv, head_dim=d // heads, max_position_embeddings=4096, tie_word_embeddings=True,
+                     bos_token_id=0, eos_token_id=2, pad_token_id=0)
+        if hybrid:
+            key_heads = d // 160  # 2560 / 16 heads of 128 in Qwen3.5-4B: a key width of 0.8 d
+            model = T.Qwen3_5ForCausalLM(T.Qwen3_5TextConfig(**shape, linear_num_key_heads=key_heads, linear_key_head_dim=128,
+                                                              linear_num_value_heads=2 * key_heads, linear_value_head_dim=128))
+        else:
+            model = T.Qwen3ForCausalLM(T.Qwen3Config(**shape))
+        model.save_pretrained(path)
     return path
 
 
