@@ -21,6 +21,7 @@ SPEC = "tests/test_speculative.py -m 'not slow'"
 REF = "deepspec/decoding/kernels/reference.py"
 DV = "tests/test_draft_vocab.py -m 'not slow'"
 VOCAB_MAP = "deepspec/drafters/draft_vocab.py"
+TARGET_CACHE = "deepspec/decoding/target_cache.py"
 MUTATIONS = [
     # acceptance rule, residual, bonus position (PyTorch reference of the verify kernel)
     ("accept ratio inverted", REF, "(u_accept < p_d / q_d.clamp_min(1e-30))", "(u_accept < q_d / p_d.clamp_min(1e-30))", FAST_LAW),
@@ -34,6 +35,19 @@ MUTATIONS = [
      "m = ((u_accept < p_d / q_d.clamp_min(1e-30)) | ~inside)", FAST_LAW),
     ("greedy compares drafts with the next position", REF, "m = ((target[:, :g] == draft) & inside)", "m = ((target[:, 1:] == draft) & inside)", FAST_LAW),
     ("Gumbel noise ignored at T=1 (Markov walk)", REF, "(base + noise_g if temperature == 1", "(base if temperature == 1", FAST_LAW),
+    # hybrid targets: each row's recurrent/conv state after its accepted prefix (deepspec/decoding/target_cache.py)
+    ("rollback: recurrent state kept after every verified position", TARGET_CACHE,
+     "layer.recurrent_states[s] = states[kept, torch.arange", "layer.recurrent_states[s] = states[torch.full_like(kept, len(states) - 1), torch.arange",
+     "tests/test_target_cache.py"),
+    ("rollback: conv window ends one column early", TARGET_CACHE, "cols = kept[:, None, None] + torch.arange(K",
+     "cols = (kept - 1).clamp_min(0)[:, None, None] + torch.arange(K", "tests/test_target_cache.py"),
+    ("rollback skipped after a verify", "deepspec/decoding/speculative.py", "        batch.cache.keep_prefix(kept)  # recurrent",
+     "        None  # recurrent", LAW + " -k 'hybrid and vanilla-fixed'"),
+    ("full-attention layer selection: ties go up", "deepspec/config/data.py", "key=lambda f: (abs(f - i), f))", "key=lambda f: (abs(f - i), -f))",
+     "tests/test_target_presets.py -k layer_selection"),
+    ("full-attention layer selection may take the last layer", "deepspec/config/data.py",
+     'full = [i for i, t in enumerate(layer_types[:-1]) if t == "full_attention"]',
+     'full = [i for i, t in enumerate(layer_types) if t == "full_attention"]', "tests/test_target_presets.py -k layer_selection"),
     # q must be the distribution the token was sampled from
     ("q without the Markov bias (CUDA's Gumbel walk)", "deepspec/decoding/sessions/dspark.py", "sampling.probs(logits) if q is None else q",
      "sampling.probs(base.float()) if q is None else q", LAW + " -k gumbel"),
@@ -188,4 +202,41 @@ MUTATIONS = [
      "        if every_row and all(bool(c[2].all()) for c in self.chunks):", "        if every_row:", SESSIONS),
     ("decoding: a batch of one writes its new context one slot late", "deepspec/decoding/sessions/draft.py",
      "                    cache.write_slots(C - T, k, v)", "                    cache.write_slots(C - T + 1, k, v)", SESSIONS),
+]
+
+# Gemma-4 drafters: the reference's Gemma-4 classes, checked on the folders they wrote (tests/fixtures/reference_gemma4)
+G4 = "tests/test_gemma4_reference.py"
+G4_LAYERS = "deepspec/drafters/gemma4_layers.py"
+G4_FAMILY = "deepspec/drafters/layer_family.py"
+MUTATIONS += [
+    ("gemma4: embedding rows not scaled by sqrt(d)", G4_FAMILY, "        return rows * torch.tensor(self.scale, dtype=rows.dtype, device=rows.device)",
+     "        return rows", G4),
+    ("gemma4: draft layers take the sliding head size", G4_LAYERS, "        return int(layer.num_key_value_heads), int(layer.head_dim)",
+     "        return int(layer.num_key_value_heads), int(tc.per_layer_config[0].head_dim)", G4),
+    ("gemma4: K=V sharing dropped (a v_proj of its own)", G4_LAYERS,
+     "        self.v_proj = None if k_eq_v else nn.Linear(d_in, num_kv_heads * head_dim, bias=bias)",
+     "        self.v_proj = nn.Linear(d_in, num_kv_heads * head_dim, bias=bias)", G4),
+    ("gemma4: shared V taken after k_norm", G4_LAYERS, "        v_raw = k_raw if self.v_proj is None else",
+     "        v_raw = self.k_norm(k_raw) if self.v_proj is None else", G4),
+    ("gemma4: attention scaled by 1/sqrt(hd)", G4_LAYERS, "    scale = 1.0  # attention scale: q and k are RMS-normed",
+     "    scale = None  # attention scale: q and k are RMS-normed", G4),
+    ("gemma4: every RoPE pair rotates (partial_rotary_factor ignored)", G4_LAYERS,
+     'pairs = int(float(params.get("partial_rotary_factor", 1.0)) * hd // 2) if kind == "proportional" else hd // 2',
+     "pairs = hd // 2", G4),
+    ("gemma4: post-attention norm dropped", G4_LAYERS,
+     "        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), ctx_k, ctx_v, rope_q, mask, backend, decoding))",
+     "        h = x + self.self_attn(self.input_layernorm(x), ctx_k, ctx_v, rope_q, mask, backend, decoding)", G4),
+    ("gemma4: Eagle3 layer_scalar not applied", G4_LAYERS,
+     "    def mlp_residual(self, h: torch.Tensor) -> torch.Tensor:\n        return (h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))) * self.layer_scalar",
+     "    def mlp_residual(self, h: torch.Tensor) -> torch.Tensor:\n        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))", G4),
+    ("gemma4: SwiGLU instead of the target's activation", G4_LAYERS, "        self.act = ACT2FN[activation]", '        self.act = ACT2FN["silu"]', G4),
+    ("gemma4: draft logits not soft-capped", VOCAB_MAP,
+     "        return logits if self.softcap is None else torch.tanh(logits / self.softcap) * self.softcap", "        return logits", G4),
+    ("gemma4: the losses' p_t capped twice", VOCAB_MAP, "                self.target_lm_head = target_head\n",
+     "                self.target_lm_head = None\n", "tests/test_target_families.py -k gemma4_drafters_embed_scaled"),
+    ("gemma4: Eagle3 exported under midlayer.* names", "deepspec/export.py",
+     'LAYOUT_RENAMES = {("gemma4", "eagle3"): ("midlayer.", "layers.0.")}', 'LAYOUT_RENAMES = {("gemma4", "eagle3"): ("midlayer.", "midlayer.")}',
+     G4 + " -k eagle3"),
+    ("gemma4: export writes the sliding head size as global_head_dim", "deepspec/export.py", "    cfg.update(global_head_dim=head_dim,",
+     '    cfg.update(global_head_dim=tc["head_dim"],', G4 + " -k export"),
 ]

@@ -106,5 +106,6 @@ def test_layer_selection_is_resolved_at_start_up_from_the_targets_config(tmp_pat
     cfg = lambda ids: OmegaConf.create({"input": {"paths": ["x.jsonl"]}, "target": {  # noqa: E731
         "name_or_path": str(tmp_path), "layer_ids": ids, "layer_selection": "full_attention"}})
     assert to_dataclass(cfg([1, 6, 12]), DataStageConfig).target.layer_ids == [3, 7, 11]
+    assert to_dataclass(cfg([5, 9, 14]), DataStageConfig).target.layer_ids == [3, 7, 11]  # ties go down; never the last layer
     with pytest.raises(ConfigError, match="layer_selection=full_attention.*repeats a layer"):
         to_dataclass(cfg([1, 2, 12]), DataStageConfig)
