@@ -32,8 +32,11 @@ def outputs(drafter, io: dict) -> dict:
     with torch.no_grad():
         if KIND_OF(drafter) == "Eagle3Drafter":
             ids = torch.cat([torch.zeros_like(io["ids"][:, :1]), io["ids"][:, :-1]], 1)  # ours reads token t+1 at position t
+            seen = []  # the layer output before the final norm (the norm hides a uniform scale such as layer_scalar)
+            hook = drafter.norm.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
             normed = drafter(io["hidden"], ids, torch.ones_like(ids, dtype=torch.bool))[:, 0]  # TTT step 0, (1, S, d)
-            return {"normed": normed, "logits": drafter.lm_head(normed)}
+            hook.remove()
+            return {"h": seen[0], "normed": normed, "logits": drafter.lm_head(normed)}
         A, G = io["prev"].shape[1:]
         h = drafter.block_hidden(io["block_ids"], io["block_pos"], drafter.context_kv(io["hidden"], io["ctx_pos"]), io["mask"])
         out = {"h": h, "base_logits": drafter.lm_head(h), "logits": drafter.logits(h.view(A, G, -1), io["prev"][0])[None]}
