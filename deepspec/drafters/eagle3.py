@@ -13,7 +13,10 @@ positions <= t (causal) and, from steps 1..k, only the keys at its own position 
 the drafter sees at inference when it drafts k tokens past the verified prefix.
 
 Parameter names follow the SpecForge / SGLang / vLLM Eagle3 layout (midlayer.*, fc, norm, lm_head),
-so the export loads in those engines when 3 target layers are used. The embedding and LM head are
+so the export loads in those engines when 3 target layers are used. On a Gemma-4 target the midlayer is
+Gemma-4's full-attention layer (``gemma4_layers.Gemma4Eagle3Midlayer``: sandwich norms, K=V sharing,
+layer_scalar), the embedding is scaled by sqrt(d), the logits are soft-capped, and the export is the
+reference's ``Gemma4Eagle3Model`` (the layer under ``layers.0.*``). The embedding and LM head are
 the target's, frozen and shared; with a reduced draft vocabulary (``draft_vocab.py``) the LM head
 is the drafter's own (N, d) and the chain feeds back target ids.
 """
