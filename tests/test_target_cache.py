@@ -18,7 +18,7 @@ from deepspec.config.decoding import ScheduleConfig
 from deepspec.decoding import speculative
 from deepspec.decoding.scheduler import VerifyScheduler
 from deepspec.decoding.sessions import make_session
-from deepspec.decoding.target_cache import TargetCache, unsupported_layer_types
+from deepspec.decoding.target_cache import TargetCache, rollback_problem
 from deepspec.decoding.verify import SamplingConfig
 
 ATOL = 1e-5
@@ -94,9 +94,12 @@ def test_each_rows_recurrent_and_conv_states_equal_plain_decodings(hybrid, monke
                 torch.testing.assert_close(conv[r], conv_plain[0], rtol=0, atol=ATOL)
 
 
-def test_layer_types_the_engine_cannot_roll_back_are_refused_by_name():
-    """A layer type that is neither attention nor a linear-attention layer with a rollback is named; Qwen3.5's are not."""
-    from transformers import Lfm2Config, Qwen3_5TextConfig
+def test_targets_the_engine_cannot_roll_back_are_refused_by_name():
+    """A layer type that is neither attention nor linear attention is named; so is a linear-attention family whose
+    rollback no test covers. Qwen3.5 (dense, MoE) and Qwen3-Next pass."""
+    from transformers import Lfm2Config, OlmoHybridConfig, Qwen3_5MoeTextConfig, Qwen3_5TextConfig, Qwen3NextConfig
 
-    assert unsupported_layer_types(Qwen3_5TextConfig(num_hidden_layers=4)) == []
-    assert unsupported_layer_types(Lfm2Config(num_hidden_layers=4, full_attn_idxs=[3])) == ["conv"]
+    for ok in (Qwen3_5TextConfig, Qwen3_5MoeTextConfig, Qwen3NextConfig):
+        assert rollback_problem(ok(num_hidden_layers=4)) is None
+    assert "['conv']" in rollback_problem(Lfm2Config(num_hidden_layers=4, full_attn_idxs=[3]))
+    assert "not tested for olmo_hybrid" in rollback_problem(OlmoHybridConfig(num_hidden_layers=4))

@@ -45,22 +45,6 @@ def family_classes(family: str):
 
 
 FAMILIES = ["qwen3", "gemma2", "llama", "mistral", "qwen3_moe", "gemma3", "gemma4", "qwen3_5", "qwen3_5_moe", "qwen3_next"]
-# Gemma-4 drafters build, train, export and reload; decoding them waits on the sessions reading the draft layers' own
-# K/V shape and residual form (deepspec/decoding/sessions/draft.py and eagle3.py read the target's head_dim and the
-# Qwen3 layer form). The decode steps below assert that it still fails, so the entry goes when the sessions change.
-DECODING_PENDING = {"gemma4": "decoding sessions size the drafter's K/V cache from the target's head_dim"}
-
-
-def decode_or_pending(family: str, decode) -> None:
-    """Run ``decode``; for a family in DECODING_PENDING, check it still fails and mark the test xfail."""
-    if family not in DECODING_PENDING:
-        decode()
-        return
-    with pytest.raises(Exception):  # noqa: B017 -- whatever the sessions raise on the wider heads
-        decode()
-    pytest.xfail(DECODING_PENDING[family])
-
-
 def save_tiny(path: Path, family: str) -> Path:
     common = dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
                   num_key_value_heads=1, head_dim=32, bos_token_id=0, eos_token_id=2, pad_token_id=0, initializer_range=0.1)
@@ -137,12 +121,9 @@ def test_speculative_greedy_equals_plain_greedy_per_family(tmp_path, family):
     torch.testing.assert_close(target_logits(drafter, final), target.logits(final))  # the losses' soft labels, capped too
     greedy = SamplingConfig(temperature=0)
 
-    def decode():
-        for n in (5, 9):
-            prompt = torch.randint(4, 4096, (n,))
-            assert speculative_generate(target, drafter, prompt, 20, greedy).tokens == autoregressive_generate(target, prompt, 20, greedy).tokens
-
-    decode_or_pending(family, decode)
+    for n in (5, 9):
+        prompt = torch.randint(4, 4096, (n,))
+        assert speculative_generate(target, drafter, prompt, 20, greedy).tokens == autoregressive_generate(target, prompt, 20, greedy).tokens
 
 
 def test_gemma4_variants_without_draft_layers_are_refused_by_name():
@@ -337,11 +318,8 @@ def test_each_family_cache_train_export_reload_decodes_losslessly(tmp_path, chat
     greedy = SamplingConfig(temperature=0)
     prompt = torch.tensor(samples[0]["input_ids"][:10].tolist())
 
-    def decode():
-        plain = autoregressive_generate(target, prompt, 16, greedy)
-        spec_trained, spec_loaded = (speculative_generate(target, d, prompt, 16, greedy) for d in (drafter, loaded))
-        assert spec_loaded.tokens == plain.tokens
-        assert spec_loaded.accepted_per_round == spec_trained.accepted_per_round
-        assert spec_loaded.confidences == spec_trained.confidences
-
-    decode_or_pending(family, decode)
+    plain = autoregressive_generate(target, prompt, 16, greedy)
+    spec_trained, spec_loaded = (speculative_generate(target, d, prompt, 16, greedy) for d in (drafter, loaded))
+    assert spec_loaded.tokens == plain.tokens
+    assert spec_loaded.accepted_per_round == spec_trained.accepted_per_round
+    assert spec_loaded.confidences == spec_trained.confidences

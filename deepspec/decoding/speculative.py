@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from deepspec.decoding.scheduler import ScheduleConfig, VerifyScheduler
 from deepspec.decoding.sessions import make_session
-from deepspec.decoding.target_cache import TargetCache, unsupported_layer_types
+from deepspec.decoding.target_cache import TargetCache, rollback_problem
 from deepspec.decoding.verify import SamplingConfig, next_token, verify_block
 from deepspec.target import TargetModel
 
@@ -170,15 +170,13 @@ def _plain_step(target: TargetModel, batch: _Batch, rows: torch.Tensor, sampling
 
 @torch.no_grad()
 def check_speculative_support(target: TargetModel) -> None:
-    """Refuse, by name, targets the engine cannot verify losslessly: a layer type that is neither attention (holes,
-    crops) nor a linear-attention layer whose state ``TargetCache`` rolls back per row would keep state from tokens
-    the target never emitted."""
-    unknown = unsupported_layer_types(target.config)
-    if unknown:
+    """Refuse, by name, targets the engine cannot verify losslessly: a layer that is neither attention (holes, crops)
+    nor a linear-attention layer whose state ``TargetCache`` rolls back per row would keep state from tokens the
+    target never emitted."""
+    problem = rollback_problem(target.config)
+    if problem:
         cfg = getattr(target.config, "text_config", None) or target.config
-        raise NotImplementedError(
-            f"{cfg.model_type}: layers of type {unknown} keep a state this engine cannot roll back to an accepted prefix "
-            "(supported: attention layers and linear_attention, e.g. Qwen3.5 / Qwen3-Next); caching features and training work")
+        raise NotImplementedError(f"{cfg.model_type}: {problem}; caching features and training work")
 
 
 @torch.inference_mode()  # no autograd state at all (not just no graph): less work per op in an op-bound loop

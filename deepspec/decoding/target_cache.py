@@ -31,6 +31,10 @@ from transformers.cache_utils import DynamicLayer, LinearAttentionCacheLayerMixi
 ATTENTION_TYPES = ("full_attention", "sliding_attention")
 RECURRENT_TYPES = ("linear_attention",)
 """Layer types whose state this engine rolls back (transformers' ``LinearAttentionLayer`` with past recording)."""
+ROLLBACK_TESTED = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")
+"""Text model types whose linear layers keep per-position states under recording (checked by the exact-law and
+state-equality tests). Other families name ``linear_attention`` layers that may cache differently (Mamba-2's SSM,
+MiniMax's lightning attention): refused until tested."""
 
 
 def text_config(config):
@@ -43,9 +47,16 @@ def layer_types(config) -> list[str]:
     return list(getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers)
 
 
-def unsupported_layer_types(config) -> list[str]:
-    """Layer types the engine cannot verify speculatively (neither attention nor a recurrent type it rolls back)."""
-    return sorted({t for t in layer_types(config) if t not in ATTENTION_TYPES + RECURRENT_TYPES})
+def rollback_problem(config) -> str | None:
+    """Why the engine cannot verify this target speculatively (a layer it can neither mask nor roll back), or None."""
+    cfg = text_config(config)
+    unknown = sorted({t for t in layer_types(config) if t not in ATTENTION_TYPES + RECURRENT_TYPES})
+    if unknown:
+        return f"layers of type {unknown} keep a state this engine cannot roll back to an accepted prefix"
+    if any(t in RECURRENT_TYPES for t in layer_types(config)) and cfg.model_type not in ROLLBACK_TESTED:
+        return (f"its linear-attention layers' rollback is not tested for {cfg.model_type} (tested: {', '.join(ROLLBACK_TESTED)}; "
+                "deepspec/decoding/target_cache.py)")
+    return None
 
 
 class TargetCache(DynamicCache):

@@ -35,9 +35,8 @@ class BlockBackboneSession(IncrementalSession):
 
     def __init__(self, drafter, batch_size: int):
         super().__init__(drafter, batch_size, drafter.cfg.block_size)
-        tc, w = drafter.target_config, drafter.fc.weight
-        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-        self.kv = [RaggedKV(batch_size, tc.num_key_value_heads, head_dim, w.dtype, w.device) for _ in drafter.layers]
+        attn, w = drafter.layers[0].self_attn, drafter.fc.weight  # the draft layers' K/V shape (Gemma-4's is not the target's)
+        self.kv = [RaggedKV(batch_size, attn.num_kv_heads, attn.head_dim, w.dtype, w.device) for _ in drafter.layers]
 
     def _context(self, rows: torch.Tensor) -> tuple[list, torch.Tensor]:
         """Append the rows' queued features to the cache -> per-layer (k, v) (N, Hkv, C+g, hd), whose last g

@@ -44,9 +44,8 @@ class Eagle3Session(IncrementalSession):
         self.kv.write(b, p, k[n, :, t], v[n, :, t], C)
         K, V = self.kv.read(None if all_rows(rows, len(self.length)) else rows, C)
         causal = torch.arange(C, device=pos.device)[None, None, :] <= pos[:, :, None]  # (N, T, C)
-        out = attend(q, K, V, causal[:, None])
-        h = g0 + m.self_attn.o_proj(out.transpose(1, 2).reshape(N, T, -1))
-        h = h + m.mlp(m.post_attention_layernorm(h))
+        out = attend(q, K, V, causal[:, None], scale=m.self_attn.scale)
+        h = m.mlp_residual(m.attention_residual(g0, out.transpose(1, 2).reshape(N, T, -1)))
         return h[torch.arange(N, device=h.device), counts - 1], K, V
 
     @torch.inference_mode()
@@ -72,8 +71,7 @@ class Eagle3Session(IncrementalSession):
             ks.append(kk)
             vs.append(vv)
             mask = torch.cat([ctx_valid, ctx_valid.new_ones(N, k + 1)], dim=1)[:, None, None]  # (N, 1, 1, C+k+1)
-            out = attend(q, torch.cat(ks, 2), torch.cat(vs, 2), mask)
-            hh = h[:, None] + m.self_attn.o_proj(out.transpose(1, 2).reshape(N, 1, -1))
-            h = (hh + m.mlp(m.post_attention_layernorm(hh)))[:, 0]
+            out = attend(q, torch.cat(ks, 2), torch.cat(vs, 2), mask, scale=m.self_attn.scale)
+            h = m.mlp_residual(m.attention_residual(h[:, None], out.transpose(1, 2).reshape(N, 1, -1)))[:, 0]
         q = None if sampling.greedy else d.to_target_vocab(torch.stack(probs, 1))  # (N, g, V)
         return Draft(torch.stack(tokens, 1), q, torch.stack(conf, 1))
