@@ -41,8 +41,9 @@ P_MIN = 1e-4
 
 
 def tiny_target(path, family: str = "qwen3"):
-    """A vocabulary-6 target of ``family``: Qwen3 (attention only) or a hybrid one, whose first layer is a gated
-    delta-net (linear attention: a recurrent and a conv state the engine rolls back per row) and second attention."""
+    """A vocabulary-6 target of ``family``: Qwen3 (attention only), Gemma-4 (a sliding and a global layer of wider heads
+    with one K=V head, soft-capped logits: its drafters have Gemma-4 draft layers) or a hybrid one, whose first layer is
+    a gated delta-net (linear attention: a recurrent and a conv state the engine rolls back per row), second attention."""
     import transformers as T
 
     common = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -50,7 +51,10 @@ def tiny_target(path, family: str = "qwen3"):
     hybrid = dict(layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2, linear_key_head_dim=8,
                   linear_num_value_heads=2, linear_value_head_dim=8)
     moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+    gemma4 = dict(sliding_window=4, global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
+                  hidden_size_per_layer_input=0, final_logit_softcapping=3.0, layer_types=["sliding_attention", "full_attention"])
     config_cls, model_cls, extra = {"qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, {}),
+                                    "gemma4": (T.Gemma4TextConfig, T.Gemma4ForCausalLM, gemma4),
                                     "qwen3_5": (T.Qwen3_5TextConfig, T.Qwen3_5ForCausalLM, hybrid),
                                     "qwen3_next": (T.Qwen3NextConfig, T.Qwen3NextForCausalLM, hybrid | moe)}[family]
     torch.manual_seed(0)
@@ -95,7 +99,7 @@ def exact_law(target, prompt: torch.Tensor, sampling: SamplingConfig) -> torch.T
         prefixes = torch.tensor(list(itertools.product(range(V), repeat=t)), dtype=torch.long).view(V ** t, t)
         ids = torch.cat([prompt.expand(len(prefixes), -1), prefixes], dim=1)
         _, final = target(ids)
-        step = sampling.probs(target.lm_head(final[:, -1])).double()  # (V^t, V)
+        step = sampling.probs(target.logits(final[:, -1])).double()  # (V^t, V), soft-capped where the family caps
         law = law.reshape(-1, 1) * step  # (V^t, V)
     return law.reshape((V,) * NEW)
 
@@ -338,3 +342,23 @@ def test_a_broken_rollback_is_caught(tiny_hybrid, monkeypatch):
        seed=st.integers(0, 1000))
 def test_greedy_equals_plain_greedy_on_hybrid_targets(tiny_hybrid, kind, block, lengths, max_new, eos, policy, seed):
     check_greedy_identity(tiny_hybrid, kind, block, lengths, max_new, eos, policy, seed)
+
+
+# ----------------------------------------------------------------------------- Gemma-4 drafters (their own layer shape)
+@pytest.fixture(scope="module")
+def tiny_gemma4(tmp_path_factory):
+    return tiny_target(tmp_path_factory.mktemp("v6_gemma4"), "gemma4")
+
+
+GEMMA4_CASES = [("vanilla", SamplingConfig(1.0), "fixed"), ("dflash", SamplingConfig(0.8, top_k=3), "threshold"),
+                ("eagle3", SamplingConfig(1.0), "fixed")]
+
+
+@pytest.mark.parametrize("kind,sampling,policy", GEMMA4_CASES, ids=[f"{k}-{p}" for k, _, p in GEMMA4_CASES])
+def test_whole_generations_with_gemma4_drafters_follow_the_target_law(tiny_gemma4, kind, sampling, policy):
+    """Gemma-4 drafters (512-style wide heads, K=V sharing, scaled embedding, soft-capped draft logits) against a
+    soft-capped Gemma-4 target: q is the capped draft distribution, p the capped target's."""
+    samples = draw(tiny_gemma4, drafter(kind, tiny_gemma4), sampling, policy, wrap=SpreadConfidence, column_cost=0.3)
+    for prompt, got in zip(PROMPTS, samples):
+        p = chi2_pvalue(got, exact_law(tiny_gemma4[0], prompt, sampling))
+        assert p > P_MIN, (kind, policy, prompt.tolist(), p)
