@@ -37,8 +37,9 @@ MUTATIONS = [
     ("Gumbel noise ignored at T=1 (Markov walk)", REF, "(base + noise_g if temperature == 1", "(base if temperature == 1", FAST_LAW),
     # hybrid targets: each row's recurrent/conv state after its accepted prefix (deepspec/decoding/target_cache.py)
     ("rollback: recurrent state kept after every verified position", TARGET_CACHE,
-     "layer.recurrent_states[s] = states[kept, torch.arange", "layer.recurrent_states[s] = states[torch.full_like(kept, len(states) - 1), torch.arange",
-     "tests/test_target_cache.py"),
+     "back = [(b, k) for b, k in enumerate(kept.tolist()) if k < len(history)]", "back = []", "tests/test_target_cache.py"),
+    ("rollback: recurrent state one position early", TARGET_CACHE, "            current[b].copy_(history[k][b])",
+     "            current[b].copy_(history[max(k - 1, 0)][b])", "tests/test_target_cache.py"),
     ("rollback: conv window ends one column early", TARGET_CACHE, "cols = kept[:, None, None] + torch.arange(K",
      "cols = (kept - 1).clamp_min(0)[:, None, None] + torch.arange(K", "tests/test_target_cache.py"),
     ("rollback skipped after a verify", "deepspec/decoding/speculative.py", "        batch.cache.keep_prefix(kept)  # recurrent",

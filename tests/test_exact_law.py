@@ -40,14 +40,14 @@ PROMPTS = [torch.tensor([1, 2, 3]), torch.tensor([4, 0, 1, 5, 2])]
 P_MIN = 1e-4
 
 
-def tiny_target(path, family: str = "qwen3"):
+def tiny_target(path, family: str = "qwen3", initializer_range: float = 0.5):
     """A vocabulary-6 target of ``family``: Qwen3 (attention only), Gemma-4 (a sliding and a global layer of wider heads
     with one K=V head, soft-capped logits: its drafters have Gemma-4 draft layers) or a hybrid one, whose first layer is
     a gated delta-net (linear attention: a recurrent and a conv state the engine rolls back per row), second attention."""
     import transformers as T
 
     common = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=1, head_dim=16, initializer_range=0.5, tie_word_embeddings=True)
+                  num_key_value_heads=1, head_dim=16, initializer_range=initializer_range, tie_word_embeddings=True)
     hybrid = dict(layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2, linear_key_head_dim=8,
                   linear_num_value_heads=2, linear_value_head_dim=8)
     moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)

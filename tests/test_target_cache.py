@@ -26,7 +26,9 @@ ATOL = 1e-5
 
 @pytest.fixture(scope="module", params=["qwen3_5", "qwen3_next"])
 def hybrid(request, tmp_path_factory):
-    return tiny_target(tmp_path_factory.mktemp(f"state_{request.param}"), request.param)
+    # weights at 0.2 keep state entries O(1): an absolute tolerance then means what it says (at 0.5 they reach ~3, and
+    # the batched, left-padded prefill's rounding alone moves them by 2e-5)
+    return tiny_target(tmp_path_factory.mktemp(f"state_{request.param}"), request.param, initializer_range=0.2)
 
 
 def linear_states(cache: TargetCache) -> list[tuple[torch.Tensor, torch.Tensor]]:

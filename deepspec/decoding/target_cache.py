@@ -86,6 +86,7 @@ class TargetCache(DynamicCache):
     def keep_prefix(self, kept: torch.Tensor) -> None:
         """kept (B,) int: after the last forward of W positions, row b keeps the state after its first kept[b] of them
         (0 = the state before the forward). A no-op without recurrent layers or outside recording."""
+        back = None  # [(row, kept)] of the rows that did not keep every position: computed once, on the host
         for i in self.recurrent:
             layer = self.layers[i]
             if not layer.record_past:
@@ -94,9 +95,20 @@ class TargetCache(DynamicCache):
                 if layer.is_conv_states_initialized[s]:
                     self._keep_conv(layer, s, kept)
                 if layer.is_recurrent_states_initialized[s]:
-                    states = torch.stack(layer.recurrent_states_history[s] + [layer.recurrent_states[s]])  # (W+1, B, ...)
-                    layer.recurrent_states[s] = states[kept, torch.arange(len(kept), device=kept.device)]
+                    history = layer.recurrent_states_history[s]  # W states: before the forward, after 1, .., W-1
+                    if back is None:
+                        back = [(b, k) for b, k in enumerate(kept.tolist()) if k < len(history)]
+                    self._keep_recurrent(layer.recurrent_states[s], history, back)
                     layer.recurrent_states_history[s] = []  # a new list: transformers shares one between states
+
+    @staticmethod
+    def _keep_recurrent(current: torch.Tensor, history: list[torch.Tensor], back: list[tuple[int, int]]) -> None:
+        """current (B, H, dk, dv) is the state after all W positions: a row that kept them all keeps it (no copy), a row
+        that kept k < W gets history[k]'s row, written in place (transformers copies into this tensor next forward).
+        One row copy per rejecting row, not a stack of W+1 states of every row: at Qwen3.5-27B's 48 value heads a
+        state is 3 MB per row and layer."""
+        for b, k in back:
+            current[b].copy_(history[k][b])
 
     @staticmethod
     def _keep_conv(layer: LinearAttentionCacheLayerMixin, s: int, kept: torch.Tensor) -> None:
