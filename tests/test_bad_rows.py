@@ -63,6 +63,8 @@ def test_generated_parquet_records_never_raise(tokenizer, row):
     ('{"conversations": [{"role": ["user"], "content": "x"}]}', "turn 0 has unknown role ['user']"),
     ('{"conversations": [{"role": {"a": 1}, "content": "x"}]}', "turn 0 has unknown role {'a': 1}"),
     ('{"turns": ["a", ""]}', "'turns' must be a non-empty list of non-empty strings"),
+    ('{"conversations": [{"role": "assistant", "content": ""}, {"role": "user", "content": ""}]}',
+     "turn 0 is an assistant turn: a conversation starts with a user or system turn"),
     ('[1, 2]', "expected a JSON object, got list"),
     ('{"text": "abc"', "invalid JSON"),
 ])

@@ -158,6 +158,8 @@ def parse_row(raw: RawRow) -> Sample | MalformedRow:
             messages.append({"role": ROLE_ALIASES[role], "content": content})
         if not any(m["role"] == "user" for m in messages):
             return bad("conversation has no user turn")
+        if messages[0]["role"] == "assistant":  # it answers nothing, and chat templates cannot render what precedes it
+            return bad("turn 0 is an assistant turn: a conversation starts with a user or system turn")
     elif obj.get("turns") is not None:
         turns = obj["turns"]
         if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t for t in turns):
