@@ -49,6 +49,14 @@ MUTATIONS = [
     ("full-attention layer selection may take the last layer", "deepspec/config/data.py",
      'full = [i for i, t in enumerate(layer_types[:-1]) if t == "full_attention"]',
      'full = [i for i, t in enumerate(layer_types) if t == "full_attention"]', "tests/test_target_presets.py -k layer_selection"),
+    # the reference training recipe for real targets (configs/train.yaml, configs/drafter/), the toy's own (configs/recipe/)
+    ("recipe: AdamW betas not the reference's", "configs/train.yaml", "  betas: [0.9, 0.999]", "  betas: [0.9, 0.95]", "tests/test_recipe.py"),
+    ("recipe: DSpark with the toy's 2 layers", "configs/drafter/dspark.yaml", "  num_hidden_layers: 5", "  num_hidden_layers: 2",
+     "tests/test_recipe.py"),
+    ("recipe: the toy recipe applies to every target", "configs/train.yaml", "  - optional recipe/train: ${target}",
+     "  - optional recipe/train: toy", "tests/test_recipe.py"),
+    ("recipe: the data stage keeps the old 1,024-token samples", "configs/data.yaml", "max_length: 4096", "max_length: 1024",
+     "tests/test_recipe.py"),
     # q must be the distribution the token was sampled from
     ("q without the Markov bias (CUDA's Gumbel walk)", "deepspec/decoding/sessions/dspark.py", "sampling.probs(logits) if q is None else q",
      "sampling.probs(base.float()) if q is None else q", LAW + " -k gumbel"),

@@ -21,7 +21,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     """AdamW weight decay."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    """AdamW betas."""
+    """AdamW betas (configs/train.yaml: torch's default (0.9, 0.999), as the reference recipe; the toy's (0.9, 0.95))."""
     warmup_ratio: float = 0.04
     """Fraction of the optimizer steps spent in linear warmup."""
     min_lr_ratio: float = 0.0
@@ -135,7 +135,7 @@ class TrainStageConfig:
     input: InputConfig = field(default_factory=InputConfig)
     """Rows for online mode (same layouts as the data stage)."""
     max_length: int = 1024
-    """Online mode: truncate rendered samples to this many tokens."""
+    """Online mode: truncate rendered samples to this many tokens (configs/train.yaml: the reference recipe's 4,096)."""
     min_loss_tokens: int = 14
     """Online mode: drop samples with fewer supervised tokens."""
     target: TargetConfig = field(default_factory=TargetConfig)
@@ -152,11 +152,12 @@ class TrainStageConfig:
     micro_batch_size: int = 1
     """Samples per rank per forward pass."""
     global_batch_size: int = 8
-    """Samples per optimizer step over all ranks (= micro x ranks x gradient accumulation)."""
+    """Samples per optimizer step over all ranks (= micro x ranks x gradient accumulation). configs/train.yaml sets the
+    reference recipe's 512 (configs/recipe/ the toy's 8); this default serves configs built in code."""
     max_steps: int = 0
     """Optimizer steps (0: derive from ``epochs``)."""
     epochs: float = 1.0
-    """Passes over the training split when max_steps = 0."""
+    """Passes over the training split when max_steps = 0 (configs/train.yaml: the reference recipe's 10)."""
     seed: int = 0
     """Seed of weights init, data order and anchor sampling."""
     num_workers: int = 0
