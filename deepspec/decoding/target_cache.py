@@ -15,12 +15,13 @@ one after the row's accepted prefix:
                 ending there (ragged across rows: kept = 1 + accepted drafts, 0 for a finished row)
 
 Why this and not the alternatives: snapshot + replay (restore the state before the block, run the accepted tokens
-through the linear layers again) costs a second pass over those layers every round, a sequential dependency on
-the accept step; keeping W states costs W copies of the state for one round and no extra pass, and the selected
-state is computed by the same per-token recurrence as plain decoding, so it equals plain decoding's state, not
-just approximately (vLLM's and SGLang's gated delta-net spec decoding keep per-draft-token states the same way).
-The chunked form would be faster for long blocks on a GPU; at block sizes 4-16 the recurrence is the verify pass's
-small part (``scripts/bench_decoding.py``'s hybrid section measures the rollback's share of a round).
+through the linear layers again) costs a second pass over those layers every round, after the accept step and
+dependent on it; keeping W states costs W copies of the state for one round and no extra pass, and the selected state
+comes from the same per-token recurrence plain decoding runs, so it is plain decoding's state (tests/test_target_cache.py:
+1e-5 after generated accept/reject histories). The price is that the verify pass runs the recurrence token by token
+instead of transformers' chunked form: on a 2-thread CPU the rollback costs a round 6-9%, the selection itself ~1%
+(eval/results/benchmarks/README.md, `decoding_hybrid_cpu_2threads.json`). A GPU would want the per-token states from a
+fused kernel; not built here.
 """
 from __future__ import annotations
 
