@@ -23,6 +23,21 @@ DV = "tests/test_draft_vocab.py -m 'not slow'"
 VOCAB_MAP = "deepspec/drafters/draft_vocab.py"
 TARGET_CACHE = "deepspec/decoding/target_cache.py"
 MUTATIONS = [
+    # issue 36: pinned to independent definitions (tests/sampling_reference.py and the hand-computed tests it names)
+    ("sampling: temperature multiplies the logits", "deepspec/decoding/verify.py", "logits = logits / self.temperature",
+     "logits = logits * self.temperature", LAW + " -k 'vanilla-T0.5'"),
+    ("sampling: top-k keeps k-1 tokens (and drops the k-th's ties)", "deepspec/decoding/verify.py", "logits.masked_fill(logits < kth",
+     "logits.masked_fill(logits <= kth", "tests/test_sampling_law.py -k 'not plain'"),
+    ("sampling: top-k keeps k+1 tokens", "deepspec/decoding/verify.py", "logits.topk(min(self.top_k, logits.shape[-1])",
+     "logits.topk(min(self.top_k + 1, logits.shape[-1])", "tests/test_sampling_law.py -k 'not plain'"),
+    ("sampling: top-p drops the token that crosses top_p", "deepspec/decoding/verify.py", "drop = sorted_p.cumsum(-1) - sorted_p >= self.top_p",
+     "drop = sorted_p.cumsum(-1) >= self.top_p", "tests/test_sampling_law.py -k 'not plain'"),
+    ("sampling: top-p keeps a token reached at exactly top_p", "deepspec/decoding/verify.py", "- sorted_p >= self.top_p",
+     "- sorted_p > self.top_p", "tests/test_sampling_law.py -k 'not plain'"),
+    ("sampling: top-p not renormalised", "deepspec/decoding/verify.py", "            probs = probs / probs.sum(-1, keepdim=True)\n", "",
+     "tests/test_sampling_law.py -k 'not plain'"),
+    ("sampling: top-p ties at the edge left to an unstable sort", "deepspec/decoding/verify.py", "descending=True, stable=True)",
+     "descending=True)", "tests/test_sampling_law.py -k 'not plain'"),
     # acceptance rule, residual, bonus position (PyTorch reference of the verify kernel)
     ("accept ratio inverted", REF, "(u_accept < p_d / q_d.clamp_min(1e-30))", "(u_accept < q_d / p_d.clamp_min(1e-30))", FAST_LAW),
     ("accept with <= instead of <", REF, "(u_accept < p_d / q_d.clamp_min(1e-30))", "(u_accept * 0.9 < p_d / q_d.clamp_min(1e-30))", FAST_LAW),

@@ -2,7 +2,8 @@
 
 A tiny target (vocabulary 6) and random drafters that disagree with it. The exact probability of
 every whole generation (3 tokens after the prompt, 6^3 outcomes) is computed by enumeration
-with the target's own forward and the sampling transform; thousands of generations drawn through
+with the target's own forward and the sampling transform's independent definition
+(``tests/sampling_reference.py``); thousands of generations drawn through
 the real batched loop (two prompts of different lengths interleaved, so rows are ragged and
 accept different amounts) are compared with a chi-square goodness-of-fit test per prompt.
 
@@ -34,6 +35,7 @@ from deepspec.decoding.target_cache import TargetCache
 from deepspec.decoding.verify import SamplingConfig
 from deepspec.drafters import DFlashConfig, DFlashDrafter, DSparkConfig, DSparkDrafter, Eagle3Config, Eagle3Drafter
 from deepspec.target import TargetModel, load_frozen_embeddings
+from sampling_reference import reference_probs
 
 V, NEW, DRAWS = 6, 3, 4000
 PROMPTS = [torch.tensor([1, 2, 3]), torch.tensor([4, 0, 1, 5, 2])]
@@ -99,7 +101,9 @@ def exact_law(target, prompt: torch.Tensor, sampling: SamplingConfig) -> torch.T
         prefixes = torch.tensor(list(itertools.product(range(V), repeat=t)), dtype=torch.long).view(V ** t, t)
         ids = torch.cat([prompt.expand(len(prefixes), -1), prefixes], dim=1)
         _, final = target(ids)
-        step = sampling.probs(target.logits(final[:, -1])).double()  # (V^t, V), soft-capped where the family caps
+        logits = target.logits(final[:, -1]).double().tolist()  # (V^t, V), soft-capped where the family caps
+        step = torch.tensor([reference_probs(row, sampling.temperature, sampling.top_k, sampling.top_p) for row in logits],
+                            dtype=torch.float64)  # the transform's independent definition, not SamplingConfig.probs
         law = law.reshape(-1, 1) * step  # (V^t, V)
     return law.reshape((V,) * NEW)
 

@@ -36,7 +36,11 @@ class SamplingConfig:
         return self.temperature == 0
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """(..., V) logits -> fp32 probabilities after temperature, top-k and top-p."""
+        """(..., V) logits -> fp32 probabilities after temperature, top-k and top-p (in that order, like HF's warpers).
+
+        Ties: top-k keeps every token tied with the k-th; top-p keeps the token that crosses top_p and, of tokens tied
+        at that edge, the lower ids (HF's ascending sort keeps the higher ones). tests/sampling_reference.py has the
+        same law written independently."""
         logits = logits.float()
         if self.greedy:
             return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
@@ -47,7 +51,7 @@ class SamplingConfig:
             logits = logits.masked_fill(logits < kth, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         if self.top_p < 1.0:
-            sorted_p, idx = probs.sort(dim=-1, descending=True)
+            sorted_p, idx = probs.sort(dim=-1, descending=True, stable=True)  # ties at the edge: the lower ids stay, one law
             drop = sorted_p.cumsum(-1) - sorted_p >= self.top_p  # keep the first token that crosses top_p
             probs = probs.scatter(-1, idx, sorted_p.masked_fill(drop, 0.0))
             probs = probs / probs.sum(-1, keepdim=True)
