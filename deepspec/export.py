@@ -6,9 +6,15 @@ load, and load them back.
   ``embed_tokens``, ``layers.i.*``, ``norm``, ``fc``, ``hidden_norm``, ``lm_head``, ``markov_head.*``,
   ``confidence_head.proj.*``. DFlash is the same layout with markov_rank 0 and no confidence head,
   named ``DFlashDraftModel`` (what vLLM, SGLang and TensorRT-LLM load DFlash as).
-* Eagle3: the SpecForge/SGLang/vLLM layout (``LlamaForCausalLMEagle3``): ``midlayer.*``, ``fc``,
-  ``norm``, ``lm_head`` (+ ``embed_tokens``), ``eagle_config.eagle_aux_hidden_state_layer_ids``
-  (layer outputs, SGLang) and the top-level ``eagle_aux_hidden_state_layer_ids`` (layer inputs, vLLM).
+* Eagle3: the SpecForge/SGLang/vLLM layout: ``midlayer.*``, ``fc``, ``norm``, ``lm_head`` (+ ``embed_tokens``),
+  ``eagle_config.eagle_aux_hidden_state_layer_ids`` (layer outputs, SGLang) and the top-level
+  ``eagle_aux_hidden_state_layer_ids`` (layer inputs, vLLM), named ``LlamaForCausalLMEagle3`` (no QK-norm: vLLM,
+  SGLang, TensorRT-LLM) or, with QK-norm (``midlayer.self_attn.{q,k}_norm.weight``), ``Eagle3Qwen3ForCausalLM``
+  (vLLM's Qwen3 Eagle3 class, the one engine class read that applies them). ``layout="reference"`` writes DeepSpec's
+  own ``Qwen3Eagle3Model`` instead: the target's config plus num_target_layers, num_hidden_layers 1,
+  draft_num_hidden_layers, target_layer_ids, ttt_length, step_loss_decay; the layer under ``layers.0.*``
+  (DeepSpec's loader validates exactly five target layers when it builds a new model; loading a folder does not).
+  Gemma-4 drafters are always written in the reference's layout.
 
 What each engine's loader reads, and a check of an export against it: ``deepspec/serving_loaders.py``.
 
@@ -32,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from deepspec.config.data import TargetConfig
 from deepspec.drafters import DRAFTERS
 from deepspec.drafters.draft_vocab import DraftVocab
-from deepspec.drafters.gemma4_layers import full_attention_shape, is_gemma4
+from deepspec.drafters.gemma4_layers import full_attention_shape
 from deepspec.drafters.layer_family import layer_family
 from deepspec.integrity import SELF_DIGEST_KEY, checksum_problems, file_checksums, read_json_checked, with_self_digest
 
@@ -53,9 +59,17 @@ def drafter_name(drafter) -> str:
     return next(name for name, spec in DRAFTERS.items() if isinstance(drafter, spec.model_class))
 
 
-def serving_config(drafter, name: str, include_frozen: bool, target: TargetConfig | None) -> dict:
+EXPORT_LAYOUTS = ("serving", "reference")  # the engines' layout / DeepSpec's own classes (they differ only for Qwen3 Eagle3)
+
+
+def serving_config(drafter, name: str, include_frozen: bool, target: TargetConfig | None, layout: str = "serving") -> dict:
     c = drafter.cfg
-    cfg = gemma4_layout_config(drafter, name) if drafter.family == "gemma4" else qwen3_layout_config(drafter, name)
+    if drafter.family == "gemma4":
+        cfg = gemma4_layout_config(drafter, name)
+    elif name == "eagle3" and layout == "reference":
+        cfg = qwen3_reference_eagle3_config(drafter, target)
+    else:
+        cfg = qwen3_layout_config(drafter, name)
     if drafter.d2t is not None:  # reduced: every engine sizes lm_head / markov_w2 / logits from it
         cfg["draft_vocab_size"] = drafter.draft_vocab_size
     cfg["deepspec"] = {"drafter": name, "config": c.to_dict(), "frozen_from_target": None if include_frozen else (target.name_or_path if target else True),
@@ -87,8 +101,10 @@ def qwen3_layout_config(drafter, name: str) -> dict:
     if name == "eagle3":
         ids = list(c.target_layer_ids)
         # SGLang reads the nested ids as layer outputs (ours) and adds +1 itself; vLLM reads the top-level ids as
-        # layer inputs: the same layers are ours + 1 there (docs/serving_loaders.md).
-        cfg.update(architectures=["LlamaForCausalLMEagle3"], model_type="llama", num_hidden_layers=1, layer_types=["full_attention"],
+        # layer inputs: the same layers are ours + 1 there (docs/serving_loaders.md). A QK-normed layer loads only as
+        # vLLM's Eagle3Qwen3ForCausalLM (its Llama class refuses q_norm/k_norm tensors; SGLang's skips them).
+        arch, model_type = ("Eagle3Qwen3ForCausalLM", "qwen3") if c.qk_norm else ("LlamaForCausalLMEagle3", "llama")
+        cfg.update(architectures=[arch], model_type=model_type, num_hidden_layers=1, layer_types=["full_attention"],
                    draft_vocab_size=tc["vocab_size"], target_hidden_size=tc["hidden_size"],
                    eagle_config={"eagle_aux_hidden_state_layer_ids": ids}, eagle_aux_hidden_state_layer_ids=[i + 1 for i in ids],
                    norm_before_residual=False, intermediate_size=c.intermediate_size or tc["intermediate_size"])
@@ -98,6 +114,24 @@ def qwen3_layout_config(drafter, name: str) -> dict:
     cfg.update(architectures=[layer_family(drafter.target_config).architectures[name]], **_block_keys(c, name, tc["num_hidden_layers"]))
     if name == "dflash":
         cfg["dflash_config"] = {"mask_token_id": c.mask_token_id, "target_layer_ids": list(c.target_layer_ids), "block_size": c.block_size}
+    return cfg
+
+
+def qwen3_reference_eagle3_config(drafter, target: TargetConfig | None) -> dict:
+    """config.json of DeepSpec's ``Qwen3Eagle3Model``: the target's config with the drafter's keys (its class always
+    norms q and k, so a drafter without QK-norm has no such layout)."""
+    c = drafter.cfg
+    if not c.qk_norm:
+        raise ValueError("layout='reference': DeepSpec's Qwen3Eagle3Model always norms q and k; this Eagle3 has no QK-norm "
+                         "(drafter.qk_norm=false or a Llama-like target): export it with layout='serving'")
+    tc = drafter.target_config.to_dict()
+    cfg = {k: v for k, v in tc.items() if k not in ("architectures", "auto_map", "_name_or_path", "transformers_version")}
+    cfg.update(architectures=["Qwen3Eagle3Model"], num_target_layers=tc["num_hidden_layers"], num_hidden_layers=1,
+               draft_num_hidden_layers=1, layer_types=["full_attention"], target_layer_ids=list(c.target_layer_ids),
+               ttt_length=c.ttt_steps, step_loss_decay=c.step_loss_decay, tie_word_embeddings=False, hidden_act="silu",
+               intermediate_size=c.intermediate_size or tc["intermediate_size"])
+    if target is not None:
+        cfg["target_model_name_or_path"] = target.name_or_path
     return cfg
 
 
@@ -123,29 +157,33 @@ def gemma4_layout_config(drafter, name: str) -> dict:
     return cfg
 
 
-# Tensor names that differ from our modules' in a layout: (family, drafter) -> (ours, the layout's)
-LAYOUT_RENAMES = {("gemma4", "eagle3"): ("midlayer.", "layers.0.")}  # the reference's Gemma-4 Eagle3 is a layer list
+# Tensor names that differ from our modules' in an architecture's layout: architecture -> (ours, the layout's).
+# DeepSpec's Eagle3 classes keep their one layer in a list.
+LAYOUT_RENAMES = {"Gemma4Eagle3Model": ("midlayer.", "layers.0."), "Qwen3Eagle3Model": ("midlayer.", "layers.0.")}
 
 
 def export_drafter(drafter, out_dir: str | Path, state_dict: dict | None = None, include_frozen: bool = True,
-                   target: TargetConfig | None = None) -> Path:
-    """Write ``out_dir/config.json`` and ``out_dir/model.safetensors``."""
+                   target: TargetConfig | None = None, layout: str = "serving") -> Path:
+    """Write ``out_dir/config.json`` and ``out_dir/model.safetensors``; ``layout`` in ``EXPORT_LAYOUTS``."""
+    if layout not in EXPORT_LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not one of {list(EXPORT_LAYOUTS)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = drafter_name(drafter)
+    config = serving_config(drafter, name, include_frozen, target, layout)
     state = state_dict if state_dict is not None else drafter.state_dict()
     # Eagle3 keeps its LM head: SGLang's loader expects it in the file whenever draft_vocab_size is set; a reduced
     # vocabulary's LM head is trained, not the target's, so it is always written.
     left_out = () if include_frozen else ("embed_tokens.weight",) if name == "eagle3" or drafter.d2t is not None else FROZEN
     tensors = {}
-    ours, theirs = LAYOUT_RENAMES.get((drafter.family, name), ("", ""))
+    ours, theirs = LAYOUT_RENAMES.get(config["architectures"][0], ("", ""))
     for k, v in state.items():
         if k.startswith(TRAINING_ONLY) or k in left_out:
             continue
         k = theirs + k.removeprefix(ours) if ours and k.startswith(ours) else k
         tensors[k] = v.detach().to("cpu").contiguous().clone()  # clone: tied embed/lm_head must not share storage
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(serving_config(drafter, name, include_frozen, target), indent=2, default=str))
+    (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
     # sha256 of both files, checked by load_drafter (engines ignore the extra file; `sha256sum` users can read it too)
     (out / CHECKSUMS_FILE).write_text(json.dumps(with_self_digest(file_checksums(out, ["config.json", "model.safetensors"])), indent=1))
     return out
@@ -174,7 +212,8 @@ REFERENCE_BLOCK = (["Qwen3DSparkModel"], ["DFlashDraftModel"], ["Gemma4DSparkMod
 
 def drafter_fields(path: Path, raw: dict) -> tuple[str, dict]:
     """(drafter name, its config fields) of an export: ours (the ``deepspec`` block), or a folder in the reference's
-    layout written by another tool (Qwen3DSparkModel / DFlashDraftModel / Gemma4DSparkModel / Gemma4Eagle3Model)."""
+    layout written by another tool (Qwen3DSparkModel / DFlashDraftModel / Gemma4DSparkModel / Gemma4Eagle3Model /
+    Qwen3Eagle3Model)."""
     meta = raw.get("deepspec")
     if meta is not None:
         return meta["drafter"], meta["config"]
@@ -184,13 +223,14 @@ def drafter_fields(path: Path, raw: dict) -> tuple[str, dict]:
         fields = {k: raw[k] for k in keys if k in raw}
         fields["num_hidden_layers"] = raw["num_hidden_layers"]
         return name, fields
-    if raw.get("architectures") == ["Gemma4Eagle3Model"]:
+    arch = (raw.get("architectures") or [None])[0]
+    if arch in ("Gemma4Eagle3Model", "Qwen3Eagle3Model"):
         if raw.get("num_hidden_layers", 1) != 1:
-            raise ValueError(f"{path}: a Gemma4Eagle3Model with {raw['num_hidden_layers']} layers; deepspec's Eagle3 has one")
+            raise ValueError(f"{path}: a {arch} with {raw['num_hidden_layers']} layers; deepspec's Eagle3 has one")
         return "eagle3", {"target_layer_ids": raw["target_layer_ids"], "ttt_steps": raw.get("ttt_length", 7),
-                          "step_loss_decay": raw.get("step_loss_decay", 0.8)}
+                          "step_loss_decay": raw.get("step_loss_decay", 0.8), "qk_norm": True}  # both classes norm q and k
     raise ValueError(f"{path}: config.json is neither a deepspec export nor a {'/'.join(a[0] for a in REFERENCE_BLOCK)}/"
-                     "Gemma4Eagle3Model folder")
+                     "Gemma4Eagle3Model/Qwen3Eagle3Model folder")
 
 
 def target_config_of(raw: dict, name: str):
@@ -221,7 +261,7 @@ def load_drafter(path: str | Path, target: TargetConfig | None = None, device: s
     dcfg = spec.config_class(**fields)
     tconf = target_config_of(raw, name)
     state = load_file(path / "model.safetensors")
-    ours, theirs = LAYOUT_RENAMES.get(("gemma4" if is_gemma4(tconf) else "qwen3", name), ("", ""))
+    ours, theirs = LAYOUT_RENAMES.get((raw.get("architectures") or [""])[0], ("", ""))
     state = {ours + k.removeprefix(theirs) if theirs and k.startswith(theirs) else k: v for k, v in state.items()}
     vocab = DraftVocab.from_d2t(state["d2t"], tconf.vocab_size) if "d2t" in state else None
     frozen = FROZEN if vocab is None else ("embed_tokens.weight",)  # a reduced vocabulary's lm_head is the drafter's own

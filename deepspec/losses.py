@@ -126,21 +126,38 @@ def _soft_ce_terms(drafter, h, target_h):
     return -(soft * logp_d).sum(-1), (logp_d.exp() - p_in).abs().sum(-1) + p_out
 
 
+def eagle3_supervised(loss_mask: torch.Tensor, valid: torch.Tensor, step: int, teacher_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, S) bool: TTT step ``step`` at position t is supervised when loss_mask[t + step] is set and position
+    t + step + 1 is real (DeepSpec's rule: the loss mask with each row's last real token cleared, shifted left by the
+    step; the soft label is the target's law at t + step + 1). loss_mask (B, S), zero on padding; valid (B, S).
+
+    ``teacher_valid`` (B, S): where the target's final state exists. The cache keeps it only at p with
+    loss_mask[p + 1] (``data/cache/records.py``), so the two teacher positions after each assistant span's end, which
+    DeepSpec's rule also reads, are left out there rather than trained against a zero state."""
+    i_ok = F.pad(valid.bool()[:, 1:] if teacher_valid is None else teacher_valid.bool()[:, 1:], (0, 1))  # position i + 1
+    m = loss_mask.bool() & i_ok  # loss_mask[i] and a (stored) position i + 1
+    return F.pad(m[:, step:], (0, step))
+
+
 def eagle3_loss(drafter, h_steps: torch.Tensor, loss_mask: torch.Tensor, valid: torch.Tensor,
-                target_final: torch.Tensor, cfg: LossConfig, step_decay: float = 0.8) -> dict:
+                target_final: torch.Tensor, cfg: LossConfig, step_decay: float = 0.8, normalization: str = "local_mean",
+                teacher_valid: torch.Tensor | None = None) -> dict:
     """Soft CE against the target at every TTT step, step k weighted ``step_decay**k``.
+
+    Step k's soft CE is summed over its supervised positions (``eagle3_supervised``) and divided by B x S
+    (``local_mean``, DeepSpec's) or by its number of supervised positions (``valid_token_mean``).
 
     Args:
         h_steps: (B, K, S, d) drafter output per step (step k at t predicts token t+2+k);
-        loss_mask, valid: (B, S); target_final: (B, S, d).
-    Returns {"loss", "ce" (step-0 soft CE), "acc_sum"/"acc_count" (K,), "tau_sum"/"tau_count"}.
+        loss_mask, valid: (B, S); target_final: (B, S, d); teacher_valid: (B, S) where target_final is stored (None: all
+        real positions; see ``eagle3_supervised``).
+    Returns {"loss", "ce" (step-0 soft CE per supervised position), "acc_sum"/"acc_count" (K,), "tau_sum"/"tau_count"}.
     """
     B, K, S, d = h_steps.shape
     t = torch.arange(S, device=h_steps.device)
     total, acc_rows, ce0 = 0.0, [], None
     for k in range(K):
-        label = t + 2 + k
-        ok = (label < S)[None] & torch.gather(loss_mask.bool(), 1, label.clamp(max=S - 1).expand(B, -1)) & valid.bool()
+        ok = eagle3_supervised(loss_mask, valid, k, teacher_valid)  # (B, S)
         teacher_pos = (t + 1 + k).clamp(max=S - 1).expand(B, -1)
         h, tgt = h_steps[:, k][ok], torch.gather(target_final, 1, teacher_pos[..., None].expand(-1, -1, d))[ok]  # (n, d)
         parts = []
@@ -149,9 +166,9 @@ def eagle3_loss(drafter, h_steps: torch.Tensor, loss_mask: torch.Tensor, valid: 
             recompute = cfg.recompute_logits and torch.is_grad_enabled()
             parts.append(checkpoint(_soft_ce_terms, *args, use_reentrant=False) if recompute else _soft_ce_terms(*args))
         ce, l1 = (torch.cat(x) for x in zip(*parts)) if parts else (h.new_zeros(0), h.new_zeros(0))
-        mean_ce = ce.sum() / max(ce.numel(), 1)
-        total = total + step_decay**k * mean_ce
-        ce0 = mean_ce.detach() if k == 0 else ce0
+        step_ce = ce.sum() / (B * S if normalization == "local_mean" else max(ce.numel(), 1))
+        total = total + step_decay**k * step_ce
+        ce0 = (ce.sum() / max(ce.numel(), 1)).detach() if k == 0 else ce0
         acc = torch.zeros(B, S, device=h_steps.device)
         acc[ok] = (1 - 0.5 * l1.detach()).clamp(0, 1)
         acc_rows.append((acc, ok))

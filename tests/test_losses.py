@@ -80,22 +80,25 @@ def test_block_metrics_are_analytic_acceptance(parts):
     assert 1 <= out["tau_sum"] / out["tau_count"] <= 1 + 4
 
 
-def test_eagle3_loss_matches_direct_computation(parts):
+@pytest.mark.parametrize("normalization", ["local_mean", "valid_token_mean"])
+def test_eagle3_loss_matches_direct_computation(parts, normalization):
+    """DeepSpec's rule, position by position: step k at t is supervised when loss_mask[t+k] is set and t+k+1 is a
+    real position; its soft label is the target at t+1+k; each step's sum is divided by B x S (local_mean) or by its
+    supervised count (valid_token_mean)."""
     model = make("eagle3", parts)
     ids, loss_mask, valid, hidden = batch()
     target_final = torch.randn(2, 30, 64) * 0.3
     h = model(hidden, ids, valid)
     cfg = LossConfig(chunk_positions=7)
-    out = eagle3_loss(model, h, loss_mask * valid, valid, target_final, cfg, step_decay=0.8)
+    out = eagle3_loss(model, h, loss_mask * valid, valid, target_final, cfg, step_decay=0.8, normalization=normalization)
     total = 0.0
     B, K, S, _ = h.shape
     for k in range(K):
         ces = []
         for b in range(B):
             for t in range(S):
-                label = t + 2 + k
-                if label < S and loss_mask[b, label] and valid[b, label] and valid[b, t]:
+                if t + k + 1 < S and loss_mask[b, t + k] and valid[b, t + k] and valid[b, t + k + 1]:
                     p_t = torch.softmax(model.lm_head(target_final[b, t + 1 + k]).float(), -1)
                     ces.append(-(p_t * torch.log_softmax(model.lm_head(h[b, k, t]).float(), -1)).sum())
-        total = total + 0.8**k * torch.stack(ces).mean()
+        total = total + 0.8**k * torch.stack(ces).sum() / (B * S if normalization == "local_mean" else len(ces))
     assert torch.allclose(out["loss"], total, rtol=1e-5)

@@ -68,7 +68,7 @@ def test_export_round_trip_gives_identical_logits(tiny_target, tmp_path, name, i
     valid = torch.ones(1, 20, dtype=torch.bool)
     with torch.no_grad():
         if name == "eagle3":
-            assert config["architectures"] == ["LlamaForCausalLMEagle3"]
+            assert config["architectures"] == ["Eagle3Qwen3ForCausalLM"]  # a Qwen3 target: QK-norm, vLLM's Qwen3 Eagle3 class
             assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [-1, 1, 3]
             a, b = drafter.lm_head(drafter(hidden, ids, valid)), loaded.lm_head(loaded(hidden, ids, valid))
         else:
@@ -93,7 +93,8 @@ def test_export_round_trip_gives_identical_logits(tiny_target, tmp_path, name, i
                 "markov_head.markov_w2.weight", "confidence_head.proj.weight", "confidence_head.proj.bias",
                 "layers.0.self_attn.q_norm.weight"} <= names
     if name == "eagle3":
-        assert {"midlayer.self_attn.q_proj.weight", "midlayer.hidden_norm.weight", "fc.weight", "norm.weight"} <= names
+        assert {"midlayer.self_attn.q_proj.weight", "midlayer.self_attn.q_norm.weight", "midlayer.self_attn.k_norm.weight",
+                "midlayer.hidden_norm.weight", "fc.weight", "norm.weight"} <= names
 
 
 def test_a_widened_eagle3_exports_its_own_mlp_width(tiny_target, tmp_path):

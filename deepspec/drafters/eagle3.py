@@ -5,6 +5,8 @@ and the embedding of token t+1, and predicts token t+2:
 
     x_t   = [input_layernorm(embed(token_{t+1})) ; hidden_norm(g_t)]        (B, T, 2d)
     h_t   = midlayer(x_t)   (attention from 2d, causal)                      (B, T, d)
+            (q/k RMS-normed per head before RoPE where the target's attention is: Qwen3, Qwen3-MoE/-Next/3.5,
+             Gemma-3/4 -- as DeepSpec's Qwen3Eagle3Model; not Llama, Mistral, Gemma-2)
     logits = lm_head(norm(h_t))                                              (B, T, N), N = draft vocabulary
 
 Training-time test (TTT) unrolls ``ttt_steps`` steps: step k feeds its own h (instead of g) and
@@ -12,8 +14,10 @@ token t+1+k at position t, and predicts token t+2+k. A query at step k sees the 
 positions <= t (causal) and, from steps 1..k, only the keys at its own position t: exactly what
 the drafter sees at inference when it drafts k tokens past the verified prefix.
 
-Parameter names follow the SpecForge / SGLang / vLLM Eagle3 layout (midlayer.*, fc, norm, lm_head),
-so the export loads in those engines when 3 target layers are used. On a Gemma-4 target the midlayer is
+Parameter names follow the SpecForge / SGLang / vLLM Eagle3 layout (midlayer.*, fc, norm, lm_head). Without
+QK-norm the export is ``LlamaForCausalLMEagle3`` (vLLM, SGLang, TensorRT-LLM; 3 target layers); with it,
+vLLM's ``Eagle3Qwen3ForCausalLM`` (the one engine class read that has q_norm/k_norm), or DeepSpec's own
+``Qwen3Eagle3Model`` (``export_drafter(layout="reference")``, the layer under ``layers.0.*``). On a Gemma-4 target the midlayer is
 Gemma-4's full-attention layer (``gemma4_layers.Gemma4Eagle3Midlayer``: sandwich norms, K=V sharing,
 layer_scalar), the embedding is scaled by sqrt(d), the logits are soft-capped, and the export is the
 reference's ``Gemma4Eagle3Model`` (the layer under ``layers.0.*``). The embedding and LM head are
@@ -22,7 +26,7 @@ is the drafter's own (N, d) and the chain feeds back target ids.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -33,6 +37,8 @@ from deepspec.drafters.attention import MLP, RMSNorm, apply_rope, attend, flex_b
 from deepspec.drafters.block_backbone import init_trainable
 from deepspec.drafters.draft_vocab import DraftVocab, DraftVocabMixin
 from deepspec.drafters.layer_family import family_embedding, layer_family
+
+EAGLE3_LOSS_NORMALIZATIONS = ("local_mean", "valid_token_mean")
 
 
 @dataclass
@@ -56,6 +62,17 @@ class Eagle3Config:
     draft_vocab_file: Optional[str] = None
     """A draft vocabulary map (.safetensors with d2t) to use instead of counting the cache; its size must be
     draft_vocab_size."""
+    qk_norm: Optional[bool] = None
+    """Per-head RMSNorm of q and k (q_norm/k_norm) in the midlayer; None = as the target's attention (``layer_family``:
+    Qwen3-like and Gemma-3/4 targets yes, Llama/Mistral/Gemma-2 no). DeepSpec's Qwen3 Eagle3 has it."""
+    loss_normalization: str = "local_mean"
+    """How each TTT step's summed soft CE is divided: ``local_mean`` = by batch x padded sequence length, DeepSpec's
+    (its note: the token mean lets long sequences dominate and lowers acceptance); ``valid_token_mean`` = by the
+    number of supervised positions of that step (deepspec's earlier rule)."""
+
+    def __post_init__(self):
+        if self.loss_normalization not in EAGLE3_LOSS_NORMALIZATIONS:
+            raise ValueError(f"drafter.loss_normalization={self.loss_normalization!r} is not one of {list(EAGLE3_LOSS_NORMALIZATIONS)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,21 +91,42 @@ class Eagle3Attention(nn.Module):
         self.v_proj = nn.Linear(2 * d, num_kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(num_heads * head_dim, d, bias=False)
 
-    def qkv(self, x: torch.Tensor, rope: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, T, 2d) -> q (B, H, T, hd), k, v (B, Hkv, T, hd) with RoPE applied."""
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, 2d) -> q (B, H, T, hd), k, v (B, Hkv, T, hd) before RoPE."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def qkv(self, x: torch.Tensor, rope: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, 2d) -> q (B, H, T, hd), k, v (B, Hkv, T, hd) with RoPE applied."""
+        q, k, v = self.heads(x)
         return apply_rope(q, *rope), apply_rope(k, *rope), v
 
 
+class Eagle3QKNormAttention(Eagle3Attention):
+    """``Eagle3Attention`` with the Qwen3 layer's per-head RMSNorm on q and k before RoPE (q_norm, k_norm [hd]),
+    as DeepSpec's ``Qwen3Eagle3Attention`` and vLLM's ``Eagle3Qwen3ForCausalLM`` compute it."""
+
+    def __init__(self, d: int, num_heads: int, num_kv_heads: int, head_dim: int, eps: float):
+        super().__init__(d, num_heads, num_kv_heads, head_dim)
+        self.q_norm = RMSNorm(head_dim, eps)
+        self.k_norm = RMSNorm(head_dim, eps)
+
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = super().heads(x)
+        return self.q_norm(q), self.k_norm(k), v
+
+
 class Eagle3Midlayer(nn.Module):
-    def __init__(self, d: int, intermediate: int, num_heads: int, num_kv_heads: int, head_dim: int, eps: float):
+    def __init__(self, d: int, intermediate: int, num_heads: int, num_kv_heads: int, head_dim: int, eps: float,
+                 qk_norm: bool = False):
         super().__init__()
         self.input_layernorm = RMSNorm(d, eps)
         self.hidden_norm = RMSNorm(d, eps)
-        self.self_attn = Eagle3Attention(d, num_heads, num_kv_heads, head_dim)
+        self.self_attn = (Eagle3QKNormAttention(d, num_heads, num_kv_heads, head_dim, eps) if qk_norm
+                          else Eagle3Attention(d, num_heads, num_kv_heads, head_dim))
         self.post_attention_layernorm = RMSNorm(d, eps)
         self.mlp = MLP(d, intermediate)
 
@@ -138,11 +176,12 @@ class Eagle3Drafter(DraftVocabMixin, nn.Module):
         tc = target_config
         d, L = tc.hidden_size, len(cfg.target_layer_ids)
         family = layer_family(tc)  # Qwen3-shaped, or Gemma-4's layer (layer_family.py)
+        cfg = replace(cfg, qk_norm=family.eagle3_qk_norm(tc, cfg.qk_norm))  # resolved: the export records it
         self.cfg, self.target_config, self.family = cfg, tc, family.name
         self.embed_tokens = family_embedding(embed_tokens, family.embed_scale(tc))
         self.attach_lm_heads(lm_head, draft_vocab, d, family.logit_softcap(tc))
         self.fc = nn.Linear(L * d, d, bias=False)
-        self.midlayer = family.eagle3_midlayer(tc, cfg.intermediate_size or tc.intermediate_size)
+        self.midlayer = family.eagle3_midlayer(tc, cfg.intermediate_size or tc.intermediate_size, cfg.qk_norm)
         self.norm = RMSNorm(d, tc.rms_norm_eps)
         self.rotary = family.rotary(tc)
         self.apply(init_trainable)

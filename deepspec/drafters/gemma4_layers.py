@@ -184,9 +184,10 @@ class Gemma4ContextDecoderLayer(nn.Module):
 
 class Gemma4Eagle3Midlayer(nn.Module):
     """Eagle3's one layer in Gemma-4's shape: attention from the 2d-wide [input_layernorm(embedding);
-    hidden_norm(hidden)], sandwich norms, layer_scalar. Exported as the reference's ``layers.0.*``."""
+    hidden_norm(hidden)], sandwich norms, layer_scalar. Exported as the reference's ``layers.0.*``. q and k are always
+    RMS-normed (``qk_norm`` is accepted for the family interface and is always true here)."""
 
-    def __init__(self, tc, intermediate: int):
+    def __init__(self, tc, intermediate: int, qk_norm: bool = True):
         super().__init__()
         d, eps = tc.hidden_size, tc.rms_norm_eps
         kv_heads, hd = full_attention_shape(tc)

@@ -19,7 +19,8 @@ from deepspec.data.cache.reader import StreamSegment, TargetCacheDataset
 
 def collate(samples: list[dict]) -> dict:
     """Right-pad samples to the longest: input_ids/loss_mask/valid (B, S), hidden (B, S, L*d),
-    final_hidden (B, S, d), and sample_seed (B,) (a hash of the sample id, seeding its anchors)."""
+    final_hidden (B, S, d), final_valid (B, S) where final_hidden is the target's (a sample's ``final_positions``, the
+    cache's rows; all real positions without them), and sample_seed (B,) (a hash of the sample id, seeding its anchors)."""
     S = max(len(s["input_ids"]) for s in samples)
     B = len(samples)
     out = {
@@ -28,12 +29,14 @@ def collate(samples: list[dict]) -> dict:
         "valid": torch.zeros(B, S, dtype=torch.bool),
         "hidden": torch.zeros(B, S, samples[0]["hidden"].shape[-1], dtype=samples[0]["hidden"].dtype),
         "final_hidden": torch.zeros(B, S, samples[0]["final_hidden"].shape[-1], dtype=samples[0]["final_hidden"].dtype),
+        "final_valid": torch.zeros(B, S, dtype=torch.bool),
     }
     out["sample_seed"] = torch.tensor([int(hashlib.sha1(s["sample_id"].encode()).hexdigest()[:15], 16) for s in samples])
     for i, s in enumerate(samples):
         n = len(s["input_ids"])
         out["input_ids"][i, :n], out["loss_mask"][i, :n], out["valid"][i, :n] = s["input_ids"], s["loss_mask"], True
         out["hidden"][i, :n], out["final_hidden"][i, :n] = s["hidden"], s["final_hidden"]
+        out["final_valid"][i, s["final_positions"] if "final_positions" in s else slice(0, n)] = True
     return out
 
 

@@ -16,6 +16,7 @@ from torch.utils.data import IterableDataset
 
 from deepspec.config.train import TrainStageConfig
 from deepspec.data.cache.reader import buffered_shuffle
+from deepspec.data.cache.records import supervised_positions
 from deepspec.data.chat import render_sample
 from deepspec.data.sources import Sample, iter_raw_rows, parse_row
 from deepspec.target import TargetModel, load_tokenizer
@@ -62,7 +63,8 @@ class OnlineTargetDataset(IterableDataset):
         for r in rendered:  # one sample per forward: no padding, so no batch-dependent rounding
             hidden, final = self.target(r.input_ids[None].to(self.target.device))
             out.append({"sample_id": r.sample_id, "input_ids": r.input_ids, "loss_mask": r.loss_mask,
-                        "hidden": hidden[0].float().cpu(), "final_hidden": final[0].float().cpu()})
+                        "hidden": hidden[0].float().cpu(), "final_hidden": final[0].float().cpu(),
+                        "final_positions": supervised_positions(r.loss_mask)})  # the cache's rows: the same loss online
         return out
 
     def __iter__(self) -> Iterator[dict]:

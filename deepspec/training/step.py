@@ -29,7 +29,8 @@ class DrafterWithLoss(nn.Module):
         loss_mask = batch["loss_mask"] * batch["valid"]
         if self.kind == "chain":
             h = d(hidden, batch["input_ids"], batch["valid"])
-            return eagle3_loss(d, h, loss_mask, batch["valid"], final, self.loss_cfg, d.cfg.step_loss_decay)
+            return eagle3_loss(d, h, loss_mask, batch["valid"], final, self.loss_cfg, d.cfg.step_loss_decay,
+                               d.cfg.loss_normalization, batch.get("final_valid"))
         seeds = [(anchor_seed * 1_000_003 + int(s)) % 2**63 for s in batch["sample_seed"].tolist()]
         anchors, keep = sample_anchors(loss_mask, d.cfg.num_anchors, seeds)
         blocks = make_blocks(batch["input_ids"], loss_mask, anchors, keep, d.cfg.block_size, d.cfg.mask_token_id)
