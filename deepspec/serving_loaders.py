@@ -71,6 +71,16 @@ _full_vocab_only: Check = ("the full vocabulary (this loader always uses the tar
                            lambda c, t: _draft_vocab(c) >= c["vocab_size"])
 _silu_mlp: Check = ("hidden_act is silu (the drafter's SwiGLU MLP; vLLM's Qwen3 MLP refuses any other, and Gemma "
                     "configs carry none)", lambda c, t: c.get("hidden_act") == "silu")
+_EAGLE3_QK_NORM = r"midlayer\.self_attn\.[qk]_norm\.weight"
+_vllm_eagle3_class: Check = ("q_norm/k_norm tensors exactly when the architecture is Eagle3Qwen3ForCausalLM (its Qwen3 layer norms q "
+                             "and k; the Llama class has no such parameters and fails on them)",
+                             lambda c, t: bool(_names(t, _EAGLE3_QK_NORM)) == (c["architectures"][0] == "Eagle3Qwen3ForCausalLM"))
+_vllm_llama_eagle3_aux: Check = ("LlamaForCausalLMEagle3 takes three aux layers (its fc is target_hidden_size x 3; the Qwen3 class "
+                                 "sizes fc from num_aux_layers or the ids)",
+                                 lambda c, t: c["architectures"][0] != "LlamaForCausalLMEagle3"
+                                 or len(c.get("eagle_aux_hidden_state_layer_ids") or []) == 3)
+_no_eagle3_qk_norm: Check = ("no q_norm/k_norm tensors (its Llama layer has none: the loader skips unknown names and would serve a "
+                             "drafter without QK-norm)", lambda c, t: not _names(t, _EAGLE3_QK_NORM))
 _no_unknown_markov: Check = ("no markov_head.* tensors beyond the head type's own",
                              lambda c, t: all(re.fullmatch(r"markov_head\.(markov_w[12]\.weight|gate_proj\.(weight|bias)|joint_proj\.(weight|bias))", n)
                                               for n in t if n.startswith("markov_head.")))
@@ -100,14 +110,16 @@ REQUIREMENTS: tuple[LoaderRequirements, ...] = (
         "method=dflash wraps the config and prefixes 'DFlash' to any architecture not already named DFlash*, "
         "so a DFlash export named Qwen3DSparkModel would not load."),
     LoaderRequirements(
-        "vLLM", "eagle3", "vllm-project/vllm vllm/model_executor/models/llama_eagle3.py@00bd1493 (+ eagle3_utils.py@0cfdd2e1)",
-        ("LlamaForCausalLMEagle3",), (*QWEN3_SHAPE, "eagle_aux_hidden_state_layer_ids"), EAGLE3,
+        "vLLM", "eagle3", "vllm-project/vllm vllm/model_executor/models/llama_eagle3.py@00bd1493 (+ qwen3_eagle3.py@93221aeb, "
+        "registry: Eagle3Qwen3ForCausalLM -> qwen3_eagle3; eagle3_utils.py@0cfdd2e1)",
+        ("LlamaForCausalLMEagle3", "Eagle3Qwen3ForCausalLM"), (*QWEN3_SHAPE, "eagle_aux_hidden_state_layer_ids"), EAGLE3,
         (("top-level eagle_aux_hidden_state_layer_ids = layer inputs = target_layer_ids + 1",
           lambda c, t: c.get("eagle_aux_hidden_state_layer_ids") == [i + 1 for i in (_get(c, "eagle_config.eagle_aux_hidden_state_layer_ids") or [])]),
          ("norm_before_residual written false (the midlayer's residual is the un-normed hidden state)",
           lambda c, t: c.get("norm_before_residual") is False),
-         _full_vocab_or_d2t),
-        "vLLM reads the top-level ids as layer inputs (no +1); the V2 runner ignores the nested ids."),
+         _vllm_eagle3_class, _vllm_llama_eagle3_aux, _full_vocab_or_d2t),
+        "vLLM reads the top-level ids as layer inputs (no +1); the V2 runner ignores the nested ids. A QK-normed Eagle3 "
+        "(Qwen3-like targets) loads only as Eagle3Qwen3ForCausalLM, which maps midlayer.* to layers.0.*."),
     LoaderRequirements(
         "SGLang", "dspark", "sgl-project/sglang python/sglang/srt/models/dspark.py@01f47623 "
         "(+ speculative/dspark_components/dspark_config.py@01f47623)",
@@ -137,7 +149,7 @@ REQUIREMENTS: tuple[LoaderRequirements, ...] = (
         (("tie_word_embeddings false", lambda c, t: c.get("tie_word_embeddings") is False),
          ("three aux layers (fc is target_hidden_size x 3 in the versions read)",
           lambda c, t: len(_get(c, "eagle_config.eagle_aux_hidden_state_layer_ids") or []) == 3),
-         _full_vocab_or_d2t),
+         _no_eagle3_qk_norm, _full_vocab_or_d2t),
         "SGLang reads only the nested ids (layer outputs; it adds +1 itself). With draft_vocab_size set, lm_head must be in "
         "the file: a missing one is not detected and stays uninitialised."),
     LoaderRequirements(
@@ -178,9 +190,14 @@ def read_export(path: str | Path) -> tuple[dict, dict]:
     return config, tensors
 
 
+REFERENCE_ONLY = ("Qwen3Eagle3Model",)  # DeepSpec's own Qwen3 Eagle3 class (export layout="reference"): no engine loader read
+
+
 def export_family(config: dict) -> str:
-    """The draft-layer layout of an export: "gemma4" for the reference's Gemma-4 architectures, else "qwen3"."""
-    return "gemma4" if (config.get("architectures") or [""])[0].startswith("Gemma4") else "qwen3"
+    """The draft-layer layout of an export: "gemma4" for the reference's Gemma-4 architectures, "reference" for
+    DeepSpec-only classes (no loader row), else "qwen3"."""
+    arch = (config.get("architectures") or [""])[0]
+    return "gemma4" if arch.startswith("Gemma4") else "reference" if arch in REFERENCE_ONLY else "qwen3"
 
 
 def export_kind(config: dict) -> str:

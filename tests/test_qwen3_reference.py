@@ -19,6 +19,7 @@ from deepspec.config.train import LossConfig
 from deepspec.drafters.blocks import make_blocks
 from deepspec.export import export_drafter, load_drafter
 from deepspec.losses import block_draft_loss, eagle3_loss
+from deepspec.serving_loaders import check_export
 
 FIXTURE = Path(__file__).parent / "fixtures" / "reference_qwen3"
 TOL = 1e-4
@@ -117,9 +118,11 @@ def test_eagle3_export_layouts_round_trip(tmp_path, layout):
     if layout == "reference":  # DeepSpec's Qwen3Eagle3Model: its keys and its tensors, layer under layers.0.*
         assert {k: cfg.get(k) for k in EAGLE3_KEYS} == {k: ref_cfg.get(k) for k in EAGLE3_KEYS}
         assert shapes(out) == shapes(FIXTURE / "eagle3")
+        assert check_export(out) == {}  # no engine loader of DeepSpec's own class was read
     else:  # vLLM's Qwen3 Eagle3 class: midlayer.* with q_norm/k_norm
         assert cfg["architectures"] == ["Eagle3Qwen3ForCausalLM"]
         assert {"midlayer.self_attn.q_norm.weight", "midlayer.self_attn.k_norm.weight"} <= set(shapes(out))
+        assert check_export(out)["vLLM eagle3"] == []
     x = io("eagle3")
     with torch.no_grad():
         pre, _, rows = eagle3_steps(load_drafter(out), x)
