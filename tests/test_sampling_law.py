@@ -116,7 +116,7 @@ def test_the_transform_equals_the_definition_on_generated_rows():
 def test_plain_sampled_decoding_follows_the_independent_law(tiny):
     """Plain decoding (the reference the engine is compared with) draws whole generations from the law enumerated
     with ``reference_probs`` (``test_exact_law`` holds the speculative engine to the same law)."""
-    target, n = tiny[0], 4000
+    target, n = tiny[0], 2000
     for sampling in (SamplingConfig(0.7, top_k=4, top_p=0.9), SamplingConfig(1.3, top_k=2)):
         prompts = [PROMPTS[i % 2] for i in range(2 * n)]
         res = autoregressive_generate_batch(target, prompts, NEW, sampling, None, torch.Generator().manual_seed(0))
