@@ -76,14 +76,14 @@ def tiny_hybrid(request, tmp_path_factory):
     return tiny_target(tmp_path_factory.mktemp(f"v6_{request.param}"), request.param)
 
 
-def drafter(kind: str, tiny, block: int = 3):
+def drafter(kind: str, tiny, block: int = 3, **eagle3):
     _, tcfg, cfg = tiny
     embed, head = load_frozen_embeddings(tcfg)
     torch.manual_seed(1)
     if kind == "dflash":
         d = DFlashDrafter(DFlashConfig(block_size=block, num_hidden_layers=1, mask_token_id=5, target_layer_ids=[0, 1]), cfg, embed, head)
     elif kind == "eagle3":
-        d = Eagle3Drafter(Eagle3Config(ttt_steps=block, target_layer_ids=[0, 1]), cfg, embed, head)
+        d = Eagle3Drafter(Eagle3Config(ttt_steps=block, target_layer_ids=[0, 1], **eagle3), cfg, embed, head)
     else:
         d = DSparkDrafter(DSparkConfig(block_size=block, num_hidden_layers=1, markov_rank=4, markov_head_type=kind, mask_token_id=5,
                                        target_layer_ids=[0, 1]), cfg, embed, head)
@@ -264,7 +264,10 @@ def _residual_from_p(draft, q, p, lengths, u):
 def test_scheduling_on_the_drafted_tokens_own_probability_is_caught(tiny, kind):
     """Why drafters schedule from what precedes d_k: a length chosen from q_k(d_k) biases the law."""
     sampling = SamplingConfig(1.0)
-    samples = draw(tiny, drafter(kind, tiny, 3), sampling, "threshold", wrap=OwnTokenConfidence)
+    # Eagle3 without QK-norm here: the check's power depends on the seeded random drafter, and the QK-normed draw shows
+    # the bias at p ~ 1e-3 only; the exact-law tests above run the QK-normed Eagle3 of this Qwen3 target.
+    extra = {"qk_norm": False} if kind == "eagle3" else {}
+    samples = draw(tiny, drafter(kind, tiny, 3, **extra), sampling, "threshold", wrap=OwnTokenConfidence)
     p = min(chi2_pvalue(got, exact_law(tiny[0], prompt, sampling)) for prompt, got in zip(PROMPTS, samples))
     assert p < 1e-12, p
 
