@@ -94,3 +94,15 @@ def test_tau_counts_nothing_after_eos_or_max_new_tokens():
     # acceptance_stats' own "tau" is mean(m + 1) over the drafts the target accepted (2.6 here, EOS or not): the
     # evaluation reports the emitted tau above in its place (harness.run_dataset)
     assert metrics.acceptance_stats([2, 3, 0, 2, 1], 3)["tau"] == pytest.approx((3 + 4 + 1 + 3 + 2) / 5)
+
+
+def test_calibration_takes_only_rounds_whose_every_draft_was_verified():
+    """A scheduler may draft and verify a prefix or nothing, and a plain round drafts nothing: calibration pairs each
+    drafted round's confidences with its own accepted count, and keeps only rounds where every slot's fate was seen."""
+    from deepspec.decoding.speculative import GenerationResult
+    from deepspec.evaluation.harness import fully_verified_rounds
+
+    c1, c2, c3, c4 = [0.1, 0.2, 0.3], [0.4, 0.5, 0.6], [0.7, 0.8, 0.9], [0.9, 0.9, 0.9]
+    res = GenerationResult(tokens=[0], accepted_per_round=[0, 0, 2, 1, 3], verified_per_round=[0, 0, 3, 1, 3],
+                           confidences=[c1, c2, c3, c4], drafted_verified=[0, 3, 1, 3])  # round 1 plain, round 2 drafted L=0
+    assert fully_verified_rounds(res) == ([c2, c4], [2, 3])

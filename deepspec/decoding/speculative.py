@@ -47,6 +47,9 @@ class GenerationResult:
     """L per round: drafts verified (0 = a plain step)."""
     confidences: list[list[float]] = field(default_factory=list)
     """Raw per-slot confidences c_1..c_g of every drafted round (in the order of the drafted rounds)."""
+    drafted_verified: list[int] = field(default_factory=list)
+    """L of every drafted round, in the order of ``confidences`` (a scheduler may draft, then verify fewer than g,
+    or none): slots past L were never verified, so calibration must not count them as rejected."""
     seconds: dict = field(default_factory=lambda: {"prefill": 0.0, "draft": 0.0, "schedule": 0.0, "verify": 0.0, "other": 0.0})
     """Wall time of the whole batch: the prefill, then each part of the rounds (shared by the rows of one
     batch; plain decoding puts its steps under "verify")."""
@@ -242,8 +245,9 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
         rows_l, m_l, drafts = rows.tolist(), m.tolist(), block[:, 1:].tolist()
         tokens = [drafts[r][:m_r] + [tok] for r, m_r, tok in zip(rows_l, m_l, nxt.tolist())]
         _emit(batch, rows_l, tokens, m_l, L.tolist(), max_new_tokens, eos_token_id)
-        for r, c in zip(rows_l, draft.confidence.float().tolist()):
+        for r, c, L_r in zip(rows_l, draft.confidence.float().tolist(), L.tolist()):
             batch.results[r].confidences.append(c)
+            batch.results[r].drafted_verified.append(L_r)
         t4 = time.perf_counter()
         scheduler.observe(rows, L, m, t4 - t0)
         seconds["draft"] += t1 - t0

@@ -62,9 +62,20 @@ def fit_sts(target, drafter, prompts: list[torch.Tensor], max_new_tokens: int, s
     conf, accepted = [], []
     for i, ids in enumerate(prompts):
         res = speculative_generate(target, drafter, ids, max_new_tokens, sampling, None, torch.Generator().manual_seed(seed + i))
-        conf += res.confidences
-        accepted += [m for m, L in zip(res.accepted_per_round, res.verified_per_round) if L > 0]
+        c, m = fully_verified_rounds(res)
+        conf, accepted = conf + c, accepted + m
     return metrics.fit_sequential_temperatures(torch.tensor(conf), torch.tensor(accepted))
+
+
+def fully_verified_rounds(res) -> tuple[list[list[float]], list[int]]:
+    """(confidences, accepted drafts) of the rounds that verified every draft: the only rounds in which each slot's
+    fate was observed (a slot past a scheduled prefix was never verified, and a plain round drafted nothing)."""
+    drafted_m = [m for m, L in zip(res.accepted_per_round, res.verified_per_round) if L > 0]  # rounds with L > 0, in order
+    it = iter(drafted_m)
+    pairs = [(c, next(it) if L > 0 else 0, L) for c, L in zip(res.confidences, res.drafted_verified)]
+    g = len(res.confidences[0]) if res.confidences else 0
+    full = [(c, m) for c, m, L in pairs if L == g]
+    return [c for c, _ in full], [m for _, m in full]
 
 
 def sts_fit_and_report(conf: torch.Tensor, accepted: torch.Tensor, fit: torch.Tensor) -> dict:
@@ -112,7 +123,7 @@ class EvalHarness:
         plain_s = spec_s = 0.0
         plain_tokens = spec_tokens = 0
         split = {"draft": 0.0, "verify": 0.0, "other": 0.0}
-        accepted, verified, conf_rows, conf_prompt, mismatches, emitted = [], [], [], [], [], []
+        accepted, verified, conf_rows, conf_accepted, conf_prompt, mismatches, emitted = [], [], [], [], [], [], []
         for i, ids in turns:
             t = time.perf_counter()
             plain = autoregressive_generate(self.target, ids, cfg.max_new_tokens, sampling, eos, torch.Generator().manual_seed(cfg.seed + i))
@@ -128,8 +139,8 @@ class EvalHarness:
                 split[k] += spec.seconds[k]
             accepted += [m for m, L in zip(spec.accepted_per_round, spec.verified_per_round) if L > 0]  # drafted rounds
             verified += [L for L in spec.verified_per_round if L > 0]
-            conf_rows += spec.confidences
-            conf_prompt += [i] * len(spec.confidences)
+            c, m = fully_verified_rounds(spec)
+            conf_rows, conf_accepted, conf_prompt = conf_rows + c, conf_accepted + m, conf_prompt + [i] * len(c)
             emitted += spec.emitted_per_round
         g_len = self.block_size
         out = {"turns": len(turns), **metrics.acceptance_stats(accepted, g_len),
@@ -149,7 +160,7 @@ class EvalHarness:
             if mismatches:
                 log.error("%s: greedy speculative output differs from plain greedy on prompts %s", ds.name, mismatches)
         if conf_rows:
-            out["calibration"] = self._calibration(torch.tensor(conf_rows), torch.tensor(accepted[: len(conf_rows)]), conf_prompt)
+            out["calibration"] = self._calibration(torch.tensor(conf_rows), torch.tensor(conf_accepted), conf_prompt)
         return out
 
     def _calibration(self, conf: torch.Tensor, accepted: torch.Tensor, prompt_of_round: list[int]) -> dict:
