@@ -172,7 +172,8 @@ def _compose_train(overrides: list[str]):
 def test_every_yaml_in_configs_is_covered_by_a_test():
     covered = ({f"target/{n}" for n in TARGET_PRESETS} | {f"cache/{n}" for n in CACHE_PRESETS}
                | {f"drafter/{n}" for n in DRAFTER_PRESETS} | {"data", "train", "eval", "wandb/default"}
-               | {"reproduce/toy"})  # tests/test_study.py
+               | {"reproduce/toy"}  # tests/test_study.py
+               | {"recipe/train/toy", "recipe/data/toy", "recipe/drafter/toy_dspark", "recipe/drafter/toy_dflash"})  # test_recipe.py
     on_disk = {str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml")
                if "hydra" not in p.parts}
     assert on_disk <= covered, on_disk - covered
@@ -183,7 +184,8 @@ def test_drafter_preset_composes_into_a_valid_drafter_config(name):
     from deepspec.config import TrainStageConfig
     from deepspec.config.train import drafter_config
 
-    obj = to_dataclass(_compose_train([f"drafter={name}", "cache_dir=somewhere"]), TrainStageConfig)
+    # a real target: the toy's recipe (configs/recipe/) would override the preset's layer count
+    obj = to_dataclass(_compose_train([f"drafter={name}", "cache_dir=somewhere", "target=qwen3_8b"]), TrainStageConfig)
     dcfg = drafter_config(obj.drafter)
     values = yaml.safe_load((CONFIG_DIR / "drafter" / f"{name}.yaml").read_text())["drafter"]
     assert obj.drafter["name"] == values["name"] == name.removesuffix("_debug")
