@@ -123,6 +123,11 @@ def chi2_pvalue(samples: list[list[int]], law: torch.Tensor) -> float:
     return float(chisquare(obs[keep].numpy(), exp[keep].numpy() * float(obs[keep].sum() / exp[keep].sum())).pvalue)
 
 
+def law_pvalue(tiny, samples: list[list[list[int]]], sampling: SamplingConfig) -> float:
+    """The smallest chi-square p-value over the prompts of generations drawn by ``draw`` against the exact law."""
+    return min(chi2_pvalue(got, exact_law(tiny[0], prompt, sampling)) for prompt, got in zip(PROMPTS, samples))
+
+
 def cost_model(g: int, column_cost: float = 0.8) -> VerifyCostModel:
     """Verification at ``column_cost`` of a step per column: Algorithm 1 verifies prefixes shorter than the block."""
     rows = [1, 2 * DRAWS]
@@ -268,7 +273,7 @@ def test_scheduling_on_the_drafted_tokens_own_probability_is_caught(tiny, kind):
     # the bias at p ~ 1e-3 only; the exact-law tests above run the QK-normed Eagle3 of this Qwen3 target.
     extra = {"qk_norm": False} if kind == "eagle3" else {}
     samples = draw(tiny, drafter(kind, tiny, 3, **extra), sampling, "threshold", wrap=OwnTokenConfidence)
-    p = min(chi2_pvalue(got, exact_law(tiny[0], prompt, sampling)) for prompt, got in zip(PROMPTS, samples))
+    p = law_pvalue(tiny, samples, sampling)
     assert p < 1e-12, p
 
 
@@ -276,7 +281,7 @@ def test_a_broken_acceptance_rule_is_caught(tiny, monkeypatch):
     monkeypatch.setattr(kernels.reference, "verify_by_inversion", _residual_from_p)
     sampling = SamplingConfig(1.0)
     samples = draw(tiny, drafter("vanilla", tiny), sampling)
-    p = min(chi2_pvalue(got, exact_law(tiny[0], prompt, sampling)) for prompt, got in zip(PROMPTS, samples))
+    p = law_pvalue(tiny, samples, sampling)
     assert p < 1e-12, p
 
 
@@ -322,9 +327,7 @@ def test_whole_generations_on_hybrid_targets_follow_the_target_law(tiny_hybrid, 
     """Qwen3.5 / Qwen3-Next shapes: rows reject different amounts in one verify pass, and each row's recurrent and conv
     states must be those after its own accepted prefix for the next round's law to be the target's."""
     samples = draw(tiny_hybrid, drafter(kind, tiny_hybrid), sampling, policy, wrap=SpreadConfidence, column_cost=0.3)
-    for prompt, got in zip(PROMPTS, samples):
-        p = chi2_pvalue(got, exact_law(tiny_hybrid[0], prompt, sampling))
-        assert p > P_MIN, (kind, policy, prompt.tolist(), p)
+    assert law_pvalue(tiny_hybrid, samples, sampling) > P_MIN
 
 
 def test_a_broken_rollback_is_caught(tiny_hybrid, monkeypatch):
@@ -337,9 +340,7 @@ def test_a_broken_rollback_is_caught(tiny_hybrid, monkeypatch):
         return original(self, torch.where(kept > 0, torch.full_like(kept, W), kept))
 
     monkeypatch.setattr(TargetCache, "keep_prefix", keep_all)
-    samples = draw(tiny_hybrid, drafter("vanilla", tiny_hybrid), sampling)
-    p = min(chi2_pvalue(got, exact_law(tiny_hybrid[0], prompt, sampling)) for prompt, got in zip(PROMPTS, samples))
-    assert p < 1e-12, p
+    assert law_pvalue(tiny_hybrid, draw(tiny_hybrid, drafter("vanilla", tiny_hybrid), sampling), sampling) < 1e-12
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -366,6 +367,4 @@ def test_whole_generations_with_gemma4_drafters_follow_the_target_law(tiny_gemma
     """Gemma-4 drafters (512-style wide heads, K=V sharing, scaled embedding, soft-capped draft logits) against a
     soft-capped Gemma-4 target: q is the capped draft distribution, p the capped target's."""
     samples = draw(tiny_gemma4, drafter(kind, tiny_gemma4), sampling, policy, wrap=SpreadConfidence, column_cost=0.3)
-    for prompt, got in zip(PROMPTS, samples):
-        p = chi2_pvalue(got, exact_law(tiny_gemma4[0], prompt, sampling))
-        assert p > P_MIN, (kind, policy, prompt.tolist(), p)
+    assert law_pvalue(tiny_gemma4, samples, sampling) > P_MIN

@@ -118,3 +118,33 @@ def test_every_reader_path_checks_the_shard_checksum(tar_cache, tmp_path):
     for name, read in paths.items():
         with pytest.raises((CacheCorruptError, RuntimeError), match="sha256"):
             read()
+
+
+def test_every_key_the_gemma4_loader_reads_holds_the_trained_value(tmp_path):
+    """vLLM's Gemma-4 DSpark loader reads the global (full-attention) head size, K=V sharing, the logit cap and the
+    draft layers' types: each written out from the tiny Gemma-4 target's construction (tests/test_target_families.py:
+    global heads 64 wide, one shared K=V head, cap 2.0) and the drafter's (layers [0, 2], rank 8, 2 layers)."""
+    from test_target_families import save_tiny
+
+    from transformers import AutoConfig
+
+    from deepspec.config.data import TargetConfig
+    from deepspec.drafters import DSparkConfig, DSparkDrafter
+    from deepspec.target import load_frozen_embeddings
+
+    path = save_tiny(tmp_path / "gemma4", "gemma4")
+    tcfg = TargetConfig(name_or_path=str(path), layer_ids=[0, 2], dtype="float32", device="cpu", mask_token_id=3)
+    embed, head = load_frozen_embeddings(tcfg)
+    drafter = DSparkDrafter(DSparkConfig(block_size=3, num_hidden_layers=2, markov_rank=8, target_layer_ids=[0, 2], mask_token_id=3),
+                            AutoConfig.from_pretrained(path), embed, head)
+    config = json.loads((export_drafter(drafter, tmp_path / "export", target=tcfg) / "config.json").read_text())
+    target = json.loads((path / "config.json").read_text())
+    expected = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32,
+                "intermediate_size": 128, "rms_norm_eps": target["rms_norm_eps"], "vocab_size": 4096, "global_head_dim": 64,
+                "attention_k_eq_v": True, "hidden_activation": target["hidden_activation"],
+                "layer_types": ["full_attention", "full_attention"], "rope_parameters": target["rope_parameters"],
+                "markov_rank": 8, "target_layer_ids": [0, 2], "final_logit_softcapping": 2.0}
+    (read,) = [set(req.config_keys) for req in REQUIREMENTS if req.family == "gemma4"]
+    for key in sorted(read | set(expected)):
+        assert key in expected, f"the Gemma-4 loader reads {key!r}: add its trained value to expected"
+        assert _get(config, key) == expected[key], (key, _get(config, key), expected[key])
