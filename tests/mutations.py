@@ -94,13 +94,15 @@ MUTATIONS = [
     ("accept with <= instead of <", REF, "(u_accept < p_d / q_d.clamp_min(1e-30))", "(u_accept * 0.9 < p_d / q_d.clamp_min(1e-30))", FAST_LAW),
     ("residual is p, not max(0, p - q)", REF, "torch.addcmul(p_m, q_m, rejected, value=-1.0).clamp_min_(0)", "p_m.clone()", FAST_LAW),
     ("residual not clamped at 0", REF, "rejected, value=-1.0).clamp_min_(0)", "rejected, value=-1.0).abs_()", FAST_LAW),
-    ("bonus from the last draft's position", REF, "p_m, q_m = p[n, m], q[", "p_m, q_m = p[n, m.clamp(max=g - 1)], q[", FAST_LAW),
+    ("bonus from the last draft's position", REF, "p_m, q_m = p[n, m], q[", "p_m, q_m = p[n, m.clamp(max=g - 1)], q[",
+     LAW + " -k bonus_after_a_fully_accepted"),
     ("the next token by inversion may draw a token of weight 0", REF, "cdf[:, -1:], right=True)", "cdf[:, -1:], right=False)",
      LAW + " -k draws_by_inversion"),
     ("drafts accepted beyond the verified prefix", REF, "m = ((u_accept < p_d / q_d.clamp_min(1e-30)) & inside)",
      "m = ((u_accept < p_d / q_d.clamp_min(1e-30)) | ~inside)", FAST_LAW),
     ("greedy compares drafts with the next position", REF, "m = ((target[:, :g] == draft) & inside)", "m = ((target[:, 1:] == draft) & inside)", FAST_LAW),
-    ("Gumbel noise ignored at T=1 (Markov walk)", REF, "(base + noise_g if temperature == 1", "(base if temperature == 1", FAST_LAW),
+    ("Gumbel noise ignored at T=1 (Markov walk)", REF, "(base + noise_g if temperature == 1", "(base if temperature == 1",
+     LAW + " -k gumbel"),  # the CPU walks by inversion: only this test takes the Gumbel walk
     # hybrid targets: each row's recurrent/conv state after its accepted prefix (deepspec/decoding/target_cache.py)
     ("rollback: recurrent state kept after every verified position", TARGET_CACHE,
      "back = [(b, k) for b, k in enumerate(kept.tolist()) if k < len(history)]", "back = []", "tests/test_target_cache.py"),

@@ -208,6 +208,15 @@ def test_whole_generations_follow_the_target_law(tiny, kind, sampling, policy):
         assert p > P_MIN, (kind, prompt.tolist(), p)
 
 
+@pytest.mark.parametrize("kind", ["vanilla", "dflash"])
+def test_the_bonus_after_a_fully_accepted_block_follows_the_target_law(tiny, kind):
+    """Block 1: a round that accepts its draft emits the bonus token within the 3 new tokens (with block 3 a full block
+    overruns max_new_tokens and the bonus is never seen), so the bonus position is under test here."""
+    sampling = SamplingConfig(1.0)
+    samples = draw(tiny, drafter(kind, tiny, 1), sampling)
+    assert law_pvalue(tiny, samples, sampling) > P_MIN
+
+
 def test_the_gumbel_walk_and_verify_follow_the_target_law_too(tiny, monkeypatch):
     """On a CPU the sampled Markov walk and the verify rule's next token go by inversion (the cases above); CUDA's
     Gumbel paths (noise for the whole block, q from one softmax after the walk; V uniforms per row for the next
