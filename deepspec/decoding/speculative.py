@@ -242,10 +242,10 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
         session.extend(layer_hidden[:, :widest], block[:, :widest], keep[:, :widest].bool())
         batch.lengths += kept
         batch.anchors = _next_anchors(batch, rows, nxt)
-        rows_l, m_l, drafts = rows.tolist(), m.tolist(), block[:, 1:].tolist()
+        rows_l, m_l, L_l, drafts = rows.tolist(), m.tolist(), L.tolist(), block[:, 1:].tolist()
         tokens = [drafts[r][:m_r] + [tok] for r, m_r, tok in zip(rows_l, m_l, nxt.tolist())]
-        _emit(batch, rows_l, tokens, m_l, L.tolist(), max_new_tokens, eos_token_id)
-        for r, c, L_r in zip(rows_l, draft.confidence.float().tolist(), L.tolist()):
+        _emit(batch, rows_l, tokens, m_l, L_l, max_new_tokens, eos_token_id)
+        for r, c, L_r in zip(rows_l, draft.confidence.float().tolist(), L_l):
             batch.results[r].confidences.append(c)
             batch.results[r].drafted_verified.append(L_r)
         t4 = time.perf_counter()
