@@ -104,4 +104,4 @@ def test_targets_the_engine_cannot_roll_back_are_refused_by_name():
     for ok in (Qwen3_5TextConfig, Qwen3_5MoeTextConfig, Qwen3NextConfig):
         assert rollback_problem(ok(num_hidden_layers=4)) is None
     assert "['conv']" in rollback_problem(Lfm2Config(num_hidden_layers=4, full_attn_idxs=[3]))
-    assert "not tested for olmo_hybrid" in rollback_problem(OlmoHybridConfig(num_hidden_layers=4))
+    assert "olmo_hybrid: its linear-attention layers' rollback is not tested" in rollback_problem(OlmoHybridConfig(num_hidden_layers=4))

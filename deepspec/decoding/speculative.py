@@ -178,8 +178,7 @@ def check_speculative_support(target: TargetModel) -> None:
     target never emitted."""
     problem = rollback_problem(target.config)
     if problem:
-        cfg = getattr(target.config, "text_config", None) or target.config
-        raise NotImplementedError(f"{cfg.model_type}: {problem}; caching features and training work")
+        raise NotImplementedError(f"{problem}; caching features and training work")
 
 
 @torch.inference_mode()  # no autograd state at all (not just no graph): less work per op in an op-bound loop

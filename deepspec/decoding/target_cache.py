@@ -38,24 +38,20 @@ state-equality tests). Other families name ``linear_attention`` layers that may 
 MiniMax's lightning attention): refused until tested."""
 
 
-def text_config(config):
-    return getattr(config, "text_config", None) or config
-
-
 def layer_types(config) -> list[str]:
     """The decoder's layer types ("full_attention" for every layer when the config names none)."""
-    cfg = text_config(config)
+    cfg = config.get_text_config()
     return list(getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers)
 
 
 def rollback_problem(config) -> str | None:
     """Why the engine cannot verify this target speculatively (a layer it can neither mask nor roll back), or None."""
-    cfg = text_config(config)
-    unknown = sorted({t for t in layer_types(config) if t not in ATTENTION_TYPES + RECURRENT_TYPES})
+    model_type, types = config.get_text_config().model_type, layer_types(config)
+    unknown = sorted({t for t in types if t not in ATTENTION_TYPES + RECURRENT_TYPES})
     if unknown:
-        return f"layers of type {unknown} keep a state this engine cannot roll back to an accepted prefix"
-    if any(t in RECURRENT_TYPES for t in layer_types(config)) and cfg.model_type not in ROLLBACK_TESTED:
-        return (f"its linear-attention layers' rollback is not tested for {cfg.model_type} (tested: {', '.join(ROLLBACK_TESTED)}; "
+        return f"{model_type}: layers of type {unknown} keep a state this engine cannot roll back to an accepted prefix"
+    if any(t in RECURRENT_TYPES for t in types) and model_type not in ROLLBACK_TESTED:
+        return (f"{model_type}: its linear-attention layers' rollback is not tested (tested: {', '.join(ROLLBACK_TESTED)}; "
                 "deepspec/decoding/target_cache.py)")
     return None
 
