@@ -70,12 +70,12 @@ def fit_sts(target, drafter, prompts: list[torch.Tensor], max_new_tokens: int, s
 def fully_verified_rounds(res) -> tuple[list[list[float]], list[int]]:
     """(confidences, accepted drafts) of the rounds that verified every draft: the only rounds in which each slot's
     fate was observed (a slot past a scheduled prefix was never verified, and a plain round drafted nothing)."""
-    drafted_m = [m for m, L in zip(res.accepted_per_round, res.verified_per_round) if L > 0]  # rounds with L > 0, in order
-    it = iter(drafted_m)
-    pairs = [(c, next(it) if L > 0 else 0, L) for c, L in zip(res.confidences, res.drafted_verified)]
-    g = len(res.confidences[0]) if res.confidences else 0
-    full = [(c, m) for c, m, L in pairs if L == g]
-    return [c for c, _ in full], [m for _, m in full]
+    if not res.confidences:
+        return [], []
+    g = len(res.confidences[0])
+    # the same rounds, in the same order, in both records: those whose L is the whole block
+    return ([c for c, L in zip(res.confidences, res.drafted_verified) if L == g],
+            [m for m, L in zip(res.accepted_per_round, res.verified_per_round) if L == g])
 
 
 def sts_fit_and_report(conf: torch.Tensor, accepted: torch.Tensor, fit: torch.Tensor) -> dict:
