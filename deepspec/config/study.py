@@ -37,6 +37,10 @@ class StudyExperiment:
     """gamma: the block size of DSpark/DFlash, the TTT depth (= chain length) of Eagle3."""
     seeds: list[int] = field(default_factory=lambda: [0])
     """Training seeds (initialisation, anchors, data order)."""
+    param_ratio: float = 1.0
+    """Trainable parameters of the first drafter / those of each other drafter, as the comparison is designed:
+    1 = equal budget; the paper's comparison sets the ratio of the reference's own architectures (DSpark 5
+    layers / Eagle3 1 layer at Qwen3-8B: 3.73). Checked within ``param_tolerance`` (tests/test_study.py)."""
 
 
 @dataclass
@@ -79,13 +83,15 @@ class StudyConfig:
     convergence_tolerance: float = 0.01
     """... by less than this fraction."""
     param_tolerance: float = 0.10
-    """Trainable parameters of the drafters compared at one block size may differ by at most this fraction."""
+    """Trainable parameters of the drafters of one experiment may differ from its ``param_ratio`` by at most
+    this fraction."""
     train_overrides: list[str] = field(default_factory=list)
     """Extra train-stage overrides for every run (e.g. deepspeed.precision=fp32)."""
     drafters: dict[str, StudyDrafter] = field(default_factory=dict)
     """Name -> preset and fields."""
     experiments: dict[str, StudyExperiment] = field(default_factory=dict)
-    """headline (claim 1), block_size (claim 2), heads (claim 5); claims 3-4 read the headline runs."""
+    """headline + eagle3 (claim 1 at equal parameters), paper_ratio (claim 1 at the reference's parameter ratio),
+    block_size (claim 2), heads (claim 5); claims 3-4 read the headline runs."""
     eval_sets: list[StudyEvalSet] = field(default_factory=list)
     """Held-out prompt sets (the training source's held-out split and public benchmarks)."""
     max_new_tokens: int = 96
@@ -117,6 +123,8 @@ class StudyConfig:
             out += [f"{prefix}experiments.{name}.block_sizes: {g} < 1" for g in exp.block_sizes if g < 1]
             if not exp.drafters or not exp.seeds:
                 out.append(f"{prefix}experiments.{name} needs drafters and seeds")
+            if not exp.param_ratio > 0:
+                out.append(f"{prefix}experiments.{name}.param_ratio={exp.param_ratio} must be > 0")
         for name, d in self.drafters.items():
             if d.preset.split("_")[0] not in (*BLOCK_DRAFTERS, "eagle3"):
                 out.append(f"{prefix}drafters.{name}.preset={d.preset!r} is not a dspark/dflash/eagle3 preset")
