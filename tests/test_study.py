@@ -232,8 +232,10 @@ def test_a_study_stopped_early_still_reports_and_calls_the_unfinished_claims_inc
 def test_report_only_reads_the_recorded_runs_in_the_studys_order_and_lists_the_missing(tmp_path):
     study = Study(load_study_config(CONFIG, quick=True), tmp_path / "work", tmp_path / "results")
     names = [s.name for s in study.cfg.eval_sets]
+    runs = {r["id"]: r for r in study.runs()}
     for rec in (_record("dflash", 7, 0, 2.0, [0.5] * 7), _record("dspark", 7, 1, 2.4, [0.6] * 7), _record("dspark", 7, 0, 2.3, [0.6] * 7)):
         rec["eval"]["sets"] = {n: rec["eval"]["sets"]["a"] for n in names}
+        rec |= {"train_argv": study.train_argv(runs[rec["id"]]), "eval_argv": study.eval_argv(runs[rec["id"]]), "quick": study.quick}
         rec |= {"device": {"device": "cpu", "threads": 2, "torch": "x", "precision": "fp32"},
                 "data": {"counts": {"samples": 10, "loss_tokens": 100}, "manifest_sha256": "ab" * 32, "train_eval_overlap": {}}}
         (study.results / "runs" / f"{rec['id']}.json").write_text(json.dumps(rec))
@@ -241,6 +243,13 @@ def test_report_only_reads_the_recorded_runs_in_the_studys_order_and_lists_the_m
     assert report["runs"] == ["dspark_g7_s0", "dspark_g7_s1", "dflash_g7_s0"]  # the study's order, not the files'
     assert "eagle3_g7_s0" in report["missing_runs"] and "dflash_g7_s1" in report["missing_runs"]
     assert "Runs not finished, left out" in (study.results / "README.md").read_text()
+    # a record made with another objective (the config's arguments changed since) is not reported as current
+    stale = json.loads((study.results / "runs" / "dflash_g7_s0.json").read_text())
+    stale["train_argv"] = study.train_argv(next(r for r in study.runs() if r["id"] == "dflash_g7_s0"))[:-1]
+    (study.results / "runs" / "dflash_g7_s0.json").write_text(json.dumps(stale))
+    report = study.report_only()
+    assert report["runs"] == ["dspark_g7_s0", "dspark_g7_s1"]
+    assert "dflash_g7_s0 (recorded with other training arguments)" in report["missing_runs"]
 
 
 def test_the_pooled_sts_fit_decides_claim_4_when_every_dspark_seed_recorded_one(study_records):
@@ -388,3 +397,6 @@ def test_the_report_names_which_runs_used_which_build_of_the_cache_and_which_mac
     device = {"device": "CPU A"}
     assert machines(device, [{"id": "r1", "device": device}, {"id": "r2"}]) == "CPU A"  # a record without one: this study's
     assert machines(device, [{"id": "r1", "device": device}, {"id": "r2", "device": {"device": "CPU B"}}]) == "CPU A (r1) and CPU B (r2)"
+    bf16, fp32 = ({"device": "CPU A", "precision": p} for p in ("bf16", "fp32"))  # one CPU model, two precisions
+    assert machines(bf16, [{"id": "r1", "device": bf16}, {"id": "r2", "device": fp32}]) == \
+        "CPU A, bf16 training (r1) and CPU A, fp32 training (r2)"

@@ -231,19 +231,38 @@ class Study:
 
     def report_only(self) -> dict:
         """The report from the records in results/runs alone (no cache, no training), in the study's order.
-        Runs not recorded yet are listed; the claims that need them read inconclusive."""
+        Runs not recorded yet, or recorded with other training/evaluation arguments than the config's now (a
+        changed objective: a rerun trains them again), are listed and left out; the claims that need them read
+        inconclusive."""
         from deepspec.evaluation.study_report import write_report
 
         recorded = {r["id"]: r for r in (json.loads(p.read_text()) for p in (self.results / "runs").glob("*.json"))}
-        order = [r["id"] for r in self.runs()]
-        records = [recorded[i] for i in order if i in recorded]
-        missing = sorted(set(order) - set(recorded))
+        records, missing = [], []
+        for run in self.runs():
+            old = recorded.get(run["id"])
+            stale = None if old is None else self.differences(run, old)
+            if old is None or stale:
+                missing.append(run["id"] + (f" (recorded with other {', '.join(stale)})" if stale else ""))
+            else:
+                records.append(old)
         if missing:  # a study stopped before its last runs (it resumes)
             log.warning("runs not finished (left out of the report): %s", ", ".join(missing))
+        if not records:
+            raise RuntimeError(f"{self.results / 'runs'} holds no run recorded with this study's settings: nothing to report")
         study = {"config": asdict(self.cfg), "quick": self.quick, "command": self.command, "device": records[0]["device"],
                  "data": records[0]["data"], "runs": [r["id"] for r in records], "missing_runs": missing}
         write_report(study, records, self.results)
         return study
+
+    def differences(self, run: dict, old: dict, data: dict | None = None) -> list[str]:
+        """What a recorded run was made with that this study would not make it with: training or evaluation
+        arguments (wherever its work folder was), mode, and the cache (when ``data`` is given, ``same_cache``)."""
+        old_work = work_folder(old.get("train_argv") or [])
+        return [what for what, same in (
+            ("training arguments", relocated(old.get("train_argv"), old_work) == relocated(self.train_argv(run), self.work)),
+            ("evaluation arguments", relocated(old.get("eval_argv"), old_work) == relocated(self.eval_argv(run), self.work)),
+            ("quick mode", old.get("quick") == self.quick),
+            ("cache", data is None or same_cache(old.get("data", {}), data))) if not same]
 
     def kept_record(self, run: dict, path: Path, data: dict) -> dict | None:
         """The run's record from an earlier study, if it was made with the same training and evaluation
@@ -253,12 +272,7 @@ class Study:
         if not path.exists():
             return None
         old = json.loads(path.read_text())
-        old_work = work_folder(old.get("train_argv") or [])
-        differs = [what for what, same in (
-            ("training arguments", relocated(old.get("train_argv"), old_work) == relocated(self.train_argv(run), self.work)),
-            ("evaluation arguments", relocated(old.get("eval_argv"), old_work) == relocated(self.eval_argv(run), self.work)),
-            ("quick mode", old.get("quick") == self.quick),
-            ("cache", same_cache(old.get("data", {}), data))) if not same]
+        differs = self.differences(run, old, data)
         if differs:
             log.warning("%s: %s was recorded with other %s; running it again", run["id"], path, ", ".join(differs))
             return None
