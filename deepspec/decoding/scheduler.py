@@ -29,14 +29,11 @@ Policies (``ScheduleConfig.policy``):
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -162,32 +159,21 @@ class VerifyCostModel:
 
     @classmethod
     def load_or_profile(cls, target, max_rows: int, max_width: int, cache_dir: str | None = None) -> "VerifyCostModel":
-        """The profile of this target on this device/dtype/thread count, from the cache folder or measured now."""
-        key = cost_key(target, 128)
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        path = Path(cache_dir or os.environ.get("DEEPSPEC_CACHE", Path.home() / ".cache" / "deepspec")) / "verify_cost" / f"{digest}.json"
-        if path.exists():
-            try:
-                model = cls(**json.loads(path.read_text()))
-                if model.key == key and model.rows[-1] >= max_rows and model.widths[-1] >= max_width:
-                    return model
-            except (ValueError, TypeError, KeyError):
-                log.warning("%s: unreadable cost profile, measuring again", path)
+        """The whole grid (rows 1, 2, 4, .. max_rows x widths 1..max_width) of this target on this device/dtype/thread
+        count: the points this machine's profile holds, the missing ones measured now, each kept as it is measured
+        (``deepspec.decoding.verify_cost``: how a point measured on a busy CPU is kept from misleading later runs).
+        A run that needs only part of the grid reads a ``VerifyCostProfile`` instead."""
+        from deepspec.decoding.verify_cost import VerifyCostProfile  # it imports this module's cost_key
+
+        profile = VerifyCostProfile.open(target, cache_dir)
+        rows = sorted({min(2 ** i, max_rows) for i in range(max_rows.bit_length() + 1)})
+        widths = list(range(1, max_width + 1))
         t = time.perf_counter()
-        busy_before = cpu_is_contended(target.device)
-        model = cls.profile(target, max_rows, max_width)
-        if busy_before or cpu_is_contended(target.device):
-            # the gate corrects a wrong profile per load, but only where it times both arms; a pessimistic
-            # profile kept in the cache would mislead every later run on this machine
-            log.warning("profiled verify cost while the CPU was busy (1-min load average %.1f on %d cores): "
-                        "used for this run only, not cached at %s", os.getloadavg()[0], os.cpu_count(), path)
-            return model
-        log.info("profiled verify cost (rows <= %d, width <= %d) in %.1f s -> %s", max_rows, max_width, time.perf_counter() - t, path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(asdict(model)))
-        tmp.replace(path)
-        return model
+        table = [[profile.point(R, W) for W in widths] for R in rows]
+        if profile.measured_now:
+            log.info("measured %d verify-cost points (rows <= %d, width <= %d) in %.1f s -> %s", len(profile.measured_now),
+                     max_rows, max_width, time.perf_counter() - t, profile.path)
+        return cls(rows, widths, table, profile.key)
 
 
 def cpu_is_contended(device: torch.device) -> bool:

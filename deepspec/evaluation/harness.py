@@ -22,12 +22,14 @@ import torch
 from deepspec.config.data import InputConfig
 from deepspec.config.eval import EvalDatasetConfig, EvalStageConfig
 from deepspec.data.sources import NotUtf8, iter_raw_rows
-from deepspec.decoding.scheduler import VerifyCostModel, VerifyScheduler
+from deepspec.decoding.scheduler import VerifyScheduler
 from deepspec.decoding.speculative import autoregressive_generate, speculative_generate
 from deepspec.decoding.verify import SamplingConfig
+from deepspec.decoding.verify_cost import VerifyCostProfile
 from deepspec.evaluation import metrics
 from deepspec.evaluation.scheduler import simulate_serving
 from deepspec.export import load_drafter
+from deepspec.progress import Progress
 from deepspec.target import TargetModel, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -91,7 +93,9 @@ def sts_fit_and_report(conf: torch.Tensor, accepted: torch.Tensor, fit: torch.Te
 class EvalHarness:
     def __init__(self, cfg: EvalStageConfig):
         self.cfg = cfg
+        t = time.perf_counter()
         self.target = TargetModel.from_config(cfg.target)
+        log.info("target loaded in %.1f s", time.perf_counter() - t)
         self.tok = load_tokenizer(cfg.target)
         self.drafter = load_drafter(cfg.drafter_path, target=cfg.target, device=self.target.device,
                                     dtype=next(self.target.model.parameters()).dtype)
@@ -120,6 +124,8 @@ class EvalHarness:
         g = torch.Generator().manual_seed(cfg.seed)
         speculative_generate(self.target, self.drafter, turns[0][1], 8, sampling, eos, g, self.scheduler())  # warm-up
         autoregressive_generate(self.target, turns[0][1], 8, sampling, eos, g)
+        bar = Progress(len(turns), "turn", f"eval {ds.name} ({'greedy' if sampling.greedy else f'T={sampling.temperature:g}'}, "
+                       "plain then speculative per turn)", every_s=15.0)
         plain_s = spec_s = 0.0
         plain_tokens = spec_tokens = 0
         split = {"draft": 0.0, "verify": 0.0, "other": 0.0}
@@ -142,6 +148,8 @@ class EvalHarness:
             c, m = fully_verified_rounds(spec)
             conf_rows, conf_accepted, conf_prompt = conf_rows + c, conf_accepted + m, conf_prompt + [i] * len(c)
             emitted += spec.emitted_per_round
+            bar.update(1, tokens=len(plain.tokens) + len(spec.tokens))
+        bar.close()
         g_len = self.block_size
         out = {"turns": len(turns), **metrics.acceptance_stats(accepted, g_len),
                "tau": sum(emitted) / max(len(emitted), 1),  # tokens emitted per round (nothing after EOS counted)
@@ -202,6 +210,9 @@ class EvalHarness:
                 entry["greedy"]["calibration"].pop("_fit", None)
             results["datasets"][ds.name] = entry
             log.info("%s: tau %.2f, speedup %.2fx (T=%s)", ds.name, entry["sampled"]["tau"], entry["sampled"]["speedup"], cfg.temperature)
+        if hasattr(self, "_cost"):
+            results["verify_cost"] = vc = self._cost.summary()
+            log.info("verify cost: %d points measured by this run, %d read from %s", vc["points_measured"], vc["points_read"], vc["profile"])
         if recorded:
             # one STS fit on every set's calibration prompts together: a per-set fit sees tens to a few hundred
             # rounds (most rejected at position 1), too few to place late positions' temperatures; the paper
@@ -221,7 +232,12 @@ class EvalHarness:
         if sched.policy == "fixed" and not sched.fixed_length:
             return None
         if not hasattr(self, "_scheduler"):
-            cost = self.cost_model() if sched.policy in ("scheduled", "scheduled_with_draft_cost") else None
+            cost = None
+            if sched.policy in ("scheduled", "scheduled_with_draft_cost"):
+                # the eval decodes one prompt at a time: one row, verifying 1..block + 1 tokens; measured here, before
+                # the first timed generation (a point missing later is measured when first asked)
+                cost = self.cost_model()
+                cost.ensure(rows=[1], widths=range(1, self.block_size + 2))
             self._scheduler = VerifyScheduler(sched, self.block_size, cost, getattr(self.drafter, "confidence_temperatures", None))
         return self._scheduler
 
@@ -229,18 +245,18 @@ class EvalHarness:
     def block_size(self) -> int:
         return getattr(self.drafter.cfg, "block_size", getattr(self.drafter.cfg, "ttt_steps", 1))
 
-    def cost_model(self) -> VerifyCostModel:
-        """Verify cost of this target on this machine, widths up to the block and to ``sps_max_tokens``
-        (profiled once, cached across runs): the scheduler's cost and the replay's SPS(B) alike."""
+    def cost_model(self) -> VerifyCostProfile:
+        """Verify cost of this target on this machine, measured point by point as the run first needs it and kept
+        across runs (``deepspec.decoding.verify_cost``): the scheduler's cost and the replay's SPS(B) alike."""
         if not hasattr(self, "_cost"):
-            width = max(self.block_size + 1, self.cfg.sps_max_tokens)
-            self._cost = VerifyCostModel.load_or_profile(self.target, max_rows=1, max_width=width)
+            self._cost = VerifyCostProfile.open(self.target)
         return self._cost
 
     def sps_table(self) -> list[float]:
-        """SPS(B) for B = 1..sps_max_tokens: steps per second of one row verifying B tokens."""
+        """SPS(B) for B = 1..sps_max_tokens: steps per second of one row verifying B tokens (a packed batch), on the
+        coarse grid of the profile (widths at powers of two, interpolated): 1 + log2(sps_max_tokens) points."""
         cost = self.cost_model()
-        return [1.0 / cost(1, B) for B in range(1, self.cfg.sps_max_tokens + 1)]
+        return [1.0 / cost.coarse(1, B) for B in range(1, self.cfg.sps_max_tokens + 1)]
 
     @torch.no_grad()
     def time_peers(self, ds: EvalDatasetConfig) -> dict:
