@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import torch
 
@@ -80,13 +81,35 @@ def clear_stale_build_locks(max_age_s: float = 900.0) -> list[str]:
     return removed
 
 
+def skip_or_announce_comm_op_build(world: int, device: torch.device) -> None:
+    """DeepSpeed's torch backend JIT-builds its shared-memory all-reduce (``deepspeed_shm_comm``) on the CPU whenever it
+    starts: 66-96 s of C++ compilation on a fresh 2-core machine, before the first step, with no word of it. A single
+    process communicates with nobody, so it is not built there (DeepSpeed reads its table of compatible ops before
+    building; an op marked incompatible falls back to gloo, which one rank never calls). CPU ranks of a multi-process
+    run do use it: the build is announced, once per machine (then it is cached in torch's extension folder)."""
+    import logging
+
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+    from torch.utils.cpp_extension import get_default_build_root
+
+    name = ShareMemCommBuilder.NAME
+    if world == 1:
+        deepspeed.ops.__compatible_ops__[name] = False
+    elif device.type == "cpu" and deepspeed.ops.__compatible_ops__.get(name):
+        built = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name / f"{name}.so"
+        if not built.exists():
+            logging.getLogger(__name__).info("building DeepSpeed's shared-memory communication op for CPU ranks (%s): once "
+                                             "per machine, about 1-2 minutes on 2 cores, kept in %s", name, built.parent)
+
+
 def build_engine(model: torch.nn.Module, cfg: TrainStageConfig, total_steps: int, world: int, load_universal: bool = False):
     """-> (DeepSpeed engine, lr scheduler). The scheduler steps with every optimizer step."""
     import deepspeed
 
     clear_stale_build_locks()
-
     params = [p for p in model.parameters() if p.requires_grad]
+    skip_or_announce_comm_op_build(world, params[0].device)
     fused = torch.cuda.is_available()
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
                             fused=fused or None)
