@@ -283,6 +283,20 @@ MUTATIONS = [
      "        if every_row and all(bool(c[2].all()) for c in self.chunks):", "        if every_row:", SESSIONS),
     ("decoding: a batch of one writes its new context one slot late", "deepspec/decoding/sessions/draft.py",
      "                    cache.write_slots(C - T, k, v)", "                    cache.write_slots(C - T + 1, k, v)", SESSIONS),
+    # issue 37: the verify-cost profile measured point by point where a run needs it, kept as measured
+    # (deepspec/decoding/verify_cost.py); single-process training builds no DeepSpeed op (deepspec/training/engine.py)
+    ("verify cost: a busy point is never measured again", "deepspec/decoding/verify_cost.py",
+     "if known is not None and (known[1] or (R, W) in self._rechecked or cpu_is_contended(self.target.device)):",
+     "if known is not None:", "tests/test_verify_cost.py -k busy"),
+    ("verify cost: two measurements of a point keep the slower", "deepspec/decoding/verify_cost.py",
+     "return min(a[0], b[0]), a[1] or b[1]", "return max(a[0], b[0]), a[1] or b[1]", "tests/test_verify_cost.py -k 'helpers or busy'"),
+    ("verify cost: a point is not written when measured", "deepspec/decoding/verify_cost.py",
+     "        self._write()\n        return self.points[R, W][0]", "        return self.points[R, W][0]", "tests/test_verify_cost.py -k on_demand"),
+    ("verify cost: a stalled small point is not lowered to a larger one", "deepspec/decoding/verify_cost.py",
+     "return min([own] + [s for (r, w), (s, _) in self.points.items() if r >= R and w >= W])", "return own",
+     "tests/test_verify_cost.py -k on_demand"),
+    ("training: one process builds DeepSpeed's shared-memory comm op", "deepspec/training/engine.py",
+     "        deepspeed.ops.__compatible_ops__[name] = False\n", "        pass\n", "tests/test_fresh_machine.py"),
 ]
 
 # Gemma-4 drafters: the reference's Gemma-4 classes, checked on the folders they wrote (tests/fixtures/reference_gemma4)

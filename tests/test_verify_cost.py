@@ -77,8 +77,11 @@ def test_points_are_measured_on_demand_interpolated_and_kept_as_measured(target,
     assert len(profile_file(tmp_path)["points"]) == 2  # each point written as soon as measured
     cost.coarse(1, 6)
     assert (1, 4) in cost.measured_now and (1, 8) in cost.measured_now and (1, 6) not in cost.measured_now
-    # monotone: a smaller forward never costs more than a larger one measured
+    # monotone: a smaller forward never costs more than a larger one measured (a stall inflated the small one)
     assert cost(2, 1) <= cost(4, 2) and cost(1, 4) <= cost(1, 8)
+    stalled = VerifyCostProfile(target, None)
+    stalled.points = {(1, 1): (5.0, True), (2, 2): (0.5, True)}
+    assert stalled(1, 1) == 0.5 and stalled.point(1, 1) == 5.0 and stalled.measured_now == []
     # the dense grid of a serving benchmark reads the points it shares, measures the rest
     grid = VerifyCostModel.load_or_profile(target, max_rows=2, max_width=2, cache_dir=str(tmp_path))
     assert grid.rows == [1, 2] and grid.widths == [1, 2]
