@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-POLICIES = ("fixed", "threshold", "scheduled", "scheduled_with_draft_cost")
+POLICIES = ("fixed", "threshold", "scheduled", "scheduled_with_draft_cost", "lookup", "hybrid", "lookup_rule")
+LOOKUP_POLICIES = ("lookup", "hybrid", "lookup_rule")  # the policies that run the training-free proposer
 CONFIDENCE_SOURCES = ("drafter", "online")
 
 
@@ -47,6 +48,18 @@ class ScheduleConfig:
     plain rounds except the debt and the plain arm's timing, so a probe or a return to drafting comes at
     most ``plain_streak - 1`` rounds late. 1 = ask every round."""
 
+    lookup_min_ngram: int = 1
+    """lookup/hybrid: the shortest suffix of a row's context (anchor included) matched against its earlier tokens."""
+    lookup_max_ngram: int = 4
+    """lookup/hybrid: the longest suffix tried first (a longer match predicts the continuation better)."""
+    lookup_tokens: int = 10
+    """lookup/hybrid: tokens proposed after a match (the verify width is chosen per round, up to this many)."""
+    lookup_shared: bool = False
+    """lookup/hybrid: also match against every row's tokens in this run (a suffix index shared by the rows and by
+    the generations of one scheduler, like Arctic's global tree), after the row's own context."""
+    lookup_ema: float = 0.1
+    """lookup/hybrid: weight of the newest outcome in the acceptance estimate per (match length, slot)."""
+
     def problems(self, prefix: str = "") -> list[str]:
         out = []
         if self.policy not in POLICIES:
@@ -65,6 +78,14 @@ class ScheduleConfig:
             out.append(f"{prefix}plain_streak={self.plain_streak} must be >= 1")
         if not 0.0 <= self.draft_margin < 10.0:
             out.append(f"{prefix}draft_margin={self.draft_margin} must be in [0, 10)")
+        if self.lookup_min_ngram < 1:
+            out.append(f"{prefix}lookup_min_ngram={self.lookup_min_ngram} must be >= 1")
+        if self.lookup_max_ngram < self.lookup_min_ngram:
+            out.append(f"{prefix}lookup_max_ngram={self.lookup_max_ngram} must be >= lookup_min_ngram={self.lookup_min_ngram}")
+        if self.lookup_tokens < 1:
+            out.append(f"{prefix}lookup_tokens={self.lookup_tokens} must be >= 1")
+        if not 0.0 < self.lookup_ema <= 1.0:
+            out.append(f"{prefix}lookup_ema={self.lookup_ema} must be in (0, 1]")
         if self.temperatures is not None and any(t <= 0 for t in self.temperatures):
             out.append(f"{prefix}temperatures={self.temperatures} must all be > 0")
         return out

@@ -408,8 +408,9 @@ class VerifyScheduler:
             self.gate.observe_round(R, False, 1, R * rounds, seconds, self.cost, rounds=rounds)
         self._streak = (0, 0, 0.0)
 
-    def should_draft(self, rows: torch.Tensor) -> bool:
-        """1. before drafting: False = decode this round plainly (scheduled_with_draft_cost only).
+    def should_draft(self, rows: torch.Tensor, proposal=None) -> bool:
+        """1. before drafting: False = decode this round plainly (scheduled_with_draft_cost only). ``proposal``: the
+        round's lookup proposals (``sessions.lookup``), read by the lookup policies (``decoding.hybrid``).
 
         The observed survival changes only after a drafted round (or when a row finishes), so a run of
         plain rounds reuses its column sums: a plain round's bookkeeping stays plain Python."""

@@ -4,9 +4,11 @@ One round, after speculative sampling (Leviathan et al. 2023, Chen et al. 2023) 
 confidence-scheduled verification (Algorithm 1), for the R active rows at once:
 
     0. gate      with ``scheduled_with_draft_cost``, when drafting cannot pay for itself now the round
-                 is one plain decoding step (the baseline's own step function) and nothing below runs
+                 is one plain decoding step (the baseline's own step function) and nothing below runs;
+                 with a lookup proposer (``sessions.lookup``) its proposals come first and the gate picks
+                 each row's source: plain, the lookup's proposal or the drafter's block
     1. draft     one drafter pass proposes d_1..d_g after each row's anchor (the last emitted token),
-                 from the drafter's cached context (``sessions``)
+                 from the drafter's cached context (``sessions``); lookup rows carry their proposal, q one-hot
     2. schedule  drafts verified per row, L_r in 0..g (fixed, or Algorithm 1 on calibrated survival)
     3. verify    one target forward over [anchor, d_1..d_L] of every row, padded to W = 1 + max L
     4. accept    ``verify_block``: per row the accepted prefix d_1..d_m and the next token (a
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from deepspec.decoding.scheduler import ScheduleConfig, VerifyScheduler
 from deepspec.decoding.sessions import make_session
+from deepspec.decoding.sessions.lookup import MODEL, PLAIN
 from deepspec.decoding.target_cache import TargetCache, rollback_problem
 from deepspec.decoding.verify import SamplingConfig, next_token, verify_block
 from deepspec.target import TargetModel
@@ -43,6 +46,9 @@ class GenerationResult:
     """m per round: drafts the target accepted (0 in a plain round)."""
     emitted_per_round: list[int] = field(default_factory=list)
     """Tokens emitted per round (m + 1, less what fell after EOS or max_new_tokens in the last round)."""
+    source_per_round: list[int] = field(default_factory=list)
+    """Where the round's drafts came from: 0 none (a plain round, or L = 0), 1 the lookup, 2 the drafter
+    (``sessions.lookup``: PLAIN, LOOKUP, MODEL)."""
     verified_per_round: list[int] = field(default_factory=list)
     """L per round: drafts verified (0 = a plain step)."""
     confidences: list[list[float]] = field(default_factory=list)
@@ -100,12 +106,12 @@ def _prefill(target: TargetModel, prompts: list[torch.Tensor], sampling: Samplin
     return _Batch(cache, mask, mask.sum(1), first, active, results), features, ids, mask.bool()
 
 
-def _emit(batch: _Batch, rows: list[int], tokens: list[list[int]], m: list[int], verified: list[int],
+def _emit(batch: _Batch, rows: list[int], tokens: list[list[int]], m: list[int], verified: list[int], sources: list[int],
           max_new_tokens: int, eos_token_id: int | None) -> None:
     """Append each row's tokens of the round (its m accepted drafts, then the next token) and its per-round
     records; a row stops at EOS or max_new_tokens (what it would have emitted after is dropped)."""
     stopped = []
-    for r, toks, m_r, L_r in zip(rows, tokens, m, verified):
+    for r, toks, m_r, L_r, s_r in zip(rows, tokens, m, verified, sources):
         res = batch.results[r]
         toks = toks[: max_new_tokens - len(res.tokens)]
         if eos_token_id in toks:
@@ -114,6 +120,7 @@ def _emit(batch: _Batch, rows: list[int], tokens: list[list[int]], m: list[int],
         res.accepted_per_round.append(m_r)
         res.emitted_per_round.append(len(toks))
         res.verified_per_round.append(L_r)
+        res.source_per_round.append(s_r if L_r else PLAIN)
         if toks[-1] == eos_token_id or len(res.tokens) >= max_new_tokens:
             stopped.append(r)
     _stop(batch, stopped)
@@ -200,19 +207,20 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
         t0 = time.perf_counter()
         rows = batch.rows
         N = len(rows)
-        if not scheduler.should_draft(rows):  # 0. drafting does not pay now (scheduled_with_draft_cost): a plain step
+        anchors = _of_active_rows(batch.anchors, rows, B)  # (N,)
+        proposal = session.propose(rows, anchors)  # 0. lookup proposals (host side; None for a drafter alone)
+        if not scheduler.should_draft(rows, proposal):  # 0. no source pays now: a plain step
             step_tokens, step_valid = batch.anchors[:, None], batch.active[:, None]  # views: both are replaced, not written
             layer_hidden, nxt = _plain_step(target, batch, rows, sampling, generator)
             batch.cache.keep_prefix(step_valid[:, 0].long())  # a finished row keeps its state (hybrid targets)
             session.extend(layer_hidden, step_tokens, step_valid)
             batch.anchors = _next_anchors(batch, rows, nxt)
             zeros = [0] * N
-            _emit(batch, rows.tolist(), [[tok] for tok in nxt.tolist()], zeros, zeros, max_new_tokens, eos_token_id)
+            _emit(batch, rows.tolist(), [[tok] for tok in nxt.tolist()], zeros, zeros, zeros, max_new_tokens, eos_token_id)
             elapsed = time.perf_counter() - t0
             seconds["verify"] += elapsed  # a plain round counts as a verify of width 1
             scheduler.observe(rows, None, None, elapsed)
             continue
-        anchors = _of_active_rows(batch.anchors, rows, B)  # (N,)
         draft = session.draft(rows, anchors, sampling, generator)  # 1. draft
         sync()
         t1 = time.perf_counter()
@@ -242,11 +250,13 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
         batch.lengths += kept
         batch.anchors = _next_anchors(batch, rows, nxt)
         rows_l, m_l, L_l, drafts = rows.tolist(), m.tolist(), L.tolist(), block[:, 1:].tolist()
+        src_l = [MODEL] * N if draft.source is None else draft.source.tolist()
         tokens = [drafts[r][:m_r] + [tok] for r, m_r, tok in zip(rows_l, m_l, nxt.tolist())]
-        _emit(batch, rows_l, tokens, m_l, L_l, max_new_tokens, eos_token_id)
-        for r, c, L_r in zip(rows_l, draft.confidence.float().tolist(), L_l):
-            batch.results[r].confidences.append(c)
-            batch.results[r].drafted_verified.append(L_r)
+        _emit(batch, rows_l, tokens, m_l, L_l, src_l, max_new_tokens, eos_token_id)
+        for r, c, L_r, s_r in zip(rows_l, draft.confidence.float().tolist(), L_l, src_l):
+            if s_r == MODEL:  # calibration reads the drafter's confidences only
+                batch.results[r].confidences.append(c)
+                batch.results[r].drafted_verified.append(L_r)
         t4 = time.perf_counter()
         scheduler.observe(rows, L, m, t4 - t0)
         seconds["draft"] += t1 - t0
@@ -269,7 +279,7 @@ def autoregressive_generate_batch(target: TargetModel, prompts: list[torch.Tenso
         _, nxt = _plain_step(target, batch, rows, sampling, generator)
         batch.anchors = _next_anchors(batch, rows, nxt)
         zeros = [0] * len(rows)  # the engine's plain-round records: 0 drafts accepted and verified
-        _emit(batch, rows.tolist(), [[tok] for tok in nxt.tolist()], zeros, zeros, max_new_tokens, eos_token_id)
+        _emit(batch, rows.tolist(), [[tok] for tok in nxt.tolist()], zeros, zeros, zeros, max_new_tokens, eos_token_id)
     batch.results[0].seconds["verify"] = time.perf_counter() - t1
     return batch.results
 

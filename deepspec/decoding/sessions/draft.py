@@ -18,6 +18,8 @@ class Draft:
     """(N, g) raw per-slot confidence c_k, a function of d_1..d_{k-1} only (never of d_k: see
     ``top_probability``): DSpark's confidence head; DFlash/Eagle3 the drafter's top probability at
     slot k (softmax at T=1). Uncalibrated: the scheduler applies STS."""
+    source: torch.Tensor | None = None
+    """(N,) where each row's block came from (``sessions.lookup``: PLAIN, LOOKUP, MODEL); None = the drafter for all."""
 
 
 def top_probability(logits: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,188 @@
+"""Each row's source per round: a plain step, the lookup's proposal or the drafter's block, by predicted tokens/s.
+
+Policies (``ScheduleConfig.policy``), all on the verify-cost profile and the measured round times of
+``scheduler.DraftGate``:
+
+    lookup       the training-free proposer alone (``sessions.lookup``): a round verifies the rows' proposals
+                 when the lookup's predicted rate beats a plain step's by ``draft_margin``, else it is plain
+    hybrid       per row the source with more expected accepted drafts (the lookup's estimate by match length,
+                 the drafter's online acceptance), and per round the best of three arms:
+                     plain         R / t_plain(R)
+                     lookup        max_W (R + sum_{j<W} sum_r a^lookup_{r,j}) / t_verify(R, W)
+                     drafter       the same with each row's better source and the draft's cost (DraftGate, which
+                                   also probes on its budget while plain wins; no probe while the lookup wins)
+                 each arm's prediction scaled by its measured / predicted round time at this load
+    lookup_rule  Arctic's fixed rule, no cost model for the choice: a row takes the lookup's proposal when it is
+                 at least the drafter's block long (and verifies all of it), else the drafter, under the
+                 draft-cost gate; a row with a shorter match and no drafted round is plain
+
+Once sources are fixed, every row's verified length comes from Algorithm 1 over one survival matrix (lookup rows:
+the estimate by match length; drafter rows: their calibrated confidences; plain rows: 0), so rows of different
+sources share one verify pass. A proposal is a function of the context alone, so choosing sources and lengths from
+it keeps decoding exact.
+
+The lookup's acceptance estimate (``LookupAcceptance``) is conditional acceptance per (match length n, slot),
+pooled over rows and generations, an EMA of verified outcomes (``lookup_ema``).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from deepspec.calibration import cumulative_survival
+from deepspec.config.decoding import ScheduleConfig
+from deepspec.decoding.scheduler import RecentMedian, VerifyCostModel, VerifyScheduler, best_rate, choose_lengths, nearest
+from deepspec.decoding.sessions import make_session
+from deepspec.decoding.sessions.lookup import LOOKUP, MODEL, PLAIN, HybridSession, LookupSession, NgramIndex, Proposal
+
+
+class LookupAcceptance:
+    """P(slot k accepted | slots < k accepted) of lookup proposals, per match length n: (max_n + 1, g) float64."""
+
+    def __init__(self, max_n: int, g: int, ema: float, prior: float = 0.5):
+        self.table = torch.full((max_n + 1, g), prior, dtype=torch.float64)  # row 0 (no match) is never read
+        self.ema, self.g = ema, g
+
+    def survival(self, proposal: Proposal) -> torch.Tensor:
+        """-> a (N, g): expected survival of each row's proposed slots (0 past its proposal, 0 without a match)."""
+        score, length = proposal.score.cpu(), proposal.length.cpu()
+        proposed = torch.arange(self.g)[None] < length[:, None]
+        return cumulative_survival(self.table[score]) * proposed
+
+    def observe(self, score: torch.Tensor, verified: torch.Tensor, accepted: torch.Tensor) -> None:
+        """Rows that verified a lookup proposal: score, verified L, accepted m (M,) each, on the host."""
+        k = torch.arange(self.g)
+        seen = k[None] <= torch.minimum(accepted, verified - 1)[:, None]  # slot k verified with all earlier accepted
+        hit = (k[None] < accepted[:, None]).double()
+        for n in score.unique().tolist():
+            rows = score == n
+            count = seen[rows].sum(0)
+            mean = (hit * seen)[rows].sum(0) / count.clamp_min(1)
+            weight = 1 - (1 - self.ema) ** count.double()  # k outcomes move the estimate as k EMA steps would
+            self.table[n] = torch.where(count > 0, weight * mean + (1 - weight) * self.table[n], self.table[n])
+
+
+class HybridScheduler(VerifyScheduler):
+    """The lookup policies: per round each row's source (``should_draft``), then Algorithm 1 over all rows."""
+
+    def __init__(self, cfg: ScheduleConfig, block_size: int, cost: VerifyCostModel | None,
+                 temperatures: list[float] | None = None):
+        if cost is None:
+            raise ValueError(f"schedule.policy={cfg.policy} needs a verify cost model (VerifyCostModel.load_or_profile)")
+        # the drafter arm is the draft-cost gate's; plain rounds are observed one by one (a match may come any round)
+        super().__init__(replace(cfg, policy="scheduled_with_draft_cost", plain_streak=1), block_size, cost, temperatures)
+        self.policy, self.cfg = cfg.policy, cfg
+        self.lookup = LookupAcceptance(cfg.lookup_max_ngram, block_size, cfg.lookup_ema)
+        self.lookup_slowdown: dict[int, RecentMedian] = {}  # measured / predicted seconds of lookup rounds, by load
+        self.shared = NgramIndex(cfg.lookup_min_ngram, cfg.lookup_max_ngram) if cfg.lookup_shared else None
+        self._round: tuple[torch.Tensor, torch.Tensor, Proposal] | None = None  # (source (N,), lookup survival (N, g), proposal)
+
+    def session(self, drafter, batch_size: int, vocab_size: int) -> HybridSession:
+        """The session this policy decodes with: the lookup (and, but for ``lookup``, the drafter's session)."""
+        model = make_session(drafter, batch_size) if self.policy != "lookup" else None
+        c = self.cfg
+        return HybridSession(model, LookupSession(batch_size, self.g, c.lookup_min_ngram, c.lookup_max_ngram, vocab_size, self.shared))
+
+    def lookup_ratio(self, R: int) -> float:
+        """Measured / predicted seconds of a lookup round at load R: a lookup round does a plain step's work and more."""
+        measured = nearest(self.lookup_slowdown, R.bit_length()).value if self.lookup_slowdown else 1.0
+        return max(measured, self.gate.ratio(False, R))
+
+    def should_draft(self, rows: torch.Tensor, proposal: Proposal | None = None) -> bool:
+        """0. each row's source (set on ``proposal.source``); False = every row plain (a plain step)."""
+        R, gate, cost = len(rows), self.gate, self.cost
+        self._end_streak()
+        if len(gate.slowdown[False].get(R.bit_length(), ())) < gate.plain_samples:
+            return False  # time plain steps at a new load first (the engine's first step is cold)
+        lk = self.lookup.survival(proposal)  # (R, g)
+        matched = proposal.length.cpu() > 0
+        plain_rate = R / gate.plain_seconds(R, cost)
+        lookup_rate = best_rate(R, lk.sum(0).tolist(), lambda W: cost(R, W), 0.0) / self.lookup_ratio(R) if matched.any() else 0.0
+        use_lookup = matched & (lookup_rate > plain_rate * (1 + self.cfg.draft_margin))
+        use_model = torch.zeros(R, dtype=torch.bool)
+        if self.policy == "hybrid":
+            md = cumulative_survival(self.online[rows.cpu()])  # the drafter's observed survival per row (R, g)
+            by_lookup = matched & (lk.sum(1) >= md.sum(1))
+            gains = torch.where(by_lookup[:, None], lk, md).sum(0).tolist()
+            if gate.should_draft(R, gains, cost, self._steady):
+                model_rate = gate.drafted_rates(R, gains, cost)[1] / max(gate.ratio(True, R), gate.ratio(False, R))
+                if use_lookup.any() and (gate.probing or model_rate <= lookup_rate):
+                    gate.probing = False  # the lookup wins: no drafted round, no probe
+                else:
+                    use_model, use_lookup = ~by_lookup, by_lookup
+        elif self.policy == "lookup_rule":
+            use_lookup = proposal.length.cpu() >= self.g  # Arctic: the suffix draft when it is as long as the drafter's
+            others = cumulative_survival(self.online[rows.cpu()]) * (~use_lookup)[:, None]
+            if not use_lookup.all() and gate.should_draft(R, others.sum(0).tolist(), cost, self._steady):
+                use_model = ~use_lookup
+        source = torch.where(use_model, MODEL, torch.where(use_lookup, LOOKUP, PLAIN))
+        if not bool((source != PLAIN).any()):
+            return False
+        proposal.source = source.to(proposal.length.device)
+        self._round = source, lk, proposal
+        return True
+
+    def lengths(self, rows: torch.Tensor, confidence: torch.Tensor, draft_seconds: float) -> torch.Tensor:
+        """2. drafts verified per row (N,): Algorithm 1 over the rows' survival by source."""
+        source, lk, proposal = self._round
+        N, model = len(rows), source == MODEL
+        a = lk * (source == LOOKUP)[:, None]
+        if model.any():
+            self.gate.observe_draft(N, draft_seconds, self._steady)
+            a[model] = self.survival(rows[model.to(rows.device)], confidence[model.to(confidence.device)])
+        L = choose_lengths(a, lambda W: self.cost(N, W), draft_seconds if model.any() else 0.0)
+        if self.policy == "lookup_rule":  # Arctic verifies the whole suffix draft
+            L = torch.where(source == LOOKUP, proposal.length.cpu(), L)
+        return L.to(rows.device)
+
+    def observe(self, rows: torch.Tensor, verified: torch.Tensor | None, accepted: torch.Tensor | None, seconds: float) -> None:
+        """3. after a round: the lookup's estimate learns from its rows, the drafter's from its rows; the round's time
+        goes to the arm that ran it (a drafted round to the gate, a lookup round to ``lookup_slowdown``)."""
+        if verified is None:  # a plain step: the gate's plain arm and its probe budget
+            return super().observe(rows, None, None, seconds)
+        source, lk, proposal = self._round
+        L, m, R = verified.cpu(), accepted.cpu(), len(rows)
+        mine = (source == LOOKUP) & (L > 0)
+        if mine.any():
+            self.lookup.observe(proposal.score.cpu()[mine], L[mine], m[mine])
+        width, tokens = 1 + int(L.max()), R + int(m.sum())
+        model = source == MODEL
+        if model.any():
+            self._end_streak()
+            md = cumulative_survival(self.online[rows.cpu()])
+            promised = float((torch.where(model[:, None], md, lk) * (torch.arange(self.g) < L[:, None])).sum())
+            self.gate.observe_round(R, True, width, tokens, seconds, self.cost, self._steady, promised)
+            self._learn(rows.cpu()[model], L[model], m[model])
+        else:
+            self.lookup_slowdown.setdefault(R.bit_length(), RecentMedian(1.0, self.gate.window)).add(seconds / self.cost(R, width))
+        self._steady = bool(model.any())  # the drafter's next draft catches up one round, not a lookup streak
+
+    def _learn(self, r: torch.Tensor, L: torch.Tensor, m: torch.Tensor) -> None:
+        """The drafter's online acceptance per row and slot (as ``VerifyScheduler.observe``), from its own rows."""
+        k = torch.arange(self.g)
+        seen = k[None] <= torch.minimum(m, L - 1)[:, None]
+        hit = (k[None] < m[:, None]).double()
+        ema, cur = self.cfg.online_ema, self.online[r]
+        self.online[r] = torch.where(seen, ema * hit + (1 - ema) * cur, cur)
+        n = seen.sum(0)
+        slot_mean = (hit * seen).sum(0) / n.clamp_min(1)
+        weight = 1 - (1 - ema / 4) ** n.double()
+        self.prior = torch.where(n > 0, weight * slot_mean + (1 - weight) * self.prior, self.prior)
+
+
+def make_scheduler(cfg: ScheduleConfig, block_size: int, cost: VerifyCostModel | None,
+                   temperatures: list[float] | None = None) -> VerifyScheduler:
+    """The scheduler of ``cfg.policy``; ``block_size`` is the drafter's (the lookup alone proposes ``lookup_tokens``)."""
+    if cfg.policy == "lookup":
+        return HybridScheduler(cfg, cfg.lookup_tokens, cost)
+    if cfg.policy in ("hybrid", "lookup_rule"):
+        return HybridScheduler(cfg, block_size, cost, temperatures)
+    return VerifyScheduler(cfg, block_size, cost, temperatures)
+
+
+def make_engine_session(scheduler: VerifyScheduler | None, drafter, batch_size: int, vocab_size: int):
+    """The session a scheduler decodes with: a lookup policy's hybrid session, else the drafter's own."""
+    if isinstance(scheduler, HybridScheduler):
+        return scheduler.session(drafter, batch_size, vocab_size)
+    return make_session(drafter, batch_size)

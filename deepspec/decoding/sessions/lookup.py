@@ -1,0 +1,162 @@
+"""Training-free proposals: n-gram matching over each row's own context, and the hybrid of it with a drafter.
+
+Prompt lookup / suffix matching (Saxena 2023; transformers' ``prompt_lookup_num_tokens``; Arctic's suffix
+decoding): take the longest suffix of the row's context, anchor included (``max_ngram`` tokens down to
+``min_ngram``), find its latest earlier occurrence, and propose the tokens that followed it there. The match length
+n is the proposal's score: the scheduler keeps an acceptance estimate per (n, slot).
+
+A proposal is a function of the context alone, so its law is a point mass: q_k is the one-hot of d_k. Rejection
+sampling with that q accepts d_k with probability p_k(d_k) and draws a rejection's token from p_k with d_k removed:
+the target's law at any temperature, on the engine's one verify path (``one_hot_q``).
+
+``HybridSession`` puts a drafter session and a lookup session behind the drafter interface: per row and round the
+scheduler picks plain (verify nothing), the lookup's proposal or the drafter's block (``Proposal.source``), and one
+verify pass checks the rows whatever their source.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from deepspec.decoding.sessions.draft import Draft
+
+PLAIN, LOOKUP, MODEL = 0, 1, 2  # a row's source in a round
+
+
+class NgramIndex:
+    """Tokens of one or more sequences and, per n-gram (min_n <= n <= max_n), where it last ended: host dicts.
+
+    Appending a token records the n-grams ending at it, so a lookup costs ``max_n - min_n + 1`` dict probes and an
+    append as many inserts, whatever the context length."""
+
+    def __init__(self, min_n: int, max_n: int):
+        self.min_n, self.max_n = min_n, max_n
+        self.tokens: list[int] = []
+        self.last: dict[tuple[int, ...], int] = {}  # n-gram -> position of its last token (latest occurrence)
+
+    def append(self, tokens: list[int]) -> None:
+        toks = self.tokens
+        for tok in tokens:
+            toks.append(tok)
+            end = len(toks)
+            for n in range(self.min_n, min(self.max_n, end) + 1):
+                self.last[tuple(toks[end - n:])] = end - 1
+
+    def match(self, suffix: list[int], length: int, own: bool) -> tuple[list[int], int]:
+        """The continuation (up to ``length`` tokens) of the longest n-gram ending ``suffix`` seen here, and n (([], 0)
+        when none). ``suffix`` ends with the anchor, which no index holds yet, so every occurrence found is earlier.
+        ``own``: this index is the row's context, which the anchor continues (a match just before it proposes it)."""
+        for n in range(min(self.max_n, len(suffix)), self.min_n - 1, -1):
+            end = self.last.get(tuple(suffix[-n:]))
+            if end is None:
+                continue
+            cont = self.tokens[end + 1: end + 1 + length]
+            if own and len(cont) < length:
+                cont.append(suffix[-1])
+            if cont:
+                return cont, n
+        return [], 0
+
+
+@dataclass
+class Proposal:
+    """One round's lookup proposals for the active rows (host side, built before the gate decides)."""
+
+    tokens: torch.Tensor
+    """(N, G) proposed tokens d_1..d_G per row (zeros past a row's ``length``)."""
+    length: torch.Tensor
+    """(N,) tokens proposed (0 = no match)."""
+    score: torch.Tensor
+    """(N,) the match length n (0 = no match): what the acceptance estimate is kept by."""
+    source: torch.Tensor | None = None
+    """(N,) PLAIN / LOOKUP / MODEL per row: the scheduler's choice (set by its gate before the draft)."""
+
+
+def one_hot_q(tokens: torch.Tensor, V: int) -> torch.Tensor:
+    """tokens (N, G) -> q (N, G, V): a deterministic proposal's law, the one-hot of each drafted token."""
+    return torch.nn.functional.one_hot(tokens, V).float()
+
+
+class LookupSession:
+    """Per row an n-gram index of its context (prompt and emitted tokens), optionally a shared one across rows and
+    generations (``shared``). Same interface as the drafter sessions (``extend``, ``draft``) plus ``propose``."""
+
+    def __init__(self, batch_size: int, tokens: int, min_n: int, max_n: int, vocab_size: int, shared: NgramIndex | None = None):
+        self.g, self.V, self.shared = tokens, vocab_size, shared
+        self.rows = [NgramIndex(min_n, max_n) for _ in range(batch_size)]
+        self.proposal: Proposal | None = None
+
+    @property
+    def block_size(self) -> int:
+        return self.g
+
+    def extend(self, features: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> None:
+        """Append each row's valid tokens (B, T) to its index (features unused): one host copy of the round's tokens."""
+        for index, toks, ok in zip(self.rows, tokens.tolist(), valid.tolist()):
+            new = [t for t, v in zip(toks, ok) if v]
+            if new:
+                index.append(new)
+                if self.shared is not None:
+                    self.shared.append(new)
+
+    def propose(self, rows: torch.Tensor, anchors: torch.Tensor) -> Proposal:
+        """rows (N,), anchors (N,) -> each row's proposal (its own context first, then the shared index)."""
+        N, G = len(rows), self.g
+        tokens, length, score = [[0] * G for _ in range(N)], [0] * N, [0] * N
+        for i, (r, anchor) in enumerate(zip(rows.tolist(), anchors.tolist())):
+            index = self.rows[r]
+            suffix = index.tokens[-(index.max_n - 1):] + [anchor] if index.max_n > 1 else [anchor]
+            cont, n = index.match(suffix, G, own=True)
+            if not cont and self.shared is not None:
+                cont, n = self.shared.match(suffix, G, own=False)
+            tokens[i][: len(cont)], length[i], score[i] = cont, len(cont), n
+        dev = anchors.device
+        self.proposal = Proposal(torch.tensor(tokens, device=dev).view(N, G), torch.tensor(length, device=dev),
+                                 torch.tensor(score, device=dev))
+        return self.proposal
+
+    def draft(self, rows: torch.Tensor, anchors: torch.Tensor, sampling, generator) -> Draft:
+        """The last proposal as a Draft: one-hot q (None when greedy), confidence 1 on the proposed slots, 0 past them
+        (the scheduler reads its own estimate by score; the zeros bound the verified length)."""
+        p = self.proposal
+        conf = (torch.arange(self.g, device=p.length.device)[None] < p.length[:, None]).float()
+        return Draft(p.tokens, None if sampling.greedy else one_hot_q(p.tokens, self.V), conf)
+
+
+class HybridSession:
+    """A drafter session (None: the lookup alone) and a lookup session behind the drafter interface, for one batch.
+
+    Per round: ``propose`` (the lookup's proposals for the active rows), the scheduler's gate sets each row's source
+    on the proposal, then ``draft`` runs the drafter on the rows whose source is MODEL only and returns one Draft for
+    all rows: lookup rows carry their proposal with a one-hot q, plain rows nothing to verify (confidence 0)."""
+
+    def __init__(self, model, lookup: LookupSession):
+        self.model, self.lookup = model, lookup
+        self.g = model.block_size if model is not None else lookup.block_size
+
+    @property
+    def block_size(self) -> int:
+        return self.g
+
+    def extend(self, features: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> None:
+        self.lookup.extend(features, tokens, valid)
+        if self.model is not None:
+            self.model.extend(features, tokens, valid)
+
+    def propose(self, rows: torch.Tensor, anchors: torch.Tensor) -> Proposal:
+        return self.lookup.propose(rows, anchors)
+
+    def draft(self, rows: torch.Tensor, anchors: torch.Tensor, sampling, generator) -> Draft:
+        """rows (N,), anchors (N,) -> tokens (N, g), q (N, g, V) (None when greedy), confidence (N, g), source (N,)."""
+        out = self.lookup.draft(rows, anchors, sampling, generator)  # every row's lookup proposal, one-hot q
+        source = self.lookup.proposal.source
+        out.confidence = out.confidence * (source == LOOKUP)[:, None]  # plain rows verify nothing
+        use = (source == MODEL).nonzero()[:, 0]
+        if len(use):
+            d = self.model.draft(rows[use], anchors[use], sampling, generator)
+            out.tokens, out.confidence = out.tokens.index_put((use,), d.tokens), out.confidence.index_put((use,), d.confidence.float())
+            if out.q is not None:
+                out.q = out.q.index_put((use,), d.q.float())  # the drafter's rows keep the law they were sampled from
+        out.source = source
+        return out

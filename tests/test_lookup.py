@@ -1,0 +1,216 @@
+"""The training-free proposer (n-gram lookup) and the hybrid of it with a drafter: exact, and chosen by cost.
+
+Lookup proposals are deterministic, so their q is one-hot; rows of one batch take plain steps, lookup proposals or
+the drafter's block in one verify pass. Whole generations are held to the target's enumerated law
+(``tests/test_exact_law.py``'s harness) with every source mixed in ragged batches at T > 0; the drafter's q taken for a
+lookup proposal must fail that test, while a one-hot q taken for the drafter's tokens stays exact (it only accepts
+less: the test says why).
+Greedy output equals plain greedy output on generated cases. The gate's choice is checked on a synthetic cost model.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from deepspec.config.decoding import ScheduleConfig
+from deepspec.decoding.hybrid import HybridScheduler, LookupAcceptance, make_engine_session, make_scheduler
+from deepspec.decoding.scheduler import VerifyCostModel
+from deepspec.decoding.sessions import lookup as lookup_mod
+from deepspec.decoding.sessions.lookup import LOOKUP, MODEL, PLAIN, HybridSession, NgramIndex, Proposal, one_hot_q
+from deepspec.decoding.speculative import autoregressive_generate_batch, speculative_generate_batch
+from deepspec.decoding.verify import SamplingConfig
+from test_exact_law import DRAWS, NEW, P_MIN, PROMPTS, V, chi2_pvalue, cost_model, drafter, exact_law, tiny_target
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_target(tmp_path_factory.mktemp("v6_lookup"))
+
+
+# ----------------------------------------------------------------------------- the n-gram index
+def test_the_longest_latest_match_proposes_what_followed_it():
+    idx = NgramIndex(1, 3)
+    idx.append([5, 1, 2, 9, 1, 2, 7, 8, 3])
+    assert idx.match([1, 2], 4, own=True) == ([7, 8, 3, 2], 2)  # latest [1, 2], then into the anchor (2)
+    assert idx.match([4, 9], 2, own=True) == ([1, 2], 1)  # no [4, 9]: the unigram [9]
+    assert idx.match([4, 6], 3, own=True) == ([], 0)
+    assert idx.match([8, 3], 3, own=False) == ([], 0)  # another row's index: nothing after its end
+
+
+def test_a_session_matches_each_row_on_its_own_context_then_the_shared_index():
+    shared = NgramIndex(2, 2)
+    s = lookup_mod.LookupSession(2, 3, 2, 2, V, shared)
+    s.extend(None, torch.tensor([[1, 2, 3, 1], [4, 5, 0, 0]]), torch.tensor([[True] * 4, [True, True, False, False]]))
+    p = s.propose(torch.tensor([0, 1]), torch.tensor([2, 2]))  # row 0: [1, 2] seen, then 3, 1 and the anchor; row 1: [5, 2] nowhere
+    assert p.tokens[0].tolist() == [3, 1, 2] and p.length.tolist() == [3, 0] and p.score.tolist() == [2, 0]
+    s.extend(None, torch.tensor([[0], [3]]), torch.tensor([[False], [True]]))
+    p = s.propose(torch.tensor([1]), torch.tensor([1]))  # row 1's [3, 1] is not in its own context: row 0's, shared
+    assert p.tokens[0].tolist() == [4, 5, 3] and p.score.tolist() == [2]
+
+
+# ----------------------------------------------------------------------------- the exact law
+class RandomSources(HybridScheduler):
+    """Sources drawn at random per row and round, independently of the drafts (so any of them is lossless): a quarter
+    of the rounds all plain, else each row plain, lookup (where it has a match) or the drafter; lengths by Algorithm 1."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gen = torch.Generator().manual_seed(3)
+
+    def should_draft(self, rows, proposal=None):
+        self._end_streak()
+        u = torch.randint(0, 4, (len(rows),), generator=self.gen)
+        if int(u[0]) == 0 and float(torch.rand((), generator=self.gen)) < 0.5:
+            return False
+        matched = proposal.length.cpu() > 0
+        source = torch.where(u >= 2, MODEL, torch.where((u == 1) & matched, LOOKUP, PLAIN))
+        proposal.source = source
+        self._round = source, self.lookup.survival(proposal), proposal
+        return True
+
+
+def draw_hybrid(tiny, sampling: SamplingConfig, scheduler_cls=RandomSources, policy: str = "hybrid", seed: int = 0,
+                keep: bool = False):
+    """DRAWS generations per prompt through the real batched loop, the two prompts interleaved (ragged rows)."""
+    target = tiny[0]
+    prompts = [PROMPTS[i % 2] for i in range(2 * DRAWS)]
+    d = drafter("vanilla", tiny)
+    cfg = ScheduleConfig(policy=policy, lookup_min_ngram=1, lookup_max_ngram=2, lookup_tokens=3, draft_margin=0.0)
+    sched = scheduler_cls(cfg, 3, cost_model(3, 0.05))
+    for R in range(1, 2 * DRAWS + 1):  # the synthetic profile is the truth: every load's plain step "timed" as predicted
+        for _ in range(sched.gate.plain_samples):
+            sched.gate.observe_round(R, False, 1, R, sched.cost(R, 1), sched.cost)
+    res = speculative_generate_batch(target, make_engine_session(sched, d, len(prompts), V), prompts, NEW, sampling, None,
+                                     torch.Generator().manual_seed(seed), sched)
+    sources = {s for r in res for s in r.source_per_round}
+    samples = [[r.tokens for r in res[i::2]] for i in range(2)]
+    return (samples, sources, res) if keep else (samples, sources)
+
+
+def law_p(tiny, samples, sampling) -> float:
+    return min(chi2_pvalue(got, exact_law(tiny[0], prompt, sampling)) for prompt, got in zip(PROMPTS, samples))
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(1.0), SamplingConfig(0.7, top_k=4)], ids=["T1", "T0.7-k4"])
+def test_lookup_drafter_and_plain_rows_mixed_follow_the_target_law(tiny, sampling):
+    samples, sources = draw_hybrid(tiny, sampling)
+    assert sources == {PLAIN, LOOKUP, MODEL}
+    assert law_p(tiny, samples, sampling) > P_MIN
+
+
+@pytest.mark.parametrize("policy", ["lookup", "hybrid", "lookup_rule"])
+def test_the_lookup_policies_follow_the_target_law(tiny, policy):
+    sampling = SamplingConfig(1.0)
+    samples, sources = draw_hybrid(tiny, sampling, HybridScheduler, policy)
+    assert LOOKUP in sources
+    assert law_p(tiny, samples, sampling) > P_MIN
+
+
+def test_a_one_hot_q_for_the_drafters_tokens_stays_exact_and_accepts_less(tiny, monkeypatch):
+    """The other way round is not an error of law: a block drawn before verification, independently of the target's
+    draws, is a fixed sequence to the verifier, and a fixed sequence verified with its one-hot q gives p exactly (that
+    is why lookup is exact). It accepts less: sum_x q(x) p(x) per slot instead of sum_x min(p(x), q(x))."""
+    draft = HybridSession.draft
+
+    def one_hot_for_all(self, rows, anchors, sampling, generator):
+        out = draft(self, rows, anchors, sampling, generator)
+        out.q = one_hot_q(out.tokens, out.q.shape[-1])
+        return out
+
+    sampling = SamplingConfig(1.0)
+    accepted = lambda: sum(m for r in draw_hybrid(tiny, sampling, keep=True)[2] for m, s in  # noqa: E731
+                           zip(r.accepted_per_round, r.source_per_round) if s == MODEL)
+    right = accepted()
+    monkeypatch.setattr(HybridSession, "draft", one_hot_for_all)
+    samples, _, _ = draw_hybrid(tiny, sampling, keep=True)
+    assert law_p(tiny, samples, sampling) > P_MIN
+    assert accepted() < 0.9 * right
+
+
+def test_the_drafters_q_for_a_lookup_proposal_is_caught(tiny, monkeypatch):
+    """A lookup row verified with the q the drafter would have drafted from (the drafter runs on every row)."""
+
+    def drafter_q_for_all(self, rows, anchors, sampling, generator):
+        out = self.lookup.draft(rows, anchors, sampling, generator)
+        source = self.lookup.proposal.source
+        d = self.model.draft(rows, anchors, sampling, generator)
+        model = (source == MODEL)[:, None]
+        out.tokens = torch.where(model, d.tokens, out.tokens)
+        out.confidence = torch.where(model, d.confidence.float(), out.confidence * (source == LOOKUP)[:, None])
+        out.q, out.source = d.q.float(), source
+        return out
+
+    monkeypatch.setattr(HybridSession, "draft", drafter_q_for_all)
+    sampling = SamplingConfig(1.0)
+    assert law_p(tiny, draw_hybrid(tiny, sampling)[0], sampling) < 1e-12
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(policy=st.sampled_from(["lookup", "hybrid", "lookup_rule", "random"]), block=st.integers(1, 4),
+       lengths=st.lists(st.integers(1, 12), min_size=1, max_size=4), max_new=st.integers(1, 14),
+       eos=st.sampled_from([None, 0, 1, 2, 3, 4, 5]), shared=st.booleans(), seed=st.integers(0, 1000))
+def test_greedy_equals_plain_greedy_with_lookup_proposals(tiny, policy, block, lengths, max_new, eos, shared, seed):
+    """Prompts made of a repeated random motif (matches occur), EOS and max_new_tokens inside a block, ragged rows."""
+    target = tiny[0]
+    g = torch.Generator().manual_seed(seed)
+    motif = torch.randint(0, V, (3,), generator=g)
+    prompts = [torch.cat([motif.repeat(4)[:n], torch.randint(0, V, (2,), generator=g)]) for n in lengths]
+    greedy = SamplingConfig(temperature=0)
+    ref = [r.tokens for r in autoregressive_generate_batch(target, prompts, max_new, greedy, eos)]
+    cfg = ScheduleConfig(policy="hybrid" if policy == "random" else policy, lookup_tokens=block, lookup_shared=shared,
+                         draft_margin=0.0)
+    sched = (RandomSources(cfg, block, cost_model(block, 0.05)) if policy == "random"
+             else make_scheduler(cfg, block, cost_model(block, 0.05)))
+    for R in range(1, len(prompts) + 1):
+        for _ in range(sched.gate.plain_samples):
+            sched.gate.observe_round(R, False, 1, R, sched.cost(R, 1), sched.cost)
+    session = make_engine_session(sched, drafter("vanilla", tiny, block), len(prompts), V)
+    got = speculative_generate_batch(target, session, prompts, max_new, greedy, eos, None, sched)
+    assert [r.tokens for r in got] == ref
+    for r in got:
+        assert sum(r.emitted_per_round) + 1 == len(r.tokens)
+        assert len(r.source_per_round) == len(r.emitted_per_round)
+
+
+# ----------------------------------------------------------------------------- the gate's choice
+def gate_with(policy: str, column_cost: float, g: int = 4) -> HybridScheduler:
+    cost = VerifyCostModel([1, 4], list(range(1, g + 2)), [[r * (1 + column_cost * (w - 1)) for w in range(1, g + 2)] for r in (1, 4)], {})
+    sched = make_scheduler(ScheduleConfig(policy=policy, lookup_max_ngram=3, lookup_tokens=g, draft_margin=0.1), g, cost)
+    sched.start(3)
+    for _ in range(sched.gate.plain_samples):
+        sched.gate.observe_round(3, False, 1, 3, cost(3, 1), cost)
+    sched.lookup.table[3], sched.lookup.table[1] = 0.95, 0.1  # long matches copy well, unigram matches do not
+    return sched
+
+
+def proposal(scores: list[int], g: int = 4) -> Proposal:
+    scores = torch.tensor(scores)
+    return Proposal(torch.ones(len(scores), g, dtype=torch.long), (scores > 0).long() * g, scores)
+
+
+def test_the_lookup_is_taken_where_it_pays_and_plain_where_it_cannot():
+    sched = gate_with("lookup", 0.2)
+    p = proposal([3, 1, 0])
+    assert sched.should_draft(torch.arange(3), p)
+    assert p.source.tolist() == [LOOKUP, LOOKUP, PLAIN]
+    L = sched.lengths(torch.arange(3), torch.zeros(3, 4), 0.0)
+    assert L.tolist() == [4, 4, 0]  # Algorithm 1 admits columns: the unigram row rides along in the padded forward
+    assert not gate_with("lookup", 3.0).should_draft(torch.arange(3), proposal([3, 1, 0]))  # a column costs 3 steps
+
+
+def test_the_hybrid_gives_each_row_the_source_that_expects_more():
+    sched = gate_with("hybrid", 0.2)
+    sched.online[:] = 0.8  # the drafter is accepted 80% per slot on every row
+    sched.gate.observe_round(3, True, 5, 6, sched.cost(3, 5), sched.cost)  # the drafted arm timed as predicted
+    p = proposal([3, 1, 0])
+    assert sched.should_draft(torch.arange(3), p)
+    assert p.source.tolist() == [LOOKUP, MODEL, MODEL]
+
+
+def test_lookup_acceptance_learns_per_match_length_and_slot():
+    acc = LookupAcceptance(2, 3, ema=1.0)
+    acc.observe(torch.tensor([2, 1]), torch.tensor([3, 2]), torch.tensor([1, 2]))
+    assert acc.table[2].tolist() == [1.0, 0.0, 0.5]  # slot 3 never verified after a rejection: the prior stays
+    assert acc.table[1].tolist() == [1.0, 1.0, 0.5]  # L = 2: slot 3 not verified
