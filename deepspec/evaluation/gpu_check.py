@@ -91,10 +91,10 @@ QWEN3_8B = CheckShape(
     memory_max_micro=64, repeats=5, kernel_vocabs=(151_936, 262_144, 32_768), kernel_blocks=(7, 16), kernel_rows=(1, 7, 64))
 
 TINY = CheckShape(
-    name="tiny", hidden=64, layers=6, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=1024, mask_token_id=1023,
-    target_layer_ids=(0, 1, 2, 3, 4), drafter_layers=1, block=4, markov_rank=16, anchors=16, draft_vocab=256,
-    verify_rows=4, verify_widths=4, verify_context_tokens=32, draft_contexts_tokens=(32, 64), prompt_tokens=16,
-    new_tokens=12, train_seq_tokens=96, train_steps=2, memory_seq_tokens=(64, 128), memory_max_micro=4, repeats=2,
+    name="tiny", hidden=64, layers=5, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=1024, mask_token_id=1023,
+    target_layer_ids=(0, 1, 2, 3, 4), drafter_layers=1, block=3, markov_rank=16, anchors=8, draft_vocab=256,
+    verify_rows=2, verify_widths=3, verify_context_tokens=16, draft_contexts_tokens=(16, 32), prompt_tokens=12,
+    new_tokens=8, train_seq_tokens=64, train_steps=1, memory_seq_tokens=(32, 64), memory_max_micro=4, repeats=1,
     kernel_vocabs=(300, 1000), kernel_blocks=(3,), kernel_rows=(1, 3))
 
 
