@@ -88,7 +88,7 @@ QWEN3_8B = CheckShape(
     mask_token_id=151_669, target_layer_ids=(1, 9, 17, 25, 33), drafter_layers=5, block=7, markov_rank=256, anchors=512,
     draft_vocab=32_768, verify_rows=64, verify_widths=16, verify_context_tokens=1024, draft_contexts_tokens=(1024, 8192),
     prompt_tokens=1024, new_tokens=128, train_seq_tokens=4096, train_steps=4, memory_seq_tokens=(4096, 8192),
-    memory_max_micro=64, repeats=5, kernel_vocabs=(151_936, 262_144, 32_768), kernel_blocks=(7, 16), kernel_rows=(1, 7, 64))
+    memory_max_micro=32, repeats=5, kernel_vocabs=(151_936, 262_144, 32_768), kernel_blocks=(7, 16), kernel_rows=(1, 7, 64))
 
 TINY = CheckShape(
     name="tiny", hidden=64, layers=5, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=1024, mask_token_id=1023,
@@ -381,31 +381,37 @@ def training_speed(shape: CheckShape, device: torch.device, reduced_vocab: bool)
     return result
 
 
-def largest_micro_batch(engine, shape: CheckShape, seq: int, device: torch.device) -> dict:
-    """Peak memory at micro-batches 1 and 2 (one step each), the largest micro-batch a linear fit of the two predicts
-    within 95% of the device's memory (capped at ``memory_max_micro``), then one step at that size to confirm it."""
+def micro_batch_peaks(engine, shape: CheckShape, seq: int, device: torch.device) -> dict:
+    """Peak memory at micro-batches 1 and 2 (one step each) and the largest micro-batch a linear fit of the two predicts
+    within 95% of the device's memory (None on a CPU)."""
     peaks = {b: peak_gib(device, lambda b=b: train_step(engine, random_batch(shape, b, seq, device))) for b in (1, 2)}
-    out = {"seq_tokens": seq, "peak_gib_micro_1": peaks[1], "peak_gib_micro_2": peaks[2]}
-    if device.type != "cuda":
-        return {**out, "largest_micro_batch": None, "confirmed": None}
-    per_sample, fixed = peaks[2] - peaks[1], 2 * peaks[1] - peaks[2]
-    capacity = device_info(device)["memory_gib"]
-    predicted = int((0.95 * capacity - fixed) / max(per_sample, 1e-9))
-    tried = max(1, min(predicted, shape.memory_max_micro))
+    out = {"seq_tokens": seq, "peak_gib_micro_1": peaks[1], "peak_gib_micro_2": peaks[2], "predicted": None}
+    if device.type == "cuda":
+        per_sample, fixed = peaks[2] - peaks[1], 2 * peaks[1] - peaks[2]
+        out["predicted"] = int((0.95 * device_info(device)["memory_gib"] - fixed) / max(per_sample, 1e-9))
+    return out
+
+
+def confirm_micro_batch(engine, shape: CheckShape, probe: dict, device: torch.device) -> dict:
+    """One step at the predicted micro-batch (capped at ``memory_max_micro``): the largest that fits, confirmed, or the
+    failure. Any error is recorded, not raised: an out-of-memory step can leave DeepSpeed's buckets half filled."""
+    if probe["predicted"] is None:
+        return {**probe, "largest_micro_batch": None, "confirmed": None}
+    tried = max(1, min(probe["predicted"], shape.memory_max_micro))
     try:
-        peak = peak_gib(device, lambda: train_step(engine, random_batch(shape, tried, seq, device)))
-        return {**out, "predicted": predicted, "largest_micro_batch": tried, "confirmed": True, "peak_gib": peak,
-                "capped": predicted > shape.memory_max_micro}
-    except torch.OutOfMemoryError:
+        peak = peak_gib(device, lambda: train_step(engine, random_batch(shape, tried, probe["seq_tokens"], device)))
+        return {**probe, "largest_micro_batch": tried, "confirmed": True, "peak_gib": peak,
+                "capped": probe["predicted"] > shape.memory_max_micro}
+    except Exception as e:  # noqa: BLE001 - the finding is the failure itself
         engine.zero_grad()
         free_memory()
-        return {**out, "predicted": predicted, "largest_micro_batch": 2, "confirmed": False, "oom_at": tried}
+        return {**probe, "largest_micro_batch": 2, "confirmed": False, "failed_at": tried, "error": f"{type(e).__name__}: {e}"[:300]}
 
 
 def training_memory(shape: CheckShape, device: torch.device) -> dict:
-    """Largest micro-batch per sequence length (full vocabulary, the default chunked loss), then one sample's step with
-    the loss chunked (32 blocks' logits at a time, recomputed in backward: the default) against unchunked (every
-    block's logits at once, kept for backward)."""
+    """One sample's step with the loss chunked (32 blocks' logits at a time, recomputed in backward: the default)
+    against unchunked (every block's logits at once, kept for backward); then per sequence length the peaks at
+    micro-batches 1 and 2, and last, one confirming step per length at the largest predicted micro-batch."""
     engine, _ = build_training(shape, device, reduced_vocab=False)
     module = engine.module
     batch = random_batch(shape, 1, shape.train_seq_tokens, device)
@@ -416,12 +422,15 @@ def training_memory(shape: CheckShape, device: torch.device) -> dict:
         unchunked = peak_gib(device, lambda: train_step(engine, batch))
     except torch.OutOfMemoryError:
         engine.zero_grad()
+        free_memory()
         unchunked = float("inf")
     module.loss_cfg = LossConfig()
+    del batch
+    probes = [micro_batch_peaks(engine, shape, seq, device) for seq in shape.memory_seq_tokens]
     result = {"loss_chunking": {"seq_tokens": shape.train_seq_tokens, "anchors": shape.anchors, "chunked_peak_gib": chunked,
                                 "unchunked_peak_gib": unchunked,
                                 "saved_gib": None if chunked is None else unchunked - chunked},
-              "micro_batch": [largest_micro_batch(engine, shape, seq, device) for seq in shape.memory_seq_tokens]}
+              "micro_batch": [confirm_micro_batch(engine, shape, probe, device) for probe in probes]}
     del engine, module
     free_memory()
     return result

@@ -31,7 +31,7 @@ def draft_vocab_offsets(V: int, N: int, gen: torch.Generator) -> torch.Tensor:
     return ids - torch.arange(N, device=DEV)
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0, 0.7])
+@pytest.mark.parametrize("temperature", [0.0, 0.7])  # greedy; sampled with 1/T scaling (T = 1 is the same code)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("rows", [1, 64])
 @pytest.mark.parametrize("g", [7, 16])
