@@ -55,11 +55,15 @@ def decoding_lines(s: dict) -> list[str]:
 
 def training_lines(s: dict) -> list[str]:
     lines = ["| vocabulary | trainable | tokens/s | s/step | peak GiB | TFLOP/s | MFU |", "|---|---|---|---|---|---|---|"]
-    for r in (s["full_vocab"], s["reduced_vocab"]):
-        lines.append(f"| {r['draft_vocab']:,} | {r['trainable_parameters'] / 1e6:.0f}M | {r['tokens_per_s']:,.0f} | {_f(r['step_s'], 3)} | "
+    for name in ("full_vocab", "reduced_vocab"):
+        r = s[name]
+        if r["status"] != "ok":
+            lines.append(f"| {name} | error: `{r['error'][:200]}` | | | | | |")
+            continue
+        lines.append(f"| {r['draft_vocab']:,} | {r['trainable_parameters'] / 1e6:.4g}M | {r['tokens_per_s']:,.0f} | {_f(r['step_s'], 3)} | "
                      f"{_f(r['peak_gib'])} | {_f(r['achieved_tflops'], 1)} | {_f(r['mfu'], 3)} |")
-    r = s["full_vocab"]
-    lines += ["", f"One sample of {r['seq_tokens']} tokens, {r['anchors']} anchors per step, DeepSpeed ZeRO-2; FLOPs counted by "
+    r = s["full_vocab"] if s["full_vocab"]["status"] == "ok" else s["reduced_vocab"]
+    lines += ["", f"One sample of {r.get('seq_tokens')} tokens, {r.get('anchors')} anchors per step, DeepSpeed ZeRO-2; FLOPs counted by "
               "torch per executed op (the loss's recomputed logits included: hardware FLOPs)."]
     return lines
 
@@ -85,6 +89,6 @@ def summary(result: dict) -> str:
     render = {"cuda_tests": cuda_tests_lines, "decoding": decoding_lines, "training": training_lines, "memory": memory_lines}
     for name, section in result["sections"].items():
         out += _section_head(name, section)
-        if section["status"] in ("ok", "failed"):
+        if section["status"] in ("ok", "failed") or name == "training" and section.get("full_vocab"):
             out += render[name](section) + [""]
     return "\n".join(out)

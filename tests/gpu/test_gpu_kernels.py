@@ -68,12 +68,13 @@ def verify_inputs(V: int, g: int, rows: int, dtype: torch.dtype, greedy: bool):
     fp32 probabilities), draft probabilities q, drafts that are often the target's argmax, ragged verified lengths."""
     gen = torch.Generator(device=DEV).manual_seed(V + g + rows)
     logits = (torch.randn(rows, g + 1, V, device=DEV, generator=gen) * 3).to(dtype)
-    p = logits if greedy else torch.softmax(logits.float(), -1)
+    probs = torch.softmax(logits.float(), -1)
+    p = logits if greedy else probs
     q = torch.softmax(torch.randn(rows, g, V, device=DEV, generator=gen) * 3, -1)
     draft = logits[:, :g].float().argmax(-1)
     flip = torch.rand(rows, g, device=DEV, generator=gen) < 0.3
     draft = torch.where(flip, torch.randint(0, V, (rows, g), device=DEV, generator=gen), draft)
-    q.scatter_(-1, draft[..., None], p[:, :g].float().gather(-1, draft[..., None]) * 1.5)  # p/q of 2/3 at the drafts
+    q.scatter_(-1, draft[..., None], probs[:, :g].gather(-1, draft[..., None]) * 1.5)  # p/q ~ 2/3 at the drafts
     q = q / q.sum(-1, keepdim=True)
     lengths = torch.randint(0, g + 1, (rows,), device=DEV, generator=gen)
     ua, u = torch.rand(rows, g, device=DEV, generator=gen), torch.rand(rows, V, device=DEV, generator=gen)
