@@ -29,8 +29,8 @@ def cuda_tests_lines(s: dict) -> list[str]:
 def decoding_lines(s: dict) -> list[str]:
     vc = s["verify_cost"]
     shown = [w for w in vc["widths"] if w in (1, 2, 4, 8, 12, 16) or w == vc["widths"][-1]]
-    lines = [f"Target {s['target_parameters'] / 1e9:.2f}B parameters ({s['dtype']}), drafter {s['drafter_parameters'] / 1e6:.0f}M "
-             "trainable-shaped parameters, random weights.", "",
+    lines = [f"Target {s['target_parameters'] / 1e9:.2f}B parameters ({s['dtype']}), drafter {s['drafter_parameters'] / 1e6:.4g}M "
+             "parameters besides the target's embedding and LM head, random weights.", "",
              f"Verify cost t(rows, width) / t(1, 1) after {vc['context_tokens']} tokens of context (t(1, 1) = {vc['t11_ms']:.2f} ms):", "",
              "| rows \\ width | " + " | ".join(map(str, shown)) + " |", "|---" * (len(shown) + 1) + "|"]
     for R, line in zip(vc["rows"], vc["ratio"]):
@@ -70,8 +70,9 @@ def training_lines(s: dict) -> list[str]:
 
 def memory_lines(s: dict) -> list[str]:
     c = s["loss_chunking"]
+    unchunked = "out of memory" if c["unchunked_peak_gib"] == float("inf") else f"{_f(c['unchunked_peak_gib'])} GiB"
     lines = [f"Loss chunking at {c['seq_tokens']} tokens, {c['anchors']} anchors: peak {_f(c['chunked_peak_gib'])} GiB chunked "
-             f"vs {_f(c['unchunked_peak_gib'])} GiB unchunked (saves {_f(c['saved_gib'])} GiB).", "",
+             f"vs {unchunked} unchunked (saves {_f(c['saved_gib'])} GiB).", "",
              "| seq tokens | peak GiB at micro 1 / 2 | largest micro-batch | confirmed |", "|---|---|---|---|"]
     for m in s["micro_batch"]:
         capped = " (the cap)" if m.get("capped") else ""
