@@ -12,4 +12,7 @@ if [[ -z "${PYTHON:-}" ]]; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export TRITON_INTERPRET=0   # kernels compiled for the GPU, never interpreted (tests/conftest.py only sets a default)
+for arg in "$@"; do  # the dry run is the CPU path everywhere: on a GPU machine too (DeepSpeed, NCCL, tests/gpu all see no GPU)
+  if [[ "$arg" == "--dry-run" ]]; then export CUDA_VISIBLE_DEVICES=""; fi
+done
 exec "$PYTHON" scripts/gpu_check.py "$@"
