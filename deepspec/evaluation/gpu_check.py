@@ -233,7 +233,7 @@ def kernel_seconds(drafter: DSparkDrafter, rows: int, repeats: int) -> dict:
     dev, g, V = drafter.fc.weight.device, drafter.cfg.block_size, drafter.lm_head.weight.shape[0]
     gen = torch.Generator(device=dev).manual_seed(0)
     head = drafter.markov_head
-    base = torch.randn(rows, g, V, device=dev)
+    base = torch.randn(rows, g, V, device=dev, dtype=drafter.fc.weight.dtype)  # the drafter's LM head output
     x0 = torch.zeros(rows, dtype=torch.long, device=dev)
     q = torch.softmax(torch.randn(rows, g, V, device=dev), -1)
     p = torch.softmax(torch.randn(rows, g + 1, V, device=dev), -1)
@@ -380,7 +380,8 @@ def training_speed(shape: CheckShape, device: torch.device, reduced_vocab: bool)
     tflops = flops / step_s / 1e12 if flops else None
     result = {"trainable_parameters": trainable, "draft_vocab": shape.draft_vocab if reduced_vocab else shape.vocab,
               "seq_tokens": shape.train_seq_tokens, "anchors": shape.anchors, "steps_timed": shape.train_steps,
-              "step_s": step_s, "tokens_per_s": shape.train_seq_tokens / step_s, "peak_gib": peak,
+              "step_s": step_s, "tokens_per_s": shape.train_seq_tokens / step_s,
+              "block_tokens_per_s": shape.anchors * shape.block / step_s, "peak_gib": peak,
               "flops_per_step": flops, "flop_count_error": flop_error, "achieved_tflops": tflops,
               "mfu": tflops / peak_tflops if tflops and peak_tflops else None,
               "loss_first_last": [losses[0], losses[-1]]}
