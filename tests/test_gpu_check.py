@@ -36,6 +36,7 @@ def test_the_gpu_check_dry_run_exercises_every_section(tmp_path):
                                                     for r in dec["loop"].values())
     assert not dec["kernels"]["triton"] and 0 < dec["kernels"]["share_of_round_T1"] < 1
     assert all(set(v) == {"tau_2", "tau_3", "tau_5"} for v in dec["implied_speedup"].values())
+    assert dec["reduced_vocab"]["draft_vocab"] == shape["draft_vocab"] and list(dec["reduced_vocab"]["by_context"]) == list(dec["by_context"])
 
     train = sections["training"]
     assert train["full_vocab"]["draft_vocab"] == shape["vocab"] and train["reduced_vocab"]["draft_vocab"] == shape["draft_vocab"]

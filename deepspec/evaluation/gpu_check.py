@@ -274,7 +274,8 @@ def implied_speedup(costs: dict, overhead_ms: float, taus: tuple[float, ...] = (
 
 
 def decoding_physics(shape: CheckShape, device: torch.device) -> dict:
-    """The decoding section (module docstring); the target is freed before returning."""
+    """The decoding section (module docstring), with the draft's cost measured again for a drafter with a reduced
+    draft vocabulary (its own LM head over ``draft_vocab`` tokens); the target is freed before returning."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     target = random_target(shape, device, dtype)
     drafter = random_dspark(shape, target.config, target.model.get_input_embeddings(), target.lm_head, device).to(dtype).eval()
@@ -296,7 +297,14 @@ def decoding_physics(shape: CheckShape, device: torch.device) -> dict:
                     "share_of_round_T1": (kern["markov_walk"] + kern["verify"]) / round_s},
         "implied_speedup": {ctx: implied_speedup(c, overhead) for ctx, c in costs.items()},
     }
-    del target, drafter
+    del drafter
+    free_memory()
+    reduced = random_dspark(shape, target.config, target.model.get_input_embeddings(), target.lm_head, device,
+                            random_draft_vocab(shape)).to(dtype).eval()
+    reduced_costs = step_verify_draft(target, reduced, shape.draft_contexts_tokens, shape.repeats)
+    result["reduced_vocab"] = {"draft_vocab": shape.draft_vocab, "by_context": reduced_costs,
+                               "implied_speedup": {ctx: implied_speedup(c, overhead) for ctx, c in reduced_costs.items()}}
+    del target, reduced
     free_memory()
     return result
 

@@ -41,6 +41,11 @@ def decoding_lines(s: dict) -> list[str]:
         imp = s["implied_speedup"][ctx]
         lines.append(f"| {ctx} | {_f(c['step_ms'])} | {_f(c['verify_ms'])} | {_f(c['draft_ms'])} | {_f(c['draft_in_target_steps'])} | "
                      + " / ".join(_f(v) for v in imp.values()) + " |")
+    red = s["reduced_vocab"]
+    lines += ["", f"With a {red['draft_vocab']:,}-token draft vocabulary: draft in target steps "
+              + ", ".join(f"{_f(c['draft_in_target_steps'])} at {ctx}" for ctx, c in red["by_context"].items())
+              + "; implied speedup at tau 2 / 3 / 5 "
+              + ", ".join(" / ".join(_f(v) for v in imp.values()) + f" at {ctx}" for ctx, imp in red["implied_speedup"].items()) + "."]
     lines += ["", "| T | tau (random drafter) | round ms | draft / verify / overhead share |", "|---|---|---|---|"]
     for T, r in s["loop"].items():
         lines.append(f"| {T[1:]} | {_f(r['tau'])} | {_f(r['round_ms'])} | {_f(r['draft_share'])} / {_f(r['verify_share'])} / "
