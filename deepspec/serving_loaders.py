@@ -85,6 +85,13 @@ _no_unknown_markov: Check = ("no markov_head.* tensors beyond the head type's ow
                              lambda c, t: all(re.fullmatch(r"markov_head\.(markov_w[12]\.weight|gate_proj\.(weight|bias)|joint_proj\.(weight|bias))", n)
                                               for n in t if n.startswith("markov_head.")))
 
+LLAMACPP = "b11434"  # the llama.cpp tag read (and run: deepspec/llamacpp.py, tests/test_llamacpp.py)
+_llamacpp_anchor_first: Check = ("no sample_from_anchor false (ours is anchor-first: slot k predicts the token after anchor + k, "
+                                 "the converter's default)", lambda c, t: c.get("sample_from_anchor", True) is True)
+_llamacpp_confidence_input: Check = ("a confidence head reads [h; W1[x_{k-1}]] (confidence_head_with_markov true: conf_proj is "
+                                     "{n_embd + markov_rank, 1})",
+                                     lambda c, t: "confidence_head.proj.weight" not in t or c.get("confidence_head_with_markov") is True)
+
 REQUIREMENTS: tuple[LoaderRequirements, ...] = (
     LoaderRequirements(
         "vLLM", "dspark", "vllm-project/vllm vllm/model_executor/models/qwen3_dspark.py@0302ff40 (+ qwen3_dflash.py@036a00d1, "
@@ -178,6 +185,25 @@ REQUIREMENTS: tuple[LoaderRequirements, ...] = (
         ("DFlashDraftModel",), (*QWEN3_SHAPE, "dflash_config.target_layer_ids", "dflash_config.mask_token_id", "block_size"),
         BACKBONE, (_full_vocab_only,),
         "Reads target_layer_ids only from dflash_config. TensorRT-LLM has no merged Qwen3 DSpark loader (PR #16813 closed)."),
+    LoaderRequirements(
+        "llama.cpp", "dspark", f"ggml-org/llama.cpp conversion/qwen.py@{LLAMACPP} (DSparkModel; + src/models/dflash.cpp, "
+        "common/speculative.cpp)",
+        ("Qwen3DSparkModel",), (*QWEN3_SHAPE, "markov_rank", "mask_token_id", "target_layer_ids", "block_size"),
+        (*BACKBONE, r"markov_head\.markov_w1\.weight", r"markov_head\.markov_w2\.weight"),
+        (("markov_head_type is vanilla (the converter raises on any other)",
+          lambda c, t: c.get("markov_head_type", "vanilla") == "vanilla"),
+         _llamacpp_anchor_first, _llamacpp_confidence_input, _full_vocab_or_d2t),
+        "Convert with convert_hf_to_gguf.py --target-model-dir <target> (the vocabulary is the target's); run with "
+        "--spec-type draft-dspark --spec-draft-n-max block_size. The Markov chain runs in the graph, greedily."),
+    LoaderRequirements(
+        "llama.cpp", "dflash", f"ggml-org/llama.cpp conversion/qwen.py@{LLAMACPP} (DFlashModel, DSparkModel; + "
+        "src/models/dflash.cpp, common/speculative.cpp)",
+        ("DFlashDraftModel",), (*QWEN3_SHAPE, "mask_token_id", "target_layer_ids", "block_size"), BACKBONE,
+        (("no markov_head/confidence_head tensors", lambda c, t: not any(n.startswith(("markov_head", "confidence_head")) for n in t)),
+         _llamacpp_anchor_first, _full_vocab_or_d2t),
+        "llama.cpp's draft-dflash reads the in-place block (slots 1..g-1 predict their own positions) and its DFlash "
+        "converter maps no d2t; ours is anchor-first, so deepspec.llamacpp converts it with the DSpark class "
+        "(sample_from_anchor true) and runs it as draft-dspark, whose graph without Markov tensors is DFlash's."),
 )
 
 

@@ -19,6 +19,7 @@ KINDS = {"dspark": DRAFTER["dspark"], "dspark_gated": {**DRAFTER["dspark"], "mar
          "eagle3_llama": {**DRAFTER["eagle3"], "qk_norm": False}}
 # what is expected not to load, with the reasons the table gives (each problem names one of them)
 EXPECTED = {("dspark_gated", "vLLM dspark"): ("markov_head_type is vanilla",), ("dspark_rnn", "vLLM dspark"): ("markov_head_type is vanilla",),
+            ("dspark_gated", "llama.cpp dspark"): ("markov_head_type is vanilla",), ("dspark_rnn", "llama.cpp dspark"): ("markov_head_type is vanilla",),
             # a QK-normed Eagle3 (the tiny target is a Qwen3) is vLLM's Eagle3Qwen3ForCausalLM: no SGLang/TensorRT-LLM class reads it
             ("eagle3", "SGLang eagle3"): ("architectures", "q_norm/k_norm"), ("eagle3", "TensorRT-LLM eagle3"): ("architectures",)}
 
