@@ -28,6 +28,7 @@ from pathlib import Path
 
 LLAMACPP_TAG = "b11434"
 BINARIES = ("llama-speculative-simple", "llama-completion", "llama-tokenize")
+SPEC_TYPE = "draft-dspark"  # llama.cpp's --spec-type for our DSpark and DFlash exports (both anchor-first)
 
 
 def install_dir() -> Path:
@@ -50,11 +51,6 @@ def unavailable_reason() -> str | None:
 
 
 # ------------------------------------------------------------------ conversion
-
-def spec_type(draft_dir: str | Path) -> str:
-    """llama.cpp's --spec-type for one of our exports: draft-dspark for DSpark and DFlash (both anchor-first)."""
-    return "draft-dspark"
-
 
 def convert(model_dir: str | Path, out_file: str | Path, target_dir: str | Path | None = None,
             outtype: str = "f32") -> Path:
@@ -108,7 +104,7 @@ def _run_converter(argv: list[str]) -> None:
 class Decoded:
     """What one llama.cpp run printed: the generated text, and its counts and timings."""
 
-    text: str
+    text: str  # generated text, trailing newlines stripped (the programs append some of their own)
     tokens: int  # generated tokens
     timed_tokens: int  # tokens whose decoding ``seconds`` covers (plain: all but the first, which the prompt pass gives)
     seconds: float  # decoding only (load and prompt prefill excluded)
@@ -141,22 +137,22 @@ def _sampling(max_new_tokens: int, threads: int) -> list[str]:
 def decode_plain(target_gguf: Path, prompt: str, max_new_tokens: int, threads: int = 2) -> Decoded:
     """Greedy decoding of the target alone (llama-completion, temperature 0); stops at an end-of-generation token."""
     out = _run([str(binary("llama-completion")), "-m", str(target_gguf), "-p", prompt, "-no-cnv", "--no-display-prompt",
-                "--no-warmup", *_sampling(max_new_tokens, threads)])
-    text = out.stdout.removesuffix("\n\n").removesuffix(" [end of text]\n")  # what completion.cpp appends
+                "--no-warmup", *_sampling(max_new_tokens, threads)], last_line="graphs reused =")
+    text = out.stdout.rstrip("\n").removesuffix(" [end of text]").rstrip("\n")  # what completion.cpp appends
     steps = re.search(r"\beval time =\s*([\d.]+) ms /\s*(\d+) runs", out.stderr)
     return Decoded(text=text, tokens=int(steps.group(2)) + 1, timed_tokens=int(steps.group(2)),
                    seconds=float(steps.group(1)) / 1e3)
 
 
 def decode_speculative(target_gguf: Path, draft_gguf: Path, prompt: str, max_new_tokens: int, draft_max: int,
-                       spec: str = "draft-dspark", threads: int = 2) -> Decoded:
+                       spec: str = SPEC_TYPE, threads: int = 2) -> Decoded:
     """Greedy speculative decoding (llama-speculative-simple): the target verifies up to ``draft_max`` drafts a round.
     It may emit a few tokens past ``max_new_tokens`` (it stops after the round that crosses it)."""
     out = _run([str(binary("llama-speculative-simple")), "-m", str(target_gguf), "-md", str(draft_gguf),
                 "--spec-type", spec, "--spec-draft-n-max", str(draft_max), "-p", prompt, *_sampling(max_new_tokens, threads),
-                "-lv", "4"])  # verbosity 4 prints the drafter's statistics and timers
+                "-lv", "4"], last_line="graphs reused =")  # verbosity 4 prints the drafter's statistics and timers
     # stdout: "\n\n", the prompt's pieces, the generated pieces, then "\n\n" twice (speculative-simple.cpp)
-    text = out.stdout.removeprefix("\n\n").removesuffix("\n\n\n\n")
+    text = out.stdout.removeprefix("\n\n").rstrip("\n")
     if not text.startswith(prompt):
         raise RuntimeError(f"llama-speculative-simple did not echo the prompt as given: {text[:200]!r}")
     log = out.stderr
@@ -169,11 +165,17 @@ def decode_speculative(target_gguf: Path, draft_gguf: Path, prompt: str, max_new
                    draft_seconds=float(durations.group(2)) / 1e3)
 
 
-def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    done = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
-    if done.returncode != 0:
-        raise RuntimeError(f"{Path(cmd[0]).name} failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    return done
+def _run(cmd: list[str], last_line: str | None = None, attempts: int = 3) -> subprocess.CompletedProcess:
+    """Run a llama.cpp program; again when its log lacks ``last_line``: its logger is asynchronous and the programs
+    exit without flushing it, so a busy machine can lose the end of the output (common/log.cpp, common_log_main;
+    llama.cpp issue #22142)."""
+    for _ in range(attempts):
+        done = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+        if done.returncode != 0:
+            raise RuntimeError(f"{Path(cmd[0]).name} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+        if last_line is None or last_line in done.stderr:
+            return done
+    raise RuntimeError(f"{Path(cmd[0]).name} printed no '{last_line}' in {attempts} runs:\n{done.stderr[-3000:]}")
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["convert"]:
