@@ -20,6 +20,13 @@ run, at the same R, would have taken for their tokens) / the run's seconds. It i
 measured against plain decoding interleaved round by round; it leaves out any difference between a
 plain round of the loop and a step of ``autoregressive_generate_batch`` (the paired ratio includes it).
 
+``--proposers`` compares the training-free lookup with the drafter instead (``deepspec.decoding.hybrid``): at each
+load, groups of plain, lookup, drafter (draft-cost gate), lookup_rule (Arctic's fixed rule) and hybrid, interleaved in a
+rotating order on the same prompts and seed (``--prompt-set``: a file of ``deepspec/assets/eval_prompts``, its rows
+cycled to fill R), until each arm has run ``--paired-seconds``; ratios of summed throughputs, hybrid's per-group ratios
+beside them. transformers' prompt lookup decodes one sequence at a time (assisted generation has no batch), so it is
+in ``scripts/bench_lookup.py`` (batch 1) only.
+
 The verify cost profile is measured once at start-up on this machine (cached per target, device,
 dtype and thread count) and used by both scheduled policies.
 """
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -71,6 +79,50 @@ def drafting_account(rounds: list[tuple[int, bool, int, float]]) -> dict:
             "drafted_seconds_share": sum(sec for _, _, sec in drafted) / total, "drafting_loss_share": loss / total}
 
 
+PROPOSER_ARMS = {"lookup": "lookup", "drafter": "scheduled_with_draft_cost", "lookup_rule": "lookup_rule", "hybrid": "hybrid"}
+
+
+def proposer_sweep(args, target, tok, drafter, cost, temps) -> list[dict]:
+    """Plain, lookup, drafter, lookup_rule and hybrid at each load: paired groups, rotating order (``--proposers``)."""
+    from bench_lookup import set_prompts
+    from deepspec.decoding.hybrid import make_engine_session, make_scheduler
+
+    g, V, sampling = drafter.cfg.block_size, target.config.vocab_size, SamplingConfig(args.temperature)
+    pool = set_prompts(tok, args.prompt_set, 32)
+    scheds = {arm: make_scheduler(ScheduleConfig(policy=p), g, cost, temps) for arm, p in PROPOSER_ARMS.items()}
+    arms, loads = ["plain", *PROPOSER_ARMS], []
+    for R in args.loads:
+        batch = [pool[i % len(pool)] for i in range(R)]
+        paired, groups = {arm: [0, 0.0] for arm in arms}, []
+        while len(groups) < args.paired_repeats or min(v[1] for v in paired.values()) < args.paired_seconds:
+            k, rate = len(groups), {}
+            for arm in arms[k % len(arms):] + arms[: k % len(arms)]:
+                gen, t = torch.Generator().manual_seed(k), time.perf_counter()
+                if arm == "plain":
+                    res = autoregressive_generate_batch(target, batch, args.max_new_tokens, sampling, tok.eos_token_id, gen)
+                else:
+                    s = scheds[arm]
+                    res = speculative_generate_batch(target, make_engine_session(s, drafter, R, V), batch, args.max_new_tokens,
+                                                     sampling, tok.eos_token_id, gen, s)
+                sec, tokens = time.perf_counter() - t, sum(len(r.tokens) for r in res)
+                paired[arm][0] += tokens
+                paired[arm][1] += sec
+                rate[arm] = tokens / sec
+            groups.append(rate)
+        thr = {arm: tokens / sec for arm, (tokens, sec) in paired.items()}
+        best = max(thr["plain"], thr["lookup"], thr["drafter"])
+        per_group = [grp["hybrid"] / max(grp["plain"], grp["lookup"], grp["drafter"]) for grp in groups]
+        row = {"concurrent_requests": R, "groups": len(groups), "throughput_tokens_per_s": thr,
+               "vs_plain": {arm: thr[arm] / thr["plain"] for arm in arms}, "hybrid_vs_best_single": thr["hybrid"] / best,
+               "hybrid_vs_best_single_per_group": per_group,
+               "hybrid_vs_best_single_se": statistics.stdev(per_group) / len(per_group) ** 0.5 if len(per_group) > 1 else None,
+               "seconds": {arm: sec for arm, (_, sec) in paired.items()}}
+        loads.append(row)
+        print(f"R={R:3d} ({len(groups)} groups)  vs plain: " + "  ".join(f"{a} {row['vs_plain'][a]:.2f}" for a in arms[1:]) +
+              f"  | hybrid / best single {row['hybrid_vs_best_single']:.3f}", flush=True)
+    return loads
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="toy")
@@ -85,6 +137,8 @@ def main() -> None:
                     help="and groups until each arm has run this long: the paired ratios sum over them")
     ap.add_argument("--calibration-prompts", type=int, default=12, help="STS fit when the export has no temperatures")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--proposers", action="store_true", help="lookup / drafter / hybrid at each load instead of the fixed lengths")
+    ap.add_argument("--prompt-set", default="copy_edit", help="--proposers: a set of deepspec/assets/eval_prompts")
     ap.add_argument("--work-dir", default="runs/bench/targets")
     ap.add_argument("--out", default="runs/bench/serving.json")
     args = ap.parse_args()
@@ -94,8 +148,18 @@ def main() -> None:
     target, tok = TargetModel.from_config(tcfg), load_tokenizer(tcfg)
     drafter = build_drafter(args.drafter, tcfg, args.drafter_path)
     g = make_session(drafter, 1).block_size
-    cost = VerifyCostModel.load_or_profile(target, max_rows=max(args.loads), max_width=g + 1)
+    lookup_width = ScheduleConfig().lookup_tokens + 1 if args.proposers else 0
+    cost = VerifyCostModel.load_or_profile(target, max_rows=max(args.loads), max_width=max(g + 1, lookup_width))
     temps = getattr(drafter, "confidence_temperatures", None)
+    if args.proposers:  # the drafter's own confidences are not read by these policies' gates (online acceptance)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        loads = proposer_sweep(args, target, tok, drafter, cost, temps)
+        out.write_text(json.dumps({"threads": args.threads, "machine": machine(), "load_average_1_5_15_at_end": list(os.getloadavg()),
+                                   "seconds": time.time() - t0, "args": vars(args), "block": g,
+                                   "trained_drafter": bool(args.drafter_path), "loads": loads}, indent=1))
+        print(f"wrote {out} in {time.time() - t0:.0f} s")
+        return
     if temps is None:  # fit STS on a calibration split of the held-out prompts (never used for the loads below)
         temps = fit_sts(target, drafter, prompts(tok, args.calibration_prompts, offset=200), 64, SamplingConfig(args.temperature))
         print("STS temperatures fitted on", args.calibration_prompts, "calibration prompts:", [round(t, 2) for t in temps])

@@ -43,12 +43,29 @@ class LookupAcceptance:
     def __init__(self, max_n: int, g: int, ema: float, prior: float = 0.5):
         self.table = torch.full((max_n + 1, g), prior, dtype=torch.float64)  # row 0 (no match) is never read
         self.ema, self.g = ema, g
+        self._update()
+
+    def _update(self) -> None:
+        """Survival by match length and proposal length, as host lists: ``expected[n][l]`` = sum_{j<l} a_{n,j} and
+        ``column[n]`` = a_{n,.} (the gate reads them every round; they change only when the table learns)."""
+        cum = cumulative_survival(self.table)
+        self.column = cum.tolist()
+        self.version = getattr(self, "version", -1) + 1
 
     def survival(self, proposal: Proposal) -> torch.Tensor:
         """-> a (N, g): expected survival of each row's proposed slots (0 past its proposal, 0 without a match)."""
-        score, length = proposal.score.cpu(), proposal.length.cpu()
-        proposed = torch.arange(self.g)[None] < length[:, None]
-        return cumulative_survival(self.table[score]) * proposed
+        proposed = torch.arange(self.g)[None] < torch.tensor(proposal.length)[:, None]
+        return cumulative_survival(self.table[torch.tensor(proposal.score)]) * proposed
+
+    def column_gains(self, proposal: Proposal) -> list[float]:
+        """sum_r a_{r,j} per slot j (g floats), in plain Python: the gate's input, every round."""
+        gains = [0.0] * self.g
+        for n, length in zip(proposal.score, proposal.length):
+            if n:
+                col = self.column[n]
+                for j in range(min(length, self.g)):
+                    gains[j] += col[j]
+        return gains
 
     def observe(self, score: torch.Tensor, verified: torch.Tensor, accepted: torch.Tensor) -> None:
         """Rows that verified a lookup proposal: score, verified L, accepted m (M,) each, on the host."""
@@ -61,6 +78,7 @@ class LookupAcceptance:
             mean = (hit * seen)[rows].sum(0) / count.clamp_min(1)
             weight = 1 - (1 - self.ema) ** count.double()  # k outcomes move the estimate as k EMA steps would
             self.table[n] = torch.where(count > 0, weight * mean + (1 - weight) * self.table[n], self.table[n])
+        self._update()
 
 
 class HybridScheduler(VerifyScheduler):
@@ -77,6 +95,7 @@ class HybridScheduler(VerifyScheduler):
         self.lookup_slowdown: dict[int, RecentMedian] = {}  # measured / predicted seconds of lookup rounds, by load
         self.shared = NgramIndex(cfg.lookup_min_ngram, cfg.lookup_max_ngram) if cfg.lookup_shared else None
         self._round: tuple[torch.Tensor, torch.Tensor, Proposal] | None = None  # (source (N,), lookup survival (N, g), proposal)
+        self._rates: dict[tuple, float] = {}  # lookup_rate's memo
 
     def session(self, drafter, batch_size: int, vocab_size: int) -> HybridSession:
         """The session this policy decodes with: the lookup (and, but for ``lookup``, the drafter's session)."""
@@ -89,39 +108,58 @@ class HybridScheduler(VerifyScheduler):
         measured = nearest(self.lookup_slowdown, R.bit_length()).value if self.lookup_slowdown else 1.0
         return max(measured, self.gate.ratio(False, R))
 
+    def lookup_rate(self, R: int, proposal: Proposal) -> float:
+        """Predicted tokens/s of a lookup round of R rows (its best width), before the slowdown ratio; memoised by the
+        proposals' scores and lengths and the estimate's version (plain Python: it runs every round)."""
+        key = (R, tuple(proposal.score), tuple(proposal.length), self.lookup.version)
+        if key not in self._rates:
+            if len(self._rates) > 4096:
+                self._rates.clear()
+            self._rates[key] = best_rate(R, self.lookup.column_gains(proposal), lambda W: self.cost(R, W), 0.0)
+        return self._rates[key]
+
     def should_draft(self, rows: torch.Tensor, proposal: Proposal | None = None) -> bool:
-        """0. each row's source (set on ``proposal.source``); False = every row plain (a plain step)."""
+        """0. each row's source (set on ``proposal.source``); False = every row plain (a plain step).
+
+        The common rounds (plain, or the lookup's) cost a few dict probes and the gate's cached arithmetic: the
+        lookup's rate is memoised, the drafter's column gains are the parent's (they change after its rounds only)."""
         R, gate, cost = len(rows), self.gate, self.cost
         self._end_streak()
         if len(gate.slowdown[False].get(R.bit_length(), ())) < gate.plain_samples:
             return False  # time plain steps at a new load first (the engine's first step is cold)
-        lk = self.lookup.survival(proposal)  # (R, g)
-        matched = proposal.length.cpu() > 0
-        plain_rate = R / gate.plain_seconds(R, cost)
-        lookup_rate = best_rate(R, lk.sum(0).tolist(), lambda W: cost(R, W), 0.0) / self.lookup_ratio(R) if matched.any() else 0.0
-        use_lookup = matched & (lookup_rate > plain_rate * (1 + self.cfg.draft_margin))
-        use_model = torch.zeros(R, dtype=torch.bool)
+        matched = [n > 0 for n in proposal.score]
+        lookup_rate = self.lookup_rate(R, proposal) / self.lookup_ratio(R) if any(matched) else 0.0
+        lookup_wins = lookup_rate > R / gate.plain_seconds(R, cost) * (1 + self.cfg.draft_margin)
+        use_lookup, use_model = (matched if lookup_wins else [False] * R), [False] * R
         if self.policy == "hybrid":
-            md = cumulative_survival(self.online[rows.cpu()])  # the drafter's observed survival per row (R, g)
-            by_lookup = matched & (lk.sum(1) >= md.sum(1))
-            gains = torch.where(by_lookup[:, None], lk, md).sum(0).tolist()
-            if gate.should_draft(R, gains, cost, self._steady):
-                model_rate = gate.drafted_rates(R, gains, cost)[1] / max(gate.ratio(True, R), gate.ratio(False, R))
-                if use_lookup.any() and (gate.probing or model_rate <= lookup_rate):
+            if self._gains is None or self._gains[0] != R:
+                self._gains = R, cumulative_survival(self.online[rows.cpu()]).sum(0).tolist()
+            if gate.should_draft(R, self._gains[1], cost, self._steady):  # the drafter alone beats plain (or probes)
+                model_rate = gate.drafted_rates(R, self._gains[1], cost)[1] / max(gate.ratio(True, R), gate.ratio(False, R))
+                if lookup_wins and (gate.probing or model_rate <= lookup_rate):
                     gate.probing = False  # the lookup wins: no drafted round, no probe
-                else:
-                    use_model, use_lookup = ~by_lookup, by_lookup
+                else:  # each row its source with more expected accepted drafts
+                    by_lookup = self._prefer_lookup(rows, proposal)
+                    use_lookup, use_model = by_lookup, [not b for b in by_lookup]
         elif self.policy == "lookup_rule":
-            use_lookup = proposal.length.cpu() >= self.g  # Arctic: the suffix draft when it is as long as the drafter's
-            others = cumulative_survival(self.online[rows.cpu()]) * (~use_lookup)[:, None]
-            if not use_lookup.all() and gate.should_draft(R, others.sum(0).tolist(), cost, self._steady):
-                use_model = ~use_lookup
-        source = torch.where(use_model, MODEL, torch.where(use_lookup, LOOKUP, PLAIN))
-        if not bool((source != PLAIN).any()):
+            use_lookup = [n >= self.g for n in proposal.length]  # Arctic: the suffix draft when it is as long as the drafter's
+            if not all(use_lookup):
+                if self._gains is None or self._gains[0] != R:
+                    self._gains = R, cumulative_survival(self.online[rows.cpu()]).sum(0).tolist()
+                if gate.should_draft(R, self._gains[1], cost, self._steady):
+                    use_model = [not b for b in use_lookup]
+        if not (any(use_lookup) or any(use_model)):
             return False
-        proposal.source = source.to(proposal.length.device)
-        self._round = source, lk, proposal
+        source = torch.tensor([MODEL if m else LOOKUP if lk else PLAIN for lk, m in zip(use_lookup, use_model)])
+        proposal.source = source.to(proposal.device)
+        self._round = source, self.lookup.survival(proposal), proposal
         return True
+
+    def _prefer_lookup(self, rows: torch.Tensor, proposal: Proposal) -> list[bool]:
+        """Per row: the lookup's proposal expects at least as many accepted drafts as the drafter's block."""
+        lk = self.lookup.survival(proposal).sum(1)
+        md = cumulative_survival(self.online[rows.cpu()]).sum(1)
+        return [bool(m) and a >= b for m, a, b in zip(proposal.score, lk.tolist(), md.tolist())]
 
     def lengths(self, rows: torch.Tensor, confidence: torch.Tensor, draft_seconds: float) -> torch.Tensor:
         """2. drafts verified per row (N,): Algorithm 1 over the rows' survival by source."""
@@ -133,7 +171,7 @@ class HybridScheduler(VerifyScheduler):
             a[model] = self.survival(rows[model.to(rows.device)], confidence[model.to(confidence.device)])
         L = choose_lengths(a, lambda W: self.cost(N, W), draft_seconds if model.any() else 0.0)
         if self.policy == "lookup_rule":  # Arctic verifies the whole suffix draft
-            L = torch.where(source == LOOKUP, proposal.length.cpu(), L)
+            L = torch.where(source == LOOKUP, torch.tensor(proposal.length), L)
         return L.to(rows.device)
 
     def observe(self, rows: torch.Tensor, verified: torch.Tensor | None, accepted: torch.Tensor | None, seconds: float) -> None:
@@ -145,7 +183,7 @@ class HybridScheduler(VerifyScheduler):
         L, m, R = verified.cpu(), accepted.cpu(), len(rows)
         mine = (source == LOOKUP) & (L > 0)
         if mine.any():
-            self.lookup.observe(proposal.score.cpu()[mine], L[mine], m[mine])
+            self.lookup.observe(torch.tensor(proposal.score)[mine], L[mine], m[mine])
         width, tokens = 1 + int(L.max()), R + int(m.sum())
         model = source == MODEL
         if model.any():
@@ -154,6 +192,7 @@ class HybridScheduler(VerifyScheduler):
             promised = float((torch.where(model[:, None], md, lk) * (torch.arange(self.g) < L[:, None])).sum())
             self.gate.observe_round(R, True, width, tokens, seconds, self.cost, self._steady, promised)
             self._learn(rows.cpu()[model], L[model], m[model])
+            self._gains = None
         else:
             self.lookup_slowdown.setdefault(R.bit_length(), RecentMedian(1.0, self.gate.window)).add(seconds / self.cost(R, width))
         self._steady = bool(model.any())  # the drafter's next draft catches up one round, not a lookup streak

@@ -203,12 +203,13 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
     scheduler.start(len(prompts))
     seconds = batch.results[0].seconds
     dev, B = target.device, len(prompts)
+    propose = getattr(session, "propose", lambda rows, anchors: None)  # a lookup proposer's; a drafter alone has none
     while len(batch.rows):
         t0 = time.perf_counter()
         rows = batch.rows
         N = len(rows)
         anchors = _of_active_rows(batch.anchors, rows, B)  # (N,)
-        proposal = session.propose(rows, anchors)  # 0. lookup proposals (host side; None for a drafter alone)
+        proposal = propose(rows, anchors)  # 0. lookup proposals (host side; None for a drafter alone)
         if not scheduler.should_draft(rows, proposal):  # 0. no source pays now: a plain step
             step_tokens, step_valid = batch.anchors[:, None], batch.active[:, None]  # views: both are replaced, not written
             layer_hidden, nxt = _plain_step(target, batch, rows, sampling, generator)

@@ -4,6 +4,8 @@ Interface (every session):
 
     extend(features (B, T, L*d), tokens (B, T), valid (B, T))   queue verified tokens per row
     draft(rows (N,), anchors (N,), sampling, generator) -> Draft  one block for each listed row
+    propose(rows (N,), anchors (N,)) -> Proposal                 optional: training-free proposals before the
+                                                                 gate (``lookup.HybridSession``)
 
 A round's drafter work is O(block + tokens verified since the row last drafted), never
 O(context): the context's per-layer keys/values are cached like the target's KV cache.

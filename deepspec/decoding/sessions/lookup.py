@@ -61,16 +61,23 @@ class NgramIndex:
 
 @dataclass
 class Proposal:
-    """One round's lookup proposals for the active rows (host side, built before the gate decides)."""
+    """One round's lookup proposals for the active rows, host lists (the gate reads them every round; tensors are made
+    only for a round that verifies them)."""
 
-    tokens: torch.Tensor
-    """(N, G) proposed tokens d_1..d_G per row (zeros past a row's ``length``)."""
-    length: torch.Tensor
-    """(N,) tokens proposed (0 = no match)."""
-    score: torch.Tensor
-    """(N,) the match length n (0 = no match): what the acceptance estimate is kept by."""
+    tokens: list[list[int]]
+    """Per row the proposed tokens d_1..d_G (zeros past the row's ``length``)."""
+    length: list[int]
+    """Per row the tokens proposed (0 = no match)."""
+    score: list[int]
+    """Per row the match length n (0 = no match): what the acceptance estimate is kept by."""
+    device: torch.device
     source: torch.Tensor | None = None
-    """(N,) PLAIN / LOOKUP / MODEL per row: the scheduler's choice (set by its gate before the draft)."""
+    """(N,) PLAIN / LOOKUP / MODEL per row: the scheduler's choice (set by its gate before the draft), on ``device``."""
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> tokens (N, G), length (N,), score (N,) on ``device``."""
+        return (torch.tensor(self.tokens, device=self.device).view(len(self.length), -1), torch.tensor(self.length, device=self.device),
+                torch.tensor(self.score, device=self.device))
 
 
 def one_hot_q(tokens: torch.Tensor, V: int) -> torch.Tensor:
@@ -111,17 +118,15 @@ class LookupSession:
             if not cont and self.shared is not None:
                 cont, n = self.shared.match(suffix, G, own=False)
             tokens[i][: len(cont)], length[i], score[i] = cont, len(cont), n
-        dev = anchors.device
-        self.proposal = Proposal(torch.tensor(tokens, device=dev).view(N, G), torch.tensor(length, device=dev),
-                                 torch.tensor(score, device=dev))
+        self.proposal = Proposal(tokens, length, score, anchors.device)
         return self.proposal
 
     def draft(self, rows: torch.Tensor, anchors: torch.Tensor, sampling, generator) -> Draft:
         """The last proposal as a Draft: one-hot q (None when greedy), confidence 1 on the proposed slots, 0 past them
         (the scheduler reads its own estimate by score; the zeros bound the verified length)."""
-        p = self.proposal
-        conf = (torch.arange(self.g, device=p.length.device)[None] < p.length[:, None]).float()
-        return Draft(p.tokens, None if sampling.greedy else one_hot_q(p.tokens, self.V), conf)
+        tokens, length, _ = self.proposal.tensors()
+        conf = (torch.arange(self.g, device=length.device)[None] < length[:, None]).float()
+        return Draft(tokens, None if sampling.greedy else one_hot_q(tokens, self.V), conf)
 
 
 class HybridSession:

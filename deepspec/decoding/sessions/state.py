@@ -74,10 +74,6 @@ class IncrementalSession:
     def block_size(self) -> int:
         return self.g
 
-    def propose(self, rows: torch.Tensor, anchors: torch.Tensor) -> None:
-        """Training-free proposals before the gate (``sessions.lookup``): a drafter alone has none."""
-        return None
-
     def extend(self, features: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> None:
         """Queue verified tokens: features (B, T, L*d), the tokens at the same positions (B, T), valid (B, T).
         No tensor work beyond a dtype cast (none when the dtypes match) and no inference-mode context of its

@@ -1,0 +1,154 @@
+#!/usr/bin/env python
+"""Training-free lookup beside the drafter, batch 1: every proposer policy against plain decoding and HF's prompt lookup.
+
+    python scripts/bench_lookup.py [--drafter-path runs/x/export] [--threads 1] [--prompts 4] [--max-new-tokens 96]
+        [--sets humaneval mbpp gsm8k mt-bench copy_edit] [--out runs/bench/lookup.json]
+
+Per prompt set (``deepspec/assets/eval_prompts``, first turns, chat-templated; ``copy_edit`` is the copy-heavy set
+of ``scripts/make_copy_prompts.py``) and temperature (0, 1), on the same prompts and seeds, in one process, the arms
+run prompt by prompt in a rotating order (drift on a shared machine hits every arm alike):
+
+    plain             autoregressive decoding (the engine's own plain loop)
+    hf_prompt_lookup  transformers' generate with prompt_lookup_num_tokens=10 (sampling where T > 0)
+    lookup            schedule.policy=lookup: the n-gram proposer alone, or a plain step, by predicted tokens/s
+    drafter           schedule.policy=scheduled_with_draft_cost: the drafter alone under the draft-cost gate
+    lookup_rule       Arctic's fixed rule: lookup where its proposal is as long as the drafter's block, else the drafter
+    hybrid            schedule.policy=hybrid: per row and round plain, lookup or the drafter, by predicted tokens/s
+
+Throughput = tokens / seconds summed over the set's prompts, EOS ends a generation; ratios are of those sums, taken
+side by side. Each scheduler serves every prompt of its arm (what it learns carries over, as in the eval). At T = 0
+every arm's output is checked against plain greedy. Shares: per arm, the tokens each source emitted (accepted drafts
+of lookup / drafter rounds; the target's own tokens: plain steps, corrections and bonus tokens).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from bench_setup import REPO, build_drafter, machine, target_config
+from deepspec.config.decoding import ScheduleConfig
+from deepspec.decoding.hybrid import make_engine_session, make_scheduler
+from deepspec.decoding.scheduler import VerifyCostModel
+from deepspec.decoding.sessions.lookup import LOOKUP, MODEL
+from deepspec.decoding.speculative import autoregressive_generate, speculative_generate_batch
+from deepspec.decoding.verify import SamplingConfig
+from deepspec.target import TargetModel, load_tokenizer
+
+SPEC_ARMS = {"lookup": "lookup", "drafter": "scheduled_with_draft_cost", "lookup_rule": "lookup_rule", "hybrid": "hybrid"}
+
+
+def set_prompts(tok, name: str, n: int) -> list[torch.Tensor]:
+    path = REPO / "deepspec" / "assets" / "eval_prompts" / f"{name}.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()[:n]]
+    return [tok(tok.apply_chat_template([{"role": "user", "content": r["turns"][0]}], tokenize=False, add_generation_prompt=True),
+                add_special_tokens=False, return_tensors="pt").input_ids[0] for r in rows]
+
+
+def shares(results) -> dict:
+    """Tokens emitted by each source over a set: accepted lookup / drafter drafts, and the target's own tokens."""
+    out = {"lookup": 0, "drafter": 0, "target": 0}
+    for r in results:
+        for m, e, s in zip(r.accepted_per_round, r.emitted_per_round, r.source_per_round):
+            k = min(m, e)  # what was cut after EOS is not emitted
+            out["lookup" if s == LOOKUP else "drafter"] += k if s in (LOOKUP, MODEL) else 0
+            out["target"] += e - (k if s in (LOOKUP, MODEL) else 0)
+        out["target"] += 1  # the prefill's first token
+    total = sum(out.values())
+    return {k: v / max(total, 1) for k, v in out.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--drafter", default="dspark")
+    ap.add_argument("--drafter-path", default=None, help="an exported drafter (else a random one: it never pays)")
+    ap.add_argument("--sets", nargs="+", default=["humaneval", "mbpp", "gsm8k", "mt-bench", "copy_edit"])
+    ap.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="runs/bench/lookup.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    tcfg = target_config("toy", Path("runs/bench/targets"))
+    target, tok = TargetModel.from_config(tcfg), load_tokenizer(tcfg)
+    drafter = build_drafter(args.drafter, tcfg, args.drafter_path)
+    g, V, eos = drafter.cfg.block_size, target.config.vocab_size, tok.eos_token_id
+    cost = VerifyCostModel.load_or_profile(target, max_rows=1, max_width=max(g, ScheduleConfig().lookup_tokens) + 1)
+    temps = getattr(drafter, "confidence_temperatures", None)
+    runs = []
+    for T in args.temperatures:
+        sampling = SamplingConfig(T)
+        scheds = {arm: make_scheduler(ScheduleConfig(policy=p), g, cost, temps) for arm, p in SPEC_ARMS.items()}
+
+        def spec(arm: str, p: torch.Tensor, seed: int, max_new: int):
+            s = scheds[arm]
+            return speculative_generate_batch(target, make_engine_session(s, drafter, 1, V), [p], max_new, sampling, eos,
+                                              torch.Generator().manual_seed(seed), s)[0]
+
+        def hf(p: torch.Tensor, seed: int, max_new: int):
+            torch.manual_seed(seed)
+            out = target.model.generate(p[None], max_new_tokens=max_new, do_sample=T > 0, temperature=T if T > 0 else None,
+                                        top_k=None, top_p=None, prompt_lookup_num_tokens=10, pad_token_id=tok.pad_token_id,
+                                        eos_token_id=eos)
+            return out[0, len(p):].tolist()
+
+        arms = ["plain", "hf_prompt_lookup", *SPEC_ARMS]
+        for name in args.sets:
+            ps = set_prompts(tok, name, args.prompts)
+            for arm in arms:  # warm-up: every arm once, short
+                spec(arm, ps[0], 0, 8) if arm in SPEC_ARMS else (hf(ps[0], 0, 8) if arm != "plain" else
+                                                                 autoregressive_generate(target, ps[0], 8, sampling, eos))
+            tot = {arm: {"tokens": 0, "seconds": 0.0, "results": []} for arm in arms}
+            mismatches = {arm: 0 for arm in arms}
+            for i, p in enumerate(ps):
+                order = arms[i % len(arms):] + arms[: i % len(arms)]
+                ref = None
+                for arm in order:
+                    t = time.perf_counter()
+                    if arm == "plain":
+                        res = autoregressive_generate(target, p, args.max_new_tokens, sampling, eos, torch.Generator().manual_seed(i))
+                        toks = res.tokens
+                    elif arm == "hf_prompt_lookup":
+                        toks, res = hf(p, i, args.max_new_tokens), None
+                    else:
+                        res = spec(arm, p, i, args.max_new_tokens)
+                        toks = res.tokens
+                    tot[arm]["seconds"] += time.perf_counter() - t
+                    tot[arm]["tokens"] += len(toks)
+                    if res is not None and arm != "plain":
+                        tot[arm]["results"].append(res)
+                    if T == 0:
+                        ref = ref or autoregressive_generate(target, p, args.max_new_tokens, sampling, eos).tokens
+                        mismatches[arm] += toks != ref[: len(toks)] or len(toks) != len(ref)
+            rate = {arm: v["tokens"] / v["seconds"] for arm, v in tot.items()}
+            best_single = max(rate["plain"], rate["lookup"], rate["drafter"])
+            row = {"set": name, "temperature": T, "prompts": len(ps), "tokens_per_s": rate,
+                   "vs_plain": {arm: rate[arm] / rate["plain"] for arm in arms},
+                   "hybrid_vs_best_single": rate["hybrid"] / best_single, "hybrid_vs_hf_prompt_lookup": rate["hybrid"] / rate["hf_prompt_lookup"],
+                   "tau": {arm: sum(sum(r.emitted_per_round) for r in v["results"]) / max(sum(len(r.emitted_per_round) for r in v["results"]), 1)
+                           for arm, v in tot.items() if v["results"]},
+                   "token_shares": {arm: shares(v["results"]) for arm, v in tot.items() if v["results"]},
+                   "tokens": {arm: v["tokens"] for arm, v in tot.items()}}
+            if T == 0:
+                row["greedy_mismatches"] = mismatches
+            runs.append(row)
+            print(f"{name:10s} T={T:g}  vs plain: " + "  ".join(f"{a} {row['vs_plain'][a]:.2f}" for a in arms[1:]) +
+                  f"  | hybrid / best single {row['hybrid_vs_best_single']:.3f}, / HF lookup {row['hybrid_vs_hf_prompt_lookup']:.3f}"
+                  f"  | hybrid shares " + " ".join(f"{k} {v:.2f}" for k, v in row["token_shares"]["hybrid"].items())
+                  + (f"  | greedy mismatches {sum(mismatches.values())}" if T == 0 else ""), flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    load = list(__import__("os").getloadavg())
+    out.write_text(json.dumps({"threads": args.threads, "machine": machine(), "load_average_1_5_15_at_end": load,
+                               "seconds": time.time() - t0, "args": vars(args), "block": g,
+                               "trained_drafter": bool(args.drafter_path), "runs": runs}, indent=1))
+    print(f"wrote {out} in {time.time() - t0:.0f} s (load average {load[0]:.1f})")
+
+
+if __name__ == "__main__":
+    main()
