@@ -33,9 +33,9 @@ from bench_setup import REPO, build_drafter, machine, target_config
 from deepspec.config.decoding import ScheduleConfig
 from deepspec.decoding.hybrid import make_engine_session, make_scheduler
 from deepspec.decoding.scheduler import VerifyCostModel
-from deepspec.decoding.sessions.lookup import LOOKUP, MODEL
 from deepspec.decoding.speculative import autoregressive_generate, speculative_generate_batch
 from deepspec.decoding.verify import SamplingConfig
+from deepspec.evaluation.harness import token_sources
 from deepspec.target import TargetModel, load_tokenizer
 
 SPEC_ARMS = {"lookup": "lookup", "drafter": "scheduled_with_draft_cost", "lookup_rule": "lookup_rule", "hybrid": "hybrid"}
@@ -49,16 +49,9 @@ def set_prompts(tok, name: str, n: int) -> list[torch.Tensor]:
 
 
 def shares(results) -> dict:
-    """Tokens emitted by each source over a set: accepted lookup / drafter drafts, and the target's own tokens."""
-    out = {"lookup": 0, "drafter": 0, "target": 0}
-    for r in results:
-        for m, e, s in zip(r.accepted_per_round, r.emitted_per_round, r.source_per_round):
-            k = min(m, e)  # what was cut after EOS is not emitted
-            out["lookup" if s == LOOKUP else "drafter"] += k if s in (LOOKUP, MODEL) else 0
-            out["target"] += e - (k if s in (LOOKUP, MODEL) else 0)
-        out["target"] += 1  # the prefill's first token
-    total = sum(out.values())
-    return {k: v / max(total, 1) for k, v in out.items()}
+    """Share of the tokens each source emitted over a set (``token_sources``: lookup, drafter, the target's own)."""
+    counts = token_sources(results)
+    return {k: v / max(sum(counts.values()), 1) for k, v in counts.items()}
 
 
 def main() -> None:

@@ -44,10 +44,10 @@ def test_a_session_matches_each_row_on_its_own_context_then_the_shared_index():
     s = lookup_mod.LookupSession(2, 3, 2, 2, V, shared)
     s.extend(None, torch.tensor([[1, 2, 3, 1], [4, 5, 0, 0]]), torch.tensor([[True] * 4, [True, True, False, False]]))
     p = s.propose(torch.tensor([0, 1]), torch.tensor([2, 2]))  # row 0: [1, 2] seen, then 3, 1 and the anchor; row 1: [5, 2] nowhere
-    assert p.tokens[0].tolist() == [3, 1, 2] and p.length.tolist() == [3, 0] and p.score.tolist() == [2, 0]
+    assert p.tokens[0] == [3, 1, 2] and p.length == [3, 0] and p.score == [2, 0]
     s.extend(None, torch.tensor([[0], [3]]), torch.tensor([[False], [True]]))
     p = s.propose(torch.tensor([1]), torch.tensor([1]))  # row 1's [3, 1] is not in its own context: row 0's, shared
-    assert p.tokens[0].tolist() == [4, 5, 3] and p.score.tolist() == [2]
+    assert p.tokens[0] == [4, 5, 3] and p.score == [2]
 
 
 # ----------------------------------------------------------------------------- the exact law
@@ -64,7 +64,7 @@ class RandomSources(HybridScheduler):
         u = torch.randint(0, 4, (len(rows),), generator=self.gen)
         if int(u[0]) == 0 and float(torch.rand((), generator=self.gen)) < 0.5:
             return False
-        matched = proposal.length.cpu() > 0
+        matched = torch.tensor(proposal.length) > 0
         source = torch.where(u >= 2, MODEL, torch.where((u == 1) & matched, LOOKUP, PLAIN))
         proposal.source = source
         self._round = source, self.lookup.survival(proposal), proposal
@@ -186,8 +186,7 @@ def gate_with(policy: str, column_cost: float, g: int = 4) -> HybridScheduler:
 
 
 def proposal(scores: list[int], g: int = 4) -> Proposal:
-    scores = torch.tensor(scores)
-    return Proposal(torch.ones(len(scores), g, dtype=torch.long), (scores > 0).long() * g, scores)
+    return Proposal([[1] * g for _ in scores], [g if n else 0 for n in scores], scores, torch.device("cpu"))
 
 
 def test_the_lookup_is_taken_where_it_pays_and_plain_where_it_cannot():
@@ -214,3 +213,32 @@ def test_lookup_acceptance_learns_per_match_length_and_slot():
     acc.observe(torch.tensor([2, 1]), torch.tensor([3, 2]), torch.tensor([1, 2]))
     assert acc.table[2].tolist() == [1.0, 0.0, 0.5]  # slot 3 never verified after a rejection: the prior stays
     assert acc.table[1].tolist() == [1.0, 1.0, 0.5]  # L = 2: slot 3 not verified
+
+
+# ----------------------------------------------------------------------------- the eval stage
+def test_eval_cli_with_the_hybrid_reports_which_proposer_emitted_what(tiny_target, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from deepspec.export import export_drafter
+    from deepspec.training.trainer import build_drafter
+    from test_online_and_export import DRAFTER, train_cfg
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = train_cfg(tiny_target, [], DRAFTER["dspark"], cache_dir="unused")
+    export = export_drafter(build_drafter(cfg, torch.device("cpu"))[0], tmp_path / "export", include_frozen=False, target=cfg.target)
+    run = tmp_path / "eval"
+    env = {**os.environ, "DEEPSPEC_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "disabled"}
+    subprocess.run([sys.executable, str(repo / "eval" / "eval.py"), f"target.name_or_path={tiny_target}", "target.layer_ids=[-1,1,3]",
+                    "target.mask_token_id=3", f"drafter_path={export}", f"run_dir={run}", "max_new_tokens=24", "peers=false",
+                    "schedule.policy=hybrid", "schedule.draft_margin=0", "serving_loads=[1]", "sps_max_tokens=4",
+                    "datasets=[{name:copy,path:deepspec/assets/eval_prompts/copy_edit.jsonl,max_prompts:2}]"],
+                   check=True, cwd=repo, env=env, capture_output=True)
+    entry = json.loads((run / "results.json").read_text())["datasets"]["copy"]
+    assert entry["greedy"]["greedy_identical_to_plain"] is True
+    for mode in ("sampled", "greedy"):
+        shares = entry[mode]["token_sources"]
+        assert set(shares) == {"lookup", "drafter", "target"} and abs(sum(shares.values()) - 1) < 1e-9

@@ -22,7 +22,10 @@ import torch
 from deepspec.config.data import InputConfig
 from deepspec.config.eval import EvalDatasetConfig, EvalStageConfig
 from deepspec.data.sources import NotUtf8, iter_raw_rows
+from deepspec.config.decoding import LOOKUP_POLICIES
+from deepspec.decoding.hybrid import make_engine_session, make_scheduler
 from deepspec.decoding.scheduler import VerifyScheduler
+from deepspec.decoding.sessions.lookup import LOOKUP, MODEL
 from deepspec.decoding.speculative import autoregressive_generate, speculative_generate
 from deepspec.decoding.verify import SamplingConfig
 from deepspec.decoding.verify_cost import VerifyCostProfile
@@ -80,6 +83,19 @@ def fully_verified_rounds(res) -> tuple[list[list[float]], list[int]]:
             [m for m, L in zip(res.accepted_per_round, res.verified_per_round) if L == g])
 
 
+def token_sources(results) -> dict:
+    """Tokens emitted by each source over generations: the lookup's and the drafter's accepted drafts, and the
+    target's own tokens (plain steps, corrections, bonus tokens and the prefill's first token), as counts."""
+    out = {"lookup": 0, "drafter": 0, "target": 0}
+    for r in results:
+        for m, e, s in zip(r.accepted_per_round, r.emitted_per_round, r.source_per_round):
+            drafted = min(m, e) if s in (LOOKUP, MODEL) else 0  # drafts cut after EOS or max_new_tokens were not emitted
+            out["lookup" if s == LOOKUP else "drafter"] += drafted
+            out["target"] += e - drafted
+        out["target"] += 1
+    return out
+
+
 def sts_fit_and_report(conf: torch.Tensor, accepted: torch.Tensor, fit: torch.Tensor) -> dict:
     """STS fitted on the rounds where fit (R,) is True, calibration before/after on the others.
     conf (R, g) raw per-position confidences; accepted (R,) drafts accepted per round."""
@@ -122,12 +138,13 @@ class EvalHarness:
         cfg, eos = self.cfg, self.tok.eos_token_id
         turns = list(self._turns(load_prompts(ds, cfg.seed)))
         g = torch.Generator().manual_seed(cfg.seed)
-        speculative_generate(self.target, self.drafter, turns[0][1], 8, sampling, eos, g, self.scheduler())  # warm-up
+        speculative_generate(self.target, self.proposer(), turns[0][1], 8, sampling, eos, g, self.scheduler())  # warm-up
         autoregressive_generate(self.target, turns[0][1], 8, sampling, eos, g)
         bar = Progress(len(turns), "turn", f"eval {ds.name} ({'greedy' if sampling.greedy else f'T={sampling.temperature:g}'}, "
                        "plain then speculative per turn)", every_s=15.0)
         plain_s = spec_s = 0.0
         plain_tokens = spec_tokens = 0
+        sources: dict[str, int] = {}
         split = {"draft": 0.0, "verify": 0.0, "other": 0.0}
         accepted, verified, conf_rows, conf_accepted, conf_prompt, mismatches, emitted = [], [], [], [], [], [], []
         for i, ids in turns:
@@ -135,7 +152,7 @@ class EvalHarness:
             plain = autoregressive_generate(self.target, ids, cfg.max_new_tokens, sampling, eos, torch.Generator().manual_seed(cfg.seed + i))
             plain_s += time.perf_counter() - t
             t = time.perf_counter()
-            spec = speculative_generate(self.target, self.drafter, ids, cfg.max_new_tokens, sampling, eos,
+            spec = speculative_generate(self.target, self.proposer(), ids, cfg.max_new_tokens, sampling, eos,
                                         torch.Generator().manual_seed(cfg.seed + i), self.scheduler())
             spec_s += time.perf_counter() - t
             plain_tokens, spec_tokens = plain_tokens + len(plain.tokens), spec_tokens + len(spec.tokens)
@@ -143,8 +160,10 @@ class EvalHarness:
                 mismatches.append(i)
             for k in split:
                 split[k] += spec.seconds[k]
-            accepted += [m for m, L in zip(spec.accepted_per_round, spec.verified_per_round) if L > 0]  # drafted rounds
-            verified += [L for L in spec.verified_per_round if L > 0]
+            drafted = [s == MODEL for s in spec.source_per_round]  # the drafter's rounds (L > 0); lookup rounds aside
+            accepted += [m for m, d in zip(spec.accepted_per_round, drafted) if d]
+            verified += [L for L, d in zip(spec.verified_per_round, drafted) if d]
+            sources = {k: sources.get(k, 0) + v for k, v in token_sources([spec]).items()}
             c, m = fully_verified_rounds(spec)
             conf_rows, conf_accepted, conf_prompt = conf_rows + c, conf_accepted + m, conf_prompt + [i] * len(c)
             emitted += spec.emitted_per_round
@@ -161,7 +180,9 @@ class EvalHarness:
                "plain": {"tokens": plain_tokens, "seconds": plain_s, "tokens_per_s": plain_tokens / max(plain_s, 1e-9)},
                "speculative": {"tokens": spec_tokens, "seconds": spec_s, "tokens_per_s": spec_tokens / max(spec_s, 1e-9),
                                "time_split": split},
-               "speedup": (spec_tokens / max(spec_s, 1e-9)) / (plain_tokens / max(plain_s, 1e-9))}
+               "speedup": (spec_tokens / max(spec_s, 1e-9)) / (plain_tokens / max(plain_s, 1e-9)),
+               # which proposer emitted what share of the tokens (lookup, drafter; the target's own tokens)
+               "token_sources": {k: v / max(sum(sources.values()), 1) for k, v in sources.items()}}
         if sampling.greedy:
             out["greedy_identical_to_plain"] = not mismatches
             out["greedy_mismatched_prompts"] = mismatches
@@ -233,13 +254,22 @@ class EvalHarness:
             return None
         if not hasattr(self, "_scheduler"):
             cost = None
-            if sched.policy in ("scheduled", "scheduled_with_draft_cost"):
-                # the eval decodes one prompt at a time: one row, verifying 1..block + 1 tokens; measured here, before
-                # the first timed generation (a point missing later is measured when first asked)
+            if sched.policy in ("scheduled", "scheduled_with_draft_cost", *LOOKUP_POLICIES):
+                # the eval decodes one prompt at a time: one row, verifying 1..block + 1 tokens (the lookup alone: its
+                # own length); measured here, before the first timed generation (a point missing later is measured
+                # when first asked)
                 cost = self.cost_model()
-                cost.ensure(rows=[1], widths=range(1, self.block_size + 2))
-            self._scheduler = VerifyScheduler(sched, self.block_size, cost, getattr(self.drafter, "confidence_temperatures", None))
+                g = sched.lookup_tokens if sched.policy == "lookup" else self.block_size
+                cost.ensure(rows=[1], widths=range(1, g + 2))
+            self._scheduler = make_scheduler(sched, self.block_size, cost, getattr(self.drafter, "confidence_temperatures", None))
         return self._scheduler
+
+    def proposer(self):
+        """What the speculative runs decode with: the drafter (a session is made per generation), or under a lookup
+        policy a fresh session of the lookup and the drafter (``decoding.hybrid``)."""
+        if self.cfg.schedule.policy not in LOOKUP_POLICIES:
+            return self.drafter
+        return make_engine_session(self.scheduler(), self.drafter, 1, self.target.config.vocab_size)
 
     @property
     def block_size(self) -> int:

@@ -39,6 +39,12 @@ def plain_words(results: dict) -> str:
         f"{draft_steps:.2f} plain decoding steps of drafting plus {verify_steps:.2f} of verification, so the ideal is about "
         f"{r['tau']:.2f} / {draft_steps + verify_steps:.2f} = {r['tau'] / max(draft_steps + verify_steps, 1e-9):.2f}x.",
     ]
+    src = r.get("token_sources", {})
+    if src.get("lookup"):  # a lookup policy ran: say which proposer emitted what
+        out.append(f"Of the tokens emitted, {100 * src['lookup']:.0f}% were the lookup's proposals (n-gram matches in the "
+                   f"prompt and answer so far), {100 * src['drafter']:.0f}% the drafter's and {100 * src['target']:.0f}% the "
+                   f"target's own (plain steps, corrections and bonus tokens); the engine chose per round by predicted "
+                   f"tokens per second (`schedule.policy={cfg['schedule']['policy']}`).")
     if results["device"].startswith("cpu"):
         out.append("On a CPU with a tiny target the draft costs about as much as a target step, so this is a correctness "
                    "run more than a speed one; on a GPU with a real target (e.g. `target=qwen3_8b`) a draft is a small "
