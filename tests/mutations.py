@@ -350,4 +350,18 @@ MUTATIONS += [
     ("eagle3: teacher states the cache lacks trained as zeros", "deepspec/losses.py",
      "    i_ok = F.pad(valid.bool()[:, 1:] if teacher_valid is None else teacher_valid.bool()[:, 1:], (0, 1))",
      "    i_ok = F.pad(valid.bool()[:, 1:], (0, 1))", "tests/test_online_and_export.py -k 'online_step_equals_offline_step and eagle3'"),
+    # issue 35: the lookup proposer's q and the hybrid's choice of source (deepspec/decoding/sessions/lookup.py, hybrid.py).
+    # Not listed: the drafter's rows verified with a one-hot q. It is exact (a block drawn before verification is a fixed
+    # sequence to the verifier) and only accepts less: tests/test_lookup.py checks both, so no law test can kill it.
+    ("lookup: a proposal's q not one-hot", "deepspec/decoding/sessions/lookup.py", "    return torch.nn.functional.one_hot(tokens, V).float()",
+     "    return torch.nn.functional.one_hot(tokens, V).float() * 0.5 + 0.5 / V", "tests/test_lookup.py -k 'mixed_follow and T1'"),
+    ("hybrid: a row takes the lookup even where the drafter expects more", "deepspec/decoding/hybrid.py",
+     "return [bool(m) and a >= b for m, a, b in zip(", "return [bool(m) or a >= b for m, a, b in zip(",
+     "tests/test_lookup.py -k source_that_expects_more"),
+    ("lookup: taken whatever its cost", "deepspec/decoding/hybrid.py",
+     "lookup_wins = lookup_rate > R / gate.plain_seconds(R, cost) * (1 + self.cfg.draft_margin)", "lookup_wins = lookup_rate > 0",
+     "tests/test_lookup.py -k where_it_pays"),
+    ("lookup: the estimate blames slots after the first rejection", "deepspec/decoding/hybrid.py",
+     "        seen = k[None] <= torch.minimum(accepted, verified - 1)[:, None]  # slot k verified",
+     "        seen = k[None] < verified[:, None]  # slot k verified", "tests/test_lookup.py -k acceptance_learns"),
 ]
