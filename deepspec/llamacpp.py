@@ -124,13 +124,14 @@ class Decoded:
 
 
 def tokenize(model_gguf: Path, prompt: str) -> list[int]:
-    """llama.cpp's token ids of ``prompt``, special tokens parsed (as its decoders tokenize a prompt)."""
-    out = _run([str(binary("llama-tokenize")), "-m", str(model_gguf), "-p", prompt, "--ids", "--log-disable"])
+    """llama.cpp's token ids of ``prompt``, special tokens parsed (as its decoders tokenize a prompt). Every program
+    gets --no-escape: by default they turn a backslash-n in the prompt into a newline."""
+    out = _run([str(binary("llama-tokenize")), "-m", str(model_gguf), "-p", prompt, "--no-escape", "--ids", "--log-disable"])
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _sampling(max_new_tokens: int, threads: int) -> list[str]:
-    return ["-n", str(max_new_tokens), "--temp", "0", "--top-k", "1", "--seed", "0", "-t", str(threads), "-tb", str(threads),
+    return ["--no-escape", "-n", str(max_new_tokens), "--temp", "0", "--top-k", "1", "--seed", "0", "-t", str(threads), "-tb", str(threads),
             "-c", "2048"]
 
 
