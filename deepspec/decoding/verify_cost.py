@@ -122,8 +122,8 @@ class VerifyCostProfile:
         if known is not None:
             self._rechecked.add((R, W))
         if not self.measured_now:  # what a run waits for, the first time it waits
-            log.info("measuring the verify cost of this target on this machine, point by point as needed (first: %d rows "
-                     "x %d tokens, %d forwards of %d tokens each) -> %s", R, W, self.repeats, R * W, self.path)
+            log.info("measuring the verify cost of this target on this machine, point by point as needed (each point: "
+                     "best of %d forwards of R rows x W tokens; first R=%d, W=%d) -> %s", self.repeats, R, W, self.path)
         measured = self._measure(R, W)
         self.points[R, W] = combine(known, measured) if known else measured
         self.measured_now.append((R, W))
