@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import tempfile
 from pathlib import Path
@@ -111,12 +112,14 @@ def main() -> None:
     drafter = load_drafter(args.drafter_path, target=tcfg).eval()
     export = json.loads((Path(args.drafter_path) / "config.json").read_text())
     kind, args.block_size = export["deepspec"]["drafter"], export["block_size"]
+    load_before = os.getloadavg()  # a busy machine slows llama.cpp's threads far more than PyTorch's (spin barriers)
     with tempfile.TemporaryDirectory() as work:
         gguf = {"target": llamacpp.convert(TOY_DIR, Path(work) / "toy_target_f32.gguf"),
                 "draft": llamacpp.convert(args.drafter_path, Path(work) / "draft_f32.gguf", target_dir=TOY_DIR)}
         rows = [prompt_row(args, tok, target, drafter, gguf, p) for p in chat_prompts(args.prompts)]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-    result = {"llamacpp": llamacpp.LLAMACPP_TAG, "commit": commit, "machine": machine(), "drafter_path": args.drafter_path,
+    result = {"llamacpp": llamacpp.LLAMACPP_TAG, "commit": commit, "machine": machine(),
+              "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]}, "drafter_path": args.drafter_path,
               "drafter": {k: export.get(k) for k in ("architectures", "block_size", "num_hidden_layers", "markov_rank",
                                                      "draft_vocab_size", "target_layer_ids")},
               "spec_type": llamacpp.SPEC_TYPE, "precision": "f32 (GGUF F32; ours fp32)",

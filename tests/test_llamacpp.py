@@ -13,9 +13,12 @@ from conftest import TOY_DIR, TOY_PROMPTS
 from deepspec import llamacpp
 from deepspec.config.data import TargetConfig
 from deepspec.config.train import TrainStageConfig
+from deepspec.decoding.speculative import autoregressive_generate
+from deepspec.decoding.verify import SamplingConfig
 from deepspec.drafters.draft_vocab import DraftVocab
 from deepspec.export import export_drafter
 from deepspec.serving_loaders import check_export
+from deepspec.target import TargetModel, load_tokenizer
 from deepspec.training.trainer import build_drafter
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(llamacpp.unavailable_reason() is not None,
@@ -26,6 +29,7 @@ DRAFTERS = {"dspark": {"name": "dspark", "block_size": 4, "num_hidden_layers": 1
             "dflash": {"name": "dflash", "block_size": 4, "num_hidden_layers": 1}}
 DRAFT_VOCAB_SIZE = 700
 NEW_TOKENS = 40
+THREADS = 1  # the outputs do not depend on it; 2 threads' spin barriers crawl on a machine busy with other work
 
 
 def chat_prompts(n: int) -> list[str]:
@@ -59,10 +63,23 @@ def test_speculative_output_equals_plain_greedy_output(target_gguf, tmp_path, ki
     assert check_export(export)[f"llama.cpp {kind}"] == []
     draft_gguf = llamacpp.convert(export, tmp_path / "draft_f32.gguf", target_dir=TOY_DIR)
     for prompt in chat_prompts(2):
-        spec = llamacpp.decode_speculative(target_gguf, draft_gguf, prompt, NEW_TOKENS, draft_max=DRAFTERS[kind]["block_size"])
+        spec = llamacpp.decode_speculative(target_gguf, draft_gguf, prompt, NEW_TOKENS, draft_max=DRAFTERS[kind]["block_size"],
+                                           threads=THREADS)
         assert spec.drafted > 0, "llama.cpp drafted nothing: the drafter did not run"
-        plain = llamacpp.decode_plain(target_gguf, prompt, spec.tokens)  # the speculative run may overshoot NEW_TOKENS
+        plain = llamacpp.decode_plain(target_gguf, prompt, spec.tokens, THREADS)  # the speculative run may overshoot NEW_TOKENS
         assert spec.text == plain.text
+
+
+def test_our_f32_greedy_decoding_is_llamacpps_token_for_token(target_gguf):
+    """The same token ids in (llama.cpp's tokenization), the same text out: our fp32 greedy decoding of the toy target
+    and llama.cpp's F32 one agree on every token (the text of our ids, decoded, is llama.cpp's text)."""
+    target, tok = TargetModel.from_config(TargetConfig(name_or_path="toy", layer_ids=[0, 2, 4], dtype="float32")), \
+        load_tokenizer(TOY)
+    for prompt in chat_prompts(2):
+        ids = llamacpp.tokenize(target_gguf, prompt)
+        ours = autoregressive_generate(target, torch.tensor(ids), NEW_TOKENS, SamplingConfig(temperature=0), eos_token_id=2)
+        theirs = llamacpp.decode_plain(target_gguf, prompt, NEW_TOKENS, THREADS)
+        assert tok.decode(ours.tokens).rstrip("\n") == theirs.text
 
 
 def test_a_confidence_head_without_markov_input_is_refused(target_gguf, tmp_path):
@@ -72,4 +89,4 @@ def test_a_confidence_head_without_markov_input_is_refused(target_gguf, tmp_path
     assert any("confidence_head_with_markov" in p for p in check_export(export)["llama.cpp dspark"])
     draft_gguf = llamacpp.convert(export, tmp_path / "draft_f32.gguf", target_dir=TOY_DIR)
     with pytest.raises(RuntimeError, match="conf_proj"):
-        llamacpp.decode_speculative(target_gguf, draft_gguf, chat_prompts(1)[0], 8, draft_max=4)
+        llamacpp.decode_speculative(target_gguf, draft_gguf, chat_prompts(1)[0], 8, draft_max=4, threads=THREADS)
