@@ -106,12 +106,13 @@ def _prefill(target: TargetModel, prompts: list[torch.Tensor], sampling: Samplin
     return _Batch(cache, mask, mask.sum(1), first, active, results), features, ids, mask.bool()
 
 
-def _emit(batch: _Batch, rows: list[int], tokens: list[list[int]], m: list[int], verified: list[int], sources: list[int],
-          max_new_tokens: int, eos_token_id: int | None) -> None:
+def _emit(batch: _Batch, rows: list[int], tokens: list[list[int]], m: list[int], verified: list[int], max_new_tokens: int,
+          eos_token_id: int | None, sources: list[int] | None = None) -> None:
     """Append each row's tokens of the round (its m accepted drafts, then the next token) and its per-round
-    records; a row stops at EOS or max_new_tokens (what it would have emitted after is dropped)."""
+    records; a row stops at EOS or max_new_tokens (what it would have emitted after is dropped). ``sources``: where
+    each row's drafts came from (None: the drafter's)."""
     stopped = []
-    for r, toks, m_r, L_r, s_r in zip(rows, tokens, m, verified, sources):
+    for r, toks, m_r, L_r, s_r in zip(rows, tokens, m, verified, sources or [MODEL] * len(rows)):
         res = batch.results[r]
         toks = toks[: max_new_tokens - len(res.tokens)]
         if eos_token_id in toks:
@@ -210,14 +211,15 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
         N = len(rows)
         anchors = _of_active_rows(batch.anchors, rows, B)  # (N,)
         proposal = propose(rows, anchors)  # 0. lookup proposals (host side; None for a drafter alone)
-        if not scheduler.should_draft(rows, proposal):  # 0. no source pays now: a plain step
+        draft_now = scheduler.should_draft(rows) if proposal is None else scheduler.should_draft(rows, proposal)
+        if not draft_now:  # 0. no source pays now: a plain step
             step_tokens, step_valid = batch.anchors[:, None], batch.active[:, None]  # views: both are replaced, not written
             layer_hidden, nxt = _plain_step(target, batch, rows, sampling, generator)
             batch.cache.keep_prefix(step_valid[:, 0].long())  # a finished row keeps its state (hybrid targets)
             session.extend(layer_hidden, step_tokens, step_valid)
             batch.anchors = _next_anchors(batch, rows, nxt)
             zeros = [0] * N
-            _emit(batch, rows.tolist(), [[tok] for tok in nxt.tolist()], zeros, zeros, zeros, max_new_tokens, eos_token_id)
+            _emit(batch, rows.tolist(), [[tok] for tok in nxt.tolist()], zeros, zeros, max_new_tokens, eos_token_id)
             elapsed = time.perf_counter() - t0
             seconds["verify"] += elapsed  # a plain round counts as a verify of width 1
             scheduler.observe(rows, None, None, elapsed)
@@ -253,7 +255,7 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
         rows_l, m_l, L_l, drafts = rows.tolist(), m.tolist(), L.tolist(), block[:, 1:].tolist()
         src_l = [MODEL] * N if draft.source is None else draft.source.tolist()
         tokens = [drafts[r][:m_r] + [tok] for r, m_r, tok in zip(rows_l, m_l, nxt.tolist())]
-        _emit(batch, rows_l, tokens, m_l, L_l, src_l, max_new_tokens, eos_token_id)
+        _emit(batch, rows_l, tokens, m_l, L_l, max_new_tokens, eos_token_id, src_l)
         for r, c, L_r, s_r in zip(rows_l, draft.confidence.float().tolist(), L_l, src_l):
             if s_r == MODEL:  # calibration reads the drafter's confidences only
                 batch.results[r].confidences.append(c)
@@ -280,7 +282,7 @@ def autoregressive_generate_batch(target: TargetModel, prompts: list[torch.Tenso
         _, nxt = _plain_step(target, batch, rows, sampling, generator)
         batch.anchors = _next_anchors(batch, rows, nxt)
         zeros = [0] * len(rows)  # the engine's plain-round records: 0 drafts accepted and verified
-        _emit(batch, rows.tolist(), [[tok] for tok in nxt.tolist()], zeros, zeros, zeros, max_new_tokens, eos_token_id)
+        _emit(batch, rows.tolist(), [[tok] for tok in nxt.tolist()], zeros, zeros, max_new_tokens, eos_token_id)
     batch.results[0].seconds["verify"] = time.perf_counter() - t1
     return batch.results
 
