@@ -294,11 +294,15 @@ def test_a_broken_acceptance_rule_is_caught(tiny, monkeypatch):
     assert p < 1e-12, p
 
 
+GREEDY_CASES = dict(  # generated greedy-identity cases (also run on CUDA: tests/gpu/test_gpu_decoding.py)
+    kind=st.sampled_from(["vanilla", "gated", "rnn", "dflash", "eagle3"]), block=st.integers(1, 4),
+    lengths=st.lists(st.integers(1, 9), min_size=1, max_size=4), max_new=st.integers(1, 11),
+    eos=st.sampled_from([None, 0, 1, 2, 3, 4, 5]), policy=st.sampled_from(["fixed", "scheduled", "scheduled_with_draft_cost"]),
+    seed=st.integers(0, 1000))
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(kind=st.sampled_from(["vanilla", "gated", "rnn", "dflash", "eagle3"]), block=st.integers(1, 4),
-       lengths=st.lists(st.integers(1, 9), min_size=1, max_size=4), max_new=st.integers(1, 11),
-       eos=st.sampled_from([None, 0, 1, 2, 3, 4, 5]), policy=st.sampled_from(["fixed", "scheduled", "scheduled_with_draft_cost"]),
-       seed=st.integers(0, 1000))
+@given(**GREEDY_CASES)
 def test_greedy_equals_plain_greedy_on_generated_cases(tiny, kind, block, lengths, max_new, eos, policy, seed):
     """Odd lengths, EOS inside a block, max_new_tokens inside a block, ragged batches, every policy."""
     check_greedy_identity(tiny, kind, block, lengths, max_new, eos, policy, seed)

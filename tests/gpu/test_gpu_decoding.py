@@ -14,7 +14,6 @@ from unittest import mock
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 import test_exact_law as law  # tests/ is on sys.path (the folder of tests/conftest.py)
 from deepspec.decoding.verify import SamplingConfig
@@ -75,10 +74,7 @@ def test_a_broken_acceptance_rule_is_caught_on_cuda(tiny_cuda, monkeypatch):
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(kind=st.sampled_from(["vanilla", "gated", "rnn", "dflash", "eagle3"]), block=st.integers(1, 4),
-       lengths=st.lists(st.integers(1, 9), min_size=1, max_size=4), max_new=st.integers(1, 11),
-       eos=st.sampled_from([None, 0, 1, 2, 3, 4, 5]), policy=st.sampled_from(["fixed", "scheduled", "scheduled_with_draft_cost"]),
-       seed=st.integers(0, 1000))
+@given(**law.GREEDY_CASES)
 def test_greedy_on_cuda_equals_plain_greedy(tiny_cuda, kind, block, lengths, max_new, eos, policy, seed):
     _, fp32 = tiny_cuda
     with mock.patch.object(law, "drafter", lambda kind, tiny, block=3, **kw: cuda_drafter(tiny, kind, block, **kw)):
