@@ -132,10 +132,9 @@ class HybridScheduler(VerifyScheduler):
         lookup_wins = lookup_rate > R / gate.plain_seconds(R, cost) * (1 + self.cfg.draft_margin)
         use_lookup, use_model = (matched if lookup_wins else [False] * R), [False] * R
         if self.policy == "hybrid":
-            if self._gains is None or self._gains[0] != R:
-                self._gains = R, cumulative_survival(self.online[rows.cpu()]).sum(0).tolist()
-            if gate.should_draft(R, self._gains[1], cost, self._steady):  # the drafter alone beats plain (or probes)
-                model_rate = gate.drafted_rates(R, self._gains[1], cost)[1] / max(gate.ratio(True, R), gate.ratio(False, R))
+            gains = self._model_gains(rows)
+            if gate.should_draft(R, gains, cost, self._steady):  # the drafter alone beats plain (or probes)
+                model_rate = gate.drafted_rates(R, gains, cost)[1] / max(gate.ratio(True, R), gate.ratio(False, R))
                 if lookup_wins and (gate.probing or model_rate <= lookup_rate):
                     gate.probing = False  # the lookup wins: no drafted round, no probe
                 else:  # each row its source with more expected accepted drafts
@@ -144,9 +143,7 @@ class HybridScheduler(VerifyScheduler):
         elif self.policy == "lookup_rule":
             use_lookup = [n >= self.g for n in proposal.length]  # Arctic: the suffix draft when it is as long as the drafter's
             if not all(use_lookup):
-                if self._gains is None or self._gains[0] != R:
-                    self._gains = R, cumulative_survival(self.online[rows.cpu()]).sum(0).tolist()
-                if gate.should_draft(R, self._gains[1], cost, self._steady):
+                if gate.should_draft(R, self._model_gains(rows), cost, self._steady):
                     use_model = [not b for b in use_lookup]
         if not (any(use_lookup) or any(use_model)):
             return False
@@ -154,6 +151,12 @@ class HybridScheduler(VerifyScheduler):
         proposal.source = source.to(proposal.device)
         self._round = source, self.lookup.survival(proposal), proposal
         return True
+
+    def _model_gains(self, rows: torch.Tensor) -> list[float]:
+        """The drafter's column gains for these R rows, memoised until R changes (they change after its rounds only)."""
+        if self._gains is None or self._gains[0] != len(rows):
+            self._gains = len(rows), cumulative_survival(self.online[rows.cpu()]).sum(0).tolist()
+        return self._gains[1]
 
     def _prefer_lookup(self, rows: torch.Tensor, proposal: Proposal) -> list[bool]:
         """Per row: the lookup's proposal expects at least as many accepted drafts as the drafter's block."""
