@@ -15,8 +15,10 @@ run prompt by prompt in a rotating order (drift on a shared machine hits every a
     lookup_rule       Arctic's fixed rule: lookup where its proposal is as long as the drafter's block, else the drafter
     hybrid            schedule.policy=hybrid: per row and round plain, lookup or the drafter, by predicted tokens/s
 
-Throughput = tokens / seconds summed over the set's prompts, EOS ends a generation; ratios are of those sums, taken
-side by side. Each scheduler serves every prompt of its arm (what it learns carries over, as in the eval). At T = 0
+Throughput = tokens / seconds summed over the set's prompts; ratios are of those sums, taken side by side. EOS ends a
+generation at T = 0 (every arm emits the same tokens); at T > 0 it is ignored, as serving benchmarks do
+(``ignore_eos``): arms that sample different texts would otherwise stop at different lengths, and a longer
+generation costs more per token (a longer context), which is not the proposer's doing. Each scheduler serves every prompt of its arm (what it learns carries over, as in the eval). At T = 0
 every arm's output is checked against plain greedy. Shares: per arm, the tokens each source emitted (accepted drafts
 of lookup / drafter rounds; the target's own tokens: plain steps, corrections and bonus tokens).
 """
@@ -70,12 +72,12 @@ def main() -> None:
     tcfg = target_config("toy", Path("runs/bench/targets"))
     target, tok = TargetModel.from_config(tcfg), load_tokenizer(tcfg)
     drafter = build_drafter(args.drafter, tcfg, args.drafter_path)
-    g, V, eos = drafter.cfg.block_size, target.config.vocab_size, tok.eos_token_id
+    g, V = drafter.cfg.block_size, target.config.vocab_size
     cost = VerifyCostModel.load_or_profile(target, max_rows=1, max_width=max(g, ScheduleConfig().lookup_tokens) + 1)
     temps = getattr(drafter, "confidence_temperatures", None)
     runs = []
     for T in args.temperatures:
-        sampling = SamplingConfig(T)
+        sampling, eos = SamplingConfig(T), (tok.eos_token_id if T == 0 else None)
         scheds = {arm: make_scheduler(ScheduleConfig(policy=p), g, cost, temps) for arm, p in SPEC_ARMS.items()}
 
         def spec(arm: str, p: torch.Tensor, seed: int, max_new: int):
@@ -87,7 +89,7 @@ def main() -> None:
             torch.manual_seed(seed)
             out = target.model.generate(p[None], max_new_tokens=max_new, do_sample=T > 0, temperature=T if T > 0 else None,
                                         top_k=None, top_p=None, prompt_lookup_num_tokens=10, pad_token_id=tok.pad_token_id,
-                                        eos_token_id=eos)
+                                        eos_token_id=eos, **({} if T == 0 else {"min_new_tokens": max_new}))
             return out[0, len(p):].tolist()
 
         arms = ["plain", "hf_prompt_lookup", *SPEC_ARMS]

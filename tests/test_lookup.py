@@ -77,8 +77,9 @@ def draw_hybrid(tiny, sampling: SamplingConfig, scheduler_cls=RandomSources, pol
     target = tiny[0]
     prompts = [PROMPTS[i % 2] for i in range(2 * DRAWS)]
     d = drafter("vanilla", tiny)
-    cfg = ScheduleConfig(policy=policy, lookup_min_ngram=1, lookup_max_ngram=2, lookup_tokens=3, draft_margin=0.0)
-    sched = scheduler_cls(cfg, 3, cost_model(3, 0.05))
+    # the lookup proposes up to 4 tokens, one more than the drafter's block of 3: rows of both widths in one verify
+    cfg = ScheduleConfig(policy=policy, lookup_min_ngram=1, lookup_max_ngram=2, lookup_tokens=4, draft_margin=0.0)
+    sched = scheduler_cls(cfg, 3, cost_model(4, 0.05))
     for R in range(1, 2 * DRAWS + 1):  # the synthetic profile is the truth: every load's plain step "timed" as predicted
         for _ in range(sched.gate.plain_samples):
             sched.gate.observe_round(R, False, 1, R, sched.cost(R, 1), sched.cost)
@@ -135,11 +136,13 @@ def test_the_drafters_q_for_a_lookup_proposal_is_caught(tiny, monkeypatch):
     def drafter_q_for_all(self, rows, anchors, sampling, generator):
         out = self.lookup.draft(rows, anchors, sampling, generator)
         source = self.lookup.proposal.source
-        d = self.model.draft(rows, anchors, sampling, generator)
+        d, g = self.model.draft(rows, anchors, sampling, generator), self.model.block_size
         model = (source == MODEL)[:, None]
-        out.tokens = torch.where(model, d.tokens, out.tokens)
-        out.confidence = torch.where(model, d.confidence.float(), out.confidence * (source == LOOKUP)[:, None])
-        out.q, out.source = d.q.float(), source
+        out.tokens[:, :g] = torch.where(model, d.tokens, out.tokens[:, :g])
+        out.confidence = out.confidence * (source == LOOKUP)[:, None]
+        out.confidence[:, :g] = torch.where(model, d.confidence.float(), out.confidence[:, :g])
+        out.confidence[:, g:] *= ~model
+        out.q[:, :g], out.source = d.q.float(), source  # slots past the drafter's block keep the lookup's one-hot q
         return out
 
     monkeypatch.setattr(HybridSession, "draft", drafter_q_for_all)
@@ -150,8 +153,9 @@ def test_the_drafters_q_for_a_lookup_proposal_is_caught(tiny, monkeypatch):
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(policy=st.sampled_from(["lookup", "hybrid", "lookup_rule", "random"]), block=st.integers(1, 4),
        lengths=st.lists(st.integers(1, 12), min_size=1, max_size=4), max_new=st.integers(1, 14),
-       eos=st.sampled_from([None, 0, 1, 2, 3, 4, 5]), shared=st.booleans(), seed=st.integers(0, 1000))
-def test_greedy_equals_plain_greedy_with_lookup_proposals(tiny, policy, block, lengths, max_new, eos, shared, seed):
+       eos=st.sampled_from([None, 0, 1, 2, 3, 4, 5]), shared=st.booleans(), seed=st.integers(0, 1000),
+       wider=st.integers(0, 3))
+def test_greedy_equals_plain_greedy_with_lookup_proposals(tiny, policy, block, lengths, max_new, eos, shared, seed, wider):
     """Prompts made of a repeated random motif (matches occur), EOS and max_new_tokens inside a block, ragged rows."""
     target = tiny[0]
     g = torch.Generator().manual_seed(seed)
@@ -159,10 +163,11 @@ def test_greedy_equals_plain_greedy_with_lookup_proposals(tiny, policy, block, l
     prompts = [torch.cat([motif.repeat(4)[:n], torch.randint(0, V, (2,), generator=g)]) for n in lengths]
     greedy = SamplingConfig(temperature=0)
     ref = [r.tokens for r in autoregressive_generate_batch(target, prompts, max_new, greedy, eos)]
-    cfg = ScheduleConfig(policy="hybrid" if policy == "random" else policy, lookup_tokens=block, lookup_shared=shared,
+    G = block + wider  # the lookup's proposals may be longer than the drafter's block
+    cfg = ScheduleConfig(policy="hybrid" if policy == "random" else policy, lookup_tokens=G, lookup_shared=shared,
                          draft_margin=0.0)
-    sched = (RandomSources(cfg, block, cost_model(block, 0.05)) if policy == "random"
-             else make_scheduler(cfg, block, cost_model(block, 0.05)))
+    sched = (RandomSources(cfg, block, cost_model(G, 0.05)) if policy == "random"
+             else make_scheduler(cfg, block, cost_model(G, 0.05)))
     for R in range(1, len(prompts) + 1):
         for _ in range(sched.gate.plain_samples):
             sched.gate.observe_round(R, False, 1, R, sched.cost(R, 1), sched.cost)
@@ -175,9 +180,10 @@ def test_greedy_equals_plain_greedy_with_lookup_proposals(tiny, policy, block, l
 
 
 # ----------------------------------------------------------------------------- the gate's choice
-def gate_with(policy: str, column_cost: float, g: int = 4) -> HybridScheduler:
+def gate_with(policy: str, column_cost: float, g: int = 4, probe_budget: float = 0.005) -> HybridScheduler:
     cost = VerifyCostModel([1, 4], list(range(1, g + 2)), [[r * (1 + column_cost * (w - 1)) for w in range(1, g + 2)] for r in (1, 4)], {})
-    sched = make_scheduler(ScheduleConfig(policy=policy, lookup_max_ngram=3, lookup_tokens=g, draft_margin=0.1), g, cost)
+    cfg = ScheduleConfig(policy=policy, lookup_max_ngram=3, lookup_tokens=g, draft_margin=0.1, probe_budget=probe_budget)
+    sched = make_scheduler(cfg, g, cost)
     sched.start(3)
     for _ in range(sched.gate.plain_samples):
         sched.gate.observe_round(3, False, 1, 3, cost(3, 1), cost)
@@ -196,7 +202,26 @@ def test_the_lookup_is_taken_where_it_pays_and_plain_where_it_cannot():
     assert p.source.tolist() == [LOOKUP, LOOKUP, PLAIN]
     L = sched.lengths(torch.arange(3), torch.zeros(3, 4), 0.0)
     assert L.tolist() == [4, 4, 0]  # Algorithm 1 admits columns: the unigram row rides along in the padded forward
-    assert not gate_with("lookup", 3.0).should_draft(torch.arange(3), proposal([3, 1, 0]))  # a column costs 3 steps
+    no_probe = gate_with("lookup", 3.0, probe_budget=0.0)
+    assert not no_probe.should_draft(torch.arange(3), proposal([3, 1, 0]))  # a column costs 3 steps
+
+
+def test_a_losing_lookup_probes_on_its_budget_and_learns_again():
+    """An estimate that says the lookup loses still gets a one-token probe, paid back by plain rounds before the next."""
+    sched, rows = gate_with("lookup", 3.0, probe_budget=0.1), torch.arange(3)
+    sched.lookup.table[3] = 0.05  # a few misses pulled the long matches' estimate down: the lookup "never" pays
+    assert sched.should_draft(rows, proposal([3, 1, 0]))  # the probe: matched rows verify one token each
+    assert sched.lengths(rows, torch.zeros(3, 4), 0.0).tolist() == [1, 1, 0]
+    plain = sched.gate.plain_seconds(3, sched.cost)
+    sched.observe(rows, torch.tensor([1, 1, 0]), torch.tensor([1, 0, 0]), 2 * plain)  # 4 tokens for 2 plain steps' time
+    assert sched.lookup.table[3, 0] > 0.05  # the probe's hit raised the long matches' estimate
+    assert sched.lookup_debt == pytest.approx(2 * plain - 4 * plain / 3)
+    assert not sched.should_draft(rows, proposal([3, 1, 0]))  # in debt: plain
+    for _ in range(6):  # each plain round repays 10% of its time: 0.67 plain steps of debt take 7 rounds
+        sched.observe(rows, None, None, plain)
+        assert sched.lookup_debt > 0 and not sched.should_draft(rows, proposal([3, 1, 0]))
+    sched.observe(rows, None, None, plain)
+    assert sched.lookup_debt == 0 and sched.should_draft(rows, proposal([3, 1, 0]))
 
 
 def test_the_hybrid_gives_each_row_the_source_that_expects_more():

@@ -331,6 +331,9 @@ def test_a_work_folder_holding_a_stage_made_with_other_arguments_is_an_error_not
         once(named, "train_w", [f"run_dir={work}/runs/w"])
     assert calls == ["train_x", "train_y", "train_w"]
 
+    once(study, "train_x", ["max_steps=60", "checkpoint.every_steps=20"])  # another checkpoint cadence: the same stage
+    assert calls == ["train_x", "train_y", "train_w"]
+
     (tmp_path / "train_v.done").write_text("")  # a stage left by a version that recorded no arguments
     with pytest.raises(RuntimeError, match="did not record"):
         once(study, "train_v", ["max_steps=60"])
@@ -383,6 +386,10 @@ def test_a_run_recorded_with_the_same_settings_and_cache_is_kept_without_its_wor
         ["eval/eval.py", "run_dir=<work>/runs/x", "cache_dir=eval_long/cache"]  # only values under the folder
     path.write_text(json.dumps({**record, "train_argv": study.train_argv(run) + ["optim.lr=2e-3"]}))
     assert study.kept_record(run, path, data) is None  # other training arguments
+    cadence = [a if not a.startswith("checkpoint.every_steps=") else "checkpoint.every_steps=7" for a in study.train_argv(run)]
+    assert cadence != study.train_argv(run)
+    path.write_text(json.dumps({**record, "train_argv": cadence}))
+    assert study.kept_record(run, path, data)["id"] == run["id"]  # checkpointed at another cadence: the same result
     assert study.kept_record(study.runs()[1], tmp_path / "results" / "runs" / "absent.json", data) is None
 
 

@@ -76,6 +76,9 @@ class StudyConfig:
     """Cache samples held out for validation (loss curve, convergence, best checkpoint)."""
     val_every_steps: int = 50
     """Validation interval."""
+    checkpoint_every_steps: int = 500
+    """Checkpoint interval of each training run: a killed study resumes a run from its last checkpoint (the trainer's
+    resume is exact: tests/test_resume*). Not a setting of the result: records made at another cadence are kept."""
     val_max_samples: int = 64
     """Validation samples per evaluation."""
     convergence_window: float = 0.25
@@ -106,7 +109,7 @@ class StudyConfig:
     def problems(self, prefix: str = "") -> list[str]:
         out = []
         for key in ("rows", "regenerate_max_new_tokens", "steps", "global_batch_size", "num_anchors", "val_every_steps",
-                    "val_max_samples", "max_new_tokens"):
+                    "checkpoint_every_steps", "val_max_samples", "max_new_tokens"):
             out += at_least(prefix, key, getattr(self, key), 1)
         if not 0 < self.val_fraction < 0.5:
             out.append(f"{prefix}val_fraction={self.val_fraction} must be in (0, 0.5): convergence is judged on it")

@@ -4,7 +4,8 @@ Policies (``ScheduleConfig.policy``), all on the verify-cost profile and the mea
 ``scheduler.DraftGate``:
 
     lookup       the training-free proposer alone (``sessions.lookup``): a round verifies the rows' proposals
-                 when the lookup's predicted rate beats a plain step's by ``draft_margin``, else it is plain
+                 when the lookup's predicted rate beats a plain step's by ``draft_margin``, else it is plain (or a
+                 probe: below)
     hybrid       per row the source with more expected accepted drafts (the lookup's estimate by match length,
                  the drafter's online acceptance), and per round the best of three arms:
                      plain         R / t_plain(R)
@@ -22,7 +23,13 @@ sources share one verify pass. A proposal is a function of the context alone, so
 it keeps decoding exact.
 
 The lookup's acceptance estimate (``LookupAcceptance``) is conditional acceptance per (match length n, slot),
-pooled over rows and generations, an EMA of verified outcomes (``lookup_ema``).
+pooled over rows and generations, an EMA of verified outcomes (``lookup_ema``). It learns only from rounds that
+verify lookup proposals, so an estimate that fell after a few misses would keep the lookup off for good (the text
+may turn into a copy later). While a round would be plain and some row has a match, the lookup probes on the
+drafter gate's terms (``probe_budget``): its matched rows verify at least one proposed token; a probe's seconds
+beyond what a plain step would have taken for its tokens are a debt, each plain round repays ``probe_budget`` of
+its time, and the next probe waits until the debt is paid. A probe verifying one token costs t(R, 2) - t(R, 1)
+at most (a few % of a step on the CPU), so the lookup re-checks every few tens of plain rounds.
 """
 from __future__ import annotations
 
@@ -91,17 +98,19 @@ class HybridScheduler(VerifyScheduler):
         # the drafter arm is the draft-cost gate's; plain rounds are observed one by one (a match may come any round)
         super().__init__(replace(cfg, policy="scheduled_with_draft_cost", plain_streak=1), block_size, cost, temperatures)
         self.policy, self.cfg = cfg.policy, cfg
-        self.lookup = LookupAcceptance(cfg.lookup_max_ngram, block_size, cfg.lookup_ema)
+        self.G = max(block_size, cfg.lookup_tokens)  # a round's widest proposal: the lookup's may be longer than g
+        self.lookup = LookupAcceptance(cfg.lookup_max_ngram, self.G, cfg.lookup_ema)
         self.lookup_slowdown: dict[int, RecentMedian] = {}  # measured / predicted seconds of lookup rounds, by load
         self.shared = NgramIndex(cfg.lookup_min_ngram, cfg.lookup_max_ngram) if cfg.lookup_shared else None
         self._round: tuple[torch.Tensor, torch.Tensor, Proposal] | None = None  # (source (N,), lookup survival (N, g), proposal)
         self._rates: dict[tuple, float] = {}  # lookup_rate's memo
+        self.lookup_debt, self._probe = 0.0, False  # the lookup's probe budget (as DraftGate's), this round a probe
 
     def session(self, drafter, batch_size: int, vocab_size: int) -> HybridSession:
         """The session this policy decodes with: the lookup (and, but for ``lookup``, the drafter's session)."""
         model = make_session(drafter, batch_size) if self.policy != "lookup" else None
         c = self.cfg
-        return HybridSession(model, LookupSession(batch_size, self.g, c.lookup_min_ngram, c.lookup_max_ngram, vocab_size, self.shared))
+        return HybridSession(model, LookupSession(batch_size, self.G, c.lookup_min_ngram, c.lookup_max_ngram, vocab_size, self.shared))
 
     def lookup_ratio(self, R: int) -> float:
         """Measured / predicted seconds of a lookup round at load R: a lookup round does a plain step's work and more."""
@@ -125,6 +134,7 @@ class HybridScheduler(VerifyScheduler):
         lookup's rate is memoised, the drafter's column gains are the parent's (they change after its rounds only)."""
         R, gate, cost = len(rows), self.gate, self.cost
         self._end_streak()
+        self._probe = False
         if len(gate.slowdown[False].get(R.bit_length(), ())) < gate.plain_samples:
             return False  # time plain steps at a new load first (the engine's first step is cold)
         matched = [n > 0 for n in proposal.score]
@@ -146,7 +156,9 @@ class HybridScheduler(VerifyScheduler):
                 if gate.should_draft(R, self._model_gains(rows), cost, self._steady):
                     use_model = [not b for b in use_lookup]
         if not (any(use_lookup) or any(use_model)):
-            return False
+            if self.policy == "lookup_rule" or not (any(matched) and self.cfg.probe_budget > 0 and self.lookup_debt <= 0.0):
+                return False
+            use_lookup, self._probe = matched, True  # a plain round: the lookup probes its matched rows instead
         source = torch.tensor([MODEL if m else LOOKUP if lk else PLAIN for lk, m in zip(use_lookup, use_model)])
         proposal.source = source.to(proposal.device)
         self._round = source, self.lookup.survival(proposal), proposal
@@ -165,25 +177,32 @@ class HybridScheduler(VerifyScheduler):
         return [bool(m) and a >= b for m, a, b in zip(proposal.score, lk.tolist(), md.tolist())]
 
     def lengths(self, rows: torch.Tensor, confidence: torch.Tensor, draft_seconds: float) -> torch.Tensor:
-        """2. drafts verified per row (N,): Algorithm 1 over the rows' survival by source."""
+        """2. drafts verified per row (N,): Algorithm 1 over the rows' survival by source, (N, G) (a drafter row's
+        slots past its block g survive with 0)."""
         source, lk, proposal = self._round
         N, model = len(rows), source == MODEL
         a = lk * (source == LOOKUP)[:, None]
         if model.any():
             self.gate.observe_draft(N, draft_seconds, self._steady)
-            a[model] = self.survival(rows[model.to(rows.device)], confidence[model.to(confidence.device)])
+            m = model.to(confidence.device)
+            a[model, : self.g] = self.survival(rows[model.to(rows.device)], confidence[m][:, : self.g])
         L = choose_lengths(a, lambda W: self.cost(N, W), draft_seconds if model.any() else 0.0)
         if self.policy == "lookup_rule":  # Arctic verifies the whole suffix draft
             L = torch.where(source == LOOKUP, torch.tensor(proposal.length), L)
+        elif self._probe:  # a probe verifies at least the first proposed token of each matched row
+            L = torch.where(source == LOOKUP, L.clamp_min(1), L)
         return L.to(rows.device)
 
     def observe(self, rows: torch.Tensor, verified: torch.Tensor | None, accepted: torch.Tensor | None, seconds: float) -> None:
         """3. after a round: the lookup's estimate learns from its rows, the drafter's from its rows; the round's time
         goes to the arm that ran it (a drafted round to the gate, a lookup round to ``lookup_slowdown``)."""
-        if verified is None:  # a plain step: the gate's plain arm and its probe budget
+        if verified is None:  # a plain step: the gate's plain arm and both probe budgets
+            self.lookup_debt = max(self.lookup_debt - self.cfg.probe_budget * seconds, 0.0)
             return super().observe(rows, None, None, seconds)
         source, lk, proposal = self._round
         L, m, R = verified.cpu(), accepted.cpu(), len(rows)
+        if self._probe:  # its seconds beyond a plain step's for the same tokens
+            self.lookup_debt += max(seconds - (R + int(m.sum())) * self.gate.plain_seconds(R, self.cost) / R, 0.0)
         mine = (source == LOOKUP) & (L > 0)
         if mine.any():
             self.lookup.observe(torch.tensor(proposal.score)[mine], L[mine], m[mine])
@@ -191,8 +210,8 @@ class HybridScheduler(VerifyScheduler):
         model = source == MODEL
         if model.any():
             self._end_streak()
-            md = cumulative_survival(self.online[rows.cpu()])
-            promised = float((torch.where(model[:, None], md, lk) * (torch.arange(self.g) < L[:, None])).sum())
+            md = torch.nn.functional.pad(cumulative_survival(self.online[rows.cpu()]), (0, self.G - self.g))
+            promised = float((torch.where(model[:, None], md, lk) * (torch.arange(self.G) < L[:, None])).sum())
             self.gate.observe_round(R, True, width, tokens, seconds, self.cost, self._steady, promised)
             self._learn(rows.cpu()[model], L[model], m[model])
             self._gains = None

@@ -205,6 +205,7 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
     seconds = batch.results[0].seconds
     dev, B = target.device, len(prompts)
     propose = getattr(session, "propose", lambda rows, anchors: None)  # a lookup proposer's; a drafter alone has none
+    model_g = getattr(session, "model_block_size", session.block_size)  # the drafter's block (a lookup's may be wider)
     while len(batch.rows):
         t0 = time.perf_counter()
         rows = batch.rows
@@ -258,7 +259,7 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
         _emit(batch, rows_l, tokens, m_l, L_l, max_new_tokens, eos_token_id, src_l)
         for r, c, L_r, s_r in zip(rows_l, draft.confidence.float().tolist(), L_l, src_l):
             if s_r == MODEL:  # calibration reads the drafter's confidences only
-                batch.results[r].confidences.append(c)
+                batch.results[r].confidences.append(c[:model_g])
                 batch.results[r].drafted_verified.append(L_r)
         t4 = time.perf_counter()
         scheduler.observe(rows, L, m, t4 - t0)

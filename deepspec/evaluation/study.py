@@ -95,7 +95,8 @@ class Study:
         argv_here = relocated(argv, self.work)
         if recorded.exists():
             old = json.loads(recorded.read_text())
-            problem = None if old == argv_here else f"other arguments (differing: {sorted(set(old) ^ set(argv_here))})"
+            same = result_settings(old) == result_settings(argv_here)
+            problem = None if same else f"other arguments (differing: {sorted(set(old) ^ set(argv_here))})"
         else:
             problem = "arguments it did not record (made by an older deepspec)" if done.exists() else None
         if problem:
@@ -144,7 +145,7 @@ class Study:
                 f"global_batch_size={c.global_batch_size}", f"micro_batch_size={d.micro_batch_size or c.global_batch_size}", f"optim.lr={c.lr}",
                 f"drafter.{block_key}={run['block_size']}", f"eval.val_fraction={c.val_fraction}",
                 f"eval.every_steps={c.val_every_steps}", f"eval.max_samples={c.val_max_samples}",
-                f"checkpoint.every_steps={c.steps}", "checkpoint.keep_last=1", f"logging.every_steps={c.val_every_steps}",
+                f"checkpoint.every_steps={min(c.checkpoint_every_steps, c.steps)}", "checkpoint.keep_last=1", f"logging.every_steps={c.val_every_steps}",
                 "loss.recompute_logits=false"]  # small vocabularies: keep the logits, a third fewer matmuls
         if d.preset.split("_")[0] in BLOCK_DRAFTERS:
             argv.append(f"drafter.num_anchors={c.num_anchors}")
@@ -259,7 +260,8 @@ class Study:
         arguments (wherever its work folder was), mode, and the cache (when ``data`` is given, ``same_cache``)."""
         old_work = work_folder(old.get("train_argv") or [])
         return [what for what, same in (
-            ("training arguments", relocated(old.get("train_argv"), old_work) == relocated(self.train_argv(run), self.work)),
+            ("training arguments", result_settings(relocated(old.get("train_argv"), old_work))
+             == result_settings(relocated(self.train_argv(run), self.work))),
             ("evaluation arguments", relocated(old.get("eval_argv"), old_work) == relocated(self.eval_argv(run), self.work)),
             ("quick mode", old.get("quick") == self.quick),
             ("cache", data is None or same_cache(old.get("data", {}), data))) if not same]
@@ -285,6 +287,12 @@ def work_folder(train_argv: list[str]) -> str | None:
     """The work folder a training command was made under: its run_dir is <work>/runs/<id>."""
     run_dir = next((a.split("=", 1)[1] for a in train_argv if a.startswith("run_dir=")), None)
     return str(Path(run_dir).parent.parent) if run_dir else None
+
+
+def result_settings(argv: list[str] | None) -> list[str] | None:
+    """``argv`` without the arguments that cannot change a run's result: how often it checkpoints (a resumed run
+    equals an uninterrupted one)."""
+    return None if argv is None else [a for a in argv if not a.startswith("checkpoint.every_steps=")]
 
 
 def relocated(argv: list[str] | None, work: str | Path | None) -> list[str] | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from deepspec.decoding.sessions.draft import Draft
 
@@ -138,11 +139,19 @@ class HybridSession:
 
     def __init__(self, model, lookup: LookupSession):
         self.model, self.lookup = model, lookup
-        self.g = model.block_size if model is not None else lookup.block_size
+        self.g = lookup.block_size  # the proposal width G: the lookup's tokens, at least the drafter's block
+        if model is not None and model.block_size > self.g:
+            raise ValueError(f"the lookup proposes {self.g} tokens, fewer than the drafter's block of {model.block_size}")
 
     @property
     def block_size(self) -> int:
+        """G: the widest proposal of a round (the verify loop's block)."""
         return self.g
+
+    @property
+    def model_block_size(self) -> int:
+        """g <= G: the drafter's block (its confidences are recorded for calibration at this width)."""
+        return self.model.block_size if self.model is not None else self.g
 
     def extend(self, features: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> None:
         self.lookup.extend(features, tokens, valid)
@@ -153,15 +162,18 @@ class HybridSession:
         return self.lookup.propose(rows, anchors)
 
     def draft(self, rows: torch.Tensor, anchors: torch.Tensor, sampling, generator) -> Draft:
-        """rows (N,), anchors (N,) -> tokens (N, g), q (N, g, V) (None when greedy), confidence (N, g), source (N,)."""
+        """rows (N,), anchors (N,) -> tokens (N, G), q (N, G, V) (None when greedy), confidence (N, G), source (N,).
+
+        A drafter row fills slots 1..g (g <= G); its confidence past g is 0, so no schedule verifies those slots."""
         out = self.lookup.draft(rows, anchors, sampling, generator)  # every row's lookup proposal, one-hot q
         source = self.lookup.proposal.source
         out.confidence = out.confidence * (source == LOOKUP)[:, None]  # plain rows verify nothing
         use = (source == MODEL).nonzero()[:, 0]
         if len(use):
-            d = self.model.draft(rows[use], anchors[use], sampling, generator)
-            out.tokens, out.confidence = out.tokens.index_put((use,), d.tokens), out.confidence.index_put((use,), d.confidence.float())
-            if out.q is not None:
-                out.q = out.q.index_put((use,), d.q.float())  # the drafter's rows keep the law they were sampled from
+            d, pad = self.model.draft(rows[use], anchors[use], sampling, generator), self.g - self.model.block_size
+            out.tokens = out.tokens.index_put((use,), F.pad(d.tokens, (0, pad)))
+            out.confidence = out.confidence.index_put((use,), F.pad(d.confidence.float(), (0, pad)))
+            if out.q is not None:  # the drafter's rows keep the law they were sampled from
+                out.q = out.q.index_put((use,), F.pad(d.q.float(), (0, 0, 0, pad)))
         out.source = source
         return out
