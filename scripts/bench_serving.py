@@ -20,7 +20,8 @@ run, at the same R, would have taken for their tokens) / the run's seconds. It i
 measured against plain decoding interleaved round by round; it leaves out any difference between a
 plain round of the loop and a step of ``autoregressive_generate_batch`` (the paired ratio includes it).
 
-``--proposers`` compares the training-free lookup with the drafter instead (``deepspec.decoding.hybrid``): at each
+``--proposers`` compares the training-free lookup with the drafter instead (``deepspec.decoding.hybrid``; at T > 0 EOS
+is ignored, so every arm emits the same number of tokens whatever it sampled): at each
 load, groups of plain, lookup, drafter (draft-cost gate), lookup_rule (Arctic's fixed rule) and hybrid, interleaved in a
 rotating order on the same prompts and seed (``--prompt-set``: a file of ``deepspec/assets/eval_prompts``, its rows
 cycled to fill R), until each arm has run ``--paired-seconds``; ratios of summed throughputs, hybrid's per-group ratios
@@ -88,6 +89,7 @@ def proposer_sweep(args, target, tok, drafter, cost, temps) -> list[dict]:
     from deepspec.decoding.hybrid import make_engine_session, make_scheduler
 
     g, V, sampling = drafter.cfg.block_size, target.config.vocab_size, SamplingConfig(args.temperature)
+    eos = tok.eos_token_id if args.temperature == 0 else None  # T > 0: ignore_eos, every arm emits R x max_new_tokens
     pool = set_prompts(tok, args.prompt_set, 32)
     scheds = {arm: make_scheduler(ScheduleConfig(policy=p), g, cost, temps) for arm, p in PROPOSER_ARMS.items()}
     arms, loads = ["plain", *PROPOSER_ARMS], []
@@ -99,11 +101,11 @@ def proposer_sweep(args, target, tok, drafter, cost, temps) -> list[dict]:
             for arm in arms[k % len(arms):] + arms[: k % len(arms)]:
                 gen, t = torch.Generator().manual_seed(k), time.perf_counter()
                 if arm == "plain":
-                    res = autoregressive_generate_batch(target, batch, args.max_new_tokens, sampling, tok.eos_token_id, gen)
+                    res = autoregressive_generate_batch(target, batch, args.max_new_tokens, sampling, eos, gen)
                 else:
                     s = scheds[arm]
                     res = speculative_generate_batch(target, make_engine_session(s, drafter, R, V), batch, args.max_new_tokens,
-                                                     sampling, tok.eos_token_id, gen, s)
+                                                     sampling, eos, gen, s)
                 sec, tokens = time.perf_counter() - t, sum(len(r.tokens) for r in res)
                 paired[arm][0] += tokens
                 paired[arm][1] += sec

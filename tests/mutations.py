@@ -364,4 +364,10 @@ MUTATIONS += [
     ("lookup: the estimate blames slots after the first rejection", "deepspec/decoding/hybrid.py",
      "        seen = k[None] <= torch.minimum(accepted, verified - 1)[:, None]  # slot k verified",
      "        seen = k[None] < verified[:, None]  # slot k verified", "tests/test_lookup.py -k acceptance_learns"),
+    ("lookup: no probe once the estimate says it loses", "deepspec/decoding/hybrid.py",
+     "            use_lookup, self._probe = matched, True  # a plain round: the lookup probes its matched rows instead",
+     "            return False", "tests/test_lookup.py -k probes_on_its_budget"),
+    ("lookup: plain rounds do not repay a probe's debt", "deepspec/decoding/hybrid.py",
+     "            self.lookup_debt = max(self.lookup_debt - self.cfg.probe_budget * seconds, 0.0)",
+     "            self.lookup_debt = self.lookup_debt", "tests/test_lookup.py -k probes_on_its_budget"),
 ]
