@@ -85,6 +85,10 @@ _no_unknown_markov: Check = ("no markov_head.* tensors beyond the head type's ow
                              lambda c, t: all(re.fullmatch(r"markov_head\.(markov_w[12]\.weight|gate_proj\.(weight|bias)|joint_proj\.(weight|bias))", n)
                                               for n in t if n.startswith("markov_head.")))
 
+_drafts_from_mask_slots: Check = ("drafts read from the mask slots only, as this runtime does (slot j predicts anchor + j); ours "
+                                  "and DeepSpec's DFlash are anchor-first (slot k predicts the token after anchor + k): served "
+                                  "here each draft is one position late", lambda c, t: c.get("sample_from_anchor", True) is False)
+
 LLAMACPP = "b11434"  # the llama.cpp tag read (and run: deepspec/llamacpp.py, tests/test_llamacpp.py)
 _llamacpp_anchor_first: Check = ("no sample_from_anchor false (ours is anchor-first: slot k predicts the token after anchor + k, "
                                  "the converter's default)", lambda c, t: c.get("sample_from_anchor", True) is True)
@@ -110,10 +114,11 @@ REQUIREMENTS: tuple[LoaderRequirements, ...] = (
         "block_size is not read: pass num_speculative_tokens = block_size. Never name the architecture DSparkDraftModel "
         "(vLLM <= 0.28 maps it to the DeepSeek-V4 drafter)."),
     LoaderRequirements(
-        "vLLM", "dflash", "vllm-project/vllm vllm/model_executor/models/qwen3_dflash.py@036a00d1 (+ qwen2.py@cb24295e)",
+        "vLLM", "dflash", "vllm-project/vllm vllm/model_executor/models/qwen3_dflash.py@036a00d1 (+ qwen2.py@cb24295e, "
+        "v1/worker/gpu/spec_decode/dflash/speculator.py@00746147)",
         ("DFlashDraftModel",), (*QWEN3_SHAPE, "mask_token_id", "target_layer_ids"), BACKBONE,
         (("no markov_head/confidence_head tensors", lambda c, t: not any(n.startswith(("markov_head", "confidence_head")) for n in t)),
-         _full_vocab_or_d2t, _silu_mlp),
+         _full_vocab_or_d2t, _silu_mlp, _drafts_from_mask_slots),
         "method=dflash wraps the config and prefixes 'DFlash' to any architecture not already named DFlash*, "
         "so a DFlash export named Qwen3DSparkModel would not load."),
     LoaderRequirements(
@@ -144,10 +149,11 @@ REQUIREMENTS: tuple[LoaderRequirements, ...] = (
         "The confidence head is built in every non-static ragged-verify mode whatever enable_confidence_head says, so its "
         "weights must be present. embed_tokens/lm_head are skipped (the target's are used); draft_vocab_size is ignored."),
     LoaderRequirements(
-        "SGLang", "dflash", "sgl-project/sglang python/sglang/srt/models/dflash.py@003b23d7",
+        "SGLang", "dflash", "sgl-project/sglang python/sglang/srt/models/dflash.py@003b23d7 (+ "
+        "srt/speculative/dflash_worker.py@7f151c5e)",
         ("DFlashDraftModel",), (*QWEN3_SHAPE, "mask_token_id", "target_layer_ids", "num_target_layers", "block_size"), BACKBONE,
         (("target_layer_ids inside num_target_layers", lambda c, t: all(-1 <= i < c["num_target_layers"] for i in c["target_layer_ids"])),
-         _full_vocab_only),
+         _full_vocab_only, _drafts_from_mask_slots),
         "A DFlash folder named Qwen3DSparkModel would load SGLang's DSpark class and fail on markov_rank 0."),
     LoaderRequirements(
         "SGLang", "eagle3", "sgl-project/sglang python/sglang/srt/models/llama_eagle3.py@03d5a777",

@@ -323,7 +323,9 @@ def test_reduced_export_meets_the_loaders_and_reloads_with_identical_logits(tiny
         if name == "eagle3" and loader != "vLLM eagle3":  # Eagle3Qwen3ForCausalLM: no SGLang/TensorRT-LLM class reads it
             assert problems and any("architectures" in p for p in problems), (loader, problems)
         elif loader in FULL_VOCAB_ONLY:
-            assert problems and all("full vocabulary" in p for p in problems), (loader, problems)
+            assert problems and all("full vocabulary" in p or "mask slots only" in p for p in problems), (loader, problems)
+        elif name == "dflash" and loader == "vLLM dflash":  # anchor-first blocks: one position off there
+            assert problems and all("mask slots only" in p for p in problems), (loader, problems)
         else:
             assert problems == [], (loader, problems)
     assert check_export(out).get("vLLM dspark", []) == []

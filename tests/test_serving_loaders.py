@@ -21,7 +21,9 @@ KINDS = {"dspark": DRAFTER["dspark"], "dspark_gated": {**DRAFTER["dspark"], "mar
 EXPECTED = {("dspark_gated", "vLLM dspark"): ("markov_head_type is vanilla",), ("dspark_rnn", "vLLM dspark"): ("markov_head_type is vanilla",),
             ("dspark_gated", "llama.cpp dspark"): ("markov_head_type is vanilla",), ("dspark_rnn", "llama.cpp dspark"): ("markov_head_type is vanilla",),
             # a QK-normed Eagle3 (the tiny target is a Qwen3) is vLLM's Eagle3Qwen3ForCausalLM: no SGLang/TensorRT-LLM class reads it
-            ("eagle3", "SGLang eagle3"): ("architectures", "q_norm/k_norm"), ("eagle3", "TensorRT-LLM eagle3"): ("architectures",)}
+            ("eagle3", "SGLang eagle3"): ("architectures", "q_norm/k_norm"), ("eagle3", "TensorRT-LLM eagle3"): ("architectures",),
+            # vLLM's and SGLang's DFlash runtimes read drafts from the mask slots; ours are anchor-first (one position off)
+            ("dflash", "vLLM dflash"): ("mask slots only",), ("dflash", "SGLang dflash"): ("mask slots only",)}
 
 
 def export(tiny_target, tmp_path, kind: str, include_frozen: bool = True) -> Path:
