@@ -87,6 +87,7 @@ def proposer_sweep(args, target, tok, drafter, cost, temps) -> list[dict]:
     """Plain, lookup, drafter, lookup_rule and hybrid at each load: paired groups, rotating order (``--proposers``)."""
     from bench_lookup import set_prompts
     from deepspec.decoding.hybrid import make_engine_session, make_scheduler
+    from deepspec.evaluation.harness import token_sources
 
     g, V, sampling = drafter.cfg.block_size, target.config.vocab_size, SamplingConfig(args.temperature)
     eos = tok.eos_token_id if args.temperature == 0 else None  # T > 0: ignore_eos, every arm emits R x max_new_tokens
@@ -95,7 +96,7 @@ def proposer_sweep(args, target, tok, drafter, cost, temps) -> list[dict]:
     arms, loads = ["plain", *PROPOSER_ARMS], []
     for R in args.loads:
         batch = [pool[i % len(pool)] for i in range(R)]
-        paired, groups = {arm: [0, 0.0] for arm in arms}, []
+        paired, groups, sources = {arm: [0, 0.0] for arm in arms}, [], {arm: {} for arm in PROPOSER_ARMS}
         while len(groups) < args.paired_repeats or min(v[1] for v in paired.values()) < args.paired_seconds:
             k, rate = len(groups), {}
             for arm in arms[k % len(arms):] + arms[: k % len(arms)]:
@@ -106,6 +107,8 @@ def proposer_sweep(args, target, tok, drafter, cost, temps) -> list[dict]:
                     s = scheds[arm]
                     res = speculative_generate_batch(target, make_engine_session(s, drafter, R, V), batch, args.max_new_tokens,
                                                      sampling, eos, gen, s)
+                    for src, n in token_sources(res).items():
+                        sources[arm][src] = sources[arm].get(src, 0) + n
                 sec, tokens = time.perf_counter() - t, sum(len(r.tokens) for r in res)
                 paired[arm][0] += tokens
                 paired[arm][1] += sec
@@ -118,10 +121,12 @@ def proposer_sweep(args, target, tok, drafter, cost, temps) -> list[dict]:
                "vs_plain": {arm: thr[arm] / thr["plain"] for arm in arms}, "hybrid_vs_best_single": thr["hybrid"] / best,
                "hybrid_vs_best_single_per_group": per_group,
                "hybrid_vs_best_single_se": statistics.stdev(per_group) / len(per_group) ** 0.5 if len(per_group) > 1 else None,
-               "seconds": {arm: sec for arm, (_, sec) in paired.items()}}
+               "seconds": {arm: sec for arm, (_, sec) in paired.items()},
+               "token_shares": {arm: {k: v / max(sum(c.values()), 1) for k, v in c.items()} for arm, c in sources.items()}}
         loads.append(row)
         print(f"R={R:3d} ({len(groups)} groups)  vs plain: " + "  ".join(f"{a} {row['vs_plain'][a]:.2f}" for a in arms[1:]) +
-              f"  | hybrid / best single {row['hybrid_vs_best_single']:.3f}", flush=True)
+              f"  | hybrid / best single {row['hybrid_vs_best_single']:.3f}  | hybrid shares "
+              + " ".join(f"{k} {v:.2f}" for k, v in row["token_shares"]["hybrid"].items()), flush=True)
     return loads
 
 
