@@ -257,11 +257,11 @@ class EvalHarness:
         if not hasattr(self, "_scheduler"):
             cost = None
             if sched.policy in ("scheduled", "scheduled_with_draft_cost", *LOOKUP_POLICIES):
-                # the eval decodes one prompt at a time: one row, verifying 1..block + 1 tokens (the lookup alone: its
-                # own length); measured here, before the first timed generation (a point missing later is measured
-                # when first asked)
+                # the eval decodes one prompt at a time: one row, verifying 1..G + 1 tokens (G: the block, or the
+                # lookup's proposal length where a lookup policy's is longer); measured here, before the first timed
+                # generation (a point missing later is measured when first asked)
                 cost = self.cost_model()
-                g = sched.lookup_tokens if sched.policy == "lookup" else self.block_size
+                g = max(sched.lookup_tokens, self.block_size) if sched.policy in LOOKUP_POLICIES else self.block_size
                 cost.ensure(rows=[1], widths=range(1, g + 2))
             self._scheduler = make_scheduler(sched, self.block_size, cost, getattr(self.drafter, "confidence_temperatures", None))
         return self._scheduler
