@@ -126,9 +126,11 @@ MUTATIONS = [
     ("recipe: the data stage keeps the old 1,024-token samples", "configs/data.yaml", "max_length: 4096", "max_length: 1024",
      "tests/test_recipe.py"),
     ("calibration counts a scheduled prefix's unverified slots as rejected", "deepspec/evaluation/harness.py",
-     "[m for m, L in zip(res.accepted_per_round, res.verified_per_round) if L == g]",
-     "[m for m, L in zip(res.accepted_per_round, res.verified_per_round) if L > 0]",
+     "             if L == g and s == MODEL])", "             if L > 0 and s == MODEL])",
      "tests/test_hand_computed_rounds.py -k calibration_takes_only"),
+    ("calibration pairs the drafter's confidences with lookup rounds", "deepspec/evaluation/harness.py",
+     "             if L == g and s == MODEL])", "             if L == g])",
+     "tests/test_lookup.py -k calibration_pairs_only"),
     # q must be the distribution the token was sampled from
     ("q without the Markov bias (CUDA's Gumbel walk)", "deepspec/decoding/sessions/dspark.py", "sampling.probs(logits) if q is None else q",
      "sampling.probs(base.float()) if q is None else q", LAW + " -k gumbel"),

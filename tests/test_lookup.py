@@ -240,6 +240,17 @@ def test_lookup_acceptance_learns_per_match_length_and_slot():
     assert acc.table[1].tolist() == [1.0, 1.0, 0.5]  # L = 2: slot 3 not verified
 
 
+def test_calibration_pairs_only_the_drafters_fully_verified_rounds():
+    """A hybrid generation's confidences are the drafter's rounds only: a lookup round verifying g tokens is not one."""
+    from deepspec.decoding.speculative import GenerationResult
+    from deepspec.evaluation.harness import fully_verified_rounds
+
+    res = GenerationResult(tokens=[], accepted_per_round=[1, 3, 0, 2], verified_per_round=[2, 2, 0, 2],
+                           source_per_round=[MODEL, LOOKUP, PLAIN, MODEL])
+    res.confidences, res.drafted_verified = [[0.9, 0.8], [0.7, 0.6]], [2, 2]
+    assert fully_verified_rounds(res) == ([[0.9, 0.8], [0.7, 0.6]], [1, 2])
+
+
 # ----------------------------------------------------------------------------- the eval stage
 def test_eval_cli_with_the_hybrid_reports_which_proposer_emitted_what(tiny_target, tmp_path):
     import json
