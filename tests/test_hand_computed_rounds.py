@@ -100,9 +100,11 @@ def test_calibration_takes_only_rounds_whose_every_draft_was_verified():
     """A scheduler may draft and verify a prefix or nothing, and a plain round drafts nothing: calibration pairs each
     drafted round's confidences with its own accepted count, and keeps only rounds where every slot's fate was seen."""
     from deepspec.decoding.speculative import GenerationResult
+    from deepspec.decoding.sessions.lookup import MODEL, PLAIN
     from deepspec.evaluation.harness import fully_verified_rounds
 
     c1, c2, c3, c4 = [0.1, 0.2, 0.3], [0.4, 0.5, 0.6], [0.7, 0.8, 0.9], [0.9, 0.9, 0.9]
     res = GenerationResult(tokens=[0], accepted_per_round=[0, 0, 2, 1, 3], verified_per_round=[0, 0, 3, 1, 3],
+                           source_per_round=[PLAIN, PLAIN, MODEL, MODEL, MODEL],  # a round that verified nothing: PLAIN
                            confidences=[c1, c2, c3, c4], drafted_verified=[0, 3, 1, 3])  # round 1 plain, round 2 drafted L=0
     assert fully_verified_rounds(res) == ([c2, c4], [2, 3])

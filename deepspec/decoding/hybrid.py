@@ -201,8 +201,8 @@ class HybridScheduler(VerifyScheduler):
             return super().observe(rows, None, None, seconds)
         source, lk, proposal = self._round
         L, m, R = verified.cpu(), accepted.cpu(), len(rows)
-        if self._probe:  # its seconds beyond a plain step's for the same tokens
-            self.lookup_debt += max(seconds - (R + int(m.sum())) * self.gate.plain_seconds(R, self.cost) / R, 0.0)
+        if self._probe:
+            self.lookup_debt += self.gate.loss_over_plain(R, R + int(m.sum()), seconds, self.cost)
         mine = (source == LOOKUP) & (L > 0)
         if mine.any():
             self.lookup.observe(torch.tensor(proposal.score)[mine], L[mine], m[mine])
@@ -218,18 +218,6 @@ class HybridScheduler(VerifyScheduler):
         else:
             self.lookup_slowdown.setdefault(R.bit_length(), RecentMedian(1.0, self.gate.window)).add(seconds / self.cost(R, width))
         self._steady = bool(model.any())  # the drafter's next draft catches up one round, not a lookup streak
-
-    def _learn(self, r: torch.Tensor, L: torch.Tensor, m: torch.Tensor) -> None:
-        """The drafter's online acceptance per row and slot (as ``VerifyScheduler.observe``), from its own rows."""
-        k = torch.arange(self.g)
-        seen = k[None] <= torch.minimum(m, L - 1)[:, None]
-        hit = (k[None] < m[:, None]).double()
-        ema, cur = self.cfg.online_ema, self.online[r]
-        self.online[r] = torch.where(seen, ema * hit + (1 - ema) * cur, cur)
-        n = seen.sum(0)
-        slot_mean = (hit * seen).sum(0) / n.clamp_min(1)
-        weight = 1 - (1 - ema / 4) ** n.double()
-        self.prior = torch.where(n > 0, weight * slot_mean + (1 - weight) * self.prior, self.prior)
 
 
 def make_scheduler(cfg: ScheduleConfig, block_size: int, cost: VerifyCostModel | None,

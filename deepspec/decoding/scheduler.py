@@ -305,6 +305,10 @@ class DraftGate:
         """Predicted seconds of a plain step of R rows."""
         return cost(R, 1) * self.ratio(False, R)
 
+    def loss_over_plain(self, R: int, tokens: int, seconds: float, cost: VerifyCostModel) -> float:
+        """A probing round's seconds beyond what plain steps of R rows would have taken for its ``tokens``."""
+        return max(seconds - tokens * self.plain_seconds(R, cost) / R, 0.0)
+
     def acceptance_ratio(self, R: int, prior: float = 2.0) -> float:
         """Drafts accepted / drafts promised by the estimate, in recent rounds drafted to win (nearest load), with
         ``prior`` drafts promised and accepted added to both sums: one unlucky round must not make it 0, which no
@@ -360,9 +364,8 @@ class DraftGate:
         """A whole round's wall time (draft, verify, acceptance, bookkeeping) and the tokens it produced;
         ``promised``: the drafts the acceptance estimate expected to be accepted within the verified lengths.
         A plain streak is observed once: ``rounds`` plain rounds, their summed ``seconds`` and ``tokens``."""
-        plain_per_token = self.plain_seconds(R, cost) / R  # before this round updates the estimate
-        if drafted and self.probing:
-            self.debt += max(seconds - tokens * plain_per_token, 0.0)
+        if drafted and self.probing:  # priced before this round updates the plain arm's estimate
+            self.debt += self.loss_over_plain(R, tokens, seconds, cost)
         elif not drafted:
             self.debt = max(self.debt - self.budget * seconds, 0.0)
         if drafted and not self.probing and promised is not None:  # a round drafted because it was predicted to win
@@ -470,7 +473,11 @@ class VerifyScheduler:
         if not drafted or (self.gate is None and self.cfg.confidence != "online"):
             return
         self._gains = None
-        r, L, m = rows.cpu(), verified.cpu(), accepted.cpu()
+        self._learn(rows.cpu(), verified.cpu(), accepted.cpu())
+
+    def _learn(self, r: torch.Tensor, L: torch.Tensor, m: torch.Tensor) -> None:
+        """The online acceptance per row and slot, and the prior over rows, from drafted rows r (M,) that verified L
+        and accepted m (M,) each (host tensors)."""
         k = torch.arange(self.g)
         seen = k[None] <= torch.minimum(m, L - 1)[:, None]  # slot k+1 verified with all earlier ones accepted
         hit = (k[None] < m[:, None]).double()

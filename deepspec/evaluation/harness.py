@@ -81,7 +81,7 @@ def fully_verified_rounds(res) -> tuple[list[list[float]], list[int]]:
     # the same rounds, in the same order, in both records: the drafter's rounds whose L is its whole block (a lookup
     # round of the hybrid may verify g tokens too: it has no confidences)
     return ([c for c, L in zip(res.confidences, res.drafted_verified) if L == g],
-            [m for m, L, s in zip(res.accepted_per_round, res.verified_per_round, res.source_per_round or [MODEL] * len(res.verified_per_round))
+            [m for m, L, s in zip(res.accepted_per_round, res.verified_per_round, res.source_per_round)
              if L == g and s == MODEL])
 
 
