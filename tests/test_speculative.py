@@ -221,6 +221,32 @@ def test_target_cache_keeps_no_slot_that_every_row_rejected(toy, corrupt, monkey
             assert bool(mask.all()), "a batch of one attended over a hole"
 
 
+def test_holes_are_compacted_and_decoding_is_unchanged(toy, monkeypatch):
+    """Rows that reject different amounts leave holes in the target's cache; once they are COMPACT_AT of it, each
+    row's real slots move together (in order, right-aligned): outputs stay plain greedy's, the compaction happened,
+    and no round starts from a cache with more holes beyond the longest row than the threshold allows."""
+    from deepspec.decoding import speculative
+    from deepspec.decoding.target_cache import TargetCache
+
+    target, tok = toy
+    greedy = SamplingConfig(temperature=0)
+    ids = prompts(tok, 3)
+    refs = [autoregressive_generate(target, p, 48, greedy).tokens for p in ids]
+    gathers, calls = [], []
+    real_gather, real_forward = TargetCache.gather_slots, target.decoder_with_positions
+    monkeypatch.setattr(TargetCache, "gather_slots", lambda self, s: gathers.append(s.shape) or real_gather(self, s))
+    monkeypatch.setattr(target, "decoder_with_positions", lambda i, m, *a: calls.append((i.shape[1], m.clone())) or real_forward(i, m, *a))
+    # row 0 accepts every draft (it sets the widest kept prefix), rows 1-2 reject most: holes in their rows
+    session = ReplaySession(refs, 6, [set(), set(range(99)), {2, 5, 9, 14, 20, 27, 33}], [len(p) for p in ids])
+    got = speculative_generate_batch(target, session, ids, 48, greedy)
+    assert [r.tokens for r in got] == refs
+    assert gathers, "ragged acceptance never triggered a compaction"
+    for width, mask in calls[1:]:
+        cache = mask[:, :-width]
+        beyond_longest = cache.shape[1] - int(cache.sum(1).max())
+        assert beyond_longest < max(cache.shape[1] * speculative.COMPACT_AT, 1), "a round started from an uncompacted cache"
+
+
 class RandomPlainRounds(VerifyScheduler):
     """Fixed-length verification, with rounds decoded plainly at random (as the draft-cost gate decides)."""
 

@@ -126,6 +126,30 @@ def test_speculative_greedy_equals_plain_greedy_per_family(tmp_path, family):
         assert speculative_generate(target, drafter, prompt, 20, greedy).tokens == autoregressive_generate(target, prompt, 20, greedy).tokens
 
 
+@pytest.mark.parametrize("family", ["mistral", "gemma3", "qwen3_5"])
+def test_ragged_batches_with_compacted_caches_equal_plain_greedy_per_family(tmp_path, family, monkeypatch):
+    """Rows that accept different amounts leave holes, which the engine compacts (``_compact_holes``): each row's real
+    slots keep their order, which a sliding window counts in (Mistral, Gemma-3), and recurrent layers (Qwen3.5) hold
+    no slots to move. Sessions replay each row's plain continuation, corrupted at chosen offsets."""
+    from deepspec.decoding.speculative import speculative_generate_batch
+    from deepspec.decoding.target_cache import TargetCache
+    from test_speculative import ReplaySession
+
+    path = save_tiny(tmp_path / family, family)
+    target = TargetModel.from_config(TargetConfig(name_or_path=str(path), layer_ids=[0, 2], dtype="float32", device="cpu",
+                                                  attn_implementation="eager"))
+    greedy = SamplingConfig(temperature=0)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(4, 4096, (n,), generator=gen) for n in (6, 11, 9)]
+    refs = [autoregressive_generate(target, p, 28, greedy).tokens for p in prompts]
+    gathers = []
+    real = TargetCache.gather_slots
+    monkeypatch.setattr(TargetCache, "gather_slots", lambda self, s: gathers.append(s.shape) or real(self, s))
+    session = ReplaySession(refs, 5, [set(), set(range(99)), {1, 4, 8, 13, 19}], [len(p) for p in prompts])
+    assert [r.tokens for r in speculative_generate_batch(target, session, prompts, 28, greedy)] == refs
+    assert gathers, "no compaction happened"
+
+
 def test_gemma4_variants_without_draft_layers_are_refused_by_name():
     """Gemma-4 drafters are built from the target's full-attention layer; the variants the reference's Gemma-4 drafters
     do not build either (MoE blocks: 26B-A4B; per-layer input gates: E2B/E4B) are refused naming the key, not built wrong."""

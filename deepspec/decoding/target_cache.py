@@ -1,7 +1,9 @@
 """The target's cache in the batched engine: attention layers keep holes, recurrent layers keep the accepted prefix.
 
 Attention layers (full or sliding) hold one key/value slot per verified position. A row's rejected drafts stay as
-holes that the attention mask hides, and slots that every row rejected are cropped (``drop_slots``).
+holes that the attention mask hides, slots that every row rejected are cropped (``drop_slots``), and once the holes
+are a sizeable part of the cache every row's real slots are moved together (``gather_slots``): each later step's
+attention and cache copy is over the cache's slots, holes included.
 
 Linear-attention layers (Qwen3.5 / Qwen3-Next gated delta-nets, 3 of every 4 layers) hold no slots but a recurrent
 state (B, H, dk, dv) and a short-convolution state (B, C, K): a rejected draft cannot be hidden, it has to be
@@ -113,6 +115,18 @@ class TargetCache(DynamicCache):
         full, K = layer.conv_states[s], layer.conv_kernel_size[s]
         cols = kept[:, None, None] + torch.arange(K, device=full.device)  # (B, 1, K)
         layer.conv_states[s] = full.gather(2, cols.expand(-1, full.shape[1], -1))
+
+    def gather_slots(self, slots: torch.Tensor) -> None:
+        """slots (B, C') long: row b's new slot j is its old slot ``slots[b, j]`` in every attention layer (the batched
+        engine's compaction: each row's real slots, in order, without the holes between them). Keys carry their
+        rotary positions already and attention reads slots as a set under the mask, so moving a slot changes no
+        output. Recurrent layers have no slots."""
+        for i, layer in enumerate(self.layers):
+            if i in self.recurrent or not layer.is_initialized or layer.keys.numel() == 0:
+                continue  # a layer that shares another's KV (Gemma-3n/4) holds none of its own
+            index = slots[:, None, :, None]
+            layer.keys = layer.keys.gather(2, index.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3]))
+            layer.values = layer.values.gather(2, index.expand(-1, layer.values.shape[1], -1, layer.values.shape[3]))
 
     def drop_slots(self, n: int) -> None:
         """Crop the last ``n`` slots of the attention layers (the slots no row kept). Recurrent layers have no
