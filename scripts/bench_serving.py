@@ -26,7 +26,8 @@ load, groups of plain, lookup, drafter (draft-cost gate), lookup_rule (Arctic's 
 rotating order on the same prompts and seed (``--prompt-set``: a file of ``deepspec/assets/eval_prompts``, its rows
 cycled to fill R), until each arm has run ``--paired-seconds``; ratios of summed throughputs, hybrid's per-group ratios
 beside them. transformers' prompt lookup decodes one sequence at a time (assisted generation has no batch), so it is
-in ``scripts/bench_lookup.py`` (batch 1) only.
+in ``scripts/bench_lookup.py`` (batch 1) only. ``--ablate-compaction`` adds lookup and hybrid arms whose target cache keeps
+its holes (``speculative.COMPACT_AT`` off), in the same groups.
 
 The verify cost profile is measured once at start-up on this machine (cached per target, device,
 dtype and thread count) and used by both scheduled policies.
@@ -89,14 +90,20 @@ def proposer_sweep(args, target, tok, drafter, cost, temps) -> list[dict]:
     from deepspec.decoding.hybrid import make_engine_session, make_scheduler
     from deepspec.evaluation.harness import token_sources
 
+    from deepspec.decoding import speculative
+
     g, V, sampling = drafter.cfg.block_size, target.config.vocab_size, SamplingConfig(args.temperature)
     eos = tok.eos_token_id if args.temperature == 0 else None  # T > 0: ignore_eos, every arm emits R x max_new_tokens
+    compact_at = speculative.COMPACT_AT
     pool = set_prompts(tok, args.prompt_set, 32)
-    scheds = {arm: make_scheduler(ScheduleConfig(policy=p), g, cost, temps) for arm, p in PROPOSER_ARMS.items()}
-    arms, loads = ["plain", *PROPOSER_ARMS], []
+    policies = dict(PROPOSER_ARMS)
+    if args.ablate_compaction:  # the same policies on a cache whose holes are never compacted
+        policies |= {f"{arm}_uncompacted": PROPOSER_ARMS[arm] for arm in ("lookup", "hybrid")}
+    scheds = {arm: make_scheduler(ScheduleConfig(policy=p), g, cost, temps) for arm, p in policies.items()}
+    arms, loads = ["plain", *policies], []
     for R in args.loads:
         batch = [pool[i % len(pool)] for i in range(R)]
-        paired, groups, sources = {arm: [0, 0.0] for arm in arms}, [], {arm: {} for arm in PROPOSER_ARMS}
+        paired, groups, sources = {arm: [0, 0.0] for arm in arms}, [], {arm: {} for arm in policies}
         while len(groups) < args.paired_repeats or min(v[1] for v in paired.values()) < args.paired_seconds:
             k, rate = len(groups), {}
             for arm in arms[k % len(arms):] + arms[: k % len(arms)]:
@@ -105,8 +112,10 @@ def proposer_sweep(args, target, tok, drafter, cost, temps) -> list[dict]:
                     res = autoregressive_generate_batch(target, batch, args.max_new_tokens, sampling, eos, gen)
                 else:
                     s = scheds[arm]
+                    speculative.COMPACT_AT = float("inf") if arm.endswith("_uncompacted") else compact_at
                     res = speculative_generate_batch(target, make_engine_session(s, drafter, R, V), batch, args.max_new_tokens,
                                                      sampling, eos, gen, s)
+                    speculative.COMPACT_AT = compact_at
                     for src, n in token_sources(res).items():
                         sources[arm][src] = sources[arm].get(src, 0) + n
                 sec, tokens = time.perf_counter() - t, sum(len(r.tokens) for r in res)
@@ -146,6 +155,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--proposers", action="store_true", help="lookup / drafter / hybrid at each load instead of the fixed lengths")
     ap.add_argument("--prompt-set", default="copy_edit", help="--proposers: a set of deepspec/assets/eval_prompts")
+    ap.add_argument("--ablate-compaction", action="store_true",
+                    help="--proposers: also lookup and hybrid on a cache whose holes are never compacted (_uncompacted arms)")
     ap.add_argument("--work-dir", default="runs/bench/targets")
     ap.add_argument("--out", default="runs/bench/serving.json")
     args = ap.parse_args()

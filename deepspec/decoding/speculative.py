@@ -235,7 +235,7 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
         if not draft_now:  # 0. no source pays now: a plain step
             step_tokens, step_valid = batch.anchors[:, None], batch.active[:, None]  # views: both are replaced, not written
             layer_hidden, nxt = _plain_step(target, batch, rows, sampling, generator)
-            batch.cache.keep_prefix(step_valid[:, 0].long())  # a finished row keeps its state (hybrid targets)
+            batch.cache.keep_prefix(step_valid[:, 0])  # a finished row keeps its state (hybrid targets)
             session.extend(layer_hidden, step_tokens, step_valid)
             batch.anchors = _next_anchors(batch, rows, nxt)
             zeros = [0] * N

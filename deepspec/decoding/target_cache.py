@@ -81,10 +81,13 @@ class TargetCache(DynamicCache):
         for i in self.recurrent:
             self.layers[i].activate_past_recording(recurrent_states_to_keep=max_width)
 
-    @torch.no_grad()
     def keep_prefix(self, kept: torch.Tensor) -> None:
-        """kept (B,) int: after the last forward of W positions, row b keeps the state after its first kept[b] of them
-        (0 = the state before the forward). A no-op without recurrent layers or outside recording."""
+        """kept (B,) int or bool: after the last forward of W positions, row b keeps the state after its first kept[b]
+        of them (0 = the state before the forward). A no-op without recurrent layers or outside recording (it runs
+        every round: no decorator, no conversion before that check)."""
+        if not self.recurrent:
+            return
+        kept = kept.long()
         back = None  # [(row, kept)] of the rows that did not keep every position: computed once, on the host
         for i in self.recurrent:
             layer = self.layers[i]
