@@ -15,7 +15,8 @@ run prompt by prompt in a rotating order (drift on a shared machine hits every a
     lookup_rule       Arctic's fixed rule: lookup where its proposal is as long as the drafter's block, else the drafter
     hybrid            schedule.policy=hybrid: per row and round plain, lookup or the drafter, by predicted tokens/s
 
-Throughput = tokens / seconds summed over the set's prompts; ratios are of those sums, taken side by side. EOS ends a
+Throughput = tokens / seconds summed over the set's prompts (``--repeats`` passes, each with new seeds); ratios are of
+those sums, taken side by side; ``hybrid_vs_best_single_bootstrap_se`` resamples the (pass, prompt) groups. EOS ends a
 generation at T = 0 (every arm emits the same tokens); at T > 0 it is ignored, as serving benchmarks do
 (``ignore_eos``): arms that sample different texts would otherwise stop at different lengths, and a longer
 generation costs more per token (a longer context), which is not the proposer's doing. Each scheduler serves every prompt of its arm (what it learns carries over, as in the eval). At T = 0
@@ -56,6 +57,19 @@ def shares(results) -> dict:
     return {k: v / max(sum(counts.values()), 1) for k, v in counts.items()}
 
 
+def bootstrap_se(groups: list[dict], resamples: int = 2000) -> float | None:
+    """Standard error of hybrid / best single (ratios of summed tokens/s) over resampled (pass, prompt) groups: how
+    far this run's figure could move with other prompts and other timing noise (the best arm re-chosen each time)."""
+    if len(groups) < 2:
+        return None
+    gen, stats = torch.Generator().manual_seed(0), []
+    for _ in range(resamples):
+        pick = [groups[j] for j in torch.randint(len(groups), (len(groups),), generator=gen).tolist()]
+        rate = {arm: sum(g[arm][0] for g in pick) / sum(g[arm][1] for g in pick) for arm in ("plain", "lookup", "drafter", "hybrid")}
+        stats.append(rate["hybrid"] / max(rate["plain"], rate["lookup"], rate["drafter"]))
+    return float(torch.tensor(stats).std())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--drafter", default="dspark")
@@ -65,6 +79,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=1, help="passes over each set's prompts (new seeds each pass), summed")
     ap.add_argument("--out", default="runs/bench/lookup.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -99,32 +114,39 @@ def main() -> None:
                 spec(arm, ps[0], 0, 8) if arm in SPEC_ARMS else (hf(ps[0], 0, 8) if arm != "plain" else
                                                                  autoregressive_generate(target, ps[0], 8, sampling, eos))
             tot = {arm: {"tokens": 0, "seconds": 0.0, "results": []} for arm in arms}
+            groups = []  # per (pass, prompt): each arm's (tokens, seconds), for the bootstrap
             mismatches = {arm: 0 for arm in arms}
-            for i, p in enumerate(ps):
-                order = arms[i % len(arms):] + arms[: i % len(arms)]
-                ref = None
+            for k in range(args.repeats * len(ps)):
+                i, p = k % len(ps), ps[k % len(ps)]
+                seed = k  # pass 0 seeds prompt i with i, as before passes existed
+                order = arms[k % len(arms):] + arms[: k % len(arms)]
+                ref, group = None, {}
                 for arm in order:
                     t = time.perf_counter()
                     if arm == "plain":
-                        res = autoregressive_generate(target, p, args.max_new_tokens, sampling, eos, torch.Generator().manual_seed(i))
+                        res = autoregressive_generate(target, p, args.max_new_tokens, sampling, eos, torch.Generator().manual_seed(seed))
                         toks = res.tokens
                     elif arm == "hf_prompt_lookup":
-                        toks, res = hf(p, i, args.max_new_tokens), None
+                        toks, res = hf(p, seed, args.max_new_tokens), None
                     else:
-                        res = spec(arm, p, i, args.max_new_tokens)
+                        res = spec(arm, p, seed, args.max_new_tokens)
                         toks = res.tokens
-                    tot[arm]["seconds"] += time.perf_counter() - t
+                    group[arm] = (len(toks), time.perf_counter() - t)
+                    tot[arm]["seconds"] += group[arm][1]
                     tot[arm]["tokens"] += len(toks)
                     if res is not None and arm != "plain":
                         tot[arm]["results"].append(res)
                     if T == 0:
                         ref = ref or autoregressive_generate(target, p, args.max_new_tokens, sampling, eos).tokens
                         mismatches[arm] += toks != ref[: len(toks)] or len(toks) != len(ref)
+                groups.append(group)
             rate = {arm: v["tokens"] / v["seconds"] for arm, v in tot.items()}
             best_single = max(rate["plain"], rate["lookup"], rate["drafter"])
-            row = {"set": name, "temperature": T, "prompts": len(ps), "tokens_per_s": rate,
+            row = {"set": name, "temperature": T, "prompts": len(ps), "passes": args.repeats, "tokens_per_s": rate,
                    "vs_plain": {arm: rate[arm] / rate["plain"] for arm in arms},
-                   "hybrid_vs_best_single": rate["hybrid"] / best_single, "hybrid_vs_hf_prompt_lookup": rate["hybrid"] / rate["hf_prompt_lookup"],
+                   "hybrid_vs_best_single": rate["hybrid"] / best_single,
+                   "hybrid_vs_best_single_bootstrap_se": bootstrap_se(groups),
+                   "hybrid_vs_hf_prompt_lookup": rate["hybrid"] / rate["hf_prompt_lookup"],
                    "tau": {arm: sum(sum(r.emitted_per_round) for r in v["results"]) / max(sum(len(r.emitted_per_round) for r in v["results"]), 1)
                            for arm, v in tot.items() if v["results"]},
                    "token_shares": {arm: shares(v["results"]) for arm, v in tot.items() if v["results"]},
@@ -133,7 +155,8 @@ def main() -> None:
                 row["greedy_mismatches"] = mismatches
             runs.append(row)
             print(f"{name:10s} T={T:g}  vs plain: " + "  ".join(f"{a} {row['vs_plain'][a]:.2f}" for a in arms[1:]) +
-                  f"  | hybrid / best single {row['hybrid_vs_best_single']:.3f}, / HF lookup {row['hybrid_vs_hf_prompt_lookup']:.3f}"
+                  f"  | hybrid / best single {row['hybrid_vs_best_single']:.3f} (se {row['hybrid_vs_best_single_bootstrap_se'] or 0:.3f})"
+                  f", / HF lookup {row['hybrid_vs_hf_prompt_lookup']:.3f}"
                   f"  | hybrid shares " + " ".join(f"{k} {v:.2f}" for k, v in row["token_shares"]["hybrid"].items())
                   + (f"  | greedy mismatches {sum(mismatches.values())}" if T == 0 else ""), flush=True)
     out = Path(args.out)

@@ -66,6 +66,18 @@ class RoundLog(VerifyScheduler):
         super().observe(rows, verified, accepted, seconds)
 
 
+def log_rounds(scheduler: VerifyScheduler) -> list[tuple[int, bool, int, float]]:
+    """Record every round ``scheduler`` observes, as RoundLog does, for any scheduler class (the lookup policies')."""
+    rounds, observe = [], scheduler.observe
+
+    def logged(rows, verified, accepted, seconds):
+        drafted = verified is not None
+        rounds.append((len(rows), drafted, len(rows) + (int(accepted.sum()) if drafted else 0), seconds))
+        observe(rows, verified, accepted, seconds)
+    scheduler.observe = logged
+    return rounds
+
+
 def drafting_account(rounds: list[tuple[int, bool, int, float]]) -> dict:
     """What drafted rounds cost beyond plain steps of the same run at the same R (median seconds per token)."""
     per_token = {}
@@ -101,9 +113,12 @@ def proposer_sweep(args, target, tok, drafter, cost, temps) -> list[dict]:
         policies |= {f"{arm}_uncompacted": PROPOSER_ARMS[arm] for arm in ("lookup", "hybrid")}
     scheds = {arm: make_scheduler(ScheduleConfig(policy=p), g, cost, temps) for arm, p in policies.items()}
     arms, loads = ["plain", *policies], []
+    logs = {arm: log_rounds(s) for arm, s in scheds.items()}
     for R in args.loads:
         batch = [pool[i % len(pool)] for i in range(R)]
         paired, groups, sources = {arm: [0, 0.0] for arm in arms}, [], {arm: {} for arm in policies}
+        for log in logs.values():
+            log.clear()
         while len(groups) < args.paired_repeats or min(v[1] for v in paired.values()) < args.paired_seconds:
             k, rate = len(groups), {}
             for arm in arms[k % len(arms):] + arms[: k % len(arms)]:
@@ -131,10 +146,14 @@ def proposer_sweep(args, target, tok, drafter, cost, temps) -> list[dict]:
                "hybrid_vs_best_single_per_group": per_group,
                "hybrid_vs_best_single_se": statistics.stdev(per_group) / len(per_group) ** 0.5 if len(per_group) > 1 else None,
                "seconds": {arm: sec for arm, (_, sec) in paired.items()},
+               # per arm, its drafted (lookup or drafter) rounds priced against plain rounds of the same runs at the same
+               # R: the decisions' gain or loss, free of the prefill and of run-to-run noise
+               "in_process": {arm: drafting_account(log) for arm, log in logs.items()},
                "token_shares": {arm: {k: v / max(sum(c.values()), 1) for k, v in c.items()} for arm, c in sources.items()}}
         loads.append(row)
         print(f"R={R:3d} ({len(groups)} groups)  vs plain: " + "  ".join(f"{a} {row['vs_plain'][a]:.2f}" for a in arms[1:]) +
-              f"  | hybrid / best single {row['hybrid_vs_best_single']:.3f}  | hybrid shares "
+              f"  | hybrid / best single {row['hybrid_vs_best_single']:.3f}  | in process vs plain: "
+              + " ".join(f"{a} {v['vs_plain_in_process']:.3f}" for a, v in row["in_process"].items()) + "  | hybrid shares "
               + " ".join(f"{k} {v:.2f}" for k, v in row["token_shares"]["hybrid"].items()), flush=True)
     return loads
 
