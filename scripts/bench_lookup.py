@@ -72,6 +72,7 @@ def bootstrap_se(groups: list[dict], resamples: int = 2000) -> float | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", default="toy", help="toy, or toy_copy: the toy fine-tuned to copy (scripts/make_copy_target.py)")
     ap.add_argument("--drafter", default="dspark")
     ap.add_argument("--drafter-path", default=None, help="an exported drafter (else a random one: it never pays)")
     ap.add_argument("--sets", nargs="+", default=["humaneval", "mbpp", "gsm8k", "mt-bench", "copy_edit"])
@@ -84,7 +85,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    tcfg = target_config("toy", Path("runs/bench/targets"))
+    tcfg = target_config(args.target, Path("runs/bench/targets"))
     target, tok = TargetModel.from_config(tcfg), load_tokenizer(tcfg)
     drafter = build_drafter(args.drafter, tcfg, args.drafter_path)
     g, V = drafter.cfg.block_size, target.config.vocab_size

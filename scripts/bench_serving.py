@@ -25,7 +25,9 @@ is ignored, so every arm emits the same number of tokens whatever it sampled): a
 load, groups of plain, lookup, drafter (draft-cost gate), lookup_rule (Arctic's fixed rule) and hybrid, interleaved in a
 rotating order on the same prompts and seed (``--prompt-set``: a file of ``deepspec/assets/eval_prompts``, its rows
 cycled to fill R), until each arm has run ``--paired-seconds``; ratios of summed throughputs, hybrid's per-group ratios
-beside them. transformers' prompt lookup decodes one sequence at a time (assisted generation has no batch), so it is
+beside them, end to end and after the prefill (``decode_*``: the prefill is the same computation in every arm, and at 8+
+long prompts its time alone varies +-20% here, which hides what the proposer changes; serving benchmarks report time
+per output token for the same reason), and ``in_process``: each arm's drafted rounds priced against its own plain rounds. transformers' prompt lookup decodes one sequence at a time (assisted generation has no batch), so it is
 in ``scripts/bench_lookup.py`` (batch 1) only. ``--ablate-compaction`` adds lookup and hybrid arms whose target cache keeps
 its holes (``speculative.COMPACT_AT`` off), in the same groups.
 
@@ -116,11 +118,11 @@ def proposer_sweep(args, target, tok, drafter, cost, temps) -> list[dict]:
     logs = {arm: log_rounds(s) for arm, s in scheds.items()}
     for R in args.loads:
         batch = [pool[i % len(pool)] for i in range(R)]
-        paired, groups, sources = {arm: [0, 0.0] for arm in arms}, [], {arm: {} for arm in policies}
+        paired, groups, sources = {arm: [0, 0.0, 0.0] for arm in arms}, [], {arm: {} for arm in policies}  # tokens, s, decode s
         for log in logs.values():
             log.clear()
         while len(groups) < args.paired_repeats or min(v[1] for v in paired.values()) < args.paired_seconds:
-            k, rate = len(groups), {}
+            k, rate, decode = len(groups), {}, {}
             for arm in arms[k % len(arms):] + arms[: k % len(arms)]:
                 gen, t = torch.Generator().manual_seed(k), time.perf_counter()
                 if arm == "plain":
@@ -134,25 +136,34 @@ def proposer_sweep(args, target, tok, drafter, cost, temps) -> list[dict]:
                     for src, n in token_sources(res).items():
                         sources[arm][src] = sources[arm].get(src, 0) + n
                 sec, tokens = time.perf_counter() - t, sum(len(r.tokens) for r in res)
+                decoding = sec - res[0].seconds["prefill"]  # the rows share one seconds dict (the batch's wall time)
                 paired[arm][0] += tokens
                 paired[arm][1] += sec
-                rate[arm] = tokens / sec
-            groups.append(rate)
-        thr = {arm: tokens / sec for arm, (tokens, sec) in paired.items()}
-        best = max(thr["plain"], thr["lookup"], thr["drafter"])
-        per_group = [grp["hybrid"] / max(grp["plain"], grp["lookup"], grp["drafter"]) for grp in groups]
+                paired[arm][2] += decoding
+                rate[arm], decode[arm] = tokens / sec, tokens / decoding
+            groups.append((rate, decode))
+        thr = {arm: tokens / sec for arm, (tokens, sec, _) in paired.items()}
+        dec = {arm: tokens / sec for arm, (tokens, _, sec) in paired.items()}
         row = {"concurrent_requests": R, "groups": len(groups), "throughput_tokens_per_s": thr,
-               "vs_plain": {arm: thr[arm] / thr["plain"] for arm in arms}, "hybrid_vs_best_single": thr["hybrid"] / best,
-               "hybrid_vs_best_single_per_group": per_group,
-               "hybrid_vs_best_single_se": statistics.stdev(per_group) / len(per_group) ** 0.5 if len(per_group) > 1 else None,
-               "seconds": {arm: sec for arm, (_, sec) in paired.items()},
+               "vs_plain": {arm: thr[arm] / thr["plain"] for arm in arms},
+               "seconds": {arm: sec for arm, (_, sec, _) in paired.items()},
+               # after the prefill (the same computation in every arm, whose time varies +-20% here at 8+ long prompts):
+               # what a proposer changes, as serving benchmarks' time per output token does
+               "decode_tokens_per_s": dec, "decode_vs_plain": {arm: dec[arm] / dec["plain"] for arm in arms},
+               "prefill_seconds_share": {arm: 1 - d / sec for arm, (_, sec, d) in paired.items()},
                # per arm, its drafted (lookup or drafter) rounds priced against plain rounds of the same runs at the same
                # R: the decisions' gain or loss, free of the prefill and of run-to-run noise
                "in_process": {arm: drafting_account(log) for arm, log in logs.items()},
                "token_shares": {arm: {k: v / max(sum(c.values()), 1) for k, v in c.items()} for arm, c in sources.items()}}
+        for key, table, i in (("hybrid_vs_best_single", thr, 0), ("hybrid_decode_vs_best_single", dec, 1)):
+            per_group = [grp[i]["hybrid"] / max(grp[i]["plain"], grp[i]["lookup"], grp[i]["drafter"]) for grp in groups]
+            row[key] = table["hybrid"] / max(table["plain"], table["lookup"], table["drafter"])
+            row[key + "_per_group"] = per_group
+            row[key + "_se"] = statistics.stdev(per_group) / len(per_group) ** 0.5 if len(per_group) > 1 else None
         loads.append(row)
         print(f"R={R:3d} ({len(groups)} groups)  vs plain: " + "  ".join(f"{a} {row['vs_plain'][a]:.2f}" for a in arms[1:]) +
-              f"  | hybrid / best single {row['hybrid_vs_best_single']:.3f}  | in process vs plain: "
+              f"  | hybrid / best single {row['hybrid_vs_best_single']:.3f}, decoding {row['hybrid_decode_vs_best_single']:.3f}"
+              f" (se {row['hybrid_decode_vs_best_single_se'] or 0:.3f})  | in process vs plain: "
               + " ".join(f"{a} {v['vs_plain_in_process']:.3f}" for a, v in row["in_process"].items()) + "  | hybrid shares "
               + " ".join(f"{k} {v:.2f}" for k, v in row["token_shares"]["hybrid"].items()), flush=True)
     return loads

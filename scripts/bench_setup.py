@@ -37,6 +37,10 @@ def target_dir(name: str, root: Path) -> Path:
     """The toy target's folder, or a random Qwen3 / Qwen3.5 (hybrid) saved once under ``root``."""
     if name == "toy":
         return TOY_DIR
+    if name == "toy_copy":  # the toy fine-tuned to copy (scripts/make_copy_target.py): minutes to build, so built on request
+        if not (root / name / "model.safetensors").exists():
+            raise SystemExit(f"{root / name} is missing: python scripts/make_copy_target.py --out {root / name}")
+        return root / name
     import transformers as T
 
     path = root / name
@@ -68,7 +72,7 @@ def target_config(name: str, root: Path):
 
     path = target_dir(name, root)
     L = AutoConfig.from_pretrained(path).num_hidden_layers
-    layers = [0, 2, 4] if name == "toy" else [1, L // 2, L - 2]
+    layers = [0, 2, 4] if name in ("toy", "toy_copy") else [1, L // 2, L - 2]
     return TargetConfig(name_or_path="toy" if name == "toy" else str(path), layer_ids=layers, mask_token_id=3, dtype="float32",
                         device="cpu")
 

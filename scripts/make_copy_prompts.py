@@ -25,6 +25,13 @@ HELDOUT = REPO / "deepspec" / "assets" / "toy_prompts" / "heldout.jsonl"
 OUT = REPO / "deepspec" / "assets" / "eval_prompts" / "copy_edit.jsonl"
 
 
+def edit_prompt(turn: str, body: str) -> str:
+    """A "complete this function" prompt with the function shown whole first (its signature and docstring from
+    ``turn``, then ``body``), asked for again."""
+    head = turn.split("```python\n", 1)[1].rsplit("```", 1)[0]  # the signature and docstring
+    return f"Here is a Python function:\n```python\n{head}{body}\n```\nEdit it: keep its behaviour and write the body again.\n" + turn
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=24)
@@ -46,9 +53,7 @@ def main() -> None:
         with torch.inference_mode():
             answer = autoregressive_generate(target, ids, args.max_new_tokens, SamplingConfig(0), tok.eos_token_id).tokens
         body = tok.decode(answer, skip_special_tokens=True).split("```")[0].rstrip()
-        head = turn.split("```python\n", 1)[1].rsplit("```", 1)[0]  # the signature and docstring
-        edit = f"Here is a Python function:\n```python\n{head}{body}\n```\nEdit it: keep its behaviour and write the body again.\n"
-        rows.append({"source": row["source"], "turns": [edit + turn]})
+        rows.append({"source": row["source"], "turns": [edit_prompt(turn, body)]})
     OUT.write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"wrote {len(rows)} rows to {OUT}")
 
