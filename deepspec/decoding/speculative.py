@@ -174,8 +174,8 @@ def _compact_holes(batch: _Batch) -> None:
     """Once holes are ``COMPACT_AT`` of the cache, keep only each row's real slots, in order, right-aligned in a cache
     as long as the longest row. Every later step copies and attends over every slot, holes included: +512 hole slots
     made a plain step of 8-32 copy_edit rows (1,250 slots) 15-38% slower (2 CPU threads, ``scripts/bench_cache_holes.py``),
-    and a row's rejected drafts leave up to G holes per round. One compaction costs about one step's cache copy. A batch of one
-    never has holes (its rejections are trailing and cropped)."""
+    and a row's rejected drafts leave up to G holes per round. One compaction costs about one step's cache copy.
+    A batch of one never has holes (its rejections are trailing and cropped)."""
     C, longest = batch.mask.shape[1], int(batch.lengths.max())
     if C - longest < max(C * COMPACT_AT, 1):
         return

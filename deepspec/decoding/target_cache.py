@@ -122,8 +122,9 @@ class TargetCache(DynamicCache):
     def gather_slots(self, slots: torch.Tensor) -> None:
         """slots (B, C') long: row b's new slot j is its old slot ``slots[b, j]`` in every attention layer (the batched
         engine's compaction: each row's real slots, in order, without the holes between them). Keys carry their
-        rotary positions already and attention reads slots as a set under the mask, so moving a slot changes no
-        output. Recurrent layers have no slots."""
+        rotary positions already and attention reads slots under the mask, so moving a slot changes no output as
+        long as each row keeps their order (a sliding window counts positions along the slots). Recurrent layers
+        have no slots."""
         for i, layer in enumerate(self.layers):
             if i in self.recurrent or not layer.is_initialized or layer.keys.numel() == 0:
                 continue  # a layer that shares another's KV (Gemma-3n/4) holds none of its own
