@@ -57,6 +57,11 @@ def shares(results) -> dict:
     return {k: v / max(sum(counts.values()), 1) for k, v in counts.items()}
 
 
+def hybrid_over_best(rate: dict) -> float:
+    """The hybrid's tokens/s over the best single arm's (plain, lookup alone, drafter alone)."""
+    return rate["hybrid"] / max(rate["plain"], rate["lookup"], rate["drafter"])
+
+
 def bootstrap_se(groups: list[dict], resamples: int = 2000) -> float | None:
     """Standard error of hybrid / best single (ratios of summed tokens/s) over resampled (pass, prompt) groups: how
     far this run's figure could move with other prompts and other timing noise (the best arm re-chosen each time)."""
@@ -65,8 +70,8 @@ def bootstrap_se(groups: list[dict], resamples: int = 2000) -> float | None:
     gen, stats = torch.Generator().manual_seed(0), []
     for _ in range(resamples):
         pick = [groups[j] for j in torch.randint(len(groups), (len(groups),), generator=gen).tolist()]
-        rate = {arm: sum(g[arm][0] for g in pick) / sum(g[arm][1] for g in pick) for arm in ("plain", "lookup", "drafter", "hybrid")}
-        stats.append(rate["hybrid"] / max(rate["plain"], rate["lookup"], rate["drafter"]))
+        stats.append(hybrid_over_best({arm: sum(g[arm][0] for g in pick) / sum(g[arm][1] for g in pick)
+                                       for arm in ("plain", "lookup", "drafter", "hybrid")}))
     return float(torch.tensor(stats).std())
 
 
@@ -118,8 +123,7 @@ def main() -> None:
             groups = []  # per (pass, prompt): each arm's (tokens, seconds), for the bootstrap
             mismatches = {arm: 0 for arm in arms}
             for k in range(args.repeats * len(ps)):
-                i, p = k % len(ps), ps[k % len(ps)]
-                seed = k  # pass 0 seeds prompt i with i, as before passes existed
+                p, seed = ps[k % len(ps)], k  # pass 0 seeds prompt i with i, as before passes existed
                 order = arms[k % len(arms):] + arms[: k % len(arms)]
                 ref, group = None, {}
                 for arm in order:
@@ -142,10 +146,9 @@ def main() -> None:
                         mismatches[arm] += toks != ref[: len(toks)] or len(toks) != len(ref)
                 groups.append(group)
             rate = {arm: v["tokens"] / v["seconds"] for arm, v in tot.items()}
-            best_single = max(rate["plain"], rate["lookup"], rate["drafter"])
             row = {"set": name, "temperature": T, "prompts": len(ps), "passes": args.repeats, "tokens_per_s": rate,
                    "vs_plain": {arm: rate[arm] / rate["plain"] for arm in arms},
-                   "hybrid_vs_best_single": rate["hybrid"] / best_single,
+                   "hybrid_vs_best_single": hybrid_over_best(rate),
                    "hybrid_vs_best_single_bootstrap_se": bootstrap_se(groups),
                    "hybrid_vs_hf_prompt_lookup": rate["hybrid"] / rate["hf_prompt_lookup"],
                    "tau": {arm: sum(sum(r.emitted_per_round) for r in v["results"]) / max(sum(len(r.emitted_per_round) for r in v["results"]), 1)

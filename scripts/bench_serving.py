@@ -27,8 +27,9 @@ rotating order on the same prompts and seed (``--prompt-set``: a file of ``deeps
 cycled to fill R), until each arm has run ``--paired-seconds``; ratios of summed throughputs, hybrid's per-group ratios
 beside them, end to end and after the prefill (``decode_*``: the prefill is the same computation in every arm, and at 8+
 long prompts its time alone varies +-20% here, which hides what the proposer changes; serving benchmarks report time
-per output token for the same reason), and ``in_process``: each arm's drafted rounds priced against its own plain rounds. transformers' prompt lookup decodes one sequence at a time (assisted generation has no batch), so it is
-in ``scripts/bench_lookup.py`` (batch 1) only. ``--ablate-compaction`` adds lookup and hybrid arms whose target cache keeps
+per output token for the same reason), and ``in_process``: each arm's drafted rounds priced against its own plain
+rounds. transformers' prompt lookup decodes one sequence at a time (assisted generation has no batch), so it is in
+``scripts/bench_lookup.py`` (batch 1) only. ``--ablate-compaction`` adds lookup and hybrid arms whose target cache keeps
 its holes (``speculative.COMPACT_AT`` off), in the same groups.
 
 The verify cost profile is measured once at start-up on this machine (cached per target, device,
@@ -55,21 +56,8 @@ from deepspec.evaluation.harness import fit_sts
 from deepspec.target import TargetModel, load_tokenizer
 
 
-class RoundLog(VerifyScheduler):
-    """A VerifyScheduler that records every round it observes: (rows, drafted, tokens, seconds)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.rounds: list[tuple[int, bool, int, float]] = []
-
-    def observe(self, rows, verified, accepted, seconds):
-        drafted = verified is not None
-        self.rounds.append((len(rows), drafted, len(rows) + (int(accepted.sum()) if drafted else 0), seconds))
-        super().observe(rows, verified, accepted, seconds)
-
-
 def log_rounds(scheduler: VerifyScheduler) -> list[tuple[int, bool, int, float]]:
-    """Record every round ``scheduler`` observes, as RoundLog does, for any scheduler class (the lookup policies')."""
+    """Record every round ``scheduler`` observes (any scheduler class): (rows, drafted, tokens, seconds) per round."""
     rounds, observe = [], scheduler.observe
 
     def logged(rows, verified, accepted, seconds):
@@ -100,7 +88,7 @@ PROPOSER_ARMS = {"lookup": "lookup", "drafter": "scheduled_with_draft_cost", "lo
 
 def proposer_sweep(args, target, tok, drafter, cost, temps) -> list[dict]:
     """Plain, lookup, drafter, lookup_rule and hybrid at each load: paired groups, rotating order (``--proposers``)."""
-    from bench_lookup import set_prompts
+    from bench_lookup import hybrid_over_best, set_prompts
     from deepspec.decoding.hybrid import make_engine_session, make_scheduler
     from deepspec.evaluation.harness import token_sources
 
@@ -156,8 +144,8 @@ def proposer_sweep(args, target, tok, drafter, cost, temps) -> list[dict]:
                "in_process": {arm: drafting_account(log) for arm, log in logs.items()},
                "token_shares": {arm: {k: v / max(sum(c.values()), 1) for k, v in c.items()} for arm, c in sources.items()}}
         for key, table, i in (("hybrid_vs_best_single", thr, 0), ("hybrid_decode_vs_best_single", dec, 1)):
-            per_group = [grp[i]["hybrid"] / max(grp[i]["plain"], grp[i]["lookup"], grp[i]["drafter"]) for grp in groups]
-            row[key] = table["hybrid"] / max(table["plain"], table["lookup"], table["drafter"])
+            per_group = [hybrid_over_best(grp[i]) for grp in groups]
+            row[key] = hybrid_over_best(table)
             row[key + "_per_group"] = per_group
             row[key + "_se"] = statistics.stdev(per_group) / len(per_group) ** 0.5 if len(per_group) > 1 else None
         loads.append(row)
@@ -215,8 +203,8 @@ def main() -> None:
     policies = {"plain": None, **{f"fixed_g{L}": ScheduleConfig(policy="fixed", fixed_length=L) for L in range(1, g + 1)},
                 "scheduled": ScheduleConfig(policy="scheduled"),
                 "scheduled_with_draft_cost": ScheduleConfig(policy="scheduled_with_draft_cost")}
-    schedulers = {k: (RoundLog if k == "scheduled_with_draft_cost" else VerifyScheduler)(c, g, cost, temps)
-                  for k, c in policies.items() if c is not None}
+    schedulers = {k: VerifyScheduler(c, g, cost, temps) for k, c in policies.items() if c is not None}
+    gated_rounds = log_rounds(schedulers["scheduled_with_draft_cost"])
     speculative_generate_batch(target, make_session(drafter, 1), prompts(tok, 1), 8, sampling)  # warm-up
     loads = []
     pool = prompts(tok, 16, offset=0)
@@ -252,7 +240,7 @@ def main() -> None:
         top = max(fixed, key=lambda k: fixed[k]["throughput_tokens_per_s"])
         arms = ["plain", top, "scheduled_with_draft_cost"]
         pairs, pairs_best, paired = [], [], {name: [0, 0.0] for name in arms}  # per group ratios; tokens, seconds
-        schedulers["scheduled_with_draft_cost"].rounds.clear()
+        gated_rounds.clear()
         while len(pairs) < args.paired_repeats or min(v[1] for v in paired.values()) < args.paired_seconds:
             k = len(pairs)
             batch = [pool[(k * R + i) % len(pool)] for i in range(R)] if R <= 4 else ps
@@ -280,7 +268,7 @@ def main() -> None:
             # about one standard error of each paired figure: the spread of the group ratios / sqrt(groups)
             vs_plain_paired_se=statistics.stdev(pairs) / len(pairs) ** 0.5, vs_plain_pairs=pairs,
             vs_best_fixed_paired_se=statistics.stdev(pairs_best) / len(pairs) ** 0.5, vs_best_fixed_pairs=pairs_best,
-            **drafting_account(schedulers["scheduled_with_draft_cost"].rounds))
+            **drafting_account(gated_rounds))
         loads.append(row)
         sd = row["scheduled_with_draft_cost"]
         print(f"R={R:3d}  tokens/s  plain {summed['plain']['throughput_tokens_per_s']:8.1f}  fixed_g{g} "
