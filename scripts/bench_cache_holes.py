@@ -39,7 +39,7 @@ def step_seconds(target, prompts: list[torch.Tensor], holes: int, steps: int) ->
     for i in range(steps + 3):  # 3 warm-up steps
         if i == 3:
             t = time.perf_counter()
-        _, batch.anchors = S._plain_step(target, batch, batch.rows, greedy, None)
+        _, batch.anchors = S._plain_step(target, batch, greedy, None)
     return (time.perf_counter() - t) / steps
 
 

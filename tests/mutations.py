@@ -137,8 +137,8 @@ MUTATIONS = [
     ("q reported is not the sampled distribution (unfused walk)", "deepspec/decoding/sessions/dspark.py", "            probs.append(qk)",
      "            probs.append(torch.softmax(lk, -1))", LAW + " -k 'vanilla-T0.5 or gated'"),
     # target cache holes and crop, drafter state
-    ("accepted anchor dropped from the cache", "deepspec/decoding/speculative.py", "keep = _of_every_row((steps <= m[:, None]).long()",
-     "keep = _of_every_row((steps < m[:, None]).long()", FAST_LAW),
+    ("accepted anchor dropped from the cache", "deepspec/decoding/speculative.py", "keep = (steps <= m[:, None]).long()",
+     "keep = (steps < m[:, None]).long()", FAST_LAW),
     ("rejected positions not turned into holes", "deepspec/decoding/speculative.py", "        batch.mask[:, -W:] = keep  # rejected positions become holes",
      "        pass", FAST_LAW),
     ("a plain round's queued anchors overwritten in place", "deepspec/decoding/speculative.py",

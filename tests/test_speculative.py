@@ -216,9 +216,30 @@ def test_target_cache_keeps_no_slot_that_every_row_rejected(toy, corrupt, monkey
     got = speculative_generate_batch(target, session, ids, 24, greedy)
     assert [r.tokens for r in got] == refs
     for width, mask in calls[1:]:
+        if len(mask) < len(ids):  # a row finished and left: the slots only it held are holes of the others
+            continue  # (compacted by share, ``_compact_holes``)
         assert bool(mask[:, :-width].any(0).all()), "a cache column that no row kept survived a round"
         if len(ids) == 1:
             assert bool(mask.all()), "a batch of one attended over a hole"
+
+
+def test_finished_rows_leave_the_target_batch(toy, monkeypatch):
+    """Rows finish rounds apart (one accepts every draft, one none, one some): each round's target forward runs the
+    rows still active, and no others, and the output is plain greedy's."""
+    target, tok = toy
+    greedy = SamplingConfig(temperature=0)
+    ids = prompts(tok, 3)
+    refs = [autoregressive_generate(target, p, 24, greedy).tokens for p in ids]
+    rows_per_forward = []
+    real = target.decoder_with_positions
+    monkeypatch.setattr(target, "decoder_with_positions", lambda i, *a: rows_per_forward.append(len(i)) or real(i, *a))
+    session = ReplaySession(refs, 4, [set(), set(range(99)), {2, 7, 11}], [len(p) for p in ids])
+    got = speculative_generate_batch(target, session, ids, 24, greedy)
+    assert [r.tokens for r in got] == refs
+    rounds = [len(r.emitted_per_round) for r in got]
+    assert len(set(rounds)) == 3, rounds  # the rows finished in different rounds
+    active = [sum(n > k for n in rounds) for k in range(max(rounds))]  # rows still decoding in round k
+    assert rows_per_forward == [3] + active  # the prefill, then one forward per round
 
 
 def test_holes_are_compacted_and_decoding_is_unchanged(toy, monkeypatch):

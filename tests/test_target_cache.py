@@ -37,18 +37,29 @@ def linear_states(cache: TargetCache) -> list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class RecordingCache(TargetCache):
-    """The engine's cache, keeping a copy of the linear states and of ``kept`` after every rollback."""
+    """The engine's cache, keeping a copy of the linear states and of ``kept`` after every rollback, with the ids of
+    the rows it held then (finished rows leave the engine's batch: ``reorder_cache``)."""
 
     instances: list["RecordingCache"] = []
 
     def __init__(self, config):
         super().__init__(config)
-        self.after_rounds: list[tuple[torch.Tensor, list]] = []
+        self.after_rounds: list[tuple[list[int], torch.Tensor, list]] = []
+        self.held: list[int] | None = None
         RecordingCache.instances.append(self)
 
     def keep_prefix(self, kept):
         super().keep_prefix(kept)
-        self.after_rounds.append((kept.clone(), linear_states(self)))
+        self.after_rounds.append((self.rows_held(), kept.clone(), linear_states(self)))
+
+    def reorder_cache(self, rows):
+        self.held = [self.rows_held()[i] for i in rows.tolist()]
+        super().reorder_cache(rows)
+
+    def rows_held(self) -> list[int]:
+        if self.held is None:  # the whole batch, from the prefill's states
+            self.held = list(range(len(self.layers[self.recurrent[0]].recurrent_states[0])))
+        return list(self.held)
 
 
 @torch.no_grad()
@@ -83,17 +94,18 @@ def test_each_rows_recurrent_and_conv_states_equal_plain_decodings(hybrid, monke
     (cache,) = RecordingCache.instances
     for r, (prompt, res) in enumerate(zip(prompts, results)):
         plain = plain_states(target, prompt, res.tokens)
-        rounds = [states for kept, states in cache.after_rounds if int(kept[r]) > 0]  # the rounds row r took part in
+        # the rounds row r took part in, with its place in the batch then
+        rounds = [(held.index(r), states) for held, kept, states in cache.after_rounds if r in held and int(kept[held.index(r)]) > 0]
         assert len(rounds) == len(res.emitted_per_round)
         fed = 0
-        for i, (states, emitted, accepted) in enumerate(zip(rounds, res.emitted_per_round, res.accepted_per_round)):
+        for i, ((at, states), emitted, accepted) in enumerate(zip(rounds, res.emitted_per_round, res.accepted_per_round)):
             if emitted < accepted + 1:  # the last round, cut at max_new_tokens: it fed drafts the row never emitted
                 assert i == len(rounds) - 1
                 break
             fed += emitted  # the anchor and the accepted drafts went through the target this round
             for (rec, conv), (rec_plain, conv_plain) in zip(states, plain[fed]):
-                torch.testing.assert_close(rec[r], rec_plain[0], rtol=0, atol=ATOL)
-                torch.testing.assert_close(conv[r], conv_plain[0], rtol=0, atol=ATOL)
+                torch.testing.assert_close(rec[at], rec_plain[0], rtol=0, atol=ATOL)
+                torch.testing.assert_close(conv[at], conv_plain[0], rtol=0, atol=ATOL)
 
 
 def test_targets_the_engine_cannot_roll_back_are_refused_by_name():

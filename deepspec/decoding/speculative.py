@@ -19,7 +19,10 @@ confidence-scheduled verification (Algorithm 1), for the R active rows at once:
                  queues the accepted tokens' target features; the next token becomes the anchor
 
 A single prompt is the batch of one. Rows stop at ``max_new_tokens`` or after emitting
-``eos_token_id``; finished rows ride along with their mask at zero.
+``eos_token_id``; a finished row leaves the target's batch at once (``_hold_only``), as a serving engine
+retires a finished request: the target's tensors (cache, mask, lengths) hold the active rows only, so a
+round costs what its R active rows cost. The drafter's session and the scheduler keep their rows of the
+whole batch and are addressed by the original row ids (``rows``).
 
 The batched KV cache grows by up to W positions per round for every row; positions a row did not
 accept, while another row kept them, stay as holes that the attention mask hides, and explicit position ids count only a row's
@@ -68,16 +71,17 @@ class GenerationResult:
 
 @dataclass
 class _Batch:
-    """The target side of a batch: KV cache, attention mask over it, real lengths, anchors."""
+    """The target side of a batch: KV cache, attention mask over it, real lengths (over the N active rows, in
+    the order of ``rows``), and per row of the whole batch of B its anchor, whether it is active, its result."""
 
-    cache: TargetCache
-    mask: torch.Tensor  # (B, cache length) 1 = a real token of the row, 0 = padding or hole
-    lengths: torch.Tensor  # (B,) real tokens per row = position of the anchor
+    cache: TargetCache  # the N active rows' keys/values (recurrent states)
+    mask: torch.Tensor  # (N, cache length) 1 = a real token of the row, 0 = padding or hole
+    lengths: torch.Tensor  # (N,) real tokens per row = position of the anchor
     anchors: torch.Tensor  # (B,) the last emitted token per row; replaced each round, never written in place (the
     # drafter's queue keeps a view of the previous anchors as the tokens of a plain round)
     active: torch.Tensor  # (B,) bool; replaced when rows stop, never written in place (the queue keeps views of it too)
     results: list[GenerationResult]
-    rows: torch.Tensor = field(init=False)  # (N,) the active rows, sorted: kept with ``active`` (here, then by ``_stop``)
+    rows: torch.Tensor = field(init=False)  # (N,) the active rows' ids in 0..B-1, sorted: kept with ``active``
 
     def __post_init__(self):
         self.rows = self.active.nonzero()[:, 0]
@@ -101,9 +105,10 @@ def _prefill(target: TargetModel, prompts: list[torch.Tensor], sampling: Samplin
     seconds = results[0].seconds
     for res in results[1:]:
         res.seconds = seconds
-    active = torch.tensor([tok != eos_token_id and max_new_tokens > 1 for tok in first.tolist()], device=dev)
+    batch = _Batch(cache, mask, mask.sum(1), first, torch.ones(B, dtype=torch.bool, device=dev), results)
+    _stop(batch, [i for i, tok in enumerate(first.tolist()) if tok == eos_token_id or max_new_tokens <= 1])
     seconds["prefill"] = time.perf_counter() - t
-    return _Batch(cache, mask, mask.sum(1), first, active, results), features, ids, mask.bool()
+    return batch, features, ids, mask.bool()
 
 
 def _emit(batch: _Batch, rows: list[int], tokens: list[list[int]], m: list[int], verified: list[int], max_new_tokens: int,
@@ -128,17 +133,27 @@ def _emit(batch: _Batch, rows: list[int], tokens: list[list[int]], m: list[int],
 
 
 def _stop(batch: _Batch, stopped: list[int]) -> None:
-    """The ``stopped`` rows leave the batch: a new ``active`` mask (the old one may be queued in the drafter as a
-    plain round's valid mask, so it is never written in place) and its ``rows``."""
+    """The ``stopped`` rows (ids in 0..B-1) leave the batch: a new ``active`` mask (the old one may be queued in the
+    drafter as a plain round's valid mask, so it is never written in place), its ``rows``, and the target's cache,
+    mask and lengths without them. A finished row kept in the target's batch would cost every later step as much as
+    an active one: rows that copy finish rounds apart, and tails of 2-6 active rows in a batch of 16 made the lookup
+    slower than plain decoding at 8-32 rows (eval/results/benchmarks/README.md). Dropping them costs one copy of the
+    cache, about what a step's cache append costs."""
     if stopped:
         active = batch.active.clone()
         active[stopped] = False
+        stays = active[batch.rows].nonzero()[:, 0]  # (N',) places of the rows that go on, among the old N
         batch.active, batch.rows = active, active.nonzero()[:, 0]
+        if len(stays):  # none left: the loop ends, nothing to copy
+            batch.cache.reorder_cache(stays)
+            batch.mask, batch.lengths = batch.mask[stays], batch.lengths[stays]
+            _compact_holes(batch)  # the slots only the finished rows held are holes now
 
 
 def _of_every_row(x: torch.Tensor, rows: torch.Tensor, B: int) -> torch.Tensor:
-    """(N, ...) values of the active ``rows`` -> (B, ...) with zeros for the finished rows. ``rows`` are sorted and
-    unique (``active.nonzero()``), so N == B means every row: then ``x`` itself, no scatter."""
+    """(N, ...) values of the active ``rows`` -> (B, ...) with zeros for the finished rows (the drafter's session
+    keeps every row). ``rows`` are sorted and unique (``active.nonzero()``), so N == B means every row: then ``x``
+    itself, no scatter."""
     if len(rows) == B:
         return x
     out = x.new_zeros(B, *x.shape[1:])
@@ -185,17 +200,17 @@ def _compact_holes(batch: _Batch) -> None:
     batch.mask = batch.mask.gather(1, slots)
 
 
-def _plain_step(target: TargetModel, batch: _Batch, rows: torch.Tensor, sampling: SamplingConfig, generator) -> tuple:
-    """One plain decoding step of the active ``rows`` (N,): -> layer features (B, 1, L*d) and next tokens (N,).
+def _plain_step(target: TargetModel, batch: _Batch, sampling: SamplingConfig, generator) -> tuple:
+    """One plain decoding step of the N active rows: -> layer features (N, 1, L*d) and next tokens (N,).
 
     The baseline's step and the engine's undrafted rounds are this same function, so a round the
     scheduler decodes plainly costs exactly what plain decoding costs. The caller sets the anchors.
     """
-    step = batch.active.long()[:, None]
-    batch.mask = torch.cat([batch.mask, step], dim=1)
-    layer_hidden, final = target.decoder_with_positions(batch.anchors[:, None], batch.mask, batch.lengths[:, None], batch.cache)
-    batch.lengths += step[:, 0]
-    return layer_hidden, next_token(target.logits(final[rows, 0]), sampling, generator)
+    anchors = _of_active_rows(batch.anchors, batch.rows, len(batch.anchors))
+    batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(anchors), 1)], dim=1)
+    layer_hidden, final = target.decoder_with_positions(anchors[:, None], batch.mask, batch.lengths[:, None], batch.cache)
+    batch.lengths += 1
+    return layer_hidden, next_token(target.logits(final[:, 0]), sampling, generator)
 
 
 @torch.no_grad()
@@ -234,9 +249,9 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
         draft_now = scheduler.should_draft(rows) if proposal is None else scheduler.should_draft(rows, proposal)
         if not draft_now:  # 0. no source pays now: a plain step
             step_tokens, step_valid = batch.anchors[:, None], batch.active[:, None]  # views: both are replaced, not written
-            layer_hidden, nxt = _plain_step(target, batch, rows, sampling, generator)
-            batch.cache.keep_prefix(step_valid[:, 0])  # a finished row keeps its state (hybrid targets)
-            session.extend(layer_hidden, step_tokens, step_valid)
+            layer_hidden, nxt = _plain_step(target, batch, sampling, generator)
+            batch.cache.keep_prefix(torch.ones_like(nxt))  # hybrid targets: the state after the step
+            session.extend(_of_every_row(layer_hidden, rows, B), step_tokens, step_valid)
             batch.anchors = _next_anchors(batch, rows, nxt)
             zeros = [0] * N
             _emit(batch, rows.tolist(), [[tok] for tok in nxt.tolist()], zeros, zeros, max_new_tokens, eos_token_id)
@@ -251,10 +266,10 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
         W = 1 + int(L.max())
         t2 = time.perf_counter()
         steps = torch.arange(W, device=dev)  # 3. verify [anchor, d_1..d_L] per row
-        block = _of_every_row(torch.cat([anchors[:, None], draft.tokens[:, : W - 1]], dim=1), rows, B)  # (B, W)
-        batch.mask = torch.cat([batch.mask, _of_every_row((steps <= L[:, None]).long(), rows, B)], dim=1)
+        block = torch.cat([anchors[:, None], draft.tokens[:, : W - 1]], dim=1)  # (N, W)
+        batch.mask = torch.cat([batch.mask, (steps <= L[:, None]).long()], dim=1)
         layer_hidden, final = target.decoder_with_positions(block, batch.mask, batch.lengths[:, None] + steps, batch.cache)
-        logits = target.logits(_of_active_rows(final, rows, B))  # (N, W, V)
+        logits = target.logits(final)  # (N, W, V)
         sync()
         t3 = time.perf_counter()
         if W > 1:  # 4. accept
@@ -263,19 +278,19 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
             m, nxt = verify_block(draft.tokens[:, : W - 1], q, p, L, generator, sampling.greedy)
         else:  # a plain step: the "bonus" token of zero drafts
             m, nxt = torch.zeros(N, dtype=torch.long, device=dev), next_token(logits[:, 0], sampling, generator)
-        keep = _of_every_row((steps <= m[:, None]).long(), rows, B)  # 5. commit
+        keep = (steps <= m[:, None]).long()  # 5. commit
         batch.mask[:, -W:] = keep  # rejected positions become holes
         kept = keep.sum(1)
         batch.cache.keep_prefix(kept)  # recurrent layers: each row's state after its kept prefix
         widest = int(kept.max())  # the longest kept prefix: later columns are rejected in every row
         _drop_trailing_holes(batch, W - widest)
-        session.extend(layer_hidden[:, :widest], block[:, :widest], keep[:, :widest].bool())
+        session.extend(*(_of_every_row(x[:, :widest], rows, B) for x in (layer_hidden, block, keep.bool())))
         batch.lengths += kept
         _compact_holes(batch)  # after the lengths: a row's real slots are its ``lengths``
         batch.anchors = _next_anchors(batch, rows, nxt)
         rows_l, m_l, L_l, drafts = rows.tolist(), m.tolist(), L.tolist(), block[:, 1:].tolist()
         src_l = [MODEL] * N if draft.source is None else draft.source.tolist()
-        tokens = [drafts[r][:m_r] + [tok] for r, m_r, tok in zip(rows_l, m_l, nxt.tolist())]
+        tokens = [d[:m_r] + [tok] for d, m_r, tok in zip(drafts, m_l, nxt.tolist())]
         _emit(batch, rows_l, tokens, m_l, L_l, max_new_tokens, eos_token_id, src_l)
         for r, c, L_r, s_r in zip(rows_l, draft.confidence.float().tolist(), L_l, src_l):
             if s_r == MODEL:  # calibration reads the drafter's confidences only
@@ -300,7 +315,7 @@ def autoregressive_generate_batch(target: TargetModel, prompts: list[torch.Tenso
     t1 = time.perf_counter()
     while len(batch.rows):
         rows = batch.rows
-        _, nxt = _plain_step(target, batch, rows, sampling, generator)
+        _, nxt = _plain_step(target, batch, sampling, generator)
         batch.anchors = _next_anchors(batch, rows, nxt)
         zeros = [0] * len(rows)  # the engine's plain-round records: 0 drafts accepted and verified
         _emit(batch, rows.tolist(), [[tok] for tok in nxt.tolist()], zeros, zeros, max_new_tokens, eos_token_id)
