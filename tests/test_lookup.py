@@ -233,6 +233,22 @@ def test_the_hybrid_gives_each_row_the_source_that_expects_more():
     assert p.source.tolist() == [LOOKUP, MODEL, MODEL]
 
 
+def test_the_drafters_probe_drafts_every_row_and_is_paid_for():
+    """Where plain beats both sources, the drafter's probe drafts every row. Rows sent to the lookup instead (each
+    expects more from its match than from the drafter) would run a lookup round that neither the cost model chose
+    nor any budget prices, and the gate, still owed no probe, would do it again every round."""
+    sched, rows = gate_with("hybrid", 0.5, probe_budget=0.1), torch.arange(3)
+    p = proposal([3, 3, 3])
+    assert sched.should_draft(rows, p) and sched.gate.probing
+    assert p.source.tolist() == [MODEL] * 3
+    L = sched.lengths(rows, torch.full((3, 4), 0.5), 0.01)
+    sched.observe(rows, L, torch.zeros(3, dtype=torch.long), 5 * sched.gate.plain_seconds(3, sched.cost))
+    assert sched.gate.debt > 0  # the losing probe is owed
+    p = proposal([3, 3, 3])
+    sched.should_draft(rows, p)
+    assert p.source is None or MODEL not in p.source.tolist()  # no drafter round until it is paid for
+
+
 def test_lookup_acceptance_learns_per_match_length_and_slot():
     acc = LookupAcceptance(2, 3, ema=1.0)
     acc.observe(torch.tensor([2, 1]), torch.tensor([3, 2]), torch.tensor([1, 2]))

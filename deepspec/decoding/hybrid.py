@@ -11,7 +11,8 @@ Policies (``ScheduleConfig.policy``), all on the verify-cost profile and the mea
                      plain         R / t_plain(R)
                      lookup        max_W (R + sum_{j<W} sum_r a^lookup_{r,j}) / t_verify(R, W)
                      drafter       the same with each row's better source and the draft's cost (DraftGate, which
-                                   also probes on its budget while plain wins; no probe while the lookup wins)
+                                   also probes on its budget while plain wins, every row drafting; no probe
+                                   while the lookup wins)
                  each arm's prediction scaled by its measured / predicted round time at this load
     lookup_rule  Arctic's fixed rule, no cost model for the choice: a row takes the lookup's proposal when it is
                  at least the drafter's block long (and verifies all of it), else the drafter, under the
@@ -147,7 +148,9 @@ class HybridScheduler(VerifyScheduler):
                 model_rate = gate.drafted_rates(R, gains, cost)[1] / max(gate.ratio(True, R), gate.ratio(False, R))
                 if lookup_wins and (gate.probing or model_rate <= lookup_rate):
                     gate.probing = False  # the lookup wins: no drafted round, no probe
-                else:  # each row its source with more expected accepted drafts
+                elif gate.probing:  # plain beats the lookup and the drafter: the drafter's probe, every row drafts
+                    use_model = [True] * R  # (a row on the lookup instead would leave the probe unpriced, every round)
+                else:  # the drafter wins: each row its source with more expected accepted drafts
                     by_lookup = self._prefer_lookup(rows, proposal)
                     use_lookup, use_model = by_lookup, [not b for b in by_lookup]
         elif self.policy == "lookup_rule":
