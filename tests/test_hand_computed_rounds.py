@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from deepspec.config.decoding import ScheduleConfig
 from deepspec.decoding.scheduler import VerifyScheduler
@@ -82,13 +83,15 @@ def test_tau_counts_nothing_after_eos_or_max_new_tokens():
     row 2: a round emits [7] (m = 0): 1, then [8, 9] (m = 1): 2 -> 4 tokens, still running.
     tau per row: 2.0, 2.0, 1.5; over all rounds (3 + 1 + 2 + 1 + 2) / 5 = 1.8."""
     results = [GenerationResult([1]) for _ in range(3)]
-    batch = SimpleNamespace(results=results, active=torch.ones(3, dtype=torch.bool), rows=torch.arange(3))
+    batch = SimpleNamespace(results=results, active=torch.ones(3, dtype=torch.bool), rows=torch.arange(3),
+                            cache=DynamicCache(), mask=torch.ones(3, 5, dtype=torch.long), lengths=torch.tensor([3, 4, 5]))
     _emit(batch, [0, 1, 2], [[7, 8, 9], [7, 2, 9, 9], [7]], [2, 3, 0], [3, 3, 3], 5, 2)
     _emit(batch, [0, 2], [[4, 5, 6], [8, 9]], [2, 1], [3, 3], 5, 2)
     assert [r.tokens for r in results] == [[1, 7, 8, 9, 4], [1, 7, 2], [1, 7, 8, 9]]
     assert [r.emitted_per_round for r in results] == [[3, 1], [2], [1, 2]]
     assert [r.tau for r in results] == [2.0, 2.0, 1.5]
     assert batch.rows.tolist() == [2]  # rows 0 (max_new_tokens) and 1 (EOS) stopped
+    assert batch.lengths.tolist() == [5] and len(batch.mask) == 1  # and left the target's batch
     emitted = [e for r in results for e in r.emitted_per_round]
     assert sum(emitted) / len(emitted) == pytest.approx(1.8)
     # acceptance_stats' own "tau" is mean(m + 1) over the drafts the target accepted (2.6 here, EOS or not): the

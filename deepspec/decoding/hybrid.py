@@ -96,7 +96,7 @@ class HybridScheduler(VerifyScheduler):
                  temperatures: list[float] | None = None):
         if cost is None:
             raise ValueError(f"schedule.policy={cfg.policy} needs a verify cost model (VerifyCostModel.load_or_profile)")
-        # the drafter arm is the draft-cost gate's; plain rounds are observed one by one (a match may come any round)
+        # the drafter arm is the draft-cost gate's; rounds are decided one by one (a match may come any round)
         super().__init__(replace(cfg, policy="scheduled_with_draft_cost", plain_streak=1), block_size, cost, temperatures)
         self.policy, self.cfg = cfg.policy, cfg
         self.G = max(block_size, cfg.lookup_tokens)  # a round's widest proposal: the lookup's may be longer than g
@@ -134,7 +134,6 @@ class HybridScheduler(VerifyScheduler):
         The common rounds (plain, or the lookup's) cost a few dict probes and the gate's cached arithmetic: the
         lookup's rate is memoised, the drafter's column gains are the parent's (they change after its rounds only)."""
         R, gate, cost = len(rows), self.gate, self.cost
-        self._end_streak()
         self._probe = False
         if len(gate.slowdown[False].get(R.bit_length(), ())) < gate.plain_samples:
             return False  # time plain steps at a new load first (the engine's first step is cold)
@@ -199,9 +198,12 @@ class HybridScheduler(VerifyScheduler):
     def observe(self, rows: torch.Tensor, verified: torch.Tensor | None, accepted: torch.Tensor | None, seconds: float) -> None:
         """3. after a round: the lookup's estimate learns from its rows, the drafter's from its rows; the round's time
         goes to the arm that ran it (a drafted round to the gate, a lookup round to ``lookup_slowdown``)."""
-        if verified is None:  # a plain step: the gate's plain arm and both probe budgets
+        if verified is None:  # a plain step: both probe budgets, and the gate's plain arm in streaks
             self.lookup_debt = max(self.lookup_debt - self.cfg.probe_budget * seconds, 0.0)
-            return super().observe(rows, None, None, seconds)
+            self._add_plain(len(rows), seconds)
+            self._steady = False
+            return
+        self._end_streak()
         source, lk, proposal = self._round
         L, m, R = verified.cpu(), accepted.cpu(), len(rows)
         if self._probe:
@@ -221,6 +223,19 @@ class HybridScheduler(VerifyScheduler):
         else:
             self.lookup_slowdown.setdefault(R.bit_length(), RecentMedian(1.0, self.gate.window)).add(seconds / self.cost(R, width))
         self._steady = bool(model.any())  # the drafter's next draft catches up one round, not a lookup streak
+
+
+    def _add_plain(self, R: int, seconds: float) -> None:
+        """A plain round joins the current streak, which the gate observes as one (``_end_streak``) every ``plain_streak``
+        rounds, at a change of load or before any other round: its arithmetic once per streak, not every round (unlike
+        the parent's streaks, ``should_draft`` still decides every round: a match may come any round). The first
+        ``plain_samples`` rounds at a load are observed one by one (nothing drafts there before them)."""
+        if self._streak[0] != R:
+            self._end_streak()
+        _, rounds, total = self._streak
+        self._streak = (R, rounds + 1, total + seconds)
+        if rounds + 1 >= self.cfg.plain_streak or len(self.gate.slowdown[False].get(R.bit_length(), ())) < self.gate.plain_samples:
+            self._end_streak()
 
 
 def make_scheduler(cfg: ScheduleConfig, block_size: int, cost: VerifyCostModel | None,

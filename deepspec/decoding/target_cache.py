@@ -14,7 +14,8 @@ one after the row's accepted prefix:
     during it:  every linear layer computes the W states token by token (the recurrent form plain decoding uses)
                 and keeps [state before, after 1, ..., after W] and its conv inputs [K old columns, W new]
     after it:   ``keep_prefix(kept)`` sets row b's state to entry kept[b] and its conv state to the K columns
-                ending there (ragged across rows: kept = 1 + accepted drafts, 0 for a finished row)
+                ending there (ragged across rows: kept = 1 + accepted drafts; a finished row has left the
+                batch, ``reorder_cache``)
 
 Why this and not the alternatives: snapshot + replay (restore the state before the block, run the accepted tokens
 through the linear layers again) costs a second pass over those layers every round, after the accept step and
