@@ -249,6 +249,19 @@ def test_the_drafters_probe_drafts_every_row_and_is_paid_for():
     assert p.source is None or MODEL not in p.source.tolist()  # no drafter round until it is paid for
 
 
+def test_plain_rounds_reach_the_gate_in_streaks():
+    """The gate's plain arm is observed once per ``plain_streak`` plain rounds (its arithmetic is most of a plain
+    round's bookkeeping); a new generation hands over what is left."""
+    sched, rows, calls = gate_with("hybrid", 0.2), torch.arange(3), []
+    real = sched.gate.observe_round
+    sched.gate.observe_round = lambda *a, **k: calls.append(k.get("rounds", 1)) or real(*a, **k)
+    for _ in range(20):
+        sched.observe(rows, None, None, 0.01)
+    assert calls == [8, 8]
+    sched.start(3)
+    assert calls == [8, 8, 4]
+
+
 def test_lookup_acceptance_learns_per_match_length_and_slot():
     acc = LookupAcceptance(2, 3, ema=1.0)
     acc.observe(torch.tensor([2, 1]), torch.tensor([3, 2]), torch.tensor([1, 2]))
