@@ -19,7 +19,7 @@ confidence-scheduled verification (Algorithm 1), for the R active rows at once:
                  queues the accepted tokens' target features; the next token becomes the anchor
 
 A single prompt is the batch of one. Rows stop at ``max_new_tokens`` or after emitting
-``eos_token_id``; a finished row leaves the target's batch at once (``_hold_only``), as a serving engine
+``eos_token_id``; a finished row leaves the target's batch at once (``_stop``), as a serving engine
 retires a finished request: the target's tensors (cache, mask, lengths) hold the active rows only, so a
 round costs what its R active rows cost. The drafter's session and the scheduler keep their rows of the
 whole batch and are addressed by the original row ids (``rows``).
@@ -137,8 +137,8 @@ def _stop(batch: _Batch, stopped: list[int]) -> None:
     drafter as a plain round's valid mask, so it is never written in place), its ``rows``, and the target's cache,
     mask and lengths without them. A finished row kept in the target's batch would cost every later step as much as
     an active one: rows that copy finish rounds apart, and tails of 2-6 active rows in a batch of 16 made the lookup
-    slower than plain decoding at 8-32 rows (eval/results/benchmarks/README.md). Dropping them costs one copy of the
-    cache, about what a step's cache append costs."""
+    slower than plain decoding at 8-32 rows (eval/results/benchmarks/README.md). Dropping them copies the cache once
+    (each step's cache append copies it too)."""
     if stopped:
         active = batch.active.clone()
         active[stopped] = False
