@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -72,7 +73,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"threads": args.threads, "machine": machine(), "args": vars(args), "runs": rows,
-                               "load_average_1_5_15_at_end": list(__import__("os").getloadavg())}, indent=1))
+                               "load_average_1_5_15_at_end": list(os.getloadavg())}, indent=1))
     print(f"wrote {out}")
 
 

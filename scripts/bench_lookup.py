@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -165,7 +166,7 @@ def main() -> None:
                   + (f"  | greedy mismatches {sum(mismatches.values())}" if T == 0 else ""), flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    load = list(__import__("os").getloadavg())
+    load = list(os.getloadavg())
     out.write_text(json.dumps({"threads": args.threads, "machine": machine(), "load_average_1_5_15_at_end": load,
                                "seconds": time.time() - t0, "args": vars(args), "block": g,
                                "trained_drafter": bool(args.drafter_path), "runs": runs}, indent=1))

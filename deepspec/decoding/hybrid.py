@@ -97,7 +97,7 @@ class HybridScheduler(VerifyScheduler):
         if cost is None:
             raise ValueError(f"schedule.policy={cfg.policy} needs a verify cost model (VerifyCostModel.load_or_profile)")
         # the drafter arm is the draft-cost gate's; rounds are decided one by one (a match may come any round)
-        super().__init__(replace(cfg, policy="scheduled_with_draft_cost", plain_streak=1), block_size, cost, temperatures)
+        super().__init__(replace(cfg, policy="scheduled_with_draft_cost"), block_size, cost, temperatures)
         self.policy, self.cfg = cfg.policy, cfg
         self.G = max(block_size, cfg.lookup_tokens)  # a round's widest proposal: the lookup's may be longer than g
         self.lookup = LookupAcceptance(cfg.lookup_max_ngram, self.G, cfg.lookup_ema)
@@ -230,12 +230,9 @@ class HybridScheduler(VerifyScheduler):
         rounds, at a change of load or before any other round: its arithmetic once per streak, not every round (unlike
         the parent's streaks, ``should_draft`` still decides every round: a match may come any round). The first
         ``plain_samples`` rounds at a load are observed one by one (nothing drafts there before them)."""
-        if self._streak[0] != R:
-            self._end_streak()
-        _, rounds, total = self._streak
-        self._streak = (R, rounds + 1, total + seconds)
-        if rounds + 1 >= self.cfg.plain_streak or len(self.gate.slowdown[False].get(R.bit_length(), ())) < self.gate.plain_samples:
-            self._end_streak()
+        rounds = 1 + (self._streak[1] if self._streak[0] == R else 0)  # this streak's rounds, this one included
+        few = len(self.gate.slowdown[False].get(R.bit_length(), ())) < self.gate.plain_samples
+        self._join_streak(R, seconds, last=rounds >= self.cfg.plain_streak or few)
 
 
 def make_scheduler(cfg: ScheduleConfig, block_size: int, cost: VerifyCostModel | None,

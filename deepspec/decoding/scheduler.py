@@ -411,6 +411,15 @@ class VerifyScheduler:
             self.gate.observe_round(R, False, 1, R * rounds, seconds, self.cost, rounds=rounds)
         self._streak = (0, 0, 0.0)
 
+    def _join_streak(self, R: int, seconds: float, last: bool) -> None:
+        """A plain round of R rows joins the current streak (a new one at a new load); ``last``: hand it over now."""
+        if self._streak[0] != R:
+            self._end_streak()
+        _, rounds, total = self._streak
+        self._streak = (R, rounds + 1, total + seconds)
+        if last:
+            self._end_streak()
+
     def should_draft(self, rows: torch.Tensor, proposal=None) -> bool:
         """1. before drafting: False = decode this round plainly (scheduled_with_draft_cost only). ``proposal``: the
         round's lookup proposals (``sessions.lookup``), read by the lookup policies (``decoding.hybrid``).
@@ -458,10 +467,7 @@ class VerifyScheduler:
         gate and by ``confidence=online``) learns from what was verified."""
         drafted = verified is not None
         if self.gate is not None and not drafted:  # a round of the plain streak: summed, observed when it ends
-            _, rounds, total = self._streak
-            self._streak = (len(rows), rounds + 1, total + seconds)
-            if not self._plain_left:
-                self._end_streak()
+            self._join_streak(len(rows), seconds, last=not self._plain_left)
         elif self.gate is not None:
             self._plain_left = 0  # a drafted round ends any streak (the loop drafts only when asked; callers may not)
             self._end_streak()
