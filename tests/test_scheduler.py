@@ -217,6 +217,39 @@ def test_catch_up_after_plain_rounds_is_charged_to_the_probe_budget_not_to_the_d
     assert sched.gate.draft_cost(1) == 0.3 and sched.gate.debt == pytest.approx(5.7 - sched.gate.budget * 1.0 + (5.2 - 1.0))
 
 
+def test_a_losing_probe_waits_until_plain_time_has_prepaid_its_catch_up():
+    """Serving trace (24 rows, T = 1): a probe's first drafted round caught up every row's whole prompt, 1.6 s for 38
+    tokens (~20 plain steps), and the debt then blocked probes for ~300 s: each load paid one such probe. A probe
+    while plain wins now waits until plain rounds have repaid, beyond the debt, its predicted loss: the catch-up
+    tokens x the loss per catch-up token of the last switches. A catch-up that grows past it is never prepaid."""
+    cost = VerifyCostModel([1], [1, 2, 3], [[1.0, 1.1, 1.2]], {})
+    gate = DraftGate(budget=0.125)  # each plain second repays 1/8 s (binary fractions: exact sums)
+    gate.observe_draft(1, 0.1)
+    time_plain(gate, 1, 1.0, cost)
+    gate.observe_round(1, True, 3, 1, 1.25, cost)  # the drafted arm, timed
+    low = torch.full((1, 2), 0.01, dtype=torch.float64)  # its drafts are almost never accepted: plain wins
+    queued = [20]
+
+    def plain_rounds_before_a_probe(limit: int) -> int | None:
+        for n in range(limit + 1):
+            if gate.should_draft(*gains(low), cost, catch_up=lambda: queued[0]):
+                assert gate.probing
+                return n
+            gate.observe_round(1, False, 1, 1, 1.0, cost)
+        return None
+
+    assert plain_rounds_before_a_probe(0) == 0  # no switch priced yet: probe at once
+    gate.observe_round(1, True, 3, 1, 11.0, cost, steady=False)  # its catch-up lost 10 s over 20 tokens
+    assert gate.catch_up_loss.value == 0.5 and gate.debt == 10.0
+    queued[0] = 4  # a short queue: 2 s predicted
+    assert plain_rounds_before_a_probe(1000) == 80 + 16  # the 10 s debt repaid (80 rounds), then the 2 s prepaid
+    gate.observe_round(1, True, 3, 1, 3.0, cost, steady=False)  # it lost the 2 s predicted
+    assert gate.debt == 0.0
+    queued[0] = 400  # 200 s predicted: 1,600 plain rounds first
+    assert plain_rounds_before_a_probe(1599) is None
+    assert plain_rounds_before_a_probe(0) == 0
+
+
 def test_a_cold_first_plain_step_is_outvoted_before_the_gate_drafts():
     """The engine's first step is cold (4-5x a warm one on CPU). Timed once, plain would look 5x slower than it is;
     and while the gate drafts nothing times a plain step again, so it would draft for good at a loss (seen: an eval

@@ -126,7 +126,8 @@ def test_sampled_draft_probabilities_equal_full_recomputation(drafters, kind):
 def test_the_queue_hands_each_rows_entries_in_order_and_never_writes_what_it_was_handed(data):
     """``PendingFeatures``: chunks of (B, T) entries with ragged valid masks, taken by random subsets of rows, give each
     row its valid entries in order, once; the valid masks it was handed stay as they were (the loop queues views of
-    its own live tensors: a plain round's valid mask is the loop's ``active``)."""
+    its own live tensors: a plain round's valid mask is the loop's ``active``); ``queued`` counts what is left per row
+    whenever asked (the gate prices a probe's catch-up by it)."""
     from deepspec.decoding.sessions.state import PendingFeatures
 
     B = data.draw(st.integers(1, 4))
@@ -142,11 +143,14 @@ def test_the_queue_hands_each_rows_entries_in_order_and_never_writes_what_it_was
         for r in range(B):
             expected[r] += tokens[r][valid[r]].tolist()
         if data.draw(st.booleans()):
+            assert queue.queued(torch.arange(B)).tolist() == [len(e) - len(g) for e, g in zip(expected, got)]
+        if data.draw(st.booleans()):
             rows = torch.tensor(sorted(data.draw(st.sets(st.integers(0, B - 1), min_size=1))))
             feats, toks, counts = queue.take(rows)
             for i, r in enumerate(rows.tolist()):
                 got[r] += toks[i, : counts[i]].tolist()
                 assert feats[i, : counts[i], 0].long().tolist() == toks[i, : counts[i]].tolist()
+    assert queue.queued(torch.arange(B)).tolist() == [len(e) - len(g) for e, g in zip(expected, got)]
     feats, toks, counts = queue.take(torch.arange(B))
     for r in range(B):
         got[r] += toks[r, : counts[r]].tolist()

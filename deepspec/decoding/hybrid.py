@@ -143,7 +143,7 @@ class HybridScheduler(VerifyScheduler):
         use_lookup, use_model = (matched if lookup_wins else [False] * R), [False] * R
         if self.policy == "hybrid":
             gains = self._model_gains(rows)
-            if gate.should_draft(R, gains, cost, self._steady):  # the drafter alone beats plain (or probes)
+            if gate.should_draft(R, gains, cost, self._steady, lambda: self.catch_up(rows)):  # the drafter beats plain (or probes)
                 model_rate = gate.drafted_rates(R, gains, cost)[1] / max(gate.ratio(True, R), gate.ratio(False, R))
                 if lookup_wins and (gate.probing or model_rate <= lookup_rate):
                     gate.probing = False  # the lookup wins: no drafted round, no probe
@@ -155,7 +155,7 @@ class HybridScheduler(VerifyScheduler):
         elif self.policy == "lookup_rule":
             use_lookup = [n >= self.g for n in proposal.length]  # Arctic: the suffix draft when it is as long as the drafter's
             if not all(use_lookup):
-                if gate.should_draft(R, self._model_gains(rows), cost, self._steady):
+                if gate.should_draft(R, self._model_gains(rows), cost, self._steady, lambda: self.catch_up(rows)):
                     use_model = [not b for b in use_lookup]
         if not (any(use_lookup) or any(use_model)):
             if self.policy == "lookup_rule" or not (any(matched) and self.cfg.probe_budget > 0 and self.lookup_debt <= 0.0):

@@ -271,6 +271,15 @@ class DraftGate:
     the state carries over from one generation to the next (whether drafting pays is mostly a
     property of the target, the drafter, the machine and the load). It never drafts when even an
     always-accepted draft could not beat a plain step.
+
+    Such a probe, drafting while plain is predicted to win, is also paid in advance: its catch-up grows
+    with the rows and their queued context (``catch_up``: N x the longest queue; 24 rows of 1,250-token
+    prompts cost ~20 plain steps), so it waits until plain time has repaid, beyond the debt, the loss
+    it is predicted to make: its catch-up tokens x the loss per catch-up token of recent switches
+    (drafted rounds after plain ones). Else one probe at a new load costs more than the minutes of
+    serving that follow repay. A catch-up that grows faster than ``budget`` of the plain time (long
+    contexts, many rows, a slow drafter) is never prepaid: probing stops, as the budget says it must.
+    The measuring probe of a load predicted to win is not prepaid: the prediction says it pays back.
     """
 
     plain_samples = 3  # plain observations timed at a load before drafting there: the engine's very first step is cold
@@ -285,6 +294,10 @@ class DraftGate:
         self.accepted: dict[int, deque[tuple[float, float]]] = {}
         self.token_window = token_window
         self.debt, self.probing = 0.0, False
+        # seconds lost per catch-up token by recent switches to drafting; plain time prepays the next probe's predicted
+        # loss (``credit``: the debt goes down to -credit); the catch-up tokens of the switch being decided
+        self.catch_up_loss = RecentMedian(0.0, window)
+        self.credit, self._catch_up = 0.0, 0
         # the drafted arm's predicted rates (before the slowdown ratio) depend only on what a drafted round changes:
         # plain rounds (most of them, when drafting loses) reuse them: (key, (all accepted, expected))
         self._drafted_rates: tuple[tuple, tuple[float, float]] | None = None
@@ -318,9 +331,11 @@ class DraftGate:
         recent = nearest(self.accepted, R.bit_length())
         return (prior + sum(a for a, _ in recent)) / (prior + sum(e for _, e in recent))
 
-    def should_draft(self, R: int, column_gains: list[float], cost: VerifyCostModel, steady: bool = False) -> bool:
+    def should_draft(self, R: int, column_gains: list[float], cost: VerifyCostModel, steady: bool = False,
+                     catch_up: Callable[[], int] | None = None) -> bool:
         """R rows whose observed survival sums to ``column_gains`` per slot (g numbers: sum_r a_{r,j});
-        ``steady``: the last round drafted (so this one would time the drafted arm without a catch-up)."""
+        ``steady``: the last round drafted (so this one would time the drafted arm without a catch-up);
+        ``catch_up``: the tokens the drafter would catch up first (asked only when switching to drafting)."""
         self.probing = False
         load = R.bit_length()
         if len(self.slowdown[False].get(load, ())) < self.plain_samples:
@@ -333,13 +348,24 @@ class DraftGate:
         every_accepted, expected = self.drafted_rates(R, column_gains, cost)
         if every_accepted / slowdown <= plain:
             return False  # drafting cannot pay even if every draft were accepted
+        switch = lambda: 0 if steady or catch_up is None else catch_up()  # noqa: E731
         if expected / slowdown > plain * (1 + self.margin):
             if load in self.slowdown[True]:
+                self._catch_up = switch()
                 return True
-            if steady or not self.draft_seconds:  # the measuring probe of a new load: its catch-up, then a steady round
-                self.probing = True
+            # the measuring probe of a new load: its catch-up round once the last probes are paid for (an investment
+            # the prediction says pays back), then a steady round
+            if steady or not self.draft_seconds or (self.budget > 0 and self.debt <= 0.0):
+                self.probing, self._catch_up = True, switch()
                 return True
-        self.probing = self.budget > 0 and self.debt <= 0.0  # plain wins: probe once the last probes are paid for
+            return False
+        # plain wins: probe once the last probes are paid for and this one's predicted loss is prepaid (the credit is
+        # recounted only once the plain rounds have repaid the last prediction: the catch-up only grows meanwhile)
+        if self.budget <= 0 or self.debt > -self.credit:
+            return False
+        self._catch_up = switch()
+        self.credit = self.catch_up_loss.value * self._catch_up
+        self.probing = self.debt <= -self.credit
         return self.probing
 
     def drafted_rates(self, R: int, column_gains: list[float], cost: VerifyCostModel) -> tuple[float, float]:
@@ -364,10 +390,14 @@ class DraftGate:
         """A whole round's wall time (draft, verify, acceptance, bookkeeping) and the tokens it produced;
         ``promised``: the drafts the acceptance estimate expected to be accepted within the verified lengths.
         A plain streak is observed once: ``rounds`` plain rounds, their summed ``seconds`` and ``tokens``."""
-        if drafted and self.probing:  # priced before this round updates the plain arm's estimate
-            self.debt += self.loss_over_plain(R, tokens, seconds, cost)
-        elif not drafted:
-            self.debt = max(self.debt - self.budget * seconds, 0.0)
+        if drafted:  # priced before this round updates the plain arm's estimate
+            loss = self.loss_over_plain(R, tokens, seconds, cost)
+            if self.probing:
+                self.debt += loss
+            if not steady and self._catch_up:  # a switch: what its catch-up lost per token
+                self.catch_up_loss.add(loss / self._catch_up)
+        else:
+            self.debt = max(self.debt - self.budget * seconds, -self.credit)
         if drafted and not self.probing and promised is not None:  # a round drafted because it was predicted to win
             self.accepted.setdefault(R.bit_length(), deque(maxlen=self.token_window)).append((tokens - R, promised))
         if steady or not drafted:
@@ -395,9 +425,11 @@ class VerifyScheduler:
         self._streak = (0, 0, 0.0)  # the current plain streak: (rows, rounds run, their seconds)
         self.start(1)
 
-    def start(self, batch_size: int) -> None:
+    def start(self, batch_size: int, catch_up: Callable[[torch.Tensor], int] | None = None) -> None:
         """A new generation of ``batch_size`` rows: each row's acceptance estimate starts from what earlier
-        generations observed (the measured costs and the gate's backoff are kept too)."""
+        generations observed (the measured costs and the gate's backoff are kept too). ``catch_up``: the session's
+        ``catch_up_tokens`` (rows -> the positions its next draft of them catches up first), for the gate's probes."""
+        self.catch_up = catch_up or (lambda rows: 0)
         self.online = self.prior.expand(batch_size, -1).clone()  # conditional acceptance per row and slot
         self._gains: tuple[int, list[float]] | None = None  # (rows, sum_r a_{r,j}) until ``online`` changes
         self._steady = False  # the last round drafted: the next draft catches up one round's tokens, not a prompt
@@ -435,7 +467,7 @@ class VerifyScheduler:
         self._end_streak()
         if self._gains is None or self._gains[0] != R:
             self._gains = R, cumulative_survival(self.online[rows.cpu()]).sum(0).tolist()
-        if self.gate.should_draft(R, self._gains[1], self.cost, self._steady):
+        if self.gate.should_draft(R, self._gains[1], self.cost, self._steady, lambda: self.catch_up(rows)):
             return True
         self._plain_left, self._streak = self.cfg.plain_streak - 1, (R, 0, 0.0)
         return False

@@ -235,7 +235,7 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
     session.extend(features, ids, prompt_mask)
     batch.cache.record(session.block_size + 1)  # a hybrid target keeps per-position states of each round (commit)
     scheduler = scheduler or VerifyScheduler(ScheduleConfig(), session.block_size)
-    scheduler.start(len(prompts))
+    scheduler.start(len(prompts), getattr(session, "catch_up_tokens", None))
     seconds = batch.results[0].seconds
     dev, B = target.device, len(prompts)
     propose = getattr(session, "propose", lambda rows, anchors: None)  # a lookup proposer's; a drafter alone has none

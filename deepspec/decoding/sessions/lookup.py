@@ -161,6 +161,10 @@ class HybridSession:
     def propose(self, rows: torch.Tensor, anchors: torch.Tensor) -> Proposal:
         return self.lookup.propose(rows, anchors)
 
+    def catch_up_tokens(self, rows: torch.Tensor) -> int:
+        """The drafter's queued positions for these rows (``IncrementalSession.catch_up_tokens``); 0 without one."""
+        return self.model.catch_up_tokens(rows) if self.model is not None else 0
+
     def draft(self, rows: torch.Tensor, anchors: torch.Tensor, sampling, generator) -> Draft:
         """rows (N,), anchors (N,) -> tokens (N, G), q (N, G, V) (None when greedy), confidence (N, G), source (N,).
 

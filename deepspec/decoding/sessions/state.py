@@ -19,6 +19,8 @@ class PendingFeatures:
 
     def __init__(self) -> None:
         self.chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (B, T, F), (B, T), valid (B, T)
+        self._queued: torch.Tensor | None = None  # (B,) entries per row in ``chunks[:_counted]`` (``queued``)
+        self._counted = 0
 
     def add(self, features: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> None:
         """features (B, T, F), tokens (B, T), valid (B, T) bool: which (row, slot) pairs are new, in order.
@@ -26,8 +28,21 @@ class PendingFeatures:
         asked once, when a draft takes it)."""
         self.chunks.append((features, tokens, valid))
 
+    def queued(self, rows: torch.Tensor) -> torch.Tensor:
+        """Entries queued per row of ``rows`` (N,) -> (N,). Counted lazily, the chunks added since the last call only
+        (the gate asks rarely: ``DraftGate`` prices a probe's catch-up by it)."""
+        if not self.chunks:
+            return torch.zeros_like(rows)
+        if self._queued is None:
+            self._queued = torch.zeros(self.chunks[0][2].shape[0], dtype=torch.long, device=rows.device)
+        for _, _, valid in self.chunks[self._counted:]:
+            self._queued += valid.sum(1)
+        self._counted = len(self.chunks)
+        return self._queued[rows]
+
     def take(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Remove and return the queue of ``rows`` (N,), packed left: features (N, T, F), tokens (N, T), counts (N,)."""
+        self._queued, self._counted = None, 0  # recounted when next asked (taking rebuilds the chunks)
         if not self.chunks:
             return torch.zeros(len(rows), 0, 0), torch.zeros(len(rows), 0, dtype=torch.long), torch.zeros_like(rows)
         every_row = len(rows) == self.chunks[0][2].shape[0]  # the usual case: all rows draft (rows are sorted, unique)
@@ -73,6 +88,11 @@ class IncrementalSession:
     @property
     def block_size(self) -> int:
         return self.g
+
+    def catch_up_tokens(self, rows: torch.Tensor) -> int:
+        """Queued positions the next draft of ``rows`` (N,) runs through the drafter before its block: N x the
+        longest queue among them (the pass is padded to it). After plain rounds this is the switch's cost."""
+        return len(rows) * int(self.pending.queued(rows).max()) if len(rows) else 0
 
     def extend(self, features: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> None:
         """Queue verified tokens: features (B, T, L*d), the tokens at the same positions (B, T), valid (B, T).
