@@ -16,7 +16,8 @@ run prompt by prompt in a rotating order (drift on a shared machine hits every a
     hybrid            schedule.policy=hybrid: per row and round plain, lookup or the drafter, by predicted tokens/s
 
 Throughput = tokens / seconds summed over the set's prompts (``--repeats`` passes, each with new seeds); ratios are of
-those sums, taken side by side; ``hybrid_vs_best_single_bootstrap_se`` resamples the (pass, prompt) groups. EOS ends a
+those sums, taken side by side; ``hybrid_vs_best_single_bootstrap_se`` resamples the (pass, prompt) groups, and
+``hybrid_vs_held_out_best_single`` picks the best arm on held-out groups (``hybrid_over_held_out_best``). EOS ends a
 generation at T = 0 (every arm emits the same tokens); at T > 0 it is ignored, as serving benchmarks do
 (``ignore_eos``): arms that sample different texts would otherwise stop at different lengths, and a longer
 generation costs more per token (a longer context), which is not the proposer's doing. Each scheduler serves every prompt of its arm (what it learns carries over, as in the eval). At T = 0
@@ -61,6 +62,26 @@ def shares(results) -> dict:
 def hybrid_over_best(rate: dict) -> float:
     """The hybrid's tokens/s over the best single arm's (plain, lookup alone, drafter alone)."""
     return rate["hybrid"] / max(rate["plain"], rate["lookup"], rate["drafter"])
+
+
+def hybrid_over_held_out_best(groups: list[dict]) -> float | None:
+    """The hybrid's tokens/s over the best single arm's, the best arm chosen for each group on the *other* groups
+    (leave one out); groups: per (pass, prompt) each arm's (tokens, seconds).
+
+    ``hybrid_over_best`` picks the best arm on the same groups it is measured on: where the arms tie (T = 1 here,
+    where every engine arm decodes plainly) the maximum of three noisy figures sits about one arm's standard error
+    above their common value, so the hybrid, doing the same work, scores ~0.97 with nothing lost. Chosen on held-out
+    groups the pick is independent of the figure it is scored by; where one arm is clearly best both agree."""
+    if len(groups) < 2:
+        return None
+    arms = ("plain", "lookup", "drafter")
+    total = {arm: (sum(g[arm][0] for g in groups), sum(g[arm][1] for g in groups)) for arm in (*arms, "hybrid")}
+    tokens = seconds = 0.0
+    for g in groups:
+        rest = {arm: (total[arm][0] - g[arm][0]) / (total[arm][1] - g[arm][1]) for arm in arms}
+        best = max(rest, key=rest.get)
+        tokens, seconds = tokens + g[best][0], seconds + g[best][1]
+    return total["hybrid"][0] / total["hybrid"][1] / (tokens / seconds)
 
 
 def bootstrap_se(groups: list[dict], resamples: int = 2000) -> float | None:
@@ -151,16 +172,19 @@ def main() -> None:
                    "vs_plain": {arm: rate[arm] / rate["plain"] for arm in arms},
                    "hybrid_vs_best_single": hybrid_over_best(rate),
                    "hybrid_vs_best_single_bootstrap_se": bootstrap_se(groups),
+                   "hybrid_vs_held_out_best_single": hybrid_over_held_out_best(groups),
                    "hybrid_vs_hf_prompt_lookup": rate["hybrid"] / rate["hf_prompt_lookup"],
                    "tau": {arm: sum(sum(r.emitted_per_round) for r in v["results"]) / max(sum(len(r.emitted_per_round) for r in v["results"]), 1)
                            for arm, v in tot.items() if v["results"]},
                    "token_shares": {arm: shares(v["results"]) for arm, v in tot.items() if v["results"]},
-                   "tokens": {arm: v["tokens"] for arm, v in tot.items()}}
+                   "tokens": {arm: v["tokens"] for arm, v in tot.items()},
+                   "groups": [{arm: list(ts) for arm, ts in group.items()} for group in groups]}  # (tokens, seconds)
             if T == 0:
                 row["greedy_mismatches"] = mismatches
             runs.append(row)
             print(f"{name:10s} T={T:g}  vs plain: " + "  ".join(f"{a} {row['vs_plain'][a]:.2f}" for a in arms[1:]) +
                   f"  | hybrid / best single {row['hybrid_vs_best_single']:.3f} (se {row['hybrid_vs_best_single_bootstrap_se'] or 0:.3f})"
+                  f", held-out best {row['hybrid_vs_held_out_best_single'] or 0:.3f}"
                   f", / HF lookup {row['hybrid_vs_hf_prompt_lookup']:.3f}"
                   f"  | hybrid shares " + " ".join(f"{k} {v:.2f}" for k, v in row["token_shares"]["hybrid"].items())
                   + (f"  | greedy mismatches {sum(mismatches.values())}" if T == 0 else ""), flush=True)

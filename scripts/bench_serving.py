@@ -88,7 +88,7 @@ PROPOSER_ARMS = {"lookup": "lookup", "drafter": "scheduled_with_draft_cost", "lo
 
 def proposer_sweep(args, target, tok, drafter, cost, temps) -> list[dict]:
     """Plain, lookup, drafter, lookup_rule and hybrid at each load: paired groups, rotating order (``--proposers``)."""
-    from bench_lookup import hybrid_over_best, set_prompts
+    from bench_lookup import hybrid_over_best, hybrid_over_held_out_best, set_prompts
     from deepspec.decoding.hybrid import make_engine_session, make_scheduler
     from deepspec.evaluation.harness import token_sources
 
@@ -110,7 +110,7 @@ def proposer_sweep(args, target, tok, drafter, cost, temps) -> list[dict]:
         for log in logs.values():
             log.clear()
         while len(groups) < args.paired_repeats or min(v[1] for v in paired.values()) < args.paired_seconds:
-            k, rate, decode = len(groups), {}, {}
+            k, group = len(groups), {}  # each arm's (tokens, seconds, decoding seconds)
             for arm in arms[k % len(arms):] + arms[: k % len(arms)]:
                 gen, t = torch.Generator().manual_seed(k), time.perf_counter()
                 if arm == "plain":
@@ -128,8 +128,8 @@ def proposer_sweep(args, target, tok, drafter, cost, temps) -> list[dict]:
                 paired[arm][0] += tokens
                 paired[arm][1] += sec
                 paired[arm][2] += decoding
-                rate[arm], decode[arm] = tokens / sec, tokens / decoding
-            groups.append((rate, decode))
+                group[arm] = (tokens, sec, decoding)
+            groups.append(group)
         thr = {arm: tokens / sec for arm, (tokens, sec, _) in paired.items()}
         dec = {arm: tokens / sec for arm, (tokens, _, sec) in paired.items()}
         row = {"concurrent_requests": R, "groups": len(groups), "throughput_tokens_per_s": thr,
@@ -143,15 +143,19 @@ def proposer_sweep(args, target, tok, drafter, cost, temps) -> list[dict]:
                # R: the decisions' gain or loss, free of the prefill and of run-to-run noise
                "in_process": {arm: drafting_account(log) for arm, log in logs.items()},
                "token_shares": {arm: {k: v / max(sum(c.values()), 1) for k, v in c.items()} for arm, c in sources.items()}}
-        for key, table, i in (("hybrid_vs_best_single", thr, 0), ("hybrid_decode_vs_best_single", dec, 1)):
-            per_group = [hybrid_over_best(grp[i]) for grp in groups]
+        for key, table, i in (("hybrid_vs_best_single", thr, 1), ("hybrid_decode_vs_best_single", dec, 2)):
+            timed = [{arm: (v[0], v[i]) for arm, v in grp.items()} for grp in groups]  # (tokens, seconds) per arm
+            per_group = [hybrid_over_best({arm: t / sec for arm, (t, sec) in grp.items()}) for grp in timed]
             row[key] = hybrid_over_best(table)
             row[key + "_per_group"] = per_group
             row[key + "_se"] = statistics.stdev(per_group) / len(per_group) ** 0.5 if len(per_group) > 1 else None
+            row[key.replace("best", "held_out_best")] = hybrid_over_held_out_best(timed)
+        row["groups"] = [{arm: list(v) for arm, v in grp.items()} for grp in groups]  # (tokens, seconds, decoding seconds)
         loads.append(row)
         print(f"R={R:3d} ({len(groups)} groups)  vs plain: " + "  ".join(f"{a} {row['vs_plain'][a]:.2f}" for a in arms[1:]) +
               f"  | hybrid / best single {row['hybrid_vs_best_single']:.3f}, decoding {row['hybrid_decode_vs_best_single']:.3f}"
-              f" (se {row['hybrid_decode_vs_best_single_se'] or 0:.3f})  | in process vs plain: "
+              f" (se {row['hybrid_decode_vs_best_single_se'] or 0:.3f}; held-out best {row['hybrid_decode_vs_held_out_best_single'] or 0:.3f})"
+              f"  | in process vs plain: "
               + " ".join(f"{a} {v['vs_plain_in_process']:.3f}" for a, v in row["in_process"].items()) + "  | hybrid shares "
               + " ".join(f"{k} {v:.2f}" for k, v in row["token_shares"]["hybrid"].items()), flush=True)
     return loads

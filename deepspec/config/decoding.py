@@ -34,7 +34,8 @@ class ScheduleConfig:
     builds the drafter's context of every skipped token (4-5 plain steps at 16 rows on the toy target),
     so it is rare: 2% measured 1.5-1.7% of the wall time lost at 4 and 16 rows; 1% lost 1.0% at every
     load (session 25), which with the loop's own plain-round overhead (~1%) and noise left R = 4 at
-    0.96-0.965 of plain. Half that: a change in the text is noticed after twice the plain rounds."""
+    0.96-0.965 of plain. Half that: a change in the text is noticed after twice the plain rounds. Plain time
+    also prepays each such probe's predicted catch-up (``DraftGate``): many rows of long contexts probe rarely."""
     draft_margin: float = 0.1
     """scheduled_with_draft_cost: draft only when a drafted round is predicted to emit this fraction more
     tokens per second than a plain step. The prediction rests on medians of a few noisy round times (a

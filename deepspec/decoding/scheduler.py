@@ -24,8 +24,9 @@ Policies (``ScheduleConfig.policy``):
                                 that decodes plainly unless a drafted round is predicted to emit
                                 ``draft_margin`` more tokens per second than a plain step (observed
                                 acceptance, measured draft time, profiled verify cost, all per load);
-                                it re-probes on a budget of wall time (``probe_budget``), never when
-                                even full acceptance could not pay.
+                                it re-probes on a budget of wall time (``probe_budget``, a probe's
+                                predicted catch-up paid in advance), never when even full
+                                acceptance could not pay.
 """
 from __future__ import annotations
 
