@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from deepspec.config.decoding import ScheduleConfig
 from deepspec.decoding.hybrid import HybridScheduler, LookupAcceptance, make_engine_session, make_scheduler
-from deepspec.decoding.scheduler import VerifyCostModel
+from deepspec.decoding.scheduler import RecentMedian, VerifyCostModel
 from deepspec.decoding.sessions import lookup as lookup_mod
 from deepspec.decoding.sessions.lookup import LOOKUP, MODEL, PLAIN, HybridSession, NgramIndex, Proposal, one_hot_q
 from deepspec.decoding.speculative import autoregressive_generate_batch, speculative_generate_batch
@@ -231,6 +231,21 @@ def test_the_hybrid_gives_each_row_the_source_that_expects_more():
     p = proposal([3, 1, 0])
     assert sched.should_draft(torch.arange(3), p)
     assert p.source.tolist() == [LOOKUP, MODEL, MODEL]
+
+
+def test_a_lookup_round_measured_to_lose_is_not_taken_because_the_drafter_wins():
+    """Every row expects more from its match than from the drafter, lookup rounds are measured to lose to plain (3x
+    their predicted time) and the drafter is predicted to win: sent to the lookup row by row, the round would be a
+    lookup round that the cost model rejected, every round (seen at 1 copy_edit row: none of the lookup arm's plain
+    rounds). A drafter round expects fewer accepted drafts on these rows, at a draft's cost more: plain."""
+    sched, rows = gate_with("hybrid", 0.2), torch.arange(3)
+    sched.online[:] = 0.8
+    sched.gate.observe_round(3, True, 5, 6, sched.cost(3, 5), sched.cost)  # the drafted arm timed as predicted
+    sched.lookup_slowdown[(3).bit_length()] = RecentMedian(3.0)
+    sched.lookup_debt = 1.0  # no lookup probe owed
+    assert not sched.should_draft(rows, proposal([3, 3, 3]))
+    p = proposal([3, 3, 0])  # a row without a match: the drafter's round, the matched rows ride on the lookup
+    assert sched.should_draft(rows, p) and p.source.tolist() == [LOOKUP, LOOKUP, MODEL]
 
 
 def test_the_drafters_probe_drafts_every_row_and_is_paid_for():

@@ -151,7 +151,10 @@ class HybridScheduler(VerifyScheduler):
                     use_model = [True] * R  # (a row on the lookup instead would leave the probe unpriced, every round)
                 else:  # the drafter wins: each row its source with more expected accepted drafts
                     by_lookup = self._prefer_lookup(rows, proposal)
-                    use_lookup, use_model = by_lookup, [not b for b in by_lookup]
+                    # every row on the lookup is a lookup round, which must win on its own: a drafter round would
+                    # expect fewer accepted drafts on these rows (each prefers its match) at a draft's cost more
+                    if not all(by_lookup) or lookup_wins:
+                        use_lookup, use_model = by_lookup, [not b for b in by_lookup]
         elif self.policy == "lookup_rule":
             use_lookup = [n >= self.g for n in proposal.length]  # Arctic: the suffix draft when it is as long as the drafter's
             if not all(use_lookup):
