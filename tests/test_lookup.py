@@ -264,6 +264,26 @@ def test_the_drafters_probe_drafts_every_row_and_is_paid_for():
     assert p.source is None or MODEL not in p.source.tolist()  # no drafter round until it is paid for
 
 
+def test_the_drafters_measuring_probe_keeps_its_steady_round_when_the_lookup_wins():
+    """The drafter, never timed at this load, is predicted to win a round without matches: a measuring probe, whose
+    first round pays the catch-up and whose second, steady round times the drafted arm. Given to the lookup (it wins
+    the next round), the probe measured nothing and came back at every match-less round, a catch-up each time (the
+    hybrid at 1 copy_edit row: 29 catch-up rounds, 16% of its decoding)."""
+    sched, rows = gate_with("hybrid", 0.2), torch.arange(3)
+    sched.online[:] = 0.8
+    p = proposal([0, 0, 0])
+    assert sched.should_draft(rows, p) and sched.gate.probing and p.source.tolist() == [MODEL] * 3
+    L = sched.lengths(rows, torch.full((3, 4), 0.8), 0.01)
+    sched.observe(rows, L, torch.ones(3, dtype=torch.long), 3 * sched.gate.plain_seconds(3, sched.cost))  # the catch-up
+    p = proposal([3, 3, 3])  # the lookup wins this round, but it is the probe's steady round
+    assert sched.should_draft(rows, p) and p.source.tolist() == [MODEL] * 3
+    L = sched.lengths(rows, torch.full((3, 4), 0.8), 0.01)
+    sched.observe(rows, L, torch.ones(3, dtype=torch.long), sched.cost(3, 1 + int(L.max())) + 0.01)
+    assert (3).bit_length() in sched.gate.slowdown[True]  # the drafted arm is timed at this load
+    p = proposal([3, 3, 3])
+    assert sched.should_draft(rows, p) and not sched.gate.probing and MODEL not in p.source.tolist()  # no probe now
+
+
 def test_plain_rounds_reach_the_gate_in_streaks():
     """The gate's plain arm is observed once per ``plain_streak`` plain rounds (its arithmetic is most of a plain
     round's bookkeeping); a new generation hands over what is left."""

@@ -318,6 +318,25 @@ def test_drafting_at_a_load_never_timed_is_a_probe_charged_to_the_budget():
     assert gate.debt == pytest.approx(losses - 0.01 * (20 - 2))  # until the plain rounds repay the 2.8 s lost
 
 
+def test_a_measuring_probe_that_measured_nothing_waits_for_its_debt():
+    """A measuring probe's catch-up round without the steady round after it (the rows finished, another proposer took
+    the round) times nothing; the next one waits until plain rounds repay its loss, the very first included (it used
+    to be free while no draft was timed: the hybrid ran one at every match-less round). At budget 0 the first draft
+    is still measured, once."""
+    cost = VerifyCostModel([1], [1, 2, 3], [[1.0, 1.1, 1.2]], {})
+    high = torch.ones(1, 2, dtype=torch.float64)
+    for budget in (0.1, 0.0):
+        gate = DraftGate(budget=budget)
+        time_plain(gate, 1, 1.0, cost)
+        assert gate.should_draft(*gains(high), cost) and gate.probing
+        gate.observe_round(1, True, 3, 1, 2.3, cost, steady=False)  # the catch-up round, 1.3 s lost; no steady round
+        plain_rounds = 0
+        while not gate.should_draft(*gains(high), cost) and plain_rounds < 100:
+            gate.observe_round(1, False, 1, 1, 1.0, cost)
+            plain_rounds += 1
+        assert plain_rounds == (13 if budget else 100)  # 1.3 s repaid at 10% of each plain second; at budget 0 never
+
+
 def test_the_gate_discounts_an_acceptance_estimate_selected_at_its_highs():
     """The gate drafts when a row's acceptance estimate is high; an estimate selected at its highs overstates what the
     next round accepts. Drafts accepted / drafts promised in the rounds drafted to win scales the prediction."""

@@ -12,7 +12,8 @@ Policies (``ScheduleConfig.policy``), all on the verify-cost profile and the mea
                      lookup        max_W (R + sum_{j<W} sum_r a^lookup_{r,j}) / t_verify(R, W)
                      drafter       the same with each row's better source and the draft's cost (DraftGate, which
                                    also probes on its budget while plain wins, every row drafting; no probe
-                                   while the lookup wins)
+                                   starts while the lookup wins, but a probe's second, steady round, which
+                                   times the drafted arm, is not pre-empted)
                  each arm's prediction scaled by its measured / predicted round time at this load
     lookup_rule  Arctic's fixed rule, no cost model for the choice: a row takes the lookup's proposal when it is
                  at least the drafter's block long (and verifies all of it), else the drafter, under the
@@ -145,7 +146,10 @@ class HybridScheduler(VerifyScheduler):
             gains = self._model_gains(rows)
             if gate.should_draft(R, gains, cost, self._steady, lambda: self.catch_up(rows)):  # the drafter beats plain (or probes)
                 model_rate = gate.drafted_rates(R, gains, cost)[1] / max(gate.ratio(True, R), gate.ratio(False, R))
-                if lookup_wins and (gate.probing or model_rate <= lookup_rate):
+                # a probe's steady round (the last round drafted) is the one that times the drafted arm, its catch-up
+                # already paid: the lookup does not pre-empt it, or the probe measured nothing and comes back
+                timing = gate.probing and self._steady
+                if lookup_wins and not timing and (gate.probing or model_rate <= lookup_rate):
                     gate.probing = False  # the lookup wins: no drafted round, no probe
                 elif gate.probing:  # plain beats the lookup and the drafter: the drafter's probe, every row drafts
                     use_model = [True] * R  # (a row on the lookup instead would leave the probe unpriced, every round)
