@@ -298,10 +298,27 @@ def test_plain_rounds_reach_the_gate_in_streaks():
 
 
 def test_lookup_acceptance_learns_per_match_length_and_slot():
-    acc = LookupAcceptance(2, 3, ema=1.0)
+    acc = LookupAcceptance(3, 3, ema=1.0)
     acc.observe(torch.tensor([2, 1]), torch.tensor([3, 2]), torch.tensor([1, 2]))
-    assert acc.table[2].tolist() == [1.0, 0.0, 0.5]  # slot 3 never verified after a rejection: the prior stays
-    assert acc.table[1].tolist() == [1.0, 1.0, 0.5]  # L = 2: slot 3 not verified
+    assert acc.table[2].tolist() == [1.0, 0.0, 0.0]  # slot 3 never verified (after a rejection): slot 2's estimate
+    assert acc.table[1].tolist() == [1.0, 1.0, 1.0]  # L = 2: slot 3 never verified: slot 2's estimate
+    assert acc.table[3].tolist() == [0.5, 0.5, 0.5]  # nothing verified at n = 3: the prior
+
+
+def test_a_slot_never_verified_takes_the_deepest_verified_estimate_until_it_is_verified():
+    """At the prior, a slot past those ever verified would never be verified (its estimate learns only from verified
+    outcomes): a copy accepted to the end of what was verified would keep ending there."""
+    acc = LookupAcceptance(2, 4, ema=0.5)
+    for _ in range(3):
+        acc.observe(torch.tensor([2]), torch.tensor([2]), torch.tensor([2]))  # 2 of 4 verified, both accepted
+    assert acc.table[2].tolist() == [0.9375] * 4
+    sched = gate_with("lookup", 0.05)
+    sched.lookup = acc
+    p = Proposal([[1] * 4] * 3, [4] * 3, [2] * 3, torch.device("cpu"))
+    assert sched.should_draft(torch.arange(3), p)
+    assert sched.lengths(torch.arange(3), torch.zeros(3, 4), 0.0).tolist() == [4] * 3  # the whole proposals
+    acc.observe(torch.tensor([2]), torch.tensor([4]), torch.tensor([2]))  # slot 3 verified and rejected
+    assert acc.table[2, 2] == pytest.approx(0.9375 / 2) and acc.table[2, 3] == acc.table[2, 2]
 
 
 def test_calibration_pairs_only_the_drafters_fully_verified_rounds():
