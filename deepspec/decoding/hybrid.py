@@ -25,7 +25,8 @@ sources share one verify pass. A proposal is a function of the context alone, so
 it keeps decoding exact.
 
 The lookup's acceptance estimate (``LookupAcceptance``) is conditional acceptance per (match length n, slot),
-pooled over rows and generations, an EMA of verified outcomes (``lookup_ema``). It learns only from rounds that
+pooled over rows and generations, an EMA of verified outcomes (``lookup_ema``); a slot never verified takes the deepest
+verified slot's estimate (else nothing would ever verify it). It learns only from rounds that
 verify lookup proposals, so an estimate that fell after a few misses would keep the lookup off for good (the text
 may turn into a copy later). While a round would be plain and some row has a match, the lookup probes on the
 drafter gate's terms (``probe_budget``): its matched rows verify at least one proposed token; a probe's seconds
