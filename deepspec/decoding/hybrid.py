@@ -53,8 +53,8 @@ class LookupAcceptance:
     A slot never verified at match length n takes the estimate of the deepest slot verified there: a proposal
     accepted that far is a copy that tends to go on. Left at the prior, a slot past the verified ones would keep
     Algorithm 1 from ever verifying it (its estimate learns only from verified outcomes), and whole accepted
-    proposals would end early (1 copy_edit row: slots 8-10 of 4-gram matches at 0.5 beside 0.99, so rounds
-    verified 8 of 10 proposed tokens and the lookup ran 7% behind Arctic's rule of verifying them all)."""
+    proposals would end early (1 copy_edit row: 4-gram matches' slots 5-8 at 0.99 and 9-10 at the prior, so
+    rounds verified 8 of 10 proposed tokens and the lookup ran 7% behind Arctic's rule of verifying them all)."""
 
     def __init__(self, max_n: int, g: int, ema: float, prior: float = 0.5):
         self.table = torch.full((max_n + 1, g), prior, dtype=torch.float64)  # row 0 (no match) is never read
