@@ -58,7 +58,7 @@ class LookupAcceptance:
 
     def __init__(self, max_n: int, g: int, ema: float, prior: float = 0.5):
         self.table = torch.full((max_n + 1, g), prior, dtype=torch.float64)  # row 0 (no match) is never read
-        self.verified = torch.zeros(max_n + 1, dtype=torch.long)  # slots ever verified per n (always a prefix)
+        self.verified = [0] * (max_n + 1)  # slots ever verified per n (always a prefix; host ints: no tensor ops)
         self.ema, self.g = ema, g
         self._update()
 
@@ -95,7 +95,7 @@ class LookupAcceptance:
             mean = (hit * seen)[rows].sum(0) / count.clamp_min(1)
             weight = 1 - (1 - self.ema) ** count.double()  # k outcomes move the estimate as k EMA steps would
             self.table[n] = torch.where(count > 0, weight * mean + (1 - weight) * self.table[n], self.table[n])
-            deepest = max(int(self.verified[n]), int((count > 0).sum()))  # a slot is verified after all before it
+            deepest = max(self.verified[n], int((count > 0).sum()))  # a slot is verified after all before it
             if deepest:
                 self.verified[n] = deepest
                 self.table[n, deepest:] = self.table[n, deepest - 1]  # the slots never verified: the deepest one's estimate
