@@ -2,7 +2,7 @@
 """Training-free lookup beside the drafter, batch 1: every proposer policy against plain decoding and HF's prompt lookup.
 
     python scripts/bench_lookup.py [--drafter-path runs/x/export] [--threads 1] [--prompts 4] [--max-new-tokens 96]
-        [--sets humaneval mbpp gsm8k mt-bench copy_edit] [--out runs/bench/lookup.json]
+        [--sets humaneval mbpp gsm8k mt-bench copy_edit] [--arms ...] [--repeats 1] [--out runs/bench/lookup.json]
 
 Per prompt set (``deepspec/assets/eval_prompts``, first turns, chat-templated; ``copy_edit`` is the copy-heavy set
 of ``scripts/make_copy_prompts.py``) and temperature (0, 1), on the same prompts and seeds, in one process, the arms
@@ -44,6 +44,8 @@ from deepspec.evaluation.harness import token_sources
 from deepspec.target import TargetModel, load_tokenizer
 
 SPEC_ARMS = {"lookup": "lookup", "drafter": "scheduled_with_draft_cost", "lookup_rule": "lookup_rule", "hybrid": "hybrid"}
+ARMS = ("plain", "hf_prompt_lookup", *SPEC_ARMS)
+SINGLE_ARMS = ("plain", "lookup", "drafter")  # the hybrid's rivals: each proposer alone
 
 
 def set_prompts(tok, name: str, n: int) -> list[torch.Tensor]:
@@ -60,8 +62,8 @@ def shares(results) -> dict:
 
 
 def hybrid_over_best(rate: dict) -> float:
-    """The hybrid's tokens/s over the best single arm's (plain, lookup alone, drafter alone)."""
-    return rate["hybrid"] / max(rate["plain"], rate["lookup"], rate["drafter"])
+    """The hybrid's tokens/s over the best single arm's (plain, lookup alone, drafter alone: those measured)."""
+    return rate["hybrid"] / max(rate[arm] for arm in SINGLE_ARMS if arm in rate)
 
 
 def hybrid_over_held_out_best(groups: list[dict]) -> float | None:
@@ -74,7 +76,7 @@ def hybrid_over_held_out_best(groups: list[dict]) -> float | None:
     groups the pick is independent of the figure it is scored by; where one arm is clearly best both agree."""
     if len(groups) < 2:
         return None
-    arms = ("plain", "lookup", "drafter")
+    arms = [arm for arm in SINGLE_ARMS if arm in groups[0]]
     total = {arm: (sum(g[arm][0] for g in groups), sum(g[arm][1] for g in groups)) for arm in (*arms, "hybrid")}
     tokens = seconds = 0.0
     for g in groups:
@@ -93,7 +95,7 @@ def bootstrap_se(groups: list[dict], resamples: int = 2000) -> float | None:
     for _ in range(resamples):
         pick = [groups[j] for j in torch.randint(len(groups), (len(groups),), generator=gen).tolist()]
         stats.append(hybrid_over_best({arm: sum(g[arm][0] for g in pick) / sum(g[arm][1] for g in pick)
-                                       for arm in ("plain", "lookup", "drafter", "hybrid")}))
+                                       for arm in pick[0]}))
     return float(torch.tensor(stats).std())
 
 
@@ -108,6 +110,9 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=1, help="passes over each set's prompts (new seeds each pass), summed")
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS,
+                    help="the arms to run (hybrid always runs; hybrid / best single is over the single arms run): e.g. "
+                         "lookup hybrid with many --repeats, for a tight hybrid / lookup where the lookup is the best arm")
     ap.add_argument("--out", default="runs/bench/lookup.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -135,7 +140,7 @@ def main() -> None:
                                         eos_token_id=eos, **({} if T == 0 else {"min_new_tokens": max_new}))
             return out[0, len(p):].tolist()
 
-        arms = ["plain", "hf_prompt_lookup", *SPEC_ARMS]
+        arms = [arm for arm in ARMS if arm in args.arms or arm == "hybrid"]
         for name in args.sets:
             ps = set_prompts(tok, name, args.prompts)
             for arm in arms:  # warm-up: every arm once, short
@@ -143,11 +148,11 @@ def main() -> None:
                                                                  autoregressive_generate(target, ps[0], 8, sampling, eos))
             tot = {arm: {"tokens": 0, "seconds": 0.0, "results": []} for arm in arms}
             groups = []  # per (pass, prompt): each arm's (tokens, seconds), for the bootstrap
-            mismatches = {arm: 0 for arm in arms}
+            mismatches, greedy = {arm: 0 for arm in arms}, {}  # greedy: plain greedy's tokens per prompt (T = 0)
             for k in range(args.repeats * len(ps)):
                 p, seed = ps[k % len(ps)], k  # pass 0 seeds prompt i with i, as before passes existed
                 order = arms[k % len(arms):] + arms[: k % len(arms)]
-                ref, group = None, {}
+                group = {}
                 for arm in order:
                     t = time.perf_counter()
                     if arm == "plain":
@@ -164,16 +169,18 @@ def main() -> None:
                     if res is not None and arm != "plain":
                         tot[arm]["results"].append(res)
                     if T == 0:
-                        ref = ref or autoregressive_generate(target, p, args.max_new_tokens, sampling, eos).tokens
+                        if k % len(ps) not in greedy:
+                            greedy[k % len(ps)] = autoregressive_generate(target, p, args.max_new_tokens, sampling, eos).tokens
+                        ref = greedy[k % len(ps)]
                         mismatches[arm] += toks != ref[: len(toks)] or len(toks) != len(ref)
                 groups.append(group)
             rate = {arm: v["tokens"] / v["seconds"] for arm, v in tot.items()}
             row = {"set": name, "temperature": T, "prompts": len(ps), "passes": args.repeats, "tokens_per_s": rate,
-                   "vs_plain": {arm: rate[arm] / rate["plain"] for arm in arms},
+                   "vs_plain": {arm: rate[arm] / rate["plain"] for arm in arms} if "plain" in rate else None,
                    "hybrid_vs_best_single": hybrid_over_best(rate),
                    "hybrid_vs_best_single_bootstrap_se": bootstrap_se(groups),
                    "hybrid_vs_held_out_best_single": hybrid_over_held_out_best(groups),
-                   "hybrid_vs_hf_prompt_lookup": rate["hybrid"] / rate["hf_prompt_lookup"],
+                   "hybrid_vs_hf_prompt_lookup": rate["hybrid"] / rate["hf_prompt_lookup"] if "hf_prompt_lookup" in rate else None,
                    "tau": {arm: sum(sum(r.emitted_per_round) for r in v["results"]) / max(sum(len(r.emitted_per_round) for r in v["results"]), 1)
                            for arm, v in tot.items() if v["results"]},
                    "token_shares": {arm: shares(v["results"]) for arm, v in tot.items() if v["results"]},
@@ -182,10 +189,10 @@ def main() -> None:
             if T == 0:
                 row["greedy_mismatches"] = mismatches
             runs.append(row)
-            print(f"{name:10s} T={T:g}  vs plain: " + "  ".join(f"{a} {row['vs_plain'][a]:.2f}" for a in arms[1:]) +
+            print(f"{name:10s} T={T:g}  tokens/s: " + "  ".join(f"{a} {rate[a]:.1f}" for a in arms) +
                   f"  | hybrid / best single {row['hybrid_vs_best_single']:.3f} (se {row['hybrid_vs_best_single_bootstrap_se'] or 0:.3f})"
                   f", held-out best {row['hybrid_vs_held_out_best_single'] or 0:.3f}"
-                  f", / HF lookup {row['hybrid_vs_hf_prompt_lookup']:.3f}"
+                  + (f", / HF lookup {row['hybrid_vs_hf_prompt_lookup']:.3f}" if row["hybrid_vs_hf_prompt_lookup"] else "") +
                   f"  | hybrid shares " + " ".join(f"{k} {v:.2f}" for k, v in row["token_shares"]["hybrid"].items())
                   + (f"  | greedy mismatches {sum(mismatches.values())}" if T == 0 else ""), flush=True)
     out = Path(args.out)

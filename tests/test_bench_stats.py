@@ -38,3 +38,13 @@ def test_a_clearly_best_arm_gives_both_figures_alike():
     g = groups_of({"plain": 100.0, "lookup": 160.0, "drafter": 95.0, "hybrid": 150.0}, 12, 0.1, rng)
     assert hybrid_over_held_out_best(g) == hybrid_over_best(summed(g))
     assert hybrid_over_held_out_best(g[:1]) is None
+
+
+def test_the_best_single_arm_is_over_the_arms_measured():
+    """A run of lookup and hybrid only (many passes, where the lookup is the best arm): the figure is hybrid / lookup."""
+    rng = random.Random(2)
+    g = [{arm: grp[arm] for arm in ("lookup", "hybrid")}
+         for grp in groups_of({"plain": 100.0, "lookup": 160.0, "drafter": 95.0, "hybrid": 150.0}, 12, 0.1, rng)]
+    rate = {arm: sum(x[arm][0] for x in g) / sum(x[arm][1] for x in g) for arm in ("lookup", "hybrid")}
+    assert hybrid_over_best(rate) == rate["hybrid"] / rate["lookup"]
+    assert hybrid_over_held_out_best(g) == hybrid_over_best(rate)
