@@ -24,7 +24,7 @@ plain round of the loop and a step of ``autoregressive_generate_batch`` (the pai
 is ignored, so every arm emits the same number of tokens whatever it sampled): at each
 load, groups of plain, lookup, drafter (draft-cost gate), lookup_rule (Arctic's fixed rule) and hybrid, interleaved in a
 rotating order on the same prompts and seed (``--prompt-set``: a file of ``deepspec/assets/eval_prompts``, its rows
-cycled to fill R), until each arm has run ``--paired-seconds``; ratios of summed throughputs, hybrid's per-group ratios
+cycled to fill R; ``--proposer-arms`` restricts the arms), until each arm has run ``--paired-seconds``; ratios of summed throughputs, hybrid's per-group ratios
 beside them, end to end and after the prefill (``decode_*``: the prefill is the same computation in every arm, and at 8+
 long prompts its time alone varies +-20% here, which hides what the proposer changes; serving benchmarks report time
 per output token for the same reason), and ``in_process``: each arm's drafted rounds priced against its own plain
@@ -102,7 +102,8 @@ def proposer_sweep(args, target, tok, drafter, cost, temps) -> list[dict]:
     if args.ablate_compaction:  # the same policies on a cache whose holes are never compacted
         policies |= {f"{arm}_uncompacted": PROPOSER_ARMS[arm] for arm in ("lookup", "hybrid")}
     scheds = {arm: make_scheduler(ScheduleConfig(policy=p), g, cost, temps) for arm, p in policies.items()}
-    arms, loads = ["plain", *policies], []
+    arms, loads = [arm for arm in ("plain", *policies) if arm in args.proposer_arms or arm == "hybrid" or "_uncompacted" in arm], []
+    scheds = {arm: s for arm, s in scheds.items() if arm in arms}
     logs = {arm: log_rounds(s) for arm, s in scheds.items()}
     for R in args.loads:
         batch = [pool[i % len(pool)] for i in range(R)]
@@ -133,11 +134,11 @@ def proposer_sweep(args, target, tok, drafter, cost, temps) -> list[dict]:
         thr = {arm: tokens / sec for arm, (tokens, sec, _) in paired.items()}
         dec = {arm: tokens / sec for arm, (tokens, _, sec) in paired.items()}
         row = {"concurrent_requests": R, "groups": len(groups), "throughput_tokens_per_s": thr,
-               "vs_plain": {arm: thr[arm] / thr["plain"] for arm in arms},
+               "vs_plain": {arm: thr[arm] / thr["plain"] for arm in arms} if "plain" in thr else None,
                "seconds": {arm: sec for arm, (_, sec, _) in paired.items()},
                # after the prefill (the same computation in every arm, whose time varies +-20% here at 8+ long prompts):
                # what a proposer changes, as serving benchmarks' time per output token does
-               "decode_tokens_per_s": dec, "decode_vs_plain": {arm: dec[arm] / dec["plain"] for arm in arms},
+               "decode_tokens_per_s": dec, "decode_vs_plain": {arm: dec[arm] / dec["plain"] for arm in arms} if "plain" in dec else None,
                "prefill_seconds_share": {arm: 1 - d / sec for arm, (_, sec, d) in paired.items()},
                # per arm, its drafted (lookup or drafter) rounds priced against plain rounds of the same runs at the same
                # R: the decisions' gain or loss, free of the prefill and of run-to-run noise
@@ -152,7 +153,7 @@ def proposer_sweep(args, target, tok, drafter, cost, temps) -> list[dict]:
             row[key.replace("best", "held_out_best")] = hybrid_over_held_out_best(timed)
         row["groups"] = [{arm: list(v) for arm, v in grp.items()} for grp in groups]  # (tokens, seconds, decoding seconds)
         loads.append(row)
-        print(f"R={R:3d} ({len(groups)} groups)  vs plain: " + "  ".join(f"{a} {row['vs_plain'][a]:.2f}" for a in arms[1:]) +
+        print(f"R={R:3d} ({len(groups)} groups)  decoding tokens/s: " + "  ".join(f"{a} {dec[a]:.1f}" for a in arms) +
               f"  | hybrid / best single {row['hybrid_vs_best_single']:.3f}, decoding {row['hybrid_decode_vs_best_single']:.3f}"
               f" (se {row['hybrid_decode_vs_best_single_se'] or 0:.3f}; held-out best {row['hybrid_decode_vs_held_out_best_single'] or 0:.3f})"
               f"  | in process vs plain: "
@@ -177,6 +178,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--proposers", action="store_true", help="lookup / drafter / hybrid at each load instead of the fixed lengths")
     ap.add_argument("--prompt-set", default="copy_edit", help="--proposers: a set of deepspec/assets/eval_prompts")
+    ap.add_argument("--proposer-arms", nargs="+", default=["plain", *PROPOSER_ARMS], choices=["plain", *PROPOSER_ARMS],
+                    help="--proposers: the arms to run (hybrid always; hybrid / best single is over the single arms run)")
     ap.add_argument("--ablate-compaction", action="store_true",
                     help="--proposers: also lookup and hybrid on a cache whose holes are never compacted (_uncompacted arms)")
     ap.add_argument("--work-dir", default="runs/bench/targets")
