@@ -150,7 +150,8 @@ def main() -> None:
             groups = []  # per (pass, prompt): each arm's (tokens, seconds), for the bootstrap
             mismatches, greedy = {arm: 0 for arm in arms}, {}  # greedy: plain greedy's tokens per prompt (T = 0)
             for k in range(args.repeats * len(ps)):
-                p, seed = ps[k % len(ps)], k  # pass 0 seeds prompt i with i, as before passes existed
+                i, seed = k % len(ps), k  # pass 0 seeds prompt i with i, as before passes existed
+                p = ps[i]
                 order = arms[k % len(arms):] + arms[: k % len(arms)]
                 group = {}
                 for arm in order:
@@ -169,9 +170,9 @@ def main() -> None:
                     if res is not None and arm != "plain":
                         tot[arm]["results"].append(res)
                     if T == 0:
-                        if k % len(ps) not in greedy:
-                            greedy[k % len(ps)] = autoregressive_generate(target, p, args.max_new_tokens, sampling, eos).tokens
-                        ref = greedy[k % len(ps)]
+                        if i not in greedy:
+                            greedy[i] = autoregressive_generate(target, p, args.max_new_tokens, sampling, eos).tokens
+                        ref = greedy[i]
                         mismatches[arm] += toks != ref[: len(toks)] or len(toks) != len(ref)
                 groups.append(group)
             rate = {arm: v["tokens"] / v["seconds"] for arm, v in tot.items()}

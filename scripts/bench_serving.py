@@ -98,12 +98,11 @@ def proposer_sweep(args, target, tok, drafter, cost, temps) -> list[dict]:
     eos = tok.eos_token_id if args.temperature == 0 else None  # T > 0: ignore_eos, every arm emits R x max_new_tokens
     compact_at = speculative.COMPACT_AT
     pool = set_prompts(tok, args.prompt_set, 32)
-    policies = dict(PROPOSER_ARMS)
+    policies = {arm: p for arm, p in PROPOSER_ARMS.items() if arm in args.proposer_arms or arm == "hybrid"}
     if args.ablate_compaction:  # the same policies on a cache whose holes are never compacted
         policies |= {f"{arm}_uncompacted": PROPOSER_ARMS[arm] for arm in ("lookup", "hybrid")}
     scheds = {arm: make_scheduler(ScheduleConfig(policy=p), g, cost, temps) for arm, p in policies.items()}
-    arms, loads = [arm for arm in ("plain", *policies) if arm in args.proposer_arms or arm == "hybrid" or "_uncompacted" in arm], []
-    scheds = {arm: s for arm, s in scheds.items() if arm in arms}
+    arms, loads = ["plain", *policies] if "plain" in args.proposer_arms else [*policies], []
     logs = {arm: log_rounds(s) for arm, s in scheds.items()}
     for R in args.loads:
         batch = [pool[i % len(pool)] for i in range(R)]
