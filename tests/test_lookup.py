@@ -39,6 +39,19 @@ def test_the_longest_latest_match_proposes_what_followed_it():
     assert idx.match([8, 3], 3, own=False) == ([], 0)  # another row's index: nothing after its end
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 3), st.integers(0, 2), st.lists(st.lists(st.integers(0, 3), max_size=40), min_size=1, max_size=5))
+def test_an_index_built_in_chunks_equals_one_built_token_by_token(min_n, extra, chunks):
+    """Long appends take the bulk path (``NgramIndex.BULK``), short ones the loop: whatever the split, every n-gram
+    maps to its latest end (the definition, written out here token by token)."""
+    max_n, idx = min_n + extra, NgramIndex(min_n, min_n + extra)
+    for chunk in chunks:
+        idx.append(chunk)
+    tokens = [t for chunk in chunks for t in chunk]
+    latest = {tuple(tokens[e - n + 1: e + 1]): e for e in range(len(tokens)) for n in range(min_n, min(max_n, e + 1) + 1)}
+    assert idx.tokens == tokens and idx.last == latest
+
+
 def test_a_session_matches_each_row_on_its_own_context_then_the_shared_index():
     shared = NgramIndex(2, 2)
     s = lookup_mod.LookupSession(2, 3, 2, 2, V, shared)
@@ -58,6 +71,9 @@ class RandomSources(HybridScheduler):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.gen = torch.Generator().manual_seed(3)
+
+    def wants_proposal(self, rows):
+        return True  # every round draws its sources from the proposals
 
     def should_draft(self, rows, proposal=None):
         self._end_streak()
@@ -188,6 +204,7 @@ def gate_with(policy: str, column_cost: float, g: int = 4, probe_budget: float =
     for _ in range(sched.gate.plain_samples):
         sched.gate.observe_round(3, False, 1, 3, cost(3, 1), cost)
     sched.lookup.table[3], sched.lookup.table[1] = 0.95, 0.1  # long matches copy well, unigram matches do not
+    sched.lookup._update()
     return sched
 
 
@@ -197,31 +214,37 @@ def proposal(scores: list[int], g: int = 4) -> Proposal:
 
 def test_the_lookup_is_taken_where_it_pays_and_plain_where_it_cannot():
     sched = gate_with("lookup", 0.2)
+    sched.lookup_debt = 1.0  # no probe allowed: proposals are read because a long match's estimate beats plain steps
     p = proposal([3, 1, 0])
-    assert sched.should_draft(torch.arange(3), p)
+    assert sched.wants_proposal(torch.arange(3)) and sched.should_draft(torch.arange(3), p)
     assert p.source.tolist() == [LOOKUP, LOOKUP, PLAIN]
     L = sched.lengths(torch.arange(3), torch.zeros(3, 4), 0.0)
     assert L.tolist() == [4, 4, 0]  # Algorithm 1 admits columns: the unigram row rides along in the padded forward
     no_probe = gate_with("lookup", 3.0, probe_budget=0.0)
     assert not no_probe.should_draft(torch.arange(3), proposal([3, 1, 0]))  # a column costs 3 steps
+    assert not no_probe.wants_proposal(torch.arange(3))  # so no proposal is even asked for
 
 
 def test_a_losing_lookup_probes_on_its_budget_and_learns_again():
     """An estimate that says the lookup loses still gets a one-token probe, paid back by plain rounds before the next."""
     sched, rows = gate_with("lookup", 3.0, probe_budget=0.1), torch.arange(3)
     sched.lookup.table[3] = 0.05  # a few misses pulled the long matches' estimate down: the lookup "never" pays
-    assert sched.should_draft(rows, proposal([3, 1, 0]))  # the probe: matched rows verify one token each
+    sched.lookup._update()
+    assert sched.wants_proposal(rows) and sched.should_draft(rows, proposal([3, 1, 0]))  # the probe: matched rows verify one token each
     assert sched.lengths(rows, torch.zeros(3, 4), 0.0).tolist() == [1, 1, 0]
     plain = sched.gate.plain_seconds(3, sched.cost)
     sched.observe(rows, torch.tensor([1, 1, 0]), torch.tensor([1, 0, 0]), 2 * plain)  # 4 tokens for 2 plain steps' time
     assert sched.lookup.table[3, 0] > 0.05  # the probe's hit raised the long matches' estimate
     assert sched.lookup_debt == pytest.approx(2 * plain - 4 * plain / 3)
     assert not sched.should_draft(rows, proposal([3, 1, 0]))  # in debt: plain
+    # and no proposal is asked for: even the best match length's estimate cannot beat a plain step, nor may it probe
+    assert not sched.wants_proposal(rows)
     for _ in range(6):  # each plain round repays 10% of its time: 0.67 plain steps of debt take 7 rounds
         sched.observe(rows, None, None, plain)
-        assert sched.lookup_debt > 0 and not sched.should_draft(rows, proposal([3, 1, 0]))
+        assert sched.lookup_debt > 0 and not sched.should_draft(rows, proposal([3, 1, 0])) and not sched.wants_proposal(rows)
     sched.observe(rows, None, None, plain)
-    assert sched.lookup_debt == 0 and sched.should_draft(rows, proposal([3, 1, 0]))
+    assert sched.lookup_debt == 0 and sched.wants_proposal(rows) and sched.should_draft(rows, proposal([3, 1, 0]))
+
 
 
 def test_the_hybrid_gives_each_row_the_source_that_expects_more():
@@ -229,7 +252,10 @@ def test_the_hybrid_gives_each_row_the_source_that_expects_more():
     sched.online[:] = 0.8  # the drafter is accepted 80% per slot on every row
     sched.gate.observe_round(3, True, 5, 6, sched.cost(3, 5), sched.cost)  # the drafted arm timed as predicted
     p = proposal([3, 1, 0])
-    assert sched.should_draft(torch.arange(3), p)
+    sched.lookup_debt, sched.lookup.table[:] = 1.0, 0.01  # the lookup alone loses and may not probe, yet the
+    sched.lookup.table[3] = 0.95  # drafter's round reads proposals: a row whose match expects more takes it
+    sched.lookup._update()
+    assert sched.wants_proposal(torch.arange(3)) and sched.should_draft(torch.arange(3), p)
     assert p.source.tolist() == [LOOKUP, MODEL, MODEL]
 
 
@@ -253,6 +279,8 @@ def test_the_drafters_probe_drafts_every_row_and_is_paid_for():
     expects more from its match than from the drafter) would run a lookup round that neither the cost model chose
     nor any budget prices, and the gate, still owed no probe, would do it again every round."""
     sched, rows = gate_with("hybrid", 0.5, probe_budget=0.1), torch.arange(3)
+    sched.lookup.table[3] = 0.5  # long matches no better than a coin: plain beats the lookup at this cost
+    sched.lookup._update()
     p = proposal([3, 3, 3])
     assert sched.should_draft(rows, p) and sched.gate.probing
     assert p.source.tolist() == [MODEL] * 3

@@ -67,6 +67,7 @@ class LookupAcceptance:
         ``column[n]`` = a_{n,.} (the gate reads them every round; they change only when the table learns)."""
         cum = cumulative_survival(self.table)
         self.column = cum.tolist()
+        self.best_column = cum[1:].max(0).values.tolist()  # per slot the best match length's: a bound on any row's
         self.version = getattr(self, "version", -1) + 1
 
     def survival(self, proposal: Proposal) -> torch.Tensor:
@@ -119,6 +120,7 @@ class HybridScheduler(VerifyScheduler):
         self._round: tuple[torch.Tensor, torch.Tensor, Proposal] | None = None  # (source (N,), lookup survival (N, g), proposal)
         self._rates: dict[tuple, float] = {}  # lookup_rate's memo
         self.lookup_debt, self._probe = 0.0, False  # the lookup's probe budget (as DraftGate's), this round a probe
+        self._bound: tuple[tuple, float] | None = None  # lookup_bound's memo
 
     def session(self, drafter, batch_size: int, vocab_size: int) -> HybridSession:
         """The session this policy decodes with: the lookup (and, but for ``lookup``, the drafter's session)."""
@@ -141,14 +143,52 @@ class HybridScheduler(VerifyScheduler):
             self._rates[key] = best_rate(R, self.lookup.column_gains(proposal), lambda W: self.cost(R, W), 0.0)
         return self._rates[key]
 
+    def lookup_bound(self, R: int) -> float:
+        """The best tokens/s any lookup round of R rows could be predicted (slowdown included): every row matched at
+        each slot's best match length, proposing all G tokens. Memoised by the estimate's version."""
+        key = (R, self.lookup.version)
+        if self._bound is None or self._bound[0] != key:
+            self._bound = key, best_rate(R, [R * a for a in self.lookup.best_column], lambda W: self.cost(R, W), 0.0)
+        return self._bound[1] / self.lookup_ratio(R)
+
+    def wants_proposal(self, rows: torch.Tensor) -> bool:
+        """0a. Whether this round needs the lookup's proposals: False when the round is plain whatever they are (no
+        plain step timed at this load yet; or the drafter's gate says plain, no lookup round could beat a plain step
+        even at its best estimate, and the lookup may not probe now). The session then skips matching and keeps the
+        round's tokens queued (``LookupSession.extend``): a plain round of a streak costs a few comparisons, not a
+        match and an index append per row."""
+        R, gate = len(rows), self.gate
+        if len(gate.slowdown[False].get(R.bit_length(), ())) < gate.plain_samples:
+            return False
+        if self.policy == "lookup_rule" or (self.policy == "hybrid" and self._drafter_gate(rows)):
+            return True
+        can_probe = self.cfg.probe_budget > 0 and self.lookup_debt <= 0.0
+        return can_probe or self.lookup_bound(R) > R / gate.plain_seconds(R, self.cost) * (1 + self.cfg.draft_margin)
+
+    def _drafter_gate(self, rows: torch.Tensor) -> bool:
+        """The drafter arm's gate (``DraftGate.should_draft``), asked once per plain streak once it says plain: its
+        inputs change only when it observes (a streak's end, a drafted round: ``_end_streak``), as the parent's
+        streaks rely on (there the whole round skips the gate)."""
+        R = len(rows)
+        if self._gate_says_plain == R:
+            return False
+        drafts = self.gate.should_draft(R, self._model_gains(rows), self.cost, self._steady, lambda: self.catch_up(rows))
+        self._gate_says_plain = None if drafts else R
+        return drafts
+
+    def _end_streak(self) -> None:
+        super()._end_streak()
+        self._gate_says_plain = None  # the gate observed: ask it again
+
     def should_draft(self, rows: torch.Tensor, proposal: Proposal | None = None) -> bool:
-        """0. each row's source (set on ``proposal.source``); False = every row plain (a plain step).
+        """0b. each row's source (set on ``proposal.source``); False = every row plain (a plain step). ``proposal``:
+        None when ``wants_proposal`` said the round is plain.
 
         The common rounds (plain, or the lookup's) cost a few dict probes and the gate's cached arithmetic: the
         lookup's rate is memoised, the drafter's column gains are the parent's (they change after its rounds only)."""
         R, gate, cost = len(rows), self.gate, self.cost
         self._probe = False
-        if len(gate.slowdown[False].get(R.bit_length(), ())) < gate.plain_samples:
+        if proposal is None or len(gate.slowdown[False].get(R.bit_length(), ())) < gate.plain_samples:
             return False  # time plain steps at a new load first (the engine's first step is cold)
         matched = [n > 0 for n in proposal.score]
         lookup_rate = self.lookup_rate(R, proposal) / self.lookup_ratio(R) if any(matched) else 0.0
@@ -156,7 +196,7 @@ class HybridScheduler(VerifyScheduler):
         use_lookup, use_model = (matched if lookup_wins else [False] * R), [False] * R
         if self.policy == "hybrid":
             gains = self._model_gains(rows)
-            if gate.should_draft(R, gains, cost, self._steady, lambda: self.catch_up(rows)):  # the drafter beats plain (or probes)
+            if self._drafter_gate(rows):  # the drafter beats plain (or probes)
                 model_rate = gate.drafted_rates(R, gains, cost)[1] / max(gate.ratio(True, R), gate.ratio(False, R))
                 # a probe's steady round (the last round drafted) is the one that times the drafted arm, its catch-up
                 # already paid: the lookup does not pre-empt it, or the probe measured nothing and comes back
@@ -174,7 +214,7 @@ class HybridScheduler(VerifyScheduler):
         elif self.policy == "lookup_rule":
             use_lookup = [n >= self.g for n in proposal.length]  # Arctic: the suffix draft when it is as long as the drafter's
             if not all(use_lookup):
-                if gate.should_draft(R, self._model_gains(rows), cost, self._steady, lambda: self.catch_up(rows)):
+                if self._drafter_gate(rows):
                     use_model = [not b for b in use_lookup]
         if not (any(use_lookup) or any(use_model)):
             if self.policy == "lookup_rule" or not (any(matched) and self.cfg.probe_budget > 0 and self.lookup_debt <= 0.0):

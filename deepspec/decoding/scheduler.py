@@ -456,6 +456,10 @@ class VerifyScheduler:
         if last:
             self._end_streak()
 
+    def wants_proposal(self, rows: torch.Tensor) -> bool:
+        """0. whether the round may read a training-free proposer's proposals (``decoding.hybrid``): never here."""
+        return False
+
     def should_draft(self, rows: torch.Tensor, proposal=None) -> bool:
         """1. before drafting: False = decode this round plainly (scheduled_with_draft_cost only). ``proposal``: the
         round's lookup proposals (``sessions.lookup``), read by the lookup policies (``decoding.hybrid``).

@@ -5,8 +5,9 @@ confidence-scheduled verification (Algorithm 1), for the R active rows at once:
 
     0. gate      with ``scheduled_with_draft_cost``, when drafting cannot pay for itself now the round
                  is one plain decoding step (the baseline's own step function) and nothing below runs;
-                 with a lookup proposer (``sessions.lookup``) its proposals come first and the gate picks
-                 each row's source: plain, the lookup's proposal or the drafter's block
+                 with a lookup proposer (``sessions.lookup``) its proposals come first (when the scheduler
+                 may use them: ``wants_proposal``) and the gate picks each row's source: plain, the lookup's
+                 proposal or the drafter's block
     1. draft     one drafter pass proposes d_1..d_g after each row's anchor (the last emitted token),
                  from the drafter's cached context (``sessions``); lookup rows carry their proposal, q one-hot
     2. schedule  drafts verified per row, L_r in 0..g (fixed, or Algorithm 1 on calibrated survival)
@@ -238,14 +239,15 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
     scheduler.start(len(prompts), getattr(session, "catch_up_tokens", None))
     seconds = batch.results[0].seconds
     dev, B = target.device, len(prompts)
-    propose = getattr(session, "propose", lambda rows, anchors: None)  # a lookup proposer's; a drafter alone has none
+    propose = getattr(session, "propose", None)  # a lookup proposer's; a drafter alone has none
     model_g = getattr(session, "model_block_size", session.block_size)  # the drafter's block (a lookup's may be wider)
     while len(batch.rows):
         t0 = time.perf_counter()
         rows = batch.rows
         N = len(rows)
         anchors = _of_active_rows(batch.anchors, rows, B)  # (N,)
-        proposal = propose(rows, anchors)  # 0. lookup proposals (host side; None for a drafter alone)
+        wanted = propose is not None and scheduler.wants_proposal(rows)
+        proposal = propose(rows, anchors) if wanted else None  # 0. lookup proposals (host side), when they may be used
         draft_now = scheduler.should_draft(rows) if proposal is None else scheduler.should_draft(rows, proposal)
         if not draft_now:  # 0. no source pays now: a plain step
             step_tokens, step_valid = batch.anchors[:, None], batch.active[:, None]  # views: both are replaced, not written

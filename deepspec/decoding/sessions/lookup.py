@@ -29,7 +29,12 @@ class NgramIndex:
     """Tokens of one or more sequences and, per n-gram (min_n <= n <= max_n), where it last ended: host dicts.
 
     Appending a token records the n-grams ending at it, so a lookup costs ``max_n - min_n + 1`` dict probes and an
-    append as many inserts, whatever the context length."""
+    append as many inserts, whatever the context length. A long append (a prompt) inserts by one ``dict.update`` per
+    n over zipped slices (C loops; a later occurrence overwrites an earlier one, as token-by-token inserts do): a
+    920-token prompt in 0.32 ms, against 0.85 ms token by token, which 64 plain rounds of a generation paid as ~8 us
+    each. A round's few tokens go token by token: 1 us a token against the bulk path's ~7 us fixed cost."""
+
+    BULK = 16  # appends of at least this many tokens take the bulk path (the two break even at ~12)
 
     def __init__(self, min_n: int, max_n: int):
         self.min_n, self.max_n = min_n, max_n
@@ -37,12 +42,20 @@ class NgramIndex:
         self.last: dict[tuple[int, ...], int] = {}  # n-gram -> position of its last token (latest occurrence)
 
     def append(self, tokens: list[int]) -> None:
-        toks = self.tokens
-        for tok in tokens:
-            toks.append(tok)
-            end = len(toks)
-            for n in range(self.min_n, min(self.max_n, end) + 1):
-                self.last[tuple(toks[end - n:])] = end - 1
+        toks, start = self.tokens, len(self.tokens)
+        if len(tokens) < self.BULK:
+            for tok in tokens:
+                toks.append(tok)
+                end = len(toks)
+                for n in range(self.min_n, min(self.max_n, end) + 1):
+                    self.last[tuple(toks[end - n:])] = end - 1
+            return
+        toks.extend(tokens)
+        end = len(toks)
+        for n in range(self.min_n, min(self.max_n, end) + 1):
+            first = max(start, n - 1) - n + 1  # the first new n-gram's first token (it ends at a new token)
+            grams = zip(*(toks[first + i: end - n + 1 + i] for i in range(n)))  # each n-gram ending at a new token
+            self.last.update(zip(grams, range(first + n - 1, end)))
 
     def match(self, suffix: list[int], length: int, own: bool) -> tuple[list[int], int]:
         """The continuation (up to ``length`` tokens) of the longest n-gram ending ``suffix`` seen here, and n (([], 0)
@@ -98,22 +111,40 @@ class LookupSession:
         self.g, self.V, self.shared = tokens, vocab_size, shared
         self.rows = [NgramIndex(min_n, max_n) for _ in range(batch_size)]
         self.proposal: Proposal | None = None
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (tokens (B, T), valid (B, T)) not yet indexed
 
     @property
     def block_size(self) -> int:
         return self.g
 
     def extend(self, features: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> None:
-        """Append each row's valid tokens (B, T) to its index (features unused): one host copy of the round's tokens."""
-        for index, toks, ok in zip(self.rows, tokens.tolist(), valid.tolist()):
-            new = [t for t, v in zip(toks, ok) if v]
-            if new:
-                index.append(new)
-                if self.shared is not None:
+        """Queue each row's verified tokens (B, T), valid (B, T) (features unused); ``propose`` indexes the queue first.
+        Just a list append: while no source can pay, the scheduler asks for no proposal (``HybridScheduler.wants_proposal``)
+        and a plain round's tokens wait for the next proposal, which indexes a streak's rounds in one host copy
+        (a copy per round cost ~17 us at 1 row and ~90 us at 8 right after a target step: 0.3-0.7% of a toy step)."""
+        self.pending.append((tokens, valid))
+
+    def _index_pending(self) -> None:
+        """Append the queued tokens to the rows' indexes (and the shared one, round by round and row by row: the
+        order a per-round append would have given it)."""
+        if not self.pending:
+            return
+        chunks, self.pending = self.pending, []
+        if self.shared is not None:
+            for tokens, valid in chunks:
+                for index, toks, ok in zip(self.rows, tokens.tolist(), valid.tolist()):
+                    new = [t for t, v in zip(toks, ok) if v]
+                    index.append(new)
                     self.shared.append(new)
+            return
+        tokens = chunks[0][0] if len(chunks) == 1 else torch.cat([t for t, _ in chunks], dim=1)
+        valid = chunks[0][1] if len(chunks) == 1 else torch.cat([v for _, v in chunks], dim=1)
+        for index, toks, ok in zip(self.rows, tokens.tolist(), valid.tolist()):
+            index.append([t for t, v in zip(toks, ok) if v])
 
     def propose(self, rows: torch.Tensor, anchors: torch.Tensor) -> Proposal:
         """rows (N,), anchors (N,) -> each row's proposal (its own context first, then the shared index)."""
+        self._index_pending()
         N, G = len(rows), self.g
         tokens, length, score = [[0] * G for _ in range(N)], [0] * N, [0] * N
         for i, (r, anchor) in enumerate(zip(rows.tolist(), anchors.tolist())):
