@@ -325,6 +325,24 @@ def test_plain_rounds_reach_the_gate_in_streaks():
     assert calls == [8, 8, 4]
 
 
+def test_the_drafters_gate_is_asked_once_per_plain_streak_and_again_after_it():
+    """While plain wins, a plain round asks nothing: the drafter's gate answers once per streak (its inputs change
+    only when it observes one) and no proposal is made (the lookup can neither win nor probe). Once the streaks have
+    repaid the drafter's probe debt, the gate is asked again, and probes."""
+    sched, rows = gate_with("hybrid", 0.5, probe_budget=0.1), torch.arange(3)
+    sched.lookup.table[:], sched.lookup_debt = 0.05, 1e9
+    sched.lookup._update()
+    plain, streak = sched.gate.plain_seconds(3, sched.cost), sched.cfg.plain_streak
+    sched.gate.debt = 1.5 * streak * plain * sched.cfg.probe_budget  # two streaks repay it
+    asked, real = [], sched.gate.should_draft
+    sched.gate.should_draft = lambda *a, **k: asked.append(1) or real(*a, **k)
+    for _ in range(2 * streak):
+        assert not sched.wants_proposal(rows) and not sched.should_draft(rows)
+        sched.observe(rows, None, None, plain)
+    assert len(asked) == 2  # once per streak
+    assert sched.gate.debt <= 0 and sched.wants_proposal(rows) and sched.gate.probing  # paid: asked again, it probes
+
+
 def test_lookup_acceptance_learns_per_match_length_and_slot():
     acc = LookupAcceptance(3, 3, ema=1.0)
     acc.observe(torch.tensor([2, 1]), torch.tensor([3, 2]), torch.tensor([1, 2]))
