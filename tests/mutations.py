@@ -397,7 +397,7 @@ MUTATIONS += [
      "        return can_probe or self.lookup_bound(R) > R", "        return can_probe and self.lookup_bound(R) > R",
      "tests/test_lookup.py -k where_it_pays"),
     ("hybrid: the drafter's gate's plain answer kept past its observations", "deepspec/decoding/hybrid.py",
-     "        self._gate_says_plain = None  # the gate observed: ask it again", "        pass",
+     "            self._gate_says_plain = None  # the gate observed: ask it again", "            pass",
      "tests/test_lookup.py -k once_per_plain_streak"),
     ("lookup: proposals from an index without the queued tokens", "deepspec/decoding/sessions/lookup.py",
      "        self._index_pending()\n", "", "tests/test_lookup.py -k own_context"),

@@ -252,9 +252,9 @@ def test_the_hybrid_gives_each_row_the_source_that_expects_more():
     sched.online[:] = 0.8  # the drafter is accepted 80% per slot on every row
     sched.gate.observe_round(3, True, 5, 6, sched.cost(3, 5), sched.cost)  # the drafted arm timed as predicted
     p = proposal([3, 1, 0])
-    sched.lookup_debt, sched.lookup.table[:] = 1.0, 0.01  # the lookup alone loses and may not probe, yet the
-    sched.lookup.table[3] = 0.95  # drafter's round reads proposals: a row whose match expects more takes it
-    sched.lookup._update()
+    # lookup rounds measured 3x slower than predicted: the lookup alone loses (and may not probe), yet the drafter's
+    # round reads the proposals: a row whose match expects more drafts than the drafter's block takes it
+    sched.lookup_debt, sched.lookup_slowdown[(3).bit_length()] = 1.0, RecentMedian(3.0)
     assert sched.wants_proposal(torch.arange(3)) and sched.should_draft(torch.arange(3), p)
     assert p.source.tolist() == [LOOKUP, MODEL, MODEL]
 

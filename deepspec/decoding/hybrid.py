@@ -176,9 +176,14 @@ class HybridScheduler(VerifyScheduler):
         self._gate_says_plain = None if drafts else R
         return drafts
 
+    def start(self, batch_size: int, catch_up=None) -> None:
+        super().start(batch_size, catch_up)
+        self._gate_says_plain = None  # a new generation: the rows' acceptance starts over
+
     def _end_streak(self) -> None:
+        if self._streak[1]:
+            self._gate_says_plain = None  # the gate observed: ask it again
         super()._end_streak()
-        self._gate_says_plain = None  # the gate observed: ask it again
 
     def should_draft(self, rows: torch.Tensor, proposal: Proposal | None = None) -> bool:
         """0b. each row's source (set on ``proposal.source``); False = every row plain (a plain step). ``proposal``:
@@ -263,6 +268,7 @@ class HybridScheduler(VerifyScheduler):
             self._steady = False
             return
         self._end_streak()
+        self._gate_says_plain = None  # a round that verified drafts: the gate observes it (or a lookup estimate moved)
         source, lk, proposal = self._round
         L, m, R = verified.cpu(), accepted.cpu(), len(rows)
         if self._probe:
