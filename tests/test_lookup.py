@@ -349,6 +349,9 @@ def test_lookup_acceptance_learns_per_match_length_and_slot():
     assert acc.table[2].tolist() == [1.0, 0.0, 0.0]  # slot 3 never verified (after a rejection): slot 2's estimate
     assert acc.table[1].tolist() == [1.0, 1.0, 1.0]  # L = 2: slot 3 never verified: slot 2's estimate
     assert acc.table[3].tolist() == [0.5, 0.5, 0.5]  # nothing verified at n = 3: the prior
+    acc.observe(torch.tensor([2]), torch.tensor([3]), torch.tensor([3]))
+    acc.observe(torch.tensor([2]), torch.tensor([3]), torch.tensor([0]))
+    assert acc.table[2].tolist() == [0.0, 1.0, 1.0]  # slots after the first rejection were not judged: kept
 
 
 def test_a_slot_never_verified_takes_the_deepest_verified_estimate_until_it_is_verified():
