@@ -401,6 +401,8 @@ MUTATIONS += [
      "tests/test_lookup.py -k once_per_plain_streak"),
     ("lookup: proposals from an index without the queued tokens", "deepspec/decoding/sessions/lookup.py",
      "        self._index_pending()\n", "", "tests/test_lookup.py -k own_context"),
+    ("lookup: the shared index waits for a proposal", "deepspec/decoding/sessions/lookup.py",
+     "        if self.shared is not None:\n            self._index_pending()\n", "", "tests/test_lookup.py -k own_context"),
     ("lookup: a bulk append misses the first new n-grams", "deepspec/decoding/sessions/lookup.py",
      "            first = max(start, n - 1) - n + 1", "            first = max(start, n) - n + 1", "tests/test_lookup.py -k chunks"),
     ("hybrid: the lookup pre-empts the drafter's measuring round", "deepspec/decoding/hybrid.py",

@@ -61,6 +61,21 @@ def test_a_session_matches_each_row_on_its_own_context_then_the_shared_index():
     s.extend(None, torch.tensor([[0], [3]]), torch.tensor([[False], [True]]))
     p = s.propose(torch.tensor([1]), torch.tensor([1]))  # row 1's [3, 1] is not in its own context: row 0's, shared
     assert p.tokens[0] == [4, 5, 3] and p.score == [2]
+    s.extend(None, torch.tensor([[7, 8], [9, 0]]), torch.tensor([[True, True], [True, False]]))
+    assert shared.tokens[-3:] == [7, 8, 9]  # indexed at once, no proposal needed: the shared index outlives the session
+
+
+def test_a_rows_tokens_wait_for_its_next_proposal_in_order():
+    """Rounds queued while no proposal is asked for (ragged validity, a row that stopped) reach each row's index in
+    order at the next proposal, the same index a proposal every round would have read."""
+    s = lookup_mod.LookupSession(2, 2, 1, 2, V)
+    s.extend(None, torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.tensor([[True] * 3, [True, True, False]]))
+    for tokens, valid in (([[4], [7]], [[True], [True]]), ([[1], [6]], [[True], [False]]), ([[2], [0]], [[True], [False]])):
+        s.extend(None, torch.tensor(tokens), torch.tensor(valid))
+    assert s.rows[0].tokens == [] and len(s.pending) == 4
+    p = s.propose(torch.tensor([0, 1]), torch.tensor([3, 5]))
+    assert s.rows[0].tokens == [1, 2, 3, 4, 1, 2] and s.rows[1].tokens == [4, 5, 7] and not s.pending
+    assert p.tokens == [[4, 1], [7, 5]] and p.score == [2, 1]  # row 0: [2, 3], then 4, 1; row 1: no [7, 5]; [5], then 7
 
 
 # ----------------------------------------------------------------------------- the exact law

@@ -121,8 +121,11 @@ class LookupSession:
         """Queue each row's verified tokens (B, T), valid (B, T) (features unused); ``propose`` indexes the queue first.
         Just a list append: while no source can pay, the scheduler asks for no proposal (``HybridScheduler.wants_proposal``)
         and a plain round's tokens wait for the next proposal, which indexes a streak's rounds in one host copy
-        (a copy per round cost ~17 us at 1 row and ~90 us at 8 right after a target step: 0.3-0.7% of a toy step)."""
+        (a copy per round cost ~17 us at 1 row and ~90 us at 8 right after a target step: 0.3-0.7% of a toy step).
+        A shared index outlives the session (later generations match against it), so with one nothing waits."""
         self.pending.append((tokens, valid))
+        if self.shared is not None:
+            self._index_pending()
 
     def _index_pending(self) -> None:
         """Append the queued tokens to the rows' indexes (and the shared one, round by round and row by row: the
