@@ -22,7 +22,10 @@ Policies (``ScheduleConfig.policy``), all on the verify-cost profile and the mea
 Once sources are fixed, every row's verified length comes from Algorithm 1 over one survival matrix (lookup rows:
 the estimate by match length; drafter rows: their calibrated confidences; plain rows: 0), so rows of different
 sources share one verify pass. A proposal is a function of the context alone, so choosing sources and lengths from
-it keeps decoding exact.
+it keeps decoding exact. A round that is plain whatever the proposals are (the drafter's gate says plain, no lookup
+round could beat a plain step even at the estimate's best match length, and the lookup may not probe) asks for none
+(``wants_proposal``): no matching, and the round's tokens wait in the lookup's queue, so a plain round of the hybrid
+costs about what the drafter's gate alone costs.
 
 The lookup's acceptance estimate (``LookupAcceptance``) is conditional acceptance per (match length n, slot),
 pooled over rows and generations, an EMA of verified outcomes (``lookup_ema``); a slot never verified takes the deepest
