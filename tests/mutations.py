@@ -368,8 +368,8 @@ MUTATIONS += [
      "    i_ok = F.pad(valid.bool()[:, 1:] if teacher_valid is None else teacher_valid.bool()[:, 1:], (0, 1))",
      "    i_ok = F.pad(valid.bool()[:, 1:], (0, 1))", "tests/test_online_and_export.py -k 'online_step_equals_offline_step and eagle3'"),
     # issue 35: the lookup proposer's q and the hybrid's choice of source (deepspec/decoding/sessions/lookup.py, hybrid.py).
-    # Not listed: the drafter's rows verified with a one-hot q. It is exact (a block drawn before verification is a fixed
-    # sequence to the verifier) and only accepts less: tests/test_lookup.py checks both, so no law test can kill it.
+    # The drafter's rows verified with a one-hot q is exact (a block drawn before verification is a fixed sequence to
+    # the verifier) and only accepts less: no law test can kill it; the laws' own unit test does (verified_slots_only).
     ("lookup: a proposal's q not one-hot", "deepspec/decoding/sessions/lookup.py", "    return torch.zeros(*tokens.shape, V, device=tokens.device).scatter_(-1, tokens[..., None], 1.0)",
      "    return torch.zeros(*tokens.shape, V, device=tokens.device).scatter_(-1, tokens[..., None], 1.0) * 0.5 + 0.5 / V", "tests/test_lookup.py -k 'mixed_follow and T1'"),
     ("hybrid: a row takes the lookup even where the drafter expects more", "deepspec/decoding/hybrid.py",
@@ -404,6 +404,9 @@ MUTATIONS += [
      "tests/test_lookup.py -k 'own_context or wait_for'"),
     ("lookup: the shared index waits for a proposal", "deepspec/decoding/sessions/lookup.py",
      "        if self.shared is not None:\n            self._index_pending()\n", "", "tests/test_lookup.py -k own_context"),
+    ("lookup: the drafter's rows verified with the one-hot q", "deepspec/decoding/sessions/lookup.py",
+     "        if self.model_rows is not None:  # the drafter's rows keep", "        if False:  # the drafter's rows keep",
+     "tests/test_lookup.py -k verified_slots_only"),
     ("lookup: a bulk append misses the first new n-grams", "deepspec/decoding/sessions/lookup.py",
      "            first = max(start, n - 1) - n + 1", "            first = max(start, n) - n + 1", "tests/test_lookup.py -k chunks"),
     ("hybrid: the lookup pre-empts the drafter's measuring round", "deepspec/decoding/hybrid.py",

@@ -18,6 +18,7 @@ from deepspec.config.decoding import ScheduleConfig
 from deepspec.decoding.hybrid import HybridScheduler, LookupAcceptance, make_engine_session, make_scheduler
 from deepspec.decoding.scheduler import RecentMedian, VerifyCostModel
 from deepspec.decoding.sessions import lookup as lookup_mod
+from deepspec.decoding.sessions.draft import Draft
 from deepspec.decoding.sessions.lookup import LOOKUP, MODEL, PLAIN, HybridSession, NgramIndex, Proposal, one_hot_q
 from deepspec.decoding.speculative import autoregressive_generate_batch, speculative_generate_batch
 from deepspec.decoding.verify import SamplingConfig
@@ -76,6 +77,19 @@ def test_a_rows_tokens_wait_for_its_next_proposal_in_order():
     p = s.propose(torch.tensor([0, 1]), torch.tensor([3, 5]))
     assert s.rows[0].tokens == [1, 2, 3, 4, 1, 2] and s.rows[1].tokens == [4, 5, 7] and not s.pending
     assert p.tokens == [[4, 1], [7, 5]] and p.score == [2, 1]  # row 0: [2, 3], then 4, 1; row 1: no [7, 5]; [5], then 7
+
+
+def test_a_proposal_drafts_laws_are_built_for_the_verified_slots_only():
+    """One-hot laws for the lookup's rows and the drafter's own for its rows (zero past its block), as the dense
+    (N, G, V) q would hold them, sliced to the W-1 slots a round verifies; none when greedy."""
+    tokens = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 0], [3, 3, 3, 3]])
+    dq = torch.softmax(torch.randn(1, 2, V, generator=torch.Generator().manual_seed(0)), -1)  # row 1: the drafter's block of 2
+    d = lookup_mod.ProposalDraft(tokens, dq, torch.ones(3, 4), vocab_size=V, sampled=True, model_rows=torch.tensor([1]))
+    dense = one_hot_q(tokens, V)
+    dense[1] = torch.cat([dq[0], torch.zeros(2, V)])
+    for W in range(1, 6):
+        assert torch.equal(d.verified_q(W), dense[:, : W - 1])
+    assert lookup_mod.ProposalDraft(tokens, None, torch.ones(3, 4), vocab_size=V).verified_q(3) is None
 
 
 # ----------------------------------------------------------------------------- the exact law
@@ -148,8 +162,7 @@ def test_a_one_hot_q_for_the_drafters_tokens_stays_exact_and_accepts_less(tiny, 
 
     def one_hot_for_all(self, rows, anchors, sampling, generator):
         out = draft(self, rows, anchors, sampling, generator)
-        out.q = one_hot_q(out.tokens, out.q.shape[-1])
-        return out
+        return Draft(out.tokens, one_hot_q(out.tokens, self.lookup.V), out.confidence, out.source)
 
     sampling = SamplingConfig(1.0)
     accepted = lambda: sum(m for r in draw_hybrid(tiny, sampling, keep=True)[2] for m, s in  # noqa: E731
@@ -173,8 +186,9 @@ def test_the_drafters_q_for_a_lookup_proposal_is_caught(tiny, monkeypatch):
         out.confidence = out.confidence * (source == LOOKUP)[:, None]
         out.confidence[:, :g] = torch.where(model, d.confidence.float(), out.confidence[:, :g])
         out.confidence[:, g:] *= ~model
-        out.q[:, :g], out.source = d.q.float(), source  # slots past the drafter's block keep the lookup's one-hot q
-        return out
+        q = one_hot_q(out.tokens, self.lookup.V)
+        q[:, :g] = d.q.float()  # slots past the drafter's block keep the lookup's one-hot q
+        return Draft(out.tokens, q, out.confidence, source)
 
     monkeypatch.setattr(HybridSession, "draft", drafter_q_for_all)
     sampling = SamplingConfig(1.0)

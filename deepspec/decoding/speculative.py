@@ -275,7 +275,7 @@ def speculative_generate_batch(target: TargetModel, session, prompts: list[torch
         sync()
         t3 = time.perf_counter()
         if W > 1:  # 4. accept
-            q = None if draft.q is None else draft.q[:, : W - 1]
+            q = draft.verified_q(W)
             p = logits if sampling.greedy else sampling.probs(logits)  # greedy needs only the argmax
             m, nxt = verify_block(draft.tokens[:, : W - 1], q, p, L, generator, sampling.greedy)
         else:  # a plain step: the "bonus" token of zero drafts

@@ -21,6 +21,10 @@ class Draft:
     source: torch.Tensor | None = None
     """(N,) where each row's block came from (``sessions.lookup``: PLAIN, LOOKUP, MODEL); None = the drafter for all."""
 
+    def verified_q(self, W: int) -> torch.Tensor | None:
+        """(N, W-1, V): the laws of slots 1..W-1, those a round of width W verifies (None when greedy)."""
+        return None if self.q is None else self.q[:, : W - 1]
+
 
 def top_probability(logits: torch.Tensor) -> torch.Tensor:
     """logits (..., V) -> max_v softmax(logits)[v] (...), fp32: a drafter's own confidence at a slot.

@@ -98,9 +98,29 @@ def one_hot_q(tokens: torch.Tensor, V: int) -> torch.Tensor:
     """tokens (N, G) -> q (N, G, V): a deterministic proposal's law, the one-hot of each drafted token.
 
     Zeros and a scatter, not ``F.one_hot(...).float()``: that writes an int64 tensor and then converts it, 3x the bytes
-    (at V = 152k and G = 10: 1.08 ms per row and round against 0.11 ms, 74 ms against 22 ms at 8 rows; every lookup
-    round at T > 0 pays it)."""
+    (at V = 152k and G = 10: 1.08 ms per row and round against 0.11 ms, 74 ms against 22 ms at 8 rows)."""
     return torch.zeros(*tokens.shape, V, device=tokens.device).scatter_(-1, tokens[..., None], 1.0)
+
+
+@dataclass
+class ProposalDraft(Draft):
+    """A round's draft from a lookup session (and a hybrid's drafter rows): the lookup rows' law is the one-hot of
+    their tokens, built for the verified slots only (``verified_q``): an (N, G, V) q is 6 MB per row at V = 152k and
+    G = 10, of which a probe verifying one token reads a tenth. ``q`` holds the drafter rows' own laws (M, g, V)
+    (``model_rows``, None: no drafter row)."""
+
+    vocab_size: int = 0
+    sampled: bool = False  # T > 0: the verifier reads laws (greedy reads none)
+    model_rows: torch.Tensor | None = None  # (M,) the rows drafted by the model, whose laws are ``q``
+
+    def verified_q(self, W: int) -> torch.Tensor | None:
+        if not self.sampled:
+            return None
+        q = one_hot_q(self.tokens[:, : W - 1], self.vocab_size)  # (N, W-1, V)
+        if self.model_rows is not None:  # the drafter's rows keep the law they were sampled from (0 past its block)
+            k = min(W - 1, self.q.shape[1])
+            q[self.model_rows] = F.pad(self.q[:, :k].float(), (0, 0, 0, W - 1 - k))
+        return q
 
 
 class LookupSession:
@@ -160,12 +180,12 @@ class LookupSession:
         self.proposal = Proposal(tokens, length, score, anchors.device)
         return self.proposal
 
-    def draft(self, rows: torch.Tensor, anchors: torch.Tensor, sampling, generator) -> Draft:
-        """The last proposal as a Draft: one-hot q (None when greedy), confidence 1 on the proposed slots, 0 past them
-        (the scheduler reads its own estimate by score; the zeros bound the verified length)."""
+    def draft(self, rows: torch.Tensor, anchors: torch.Tensor, sampling, generator) -> ProposalDraft:
+        """The last proposal as a draft: one-hot laws (built when verified), confidence 1 on the proposed slots, 0 past
+        them (the scheduler reads its own estimate by score; the zeros bound the verified length)."""
         tokens, length, _ = self.proposal.tensors()
         conf = (torch.arange(self.g, device=length.device)[None] < length[:, None]).float()
-        return Draft(tokens, None if sampling.greedy else one_hot_q(tokens, self.V), conf)
+        return ProposalDraft(tokens, None, conf, vocab_size=self.V, sampled=not sampling.greedy)
 
 
 class HybridSession:
@@ -203,11 +223,12 @@ class HybridSession:
         """The drafter's queued positions for these rows (``IncrementalSession.catch_up_tokens``); 0 without one."""
         return self.model.catch_up_tokens(rows) if self.model is not None else 0
 
-    def draft(self, rows: torch.Tensor, anchors: torch.Tensor, sampling, generator) -> Draft:
-        """rows (N,), anchors (N,) -> tokens (N, G), q (N, G, V) (None when greedy), confidence (N, G), source (N,).
+    def draft(self, rows: torch.Tensor, anchors: torch.Tensor, sampling, generator) -> ProposalDraft:
+        """rows (N,), anchors (N,) -> tokens (N, G), confidence (N, G), source (N,), and the laws of the verified slots
+        (``ProposalDraft.verified_q``: one-hot for lookup rows, the drafter's q for its rows; none when greedy).
 
         A drafter row fills slots 1..g (g <= G); its confidence past g is 0, so no schedule verifies those slots."""
-        out = self.lookup.draft(rows, anchors, sampling, generator)  # every row's lookup proposal, one-hot q
+        out = self.lookup.draft(rows, anchors, sampling, generator)  # every row's lookup proposal
         source = self.lookup.proposal.source
         out.confidence = out.confidence * (source == LOOKUP)[:, None]  # plain rows verify nothing
         use = (source == MODEL).nonzero()[:, 0]
@@ -215,7 +236,6 @@ class HybridSession:
             d, pad = self.model.draft(rows[use], anchors[use], sampling, generator), self.g - self.model.block_size
             out.tokens = out.tokens.index_put((use,), F.pad(d.tokens, (0, pad)))
             out.confidence = out.confidence.index_put((use,), F.pad(d.confidence.float(), (0, pad)))
-            if out.q is not None:  # the drafter's rows keep the law they were sampled from
-                out.q = out.q.index_put((use,), F.pad(d.q.float(), (0, 0, 0, pad)))
+            out.q, out.model_rows = d.q, use  # the drafter's rows keep the law they were sampled from
         out.source = source
         return out
