@@ -82,7 +82,7 @@ def test_a_rows_tokens_wait_for_its_next_proposal_in_order():
 def test_a_proposal_drafts_laws_are_built_for_the_verified_slots_only():
     """One-hot laws for the lookup's rows and the drafter's own for its rows (zero past its block), as the dense
     (N, G, V) q would hold them, sliced to the W-1 slots a round verifies; none when greedy."""
-    tokens = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 0], [3, 3, 3, 3]])
+    tokens = torch.tensor([[1, 2, 3, 4], [5, 0, 1, 0], [3, 3, 3, 3]])
     dq = torch.softmax(torch.randn(1, 2, V, generator=torch.Generator().manual_seed(0)), -1)  # row 1: the drafter's block of 2
     d = lookup_mod.ProposalDraft(tokens, dq, torch.ones(3, 4), vocab_size=V, sampled=True, model_rows=torch.tensor([1]))
     dense = one_hot_q(tokens, V)
