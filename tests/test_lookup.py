@@ -372,6 +372,21 @@ def test_the_drafters_gate_is_asked_once_per_plain_streak_and_again_after_it():
     assert sched.gate.debt <= 0 and sched.wants_proposal(rows) and sched.gate.probing  # paid: asked again, it probes
 
 
+def test_lookup_rounds_leave_the_drafters_plain_answer_standing():
+    """A lookup round changes none of the drafter gate's inputs (it observes drafted rounds and plain streaks only):
+    a run of lookup rounds asks it once."""
+    sched, rows = gate_with("hybrid", 0.2), torch.arange(3)
+    sched.gate.debt = 1.0  # the drafter's measuring probe waits for its debt: the gate says plain
+    asked, real = [], sched.gate.should_draft
+    sched.gate.should_draft = lambda *a, **k: asked.append(1) or real(*a, **k)
+    for _ in range(3):
+        p = proposal([3, 3, 3])
+        assert sched.wants_proposal(rows) and sched.should_draft(rows, p) and p.source.tolist() == [LOOKUP] * 3
+        L = sched.lengths(rows, torch.zeros(3, 4), 0.0)
+        sched.observe(rows, L, L, sched.cost(3, 1 + int(L.max())))
+    assert len(asked) == 1
+
+
 def test_lookup_acceptance_learns_per_match_length_and_slot():
     acc = LookupAcceptance(3, 3, ema=1.0)
     acc.observe(torch.tensor([2, 1]), torch.tensor([3, 2]), torch.tensor([1, 2]))

@@ -271,7 +271,6 @@ class HybridScheduler(VerifyScheduler):
             self._steady = False
             return
         self._end_streak()
-        self._gate_says_plain = None  # a round that verified drafts: the gate observes it (or a lookup estimate moved)
         source, lk, proposal = self._round
         L, m, R = verified.cpu(), accepted.cpu(), len(rows)
         if self._probe:
@@ -281,8 +280,8 @@ class HybridScheduler(VerifyScheduler):
             self.lookup.observe(torch.tensor(proposal.score)[mine], L[mine], m[mine])
         width, tokens = 1 + int(L.max()), R + int(m.sum())
         model = source == MODEL
-        if model.any():
-            self._end_streak()
+        if model.any():  # the gate observes a drafted round (a lookup round changes none of its inputs: it is asked
+            self._gate_says_plain = None  # again after drafted rounds and plain streaks only)
             md = torch.nn.functional.pad(cumulative_survival(self.online[rows.cpu()]), (0, self.G - self.g))
             promised = float((torch.where(model[:, None], md, lk) * (torch.arange(self.G) < L[:, None])).sum())
             self.gate.observe_round(R, True, width, tokens, seconds, self.cost, self._steady, promised)
