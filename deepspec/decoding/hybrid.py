@@ -66,8 +66,8 @@ class LookupAcceptance:
         self._update()
 
     def _update(self) -> None:
-        """Survival by match length and proposal length, as host lists: ``expected[n][l]`` = sum_{j<l} a_{n,j} and
-        ``column[n]`` = a_{n,.} (the gate reads them every round; they change only when the table learns)."""
+        """Cumulative survival by match length, as host lists: ``column[n]`` = a_{n,.} and ``best_column`` = max_n a_{n,.}
+        per slot (the gate reads them every round; they change only when the table learns)."""
         cum = cumulative_survival(self.table)
         self.column = cum.tolist()
         self.best_column = cum[1:].max(0).values.tolist()  # per slot the best match length's: a bound on any row's
