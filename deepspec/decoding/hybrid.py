@@ -160,13 +160,20 @@ class HybridScheduler(VerifyScheduler):
         even at its best estimate, and the lookup may not probe now). The session then skips matching and keeps the
         round's tokens queued (``LookupSession.extend``): a plain round of a streak costs a few comparisons, not a
         match and an index append per row."""
-        R, gate = len(rows), self.gate
-        if len(gate.slowdown[False].get(R.bit_length(), ())) < gate.plain_samples:
+        R = len(rows)
+        if not self.gate.plain_timed(R):
             return False
         if self.policy == "lookup_rule" or (self.policy == "hybrid" and self._drafter_gate(rows)):
             return True
-        can_probe = self.cfg.probe_budget > 0 and self.lookup_debt <= 0.0
-        return can_probe or self.lookup_bound(R) > R / gate.plain_seconds(R, self.cost) * (1 + self.cfg.draft_margin)
+        return self._lookup_may_probe() or self.lookup_bound(R) > self._rate_to_beat(R)
+
+    def _rate_to_beat(self, R: int) -> float:
+        """The tokens/s a lookup round of R rows must be predicted above: a plain step's, by ``draft_margin``."""
+        return R / self.gate.plain_seconds(R, self.cost) * (1 + self.cfg.draft_margin)
+
+    def _lookup_may_probe(self) -> bool:
+        """The lookup's probe budget allows a probe now (its last probes repaid)."""
+        return self.cfg.probe_budget > 0 and self.lookup_debt <= 0.0
 
     def _drafter_gate(self, rows: torch.Tensor) -> bool:
         """The drafter arm's gate (``DraftGate.should_draft``), asked once per plain streak once it says plain: its
@@ -196,11 +203,11 @@ class HybridScheduler(VerifyScheduler):
         lookup's rate is memoised, the drafter's column gains are the parent's (they change after its rounds only)."""
         R, gate, cost = len(rows), self.gate, self.cost
         self._probe = False
-        if proposal is None or len(gate.slowdown[False].get(R.bit_length(), ())) < gate.plain_samples:
+        if proposal is None or not gate.plain_timed(R):
             return False  # time plain steps at a new load first (the engine's first step is cold)
         matched = [n > 0 for n in proposal.score]
         lookup_rate = self.lookup_rate(R, proposal) / self.lookup_ratio(R) if any(matched) else 0.0
-        lookup_wins = lookup_rate > R / gate.plain_seconds(R, cost) * (1 + self.cfg.draft_margin)
+        lookup_wins = lookup_rate > self._rate_to_beat(R)
         use_lookup, use_model = (matched if lookup_wins else [False] * R), [False] * R
         if self.policy == "hybrid":
             gains = self._model_gains(rows)
@@ -225,7 +232,7 @@ class HybridScheduler(VerifyScheduler):
                 if self._drafter_gate(rows):
                     use_model = [not b for b in use_lookup]
         if not (any(use_lookup) or any(use_model)):
-            if self.policy == "lookup_rule" or not (any(matched) and self.cfg.probe_budget > 0 and self.lookup_debt <= 0.0):
+            if self.policy == "lookup_rule" or not (any(matched) and self._lookup_may_probe()):
                 return False
             use_lookup, self._probe = matched, True  # a plain round: the lookup probes its matched rows instead
         source = torch.tensor([MODEL if m else LOOKUP if lk else PLAIN for lk, m in zip(use_lookup, use_model)])
@@ -298,7 +305,7 @@ class HybridScheduler(VerifyScheduler):
         the parent's streaks, ``should_draft`` still decides every round: a match may come any round). The first
         ``plain_samples`` rounds at a load are observed one by one (nothing drafts there before them)."""
         rounds = 1 + (self._streak[1] if self._streak[0] == R else 0)  # this streak's rounds, this one included
-        few = len(self.gate.slowdown[False].get(R.bit_length(), ())) < self.gate.plain_samples
+        few = not self.gate.plain_timed(R)
         self._join_streak(R, seconds, last=rounds >= self.cfg.plain_streak or few)
 
 

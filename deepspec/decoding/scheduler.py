@@ -311,6 +311,10 @@ class DraftGate:
             return 0.0
         return nearest(self.draft_seconds, R).value
 
+    def plain_timed(self, R: int) -> bool:
+        """Whether ``plain_samples`` plain steps were timed at R's load (before that, every round there is plain)."""
+        return len(self.slowdown[False].get(R.bit_length(), ())) >= self.plain_samples
+
     def ratio(self, drafted: bool, R: int) -> float:
         """Measured / predicted round seconds of an arm at load R (its nearest measured load; 1 before any)."""
         by_load, load = self.slowdown[drafted], R.bit_length()
@@ -342,7 +346,7 @@ class DraftGate:
         ``catch_up``: the tokens the drafter would catch up first (asked only when switching to drafting)."""
         self.probing = False
         load = R.bit_length()
-        if len(self.slowdown[False].get(load, ())) < self.plain_samples:
+        if not self.plain_timed(R):
             return False  # time plain steps at a new load first (they cost what plain decoding costs)
         plain = R / self.plain_seconds(R, cost)
         # a drafted round does a plain step's work and more, on the same machine: it is never predicted cheaper,

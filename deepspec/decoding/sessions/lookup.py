@@ -148,22 +148,18 @@ class LookupSession:
             self._index_pending()
 
     def _index_pending(self) -> None:
-        """Append the queued tokens to the rows' indexes (and the shared one, round by round and row by row: the
-        order a per-round append would have given it)."""
+        """Append the queued rounds' tokens to the rows' indexes, row by row (with a shared index the queue holds one
+        round, so the shared index gets the rows' tokens in the order a per-round append gives them)."""
         if not self.pending:
             return
         chunks, self.pending = self.pending, []
-        if self.shared is not None:
-            for tokens, valid in chunks:
-                for index, toks, ok in zip(self.rows, tokens.tolist(), valid.tolist()):
-                    new = [t for t, v in zip(toks, ok) if v]
-                    index.append(new)
-                    self.shared.append(new)
-            return
         tokens = chunks[0][0] if len(chunks) == 1 else torch.cat([t for t, _ in chunks], dim=1)
         valid = chunks[0][1] if len(chunks) == 1 else torch.cat([v for _, v in chunks], dim=1)
         for index, toks, ok in zip(self.rows, tokens.tolist(), valid.tolist()):
-            index.append([t for t, v in zip(toks, ok) if v])
+            new = [t for t, v in zip(toks, ok) if v]
+            index.append(new)
+            if self.shared is not None:
+                self.shared.append(new)
 
     def propose(self, rows: torch.Tensor, anchors: torch.Tensor) -> Proposal:
         """rows (N,), anchors (N,) -> each row's proposal (its own context first, then the shared index)."""
